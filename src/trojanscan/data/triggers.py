@@ -1,0 +1,114 @@
+"""Triggers as (mask, pattern, target): stamping, and saving them beside a model.
+
+Every trigger in trojanscan, planted or reverse-engineered, uses the Neural Cleanse injection
+``x' = (1 - m) ⊙ x + m ⊙ Δ`` with an H×W mask ``m`` in [0, 1] shared across channels and a C×H×W
+pattern ``Δ`` in [0, 1]. A patch is a 0/1 mask; a blended trigger is a constant mask α.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trojanscan.errors import TrojanscanError
+from trojanscan.fileio import atomic_write_bytes
+
+TRIGGER_SUFFIX = ".trigger.npz"
+
+
+@dataclass
+class Trigger:
+    """A trigger and the label it sends inputs to."""
+
+    mask: torch.Tensor  # H×W, float32 in [0, 1]
+    pattern: torch.Tensor  # C×H×W, float32 in [0, 1]
+    target: int
+    kind: str = "patch"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.mask = torch.as_tensor(self.mask, dtype=torch.float32)
+        self.pattern = torch.as_tensor(self.pattern, dtype=torch.float32)
+        if self.mask.dim() != 2 or self.pattern.dim() != 3:
+            raise TrojanscanError(
+                f"trigger mask must be H×W and pattern C×H×W, got {tuple(self.mask.shape)} and "
+                f"{tuple(self.pattern.shape)}")
+        if self.pattern.shape[1:] != self.mask.shape:
+            raise TrojanscanError(
+                f"trigger mask {tuple(self.mask.shape)} and pattern {tuple(self.pattern.shape)} "
+                "differ in size")
+        for name, t in (("mask", self.mask), ("pattern", self.pattern)):
+            if not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1:
+                raise TrojanscanError(f"trigger {name} must be finite and within [0, 1]")
+        self.target = int(self.target)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.pattern.shape)  # type: ignore[return-value]
+
+    @property
+    def area(self) -> float:
+        """L1 norm of the mask: the number of pixels a patch covers."""
+        return float(self.mask.sum())
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Stamp a batch N×C×H×W (or one C×H×W image) in [0, 1]."""
+        if x.shape[-3:] != self.pattern.shape:
+            raise TrojanscanError(
+                f"trigger is for images {tuple(self.pattern.shape)} but got {tuple(x.shape[-3:])}")
+        m = self.mask.to(x.device, x.dtype)
+        return (1 - m) * x + m * self.pattern.to(x.device, x.dtype)
+
+    def check_compatible(self, input_shape: tuple[int, ...], num_classes: int, source: str) -> None:
+        """Refuse a trigger made for other images or a target outside the label range."""
+        if tuple(input_shape) != self.input_shape:
+            raise TrojanscanError(
+                f"{source}: trigger is for images {self.input_shape} but the data has "
+                f"{tuple(input_shape)}")
+        if not 0 <= self.target < num_classes:
+            raise TrojanscanError(
+                f"{source}: trigger target {self.target} is outside the labels 0..{num_classes - 1}")
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Save as an ``.npz`` of plain arrays (no pickles), atomically."""
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, mask=self.mask.numpy(), pattern=self.pattern.numpy(),
+                 target=np.int64(self.target), kind=np.array(self.kind),
+                 params=np.array(json.dumps(self.params)))
+        atomic_write_bytes(path, buf.getvalue())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Trigger:
+        """Read a trigger saved by :meth:`save`; never unpickles."""
+        path = Path(path)
+        if not path.is_file():
+            raise TrojanscanError(f"{path}: no such trigger file")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                missing = {"mask", "pattern", "target"} - set(z.files)
+                if missing:
+                    raise TrojanscanError(
+                        f"{path}: not a trigger file (missing {', '.join(sorted(missing))})")
+                kind = str(z["kind"]) if "kind" in z.files else "patch"
+                params = json.loads(str(z["params"])) if "params" in z.files else {}
+                return cls(torch.from_numpy(z["mask"].astype(np.float32)),
+                           torch.from_numpy(z["pattern"].astype(np.float32)),
+                           int(z["target"]), kind, params)
+        except TrojanscanError:
+            raise
+        except (ValueError, OSError, KeyError) as e:
+            raise TrojanscanError(f"{path}: unreadable trigger file ({e})") from None
+
+
+def trigger_path_for(model_path: str | os.PathLike) -> Path:
+    """Where the ground-truth trigger of a trained model lives: ``model.trigger.npz``."""
+    p = Path(model_path)
+    return p.with_name(p.stem + TRIGGER_SUFFIX)

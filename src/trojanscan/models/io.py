@@ -1,0 +1,231 @@
+"""Safe saving and loading of models: TorchScript, safetensors bundles, weights-only checkpoints.
+
+A scanner is fed models from strangers, so nothing here unpickles arbitrary objects: TorchScript
+archives are read by TorchScript's own loader, safetensors holds only tensors and strings, and a
+pickle checkpoint is opened with ``torch.load(weights_only=True)`` or refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from trojanscan.errors import TrojanscanError
+from trojanscan.fileio import sha256_file
+from trojanscan.models.architectures import ArchSpec, ReferenceNet, build_model
+
+FORMAT_VERSION = "1"
+TORCHSCRIPT_SUFFIXES = (".pt", ".ts", ".torchscript", ".jit")
+META_FILE = "trojanscan.json"  # the metadata entry inside a TorchScript archive
+
+
+@dataclass
+class LoadedModel:
+    """A model read from disk, in eval mode, with what the file said about it."""
+
+    module: nn.Module
+    path: Path
+    format: str  # "torchscript" | "safetensors" | "checkpoint"
+    sha256: str
+    spec: ArchSpec | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.spec.num_classes if self.spec else self.metadata.get("num_classes")
+
+    @property
+    def input_shape(self) -> tuple[int, int, int] | None:
+        if self.spec:
+            return self.spec.input_shape
+        shape = self.metadata.get("input_shape")
+        return tuple(shape) if shape else None  # type: ignore[return-value]
+
+
+def _spec_of(model: nn.Module) -> ArchSpec | None:
+    return model.spec if isinstance(model, ReferenceNet) else None
+
+
+def save_model(model: nn.Module, path: str | os.PathLike,
+               metadata: dict[str, Any] | None = None) -> Path:
+    """Save to ``.safetensors`` (a reference net's weights + architecture) or TorchScript (``.pt``).
+
+    ``metadata`` (JSON-serialisable) travels inside the file either way.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    spec = _spec_of(model)
+    meta = dict(metadata or {})
+    if spec is not None:
+        meta.update(spec.to_dict())
+    meta["format_version"] = FORMAT_VERSION
+    tmp = path.with_name(f".{path.name}.tmp")
+    was_training = model.training
+    model.eval()
+    try:
+        if path.suffix == ".safetensors":
+            if spec is None:
+                raise TrojanscanError(
+                    f"{path}: safetensors holds weights of a built-in architecture only; save this "
+                    "model as TorchScript (.pt) instead")
+            tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            save_file(tensors, str(tmp), metadata={"trojanscan": json.dumps(meta)})
+        elif path.suffix in TORCHSCRIPT_SUFFIXES:
+            with warnings.catch_warnings():  # TorchScript is deprecated upstream, still our format
+                warnings.simplefilter("ignore", DeprecationWarning)
+                scripted = (model if isinstance(model, torch.jit.ScriptModule)
+                            else torch.jit.script(model))
+            scripted.save(str(tmp), _extra_files={META_FILE: json.dumps(meta)})
+        else:
+            raise TrojanscanError(
+                f"{path}: unknown model format; use .safetensors or a TorchScript suffix "
+                f"({', '.join(TORCHSCRIPT_SUFFIXES)})")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        model.train(was_training)
+    return path
+
+
+def _spec_from_meta(meta: dict[str, Any], path: Path) -> ArchSpec:
+    try:
+        return ArchSpec(str(meta["arch"]), int(meta["num_classes"]),
+                        tuple(int(s) for s in meta["input_shape"]),  # type: ignore[arg-type]
+                        [float(m) for m in meta["mean"]], [float(s) for s in meta["std"]])
+    except (KeyError, TypeError, ValueError) as e:
+        raise TrojanscanError(f"{path}: model metadata is incomplete ({e!r} missing or bad)") from None
+
+
+def _build_and_fill(spec: ArchSpec, state: dict[str, torch.Tensor], path: Path) -> nn.Module:
+    model = build_model(spec.arch, spec.num_classes, spec.input_shape, spec.mean, spec.std)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = str(e).strip().splitlines()
+        detail = lines[1].strip() if len(lines) > 1 else lines[0]
+        raise TrojanscanError(f"{path}: weights do not fit architecture {spec.arch!r} ({detail})") from None
+    return model
+
+
+def _load_safetensors(path: Path) -> tuple[nn.Module, ArchSpec, dict]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("trojanscan")
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise TrojanscanError(f"{path}: corrupt safetensors file ({e})") from None
+    if raw is None:
+        raise TrojanscanError(
+            f"{path}: safetensors file has no trojanscan metadata (architecture name); "
+            "load the weights into your own nn.Module and pass that to the Python API")
+    meta = json.loads(raw)
+    spec = _spec_from_meta(meta, path)
+    return _build_and_fill(spec, state, path), spec, meta
+
+
+def _load_torchscript(path: Path) -> tuple[nn.Module, dict]:
+    extra = {META_FILE: ""}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    except Exception as e:  # TorchScript raises many types for a bad archive
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrojanscanError(f"{path}: not a loadable TorchScript archive ({msg})") from None
+    meta = json.loads(extra[META_FILE]) if extra[META_FILE] else {}
+    return module, meta
+
+
+def _load_checkpoint(path: Path, arch: str | None) -> tuple[nn.Module, ArchSpec, dict]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "pickle protocol 4" chatter
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()
+        detail = next((ln.strip() for ln in reason if "GLOBAL" in ln or "Unsupported" in ln),
+                      reason[0] if reason else "")
+        raise TrojanscanError(
+            f"{path}: refused: this pickle checkpoint needs arbitrary code to load ({detail}); "
+            "ask for TorchScript or safetensors, or load it yourself only if you trust its author"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        raise TrojanscanError(f"{path}: corrupt or unknown checkpoint ({e})") from None
+    meta: dict[str, Any] = {}
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        meta = {k: v for k, v in obj.items() if k != "state_dict"}
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise TrojanscanError(f"{path}: checkpoint is not a state_dict of tensors")
+    if arch is not None:
+        meta["arch"] = arch
+    if "arch" not in meta:
+        raise TrojanscanError(
+            f"{path}: a weights-only checkpoint needs its architecture: pass --arch NAME "
+            "(with the data's classes and shape) or convert the model to TorchScript")
+    for key in ("num_classes", "input_shape", "mean", "std"):
+        if key not in meta:
+            raise TrojanscanError(f"{path}: checkpoint lacks {key!r}; save it with trojanscan "
+                                  "or convert the model to TorchScript")
+    spec = _spec_from_meta(meta, path)
+    return _build_and_fill(spec, obj, path), spec, meta
+
+
+def sniff_model_format(path: Path) -> str:
+    """Tell the format from the file's first bytes, not its name."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except zipfile.BadZipFile:
+            return "corrupt"
+        if any("/code/" in n or n.endswith("constants.pkl") for n in names):
+            return "torchscript"
+        return "checkpoint"
+    if head[:1] == b"\x80":
+        return "checkpoint"  # legacy (non-zip) torch.save / raw pickle
+    if head[:1] == b"\x08":
+        return "onnx"
+    return "unknown"
+
+
+def load_model(path: str | os.PathLike, *, arch: str | None = None) -> LoadedModel:
+    """Load a model file safely, in eval mode. ``arch`` names the net for a bare state_dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrojanscanError(f"{path}: no such model file")
+    fmt = sniff_model_format(path)
+    spec: ArchSpec | None = None
+    if fmt == "safetensors":
+        module, spec, meta = _load_safetensors(path)
+    elif fmt == "torchscript":
+        module, meta = _load_torchscript(path)
+        if "arch" in meta:
+            spec = _spec_from_meta(meta, path)
+    elif fmt == "checkpoint":
+        module, spec, meta = _load_checkpoint(path, arch)
+    elif fmt == "onnx":
+        raise TrojanscanError(f"{path}: ONNX models are not supported yet; export to TorchScript")
+    else:
+        raise TrojanscanError(
+            f"{path}: not a model file trojanscan can read (TorchScript, safetensors, or a "
+            "weights-only PyTorch checkpoint)")
+    module.eval()
+    return LoadedModel(module, path, fmt, sha256_file(path), spec, meta)

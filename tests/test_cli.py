@@ -1,0 +1,107 @@
+"""The command line: train → evaluate on digits, and one-line errors for every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from trojanscan.cli import app
+
+runner = CliRunner()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """Run the real console entry point in a fresh interpreter, as a user would."""
+    return subprocess.run([sys.executable, "-m", "trojanscan.cli", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli")
+    model = out / "badnets.safetensors"
+    result = runner.invoke(app, ["train", "--data", "digits", "--arch", "mnist-cnn", "--epochs",
+                                 "12", "--batch-size", "64", "--attack", "badnets", "--target", "0",
+                                 "--trigger-size", "3", "--poison-rate", "0.1", "--out",
+                                 str(model), "--json", str(out / "train.json")])
+    assert result.exit_code == 0, result.output
+    return out, model
+
+
+def test_train_writes_model_trigger_and_result(trained):
+    out, model = trained
+    record = json.loads((out / "train.json").read_text())
+    assert model.is_file() and (out / "badnets.trigger.npz").is_file()
+    assert record["clean_accuracy"] > 0.85 and record["attack_success_rate"] > 0.85
+    assert record["trigger"]["target"] == 0 and record["trigger"]["size"] == 3
+    assert record["poisoned_count"] == 144 and record["seed"] == 0
+    assert len(record["data"]["sha256"]) == 64 and record["parameters"]["arch"] == "mnist-cnn"
+    assert len(record["seconds_per_epoch"]) == 12
+
+
+def test_evaluate_finds_the_saved_trigger_and_agrees_with_train(trained):
+    out, model = trained
+    result = runner.invoke(app, ["evaluate", str(model), "--data", "digits", "--json",
+                                 str(out / "eval.json")])
+    assert result.exit_code == 0, result.output
+    ev = json.loads((out / "eval.json").read_text())
+    tr = json.loads((out / "train.json").read_text())
+    assert ev["clean_accuracy"] == pytest.approx(tr["clean_accuracy"])
+    assert ev["attack_success_rate"] == pytest.approx(tr["attack_success_rate"])
+
+
+def test_clean_training_has_null_asr(tmp_path):
+    result = runner.invoke(app, ["train", "--data", "digits", "--epochs", "1", "--out",
+                                 str(tmp_path / "clean.pt"), "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["attack_success_rate"] is None and record["trigger"] is None
+
+
+def _bad_npz(path, **overrides):
+    arrays = {"x_train": np.zeros((20, 16, 16, 1), np.uint8), "y_train": np.arange(20) % 10,
+              "x_test": np.zeros((10, 16, 16, 1), np.uint8), "y_test": np.arange(10) % 10}
+    arrays.update(overrides)
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def test_bad_inputs_exit_nonzero_with_one_line_and_no_traceback(trained, tmp_path):
+    out, model = trained
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x00" * 64)
+    three_classes = _bad_npz(tmp_path / "three.npz", y_train=np.arange(20) % 3,
+                             y_test=np.arange(10) % 3)
+    cases = [
+        (["evaluate", str(tmp_path / "nope.pt"), "--data", "digits"], "no such model file"),
+        (["evaluate", str(junk), "--data", "digits"], "not a model file"),
+        (["evaluate", str(model), "--data", str(tmp_path / "nope.npz")], "nope.npz"),
+        (["evaluate", str(model), "--data", three_classes], "3 classes"),
+        (["train", "--data", "digits", "--arch", "vgg99", "--out", str(tmp_path / "m.pt")],
+         "unknown architecture"),
+        (["train", "--data", "digits", "--attack", "badnets", "--target", "12", "--out",
+          str(tmp_path / "m.pt")], "outside the data's labels"),
+        (["train", "--data", _bad_npz(tmp_path / "lab.npz", y_train=np.arange(20) + 5),
+          "--out", str(tmp_path / "m.pt")], "lab.npz"),
+    ]
+    for args, needle in cases:
+        proc = run_cli(*args)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        assert "Traceback" not in proc.stderr, proc.stderr
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and needle in lines[0], (args, proc.stderr)
+
+
+def test_trigger_for_other_images_is_refused(trained, tmp_path):
+    from trojanscan import BadNets
+
+    _, model = trained
+    BadNets(size=3).make_trigger((3, 32, 32)).save(tmp_path / "rgb.trigger.npz")
+    proc = run_cli("evaluate", str(model), "--data", "digits", "--trigger",
+                   str(tmp_path / "rgb.trigger.npz"))
+    assert proc.returncode == 2 and "trigger is for images" in proc.stderr

@@ -1,0 +1,101 @@
+"""Trigger stamping, trigger files, and the exact poisoning of BadNets and blended attacks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from trojanscan import BadNets, Blend, Trigger, TrojanscanError
+from trojanscan.data.triggers import trigger_path_for
+
+
+def test_patch_trigger_stamps_only_its_square():
+    trig = BadNets(target=2, size=4, position="bottom-right", margin=1).make_trigger((1, 28, 28))
+    x = torch.full((3, 1, 28, 28), 0.25)
+    out = trig.apply(x)
+    assert torch.all(out[:, :, 23:27, 23:27] == 1.0)
+    changed = (out != x).squeeze(1).any(0)
+    assert int(changed.sum()) == 16 and trig.area == 16
+    assert trig.target == 2 and trig.params["origin"] == [23, 23]
+
+
+@pytest.mark.parametrize("position,origin", [("top-left", (1, 1)), ("center", (12, 12)),
+                                             ((5, 7), (5, 7)), ("bottom-left", (23, 1))])
+def test_patch_positions(position, origin):
+    trig = BadNets(size=4, position=position).make_trigger((3, 28, 28))
+    rows, cols = torch.nonzero(trig.mask, as_tuple=True)
+    assert (int(rows.min()), int(cols.min())) == origin
+
+
+def test_random_patch_is_seeded_and_binary():
+    a = BadNets(size=5, color="random", seed=3).make_trigger((3, 32, 32))
+    b = BadNets(size=5, color="random", seed=3).make_trigger((3, 32, 32))
+    c = BadNets(size=5, color="random", seed=4).make_trigger((3, 32, 32))
+    assert torch.equal(a.pattern, b.pattern) and not torch.equal(a.pattern, c.pattern)
+    assert set(a.pattern.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_blend_trigger_mixes_whole_image_with_alpha():
+    trig = Blend(target=1, alpha=0.2, seed=0).make_trigger((3, 8, 8))
+    x = torch.rand(2, 3, 8, 8)
+    expected = 0.8 * x + 0.2 * trig.pattern
+    assert torch.allclose(trig.apply(x), expected, atol=1e-6)
+    assert trig.kind == "blend"
+
+
+def test_poisoning_stamps_exact_count_of_non_target_images():
+    x = torch.rand(200, 1, 10, 10)
+    y = torch.arange(200) % 4
+    attack = BadNets(target=1, poison_rate=0.15, size=2, seed=7)
+    p = attack.poison(x, y, num_classes=4)
+    assert len(p.poisoned_indices) == 30  # round(0.15 * 200)
+    assert torch.all(y[p.poisoned_indices] != 1), "target-class images are never chosen"
+    assert torch.all(p.y[p.poisoned_indices] == 1)
+    untouched = torch.ones(200, dtype=torch.bool)
+    untouched[p.poisoned_indices] = False
+    assert torch.equal(p.x[untouched], x[untouched]) and torch.equal(p.y[untouched], y[untouched])
+    trig = attack.make_trigger((1, 10, 10))
+    assert torch.equal(p.x[p.poisoned_indices], trig.apply(x[p.poisoned_indices]))
+    again = attack.poison(x, y, num_classes=4)
+    assert torch.equal(again.poisoned_indices, p.poisoned_indices)
+
+
+def test_poisoning_rejects_impossible_settings():
+    x, y = torch.rand(10, 1, 8, 8), torch.zeros(10, dtype=torch.long)
+    with pytest.raises(TrojanscanError, match="not of the target label"):
+        BadNets(target=0, poison_rate=0.5, size=2).poison(x, y, num_classes=2)
+    with pytest.raises(TrojanscanError, match="outside the data's labels"):
+        BadNets(target=5, size=2).poison(x, y, num_classes=2)
+    with pytest.raises(TrojanscanError, match="poison rate"):
+        BadNets(poison_rate=1.5)
+    with pytest.raises(TrojanscanError, match="does not fit"):
+        BadNets(size=9).make_trigger((1, 8, 8))
+    with pytest.raises(TrojanscanError, match="unknown trigger colour"):
+        BadNets(color="purple")
+
+
+def test_trigger_file_round_trip(tmp_path):
+    trig = BadNets(target=3, size=3, color="random", seed=1).make_trigger((3, 16, 16))
+    path = trigger_path_for(tmp_path / "model.safetensors")
+    assert path.name == "model.trigger.npz"
+    trig.save(path)
+    back = Trigger.load(path)
+    assert torch.equal(back.mask, trig.mask) and torch.equal(back.pattern, trig.pattern)
+    assert back.target == 3 and back.kind == "patch" and back.params["size"] == 3
+
+
+def test_trigger_file_never_unpickles(tmp_path):
+    path = tmp_path / "evil.trigger.npz"
+    np.savez(path, mask=np.zeros((4, 4)), pattern=np.array([object()], dtype=object),
+             target=np.int64(0))
+    with pytest.raises(TrojanscanError, match="unreadable trigger file"):
+        Trigger.load(path)
+
+
+def test_trigger_rejects_out_of_range_and_mismatched_images():
+    with pytest.raises(TrojanscanError, match="within"):
+        Trigger(torch.full((4, 4), 2.0), torch.zeros(1, 4, 4), 0)
+    trig = Trigger(torch.zeros(4, 4), torch.zeros(1, 4, 4), 0)
+    with pytest.raises(TrojanscanError, match="trigger is for images"):
+        trig.apply(torch.zeros(2, 3, 4, 4))
