@@ -13,12 +13,17 @@ import numpy as np
 import torch
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes, read in chunks."""
-    h = hashlib.sha256()
+def hash_file_into(h: Any, path: str | os.PathLike) -> None:
+    """Feed a file's bytes to a hashlib object, in chunks."""
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    hash_file_into(h, path)
     return h.hexdigest()
 
 
