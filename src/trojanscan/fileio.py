@@ -27,6 +27,10 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a reader sees either the old file or the whole new one."""
     path = Path(path)
@@ -37,6 +41,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -66,3 +71,21 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write a JSON result atomically, indented for people to read."""
     text = json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n"
     atomic_write_bytes(path, text.encode())
+
+
+def module_sha256(model: torch.nn.Module) -> str:
+    """Hex sha256 of a model's parameters and buffers (names, shapes and values)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode() + str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def tensor_sha256(*tensors: torch.Tensor) -> str:
+    """Hex sha256 of tensors' shapes and bytes."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

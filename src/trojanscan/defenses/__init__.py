@@ -1,0 +1,1 @@
+"""Defences: they see only a model and clean data, never an attack's internals."""

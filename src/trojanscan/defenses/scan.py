@@ -1,0 +1,157 @@
+"""The scan runner shared by every trigger-search method: checks, resume, progress, verdict."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from trojanscan.defenses.outliers import mad_anomaly_index
+from trojanscan.defenses.scan_result import (
+    LABELS_DIR,
+    LabelResult,
+    ScanResult,
+    label_file,
+    load_label,
+    save_label,
+)
+from trojanscan.defenses.trigger_search import (
+    LabelSearch,
+    Regularizer,
+    SearchSchedule,
+    search_triggers,
+)
+from trojanscan.errors import TrojanscanError
+from trojanscan.fileio import module_sha256, tensor_sha256
+from trojanscan.metrics import clean_accuracy
+from trojanscan.train import check_model_fits, predict
+
+MIN_CLEAN_SAMPLES = 20
+
+
+def check_clean_data(x: torch.Tensor, y: torch.Tensor | None, num_classes: int) -> None:
+    """Refuse clean data a scan cannot use: wrong shape, NaN, out of [0, 1], too few, bad labels."""
+    if x.dim() != 4:
+        raise TrojanscanError(f"clean images must be N×C×H×W, got shape {tuple(x.shape)}")
+    if len(x) < MIN_CLEAN_SAMPLES:
+        raise TrojanscanError(f"a scan needs at least {MIN_CLEAN_SAMPLES} clean images, got "
+                              f"{len(x)}; pass more with --clean-samples")
+    if not torch.isfinite(x).all():
+        raise TrojanscanError("clean images contain NaN or infinity")
+    if float(x.min()) < 0 or float(x.max()) > 1:
+        raise TrojanscanError("clean images must be in [0, 1]; put normalisation in the model "
+                              "(--mean/--std)")
+    if y is not None:
+        if len(y) != len(x):
+            raise TrojanscanError(f"{len(x)} clean images but {len(y)} labels")
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            raise TrojanscanError(f"clean labels must be in 0..{num_classes - 1}")
+
+
+def _to_label_result(r: LabelSearch) -> LabelResult:
+    return LabelResult(label=r.label, l1_norm=r.l1_norm, attack_success_rate=r.attack_success_rate,
+                       converged=r.converged, steps=r.steps, image_passes=r.image_passes,
+                       seconds=r.seconds, stop_reason=r.stop_reason, final_cost=r.final_cost,
+                       mask=r.mask, pattern=r.pattern)
+
+
+def run_scan(model: nn.Module, x_clean: torch.Tensor, y_clean: torch.Tensor | None,
+             num_classes: int, *, method: str, schedule: SearchSchedule,
+             regularizer: Regularizer | None = None, labels: list[int] | None = None,
+             chunk: int = 10, threshold: float = 2.0, seed: int = 0,
+             out_dir: str | Path | None = None, progress: bool = True,
+             model_sha256: str | None = None, data_sha256: str | None = None,
+             input_convention: str = "[0, 1] pixels", method_params: dict[str, Any] | None = None,
+             ) -> ScanResult:
+    """Search a trigger for every label, flag outliers, and (with ``out_dir``) write resumably."""
+    check_clean_data(x_clean, y_clean, num_classes)
+    check_model_fits(model, tuple(x_clean.shape[1:]), num_classes)
+    labels = list(range(num_classes)) if labels is None else sorted({int(v) for v in labels})
+    bad = [v for v in labels if not 0 <= v < num_classes]
+    if bad or not labels:
+        raise TrojanscanError(f"labels to scan must be within 0..{num_classes - 1}, got {bad or labels}")
+    warnings: list[str] = []
+    accuracy = None
+    if y_clean is not None:
+        accuracy = clean_accuracy(predict(model, x_clean), y_clean)
+        chance = 1.0 / num_classes
+        if accuracy <= 2 * chance:
+            raise TrojanscanError(
+                f"the model is near chance on the clean data (accuracy {accuracy:.1%}, chance "
+                f"{chance:.1%}): wrong data or a preprocessing mismatch? Pass the model's "
+                "--mean/--std if it expects normalised inputs")
+        if accuracy < 0.8:
+            warnings.append(f"clean accuracy is only {accuracy:.1%}: check the data and the "
+                            "input convention before trusting the verdict")
+    model_sha256 = model_sha256 or module_sha256(model)
+    data_sha256 = data_sha256 or tensor_sha256(x_clean)
+    params = {"method": method, "schedule": schedule.to_dict(), "chunk": chunk,
+              "threshold": threshold, "clean_samples": len(x_clean), "labels": labels,
+              **(method_params or {})}
+    fingerprint = hashlib.sha256(json.dumps(
+        {"model": model_sha256, "data": data_sha256, "seed": seed, "method": method,
+         "schedule": schedule.to_dict(), **(method_params or {})}, sort_keys=True,
+        default=str).encode()).hexdigest()
+    params["fingerprint"] = fingerprint
+    out = Path(out_dir) if out_dir is not None else None
+    done: dict[int, LabelResult] = {}
+    if out is not None:
+        (out / LABELS_DIR).mkdir(parents=True, exist_ok=True)
+        for v in labels:
+            r = load_label(label_file(out, v), fingerprint) if label_file(out, v).exists() else None
+            if r is not None:
+                done[v] = r
+    todo = [v for v in labels if v not in done]
+    start = time.perf_counter()
+    with Progress(TextColumn("label {task.fields[label]:>3}"), BarColumn(),
+                  TextColumn("step {task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn(), disable=not progress, transient=True) as bar:
+        tasks: dict[int, Any] = {}
+
+        def on_step(label: int, step: int, stats: dict[str, float]) -> None:
+            if label not in tasks:
+                tasks[label] = bar.add_task("", total=schedule.steps, label=label, info="")
+            best = stats["best_l1"]
+            bar.update(tasks[label], completed=step,
+                       info=f"ASR {stats['asr']:.2f} L1 {stats['l1']:.1f} best "
+                            f"{'—' if best == float('inf') else f'{best:.1f}'} λ {stats['cost']:.2g}")
+
+        def on_label_done(r: LabelSearch) -> None:
+            res = _to_label_result(r)
+            done[r.label] = res
+            if out is not None:
+                save_label(out, res, fingerprint)
+            if r.label in tasks:
+                bar.remove_task(tasks.pop(r.label))
+
+        search_triggers(model, x_clean, todo, schedule, chunk=chunk, seed=seed,
+                        regularizer=regularizer, on_step=on_step, on_label_done=on_label_done)
+    results = [done[v] for v in labels]
+    if len(results) >= 3:
+        report = mad_anomaly_index([r.l1_norm for r in results], threshold)
+        for r, ai in zip(results, report.anomaly_index, strict=True):
+            r.anomaly_index = ai
+        flagged = [results[i].label for i in report.flagged]
+        model_index, median, mad = report.model_anomaly_index, report.median, report.mad
+    else:
+        warnings.append("fewer than 3 labels scanned: no outlier test, no verdict")
+        flagged, model_index, median, mad = [], float("nan"), float("nan"), float("nan")
+    not_converged = [r.label for r in results if not r.converged]
+    if not_converged:
+        warnings.append(f"labels {not_converged} never reached the ASR threshold: their trigger "
+                        "is the last one tried")
+    result = ScanResult(
+        method=method, labels=results, flagged_labels=flagged, infected=bool(flagged),
+        anomaly_index=model_index, threshold=threshold, median_l1=median, mad=mad,
+        parameters=params, seed=seed, model_sha256=model_sha256, data_sha256=data_sha256,
+        seconds=time.perf_counter() - start + sum(done[v].seconds for v in labels if v not in todo),
+        input_convention=input_convention, clean_accuracy=accuracy, warnings=warnings)
+    if out is not None:
+        result.save(out)
+    return result

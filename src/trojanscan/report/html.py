@@ -1,0 +1,309 @@
+"""The human-facing scan report: one self-contained HTML page with the verdict, chart, table and triggers."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from trojanscan.data.triggers import Trigger
+from trojanscan.defenses.scan_result import LabelResult, ScanResult
+from trojanscan.errors import TrojanscanError
+from trojanscan.fileio import atomic_write_bytes, to_jsonable
+from trojanscan.report.images import mask_overlap, trigger_pngs
+
+FLAG_RED = "#c62828"
+CLEAN_GREEN = "#2e7d32"
+BAR_GREY = "#9e9e9e"
+
+
+# --- formatting ------------------------------------------------------------------------------
+
+def _num(x: Any, digits: int = 2) -> str:
+    """A number for people: ``—`` for missing/NaN, ``∞`` for infinity."""
+    if x is None:
+        return "—"
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return escape(str(x))
+    if math.isnan(v):
+        return "—"
+    if math.isinf(v):
+        return "∞" if v > 0 else "−∞"
+    return f"{v:.{digits}f}"
+
+
+def _pct(x: Any) -> str:
+    if x is None:
+        return "—"
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return escape(str(x))
+    return "—" if not math.isfinite(v) else f"{100 * v:.1f}%"
+
+
+def _sort_key(r: LabelResult) -> tuple[bool, float, int]:
+    """Smallest L1 first; non-finite norms last."""
+    v = float(r.l1_norm)
+    return (not math.isfinite(v), v if math.isfinite(v) else 0.0, r.label)
+
+
+def _img(png: bytes, alt: str, cls: str = "") -> str:
+    data = base64.b64encode(png).decode("ascii")
+    c = f' class="{cls}"' if cls else ""
+    return f'<img{c} alt="{escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("trojanscan")
+    except Exception:  # the version is decoration only
+        return "?"
+
+
+# --- chart -----------------------------------------------------------------------------------
+
+def chart_png(result: ScanResult) -> bytes:
+    """Bar chart (PNG) of the reversed-trigger L1 norm per label, flagged labels in red.
+
+    A solid line marks the median and a dashed one the detection boundary
+    ``median − threshold · MAD`` (when positive): bars below it with a large anomaly index are flagged.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    rows = sorted(result.labels, key=lambda r: r.label)
+    n = len(rows)
+    flagged = set(result.flagged_labels)
+    heights = [float(r.l1_norm) if math.isfinite(float(r.l1_norm)) else 0.0 for r in rows]
+    colors = [FLAG_RED if r.label in flagged else BAR_GREY for r in rows]
+
+    fig = Figure(figsize=(max(8.0, min(16.0, 0.24 * n + 2)), 3.8), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    positions = list(range(n))
+    ax.bar(positions, heights, color=colors, width=0.8, zorder=2)
+    handles: list[Any] = [Patch(color=BAR_GREY, label="label")]
+    if flagged:
+        handles.append(Patch(color=FLAG_RED, label="flagged label"))
+    median = float(result.median_l1) if result.median_l1 is not None else float("nan")
+    if math.isfinite(median):
+        handles.append(ax.axhline(median, color="#1565c0", linewidth=1.2, zorder=3,
+                                  label=f"median {median:.1f}"))
+        mad = float(result.mad) if result.mad is not None else float("nan")
+        boundary = median - float(result.threshold) * mad
+        if math.isfinite(boundary) and boundary > 0:
+            label = f"boundary {boundary:.1f} (median − {_num(result.threshold, 1)}·MAD)"
+            handles.append(ax.axhline(boundary, color=FLAG_RED, linestyle="--", linewidth=1.2, zorder=3,
+                                      label=label))
+    if n:
+        step = max(1, math.ceil(n / 60))  # keep tick labels legible for many labels
+        ax.set_xticks(positions[::step])
+        ax.set_xticklabels([str(r.label) for r in rows[::step]], fontsize=7 if n > 20 else 9,
+                           rotation=90 if n > 20 else 0)
+        ax.set_xlim(-0.7, n - 0.3)
+    else:
+        ax.text(0.5, 0.5, "no labels scanned", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("label")
+    ax.set_ylabel("L1 norm of reversed mask")
+    ax.set_title("Reversed-trigger size per label (small = suspicious)", fontsize=11)
+    ax.grid(axis="y", color="#e0e0e0", zorder=0)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+# --- page sections ---------------------------------------------------------------------------
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",Arial,sans-serif;margin:0;
+ color:#212121;background:#fafafa;line-height:1.4}
+main{max-width:1180px;margin:0 auto;padding:16px 24px 32px}
+h1{font-size:1.5em;margin:.6em 0 .3em}
+h2{font-size:1.2em;margin:1.6em 0 .5em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+.verdict{border-radius:8px;padding:16px 20px;color:#fff;margin:12px 0}
+.verdict .big{font-size:2em;font-weight:700;margin:0 0 .3em}
+.verdict.bad{background:#c62828}.verdict.good{background:#2e7d32}
+.facts{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:4px 20px;margin:0}
+.facts div{font-size:.95em}.facts dt{display:inline;opacity:.85}
+.facts dd{display:inline;margin:0;font-weight:600}
+.warn{background:#fff8e1;border:1px solid #ffb300;border-left:6px solid #ffb300;border-radius:6px;
+ padding:8px 16px;margin:12px 0}
+.warn ul{margin:.3em 0;padding-left:1.2em}
+.chart img{max-width:100%;height:auto;background:#fff;border:1px solid #eee}
+table{border-collapse:collapse;font-size:.9em;background:#fff}
+th,td{padding:3px 10px;border-bottom:1px solid #eee;text-align:right}
+th{background:#f0f0f0;position:sticky;top:0}
+tr.flag td{background:#ffebee;font-weight:600;color:#b71c1c}
+td.l,th.l{text-align:left}
+.scroll{max-height:460px;overflow:auto;display:inline-block;border:1px solid #ddd}
+.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(340px,1fr));gap:10px}
+.card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:6px 8px}
+.card.flag{border:3px solid #c62828;background:#fff5f5}
+.card .head{font-size:.9em;margin-bottom:4px}.card .head b{font-size:1.1em}
+.trio{display:flex;gap:6px}
+.trio figure{margin:0;text-align:center;font-size:.75em;color:#616161}
+.trio img{width:104px;height:104px;image-rendering:pixelated;border:1px solid #ccc;display:block;
+ background:#000}
+.gt .trio img{width:144px;height:144px}
+.gt .row{display:flex;gap:32px;flex-wrap:wrap;align-items:flex-start}
+.tag{display:inline-block;background:#c62828;color:#fff;border-radius:3px;padding:0 5px;font-size:.8em}
+.yes{color:#2e7d32;font-weight:700}.no{color:#c62828;font-weight:700}
+footer{margin-top:2em;font-size:.85em;color:#555;border-top:1px solid #ddd;padding-top:.6em}
+footer code{font-size:.95em;word-break:break-all}
+pre{background:#f5f5f5;padding:8px;overflow:auto;font-size:.85em}
+"""
+
+
+def _verdict(result: ScanResult) -> str:
+    flagged = [int(v) for v in result.flagged_labels]
+    if result.infected or flagged:
+        cls = "bad"
+        which = ", ".join(str(v) for v in flagged)
+        headline = "Backdoor detected"
+        if flagged:
+            headline += f" — target label{'s' if len(flagged) > 1 else ''} {which}"
+    else:
+        cls, headline = "good", "No backdoor found"
+    facts = [
+        ("Anomaly index", f"{_num(result.anomaly_index)} (threshold {_num(result.threshold, 1)})"),
+        ("Method", escape(str(result.method))),
+        ("Clean accuracy on scan data", _pct(result.clean_accuracy)),
+        ("Input convention", escape(str(result.input_convention))),
+        ("Scan time", f"{_num(result.seconds, 1)} s"),
+        ("Image passes", f"{result.image_passes:,}"),
+        ("Labels scanned", str(len(result.labels))),
+        ("Median L1 / MAD", f"{_num(result.median_l1, 1)} / {_num(result.mad, 1)}"),
+    ]
+    items = "".join(f"<div><dt>{k}:</dt> <dd>{v}</dd></div>" for k, v in facts)
+    out = (f'<section class="verdict {cls}"><p class="big">{escape(headline)}</p>'
+           f'<dl class="facts">{items}</dl></section>')
+    if result.warnings:
+        lis = "".join(f"<li>{escape(str(w))}</li>" for w in result.warnings)
+        out += f'<div class="warn"><b>⚠ Warnings</b><ul>{lis}</ul></div>'
+    return out
+
+
+def _chart(result: ScanResult) -> str:
+    return ('<h2>Reversed-trigger size per label</h2><div class="chart">'
+            + _img(chart_png(result), "bar chart of the L1 norm per label") + "</div>")
+
+
+def _table(result: ScanResult, rows: list[LabelResult]) -> str:
+    flagged = set(result.flagged_labels)
+    head = ("<tr><th>label</th><th>L1 norm</th><th>anomaly index</th><th>trigger ASR</th>"
+            '<th class="l">converged</th><th>steps</th><th class="l">flagged</th></tr>')
+    body = []
+    for r in rows:
+        is_flag = r.label in flagged
+        row_cls = ' class="flag"' if is_flag else ""
+        body.append(
+            f'<tr{row_cls}><td>{r.label}</td><td>{_num(r.l1_norm, 1)}</td>'
+            f"<td>{_num(r.anomaly_index)}</td><td>{_pct(r.attack_success_rate)}</td>"
+            f'<td class="l">{"yes" if r.converged else "no"}</td><td>{int(r.steps):,}</td>'
+            f'<td class="l">{"● backdoor target" if is_flag else ""}</td></tr>')
+    return ("<h2>All labels, smallest trigger first</h2>"
+            f'<div class="scroll"><table>{head}{"".join(body)}</table></div>')
+
+
+def _trio(pngs: dict[str, bytes], what: str) -> str:
+    names = {"mask": "mask", "pattern": "pattern", "fusion": "mask ⊙ pattern"}
+    figs = "".join(f"<figure>{_img(pngs[k], f'{what} {names[k]}')}<figcaption>{escape(names[k])}"
+                   "</figcaption></figure>" for k in ("mask", "pattern", "fusion"))
+    return f'<div class="trio">{figs}</div>'
+
+
+def _gallery(result: ScanResult, rows: list[LabelResult]) -> str:
+    flagged = set(result.flagged_labels)
+    cards = []
+    for r in rows:
+        is_flag = r.label in flagged
+        tag = ' <span class="tag">FLAGGED</span>' if is_flag else ""
+        cards.append(
+            f'<div class="card{" flag" if is_flag else ""}"><div class="head"><b>label {r.label}</b>{tag}'
+            f" · L1 {_num(r.l1_norm, 1)} · anomaly {_num(r.anomaly_index)}</div>"
+            f"{_trio(trigger_pngs(r.mask, r.pattern), f'label {r.label}')}</div>")
+    return ("<h2>Reversed triggers, smallest first</h2>"
+            f'<div class="gallery">{"".join(cards)}</div>')
+
+
+def _ground_truth(result: ScanResult, truth: Trigger) -> str:
+    target = truth.target
+    flagged = [int(v) for v in result.flagged_labels]
+    found = target in flagged
+    status = (f'<span class="yes">yes</span> — label {target} is flagged' if found else
+              f'<span class="no">no</span> — label {target} is not among the flagged labels '
+              f"({', '.join(map(str, flagged)) or 'none'})")
+    real = (f"<div><h3>Real trigger ({escape(truth.kind)}, target {target})</h3>"
+            f"{_trio(trigger_pngs(truth.mask, truth.pattern), 'real trigger')}</div>")
+    try:
+        rev = result.label(target)
+    except TrojanscanError:
+        return ('<section class="gt"><h2>Real trigger vs reversed</h2>'
+                f'<div class="row">{real}</div><p>Label {target} was not scanned, so there is no '
+                "reversed trigger to compare.</p></section>")
+    if tuple(rev.mask.shape) != tuple(truth.mask.shape):
+        raise TrojanscanError(f"ground-truth trigger is for {tuple(truth.mask.shape)} images but the "
+                              f"scan's masks are {tuple(rev.mask.shape)}; pass the trigger of this model")
+    ov = mask_overlap(rev.mask, truth.mask)
+    reversed_html = (f"<div><h3>Reversed trigger of label {target}</h3>"
+                     f"{_trio(trigger_pngs(rev.mask, rev.pattern), f'reversed label {target}')}</div>")
+    facts = (f"<ul><li>True target among flagged labels: {status}</li>"
+             f"<li>Mask IoU (top-{ov['k']} reversed pixels vs real trigger pixels): "
+             f"<b>{_num(ov['iou'])}</b></li>"
+             f"<li>Recall of real trigger pixels: <b>{_pct(ov['recall'])}</b></li>"
+             f"<li>Reversed mask L1 {_num(ov['reversed_l1'], 1)} vs real trigger area "
+             f"{_num(ov['true_area'], 1)}</li>"
+             f"<li>Anomaly index of label {target}: {_num(rev.anomaly_index)}</li></ul>")
+    return ('<section class="gt"><h2>Real trigger vs reversed</h2>'
+            f'<div class="row">{real}{reversed_html}</div>{facts}</section>')
+
+
+def _footer(result: ScanResult) -> str:
+    params = json.dumps(to_jsonable(result.parameters), indent=2, ensure_ascii=False, default=str)
+    return ("<footer><details><summary>Scan parameters</summary>"
+            f"<pre>{escape(params)}</pre></details>"
+            f"<p>Model sha256 <code>{escape(str(result.model_sha256))}</code><br>"
+            f"Data sha256 <code>{escape(str(result.data_sha256))}</code><br>"
+            f"Seed {escape(str(result.seed))} · trojanscan {escape(_version())}</p></footer>")
+
+
+def write_scan_report(result: ScanResult, out_path: Path, *, ground_truth: Trigger | None = None,
+                      title: str | None = None, extra_sections: list[str] | None = None) -> Path:
+    """Write one self-contained HTML report of a scan (images inline, no external links), atomically.
+
+    ``ground_truth`` (the planted trigger, when known) adds a real-vs-reversed comparison;
+    ``extra_sections`` are raw HTML fragments appended after the built-in sections.
+    """
+    out_path = Path(out_path)
+    title = title or f"Backdoor scan report — {result.method}"
+    rows = sorted(result.labels, key=_sort_key)
+    parts = [
+        f"<h1>{escape(title)}</h1>",
+        _verdict(result),
+        _chart(result),
+        _table(result, rows),
+        _gallery(result, rows),
+    ]
+    if ground_truth is not None:
+        parts.append(_ground_truth(result, ground_truth))
+    parts.extend(extra_sections or [])
+    parts.append(_footer(result))
+    page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{escape(title)}</title><style>{CSS}</style></head>"
+            f"<body><main>\n{chr(10).join(parts)}\n</main></body></html>\n")
+    atomic_write_bytes(out_path, page.encode("utf-8"))
+    return out_path

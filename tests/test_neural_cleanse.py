@@ -1,0 +1,121 @@
+"""Neural Cleanse on a planted backdoor: batched equals sequential, detection, resume, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trojanscan import TrojanscanError, build_model
+from trojanscan.defenses import scan as scan_module
+from trojanscan.defenses.neural_cleanse import NeuralCleanse
+from trojanscan.defenses.scan_result import ScanResult
+from trojanscan.defenses.trigger_search import SearchSchedule, search_triggers
+
+# a small budget: enough for the digits backdoor, a few seconds per scan on 2 cores
+QUICK = SearchSchedule(steps=60, mini_batches=2, batch_size=32, patience=2, early_stop_patience=6)
+
+
+@pytest.fixture(scope="module")
+def clean_subset(digits):
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(digits.x_test), generator=g)[:300]
+    return digits.x_test[idx], digits.y_test[idx]
+
+
+def test_batched_search_equals_one_label_at_a_time(trojaned_digits, clean_subset):
+    x, _ = clean_subset
+    schedule = SearchSchedule(steps=12, mini_batches=2, batch_size=16, patience=2,
+                              early_stop_patience=3)
+    model = trojaned_digits.model
+    batched = search_triggers(model, x, [0, 3, 7], schedule, chunk=3, seed=4)
+    single = [search_triggers(model, x, [v], schedule, chunk=1, seed=4)[0] for v in (0, 3, 7)]
+    for b, s in zip(batched, single, strict=True):
+        assert b.label == s.label and b.steps == s.steps
+        assert torch.allclose(b.mask, s.mask, atol=1e-4), (b.label, (b.mask - s.mask).abs().max())
+        assert torch.allclose(b.pattern, s.pattern, atol=1e-4)
+        assert b.l1_norm == pytest.approx(s.l1_norm, rel=1e-4)
+
+
+def test_search_leaves_model_weights_and_mode_untouched(trojaned_digits, clean_subset):
+    model = trojaned_digits.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    search_triggers(model, clean_subset[0], [1], SearchSchedule(steps=2, mini_batches=1),
+                    chunk=1)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters()) and not model.training
+
+
+def test_planted_backdoor_is_flagged_with_its_target(trojaned_digits, clean_subset, tmp_path):
+    x, y = clean_subset
+    result = NeuralCleanse(QUICK, progress=False).scan(trojaned_digits.model, x, y,
+                                                       num_classes=10, out_dir=tmp_path)
+    assert result.infected and 0 in result.flagged_labels
+    assert result.anomaly_index > 2
+    reversed_trigger = result.label(0)
+    assert reversed_trigger.converged and reversed_trigger.attack_success_rate >= 0.99
+    assert reversed_trigger.l1_norm < result.median_l1
+    assert result.image_passes == sum(r.image_passes for r in result.labels) > 0
+    back = ScanResult.load(tmp_path / "scan.json")
+    assert back.flagged_labels == result.flagged_labels
+    assert torch.equal(back.label(0).mask, reversed_trigger.mask)
+
+
+def test_interrupted_scan_resumes_to_the_same_result(trojaned_digits, clean_subset, tmp_path,
+                                                     monkeypatch):
+    x, y = clean_subset
+    nc = NeuralCleanse(QUICK, chunk=4, progress=False)
+    full = nc.scan(trojaned_digits.model, x, y, num_classes=10)
+
+    saved = []
+    real_save = scan_module.save_label
+
+    def save_then_crash(out_dir, result, fingerprint):
+        real_save(out_dir, result, fingerprint)
+        saved.append(result.label)
+        if len(saved) == 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(scan_module, "save_label", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        nc.scan(trojaned_digits.model, x, y, num_classes=10, out_dir=tmp_path)
+    monkeypatch.setattr(scan_module, "save_label", real_save)
+    searched = []
+    real_search = scan_module.search_triggers
+
+    def spy(model, x_clean, labels, *args, **kwargs):
+        searched.extend(labels)
+        return real_search(model, x_clean, labels, *args, **kwargs)
+
+    monkeypatch.setattr(scan_module, "search_triggers", spy)
+    resumed = nc.scan(trojaned_digits.model, x, y, num_classes=10, out_dir=tmp_path)
+    assert sorted(searched) == sorted(set(range(10)) - set(saved)), "finished labels are reused"
+    assert resumed.flagged_labels == full.flagged_labels
+    for a, b in zip(resumed.labels, full.labels, strict=True):
+        assert a.l1_norm == pytest.approx(b.l1_norm, rel=1e-3, abs=1e-3)
+
+
+def test_other_settings_do_not_reuse_saved_labels(trojaned_digits, clean_subset, tmp_path):
+    x, y = clean_subset
+    tiny = SearchSchedule(steps=2, mini_batches=1)
+    NeuralCleanse(tiny, progress=False).scan(trojaned_digits.model, x, y, num_classes=10,
+                                             labels=[0, 1, 2], out_dir=tmp_path)
+    other = NeuralCleanse(tiny, seed=1, progress=False).scan(
+        trojaned_digits.model, x, y, num_classes=10, labels=[0, 1, 2], out_dir=tmp_path)
+    assert other.seed == 1 and all(r.steps == 2 for r in other.labels)
+
+
+def test_clear_errors_for_unusable_inputs(trojaned_digits, clean_subset, digits):
+    x, y = clean_subset
+    nc = NeuralCleanse(QUICK, progress=False)
+    with pytest.raises(TrojanscanError, match="the data has 12 classes"):
+        nc.scan(trojaned_digits.model, x, y, num_classes=10 + 2)
+    with pytest.raises(TrojanscanError, match="cannot run on images"):
+        nc.scan(trojaned_digits.model, torch.rand(50, 3, 32, 32), None, num_classes=10)
+    with pytest.raises(TrojanscanError, match="at least 20 clean images"):
+        nc.scan(trojaned_digits.model, x[:5], y[:5], num_classes=10)
+    with pytest.raises(TrojanscanError, match="N×C×H×W"):
+        nc.scan(trojaned_digits.model, x[0], None, num_classes=10)
+    untrained = build_model("mnist-cnn", 10, digits.input_shape)
+    torch.nn.init.zeros_(untrained.classifier.weight)
+    with pytest.raises(TrojanscanError, match="near chance"):
+        nc.scan(untrained, x, y, num_classes=10)
