@@ -105,3 +105,33 @@ def test_trigger_for_other_images_is_refused(trained, tmp_path):
     proc = run_cli("evaluate", str(model), "--data", "digits", "--trigger",
                    str(tmp_path / "rgb.trigger.npz"))
     assert proc.returncode == 2 and "trigger is for images" in proc.stderr
+
+
+def test_scan_command_writes_verdict_triggers_and_report(trained, tmp_path):
+    _, model = trained
+    out = tmp_path / "scan"
+    result = runner.invoke(app, ["scan", str(model), "--data", "digits", "--clean-samples", "200",
+                                 "--steps", "60", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "scan.json").read_text())
+    assert record["infected"] is True and 0 in record["flagged_labels"]
+    assert record["anomaly_index"] > 2 and record["image_passes"] > 0
+    assert {"label", "l1_norm", "anomaly_index", "attack_success_rate", "converged", "steps",
+            "seconds"} <= set(record["labels"][0])
+    assert record["ground_truth"]["target_flagged"] is True
+    assert (out / "report.html").is_file() and (out / "triggers" / "label_000_mask.png").is_file()
+    assert "BACKDOOR DETECTED" in result.output
+
+
+def test_scan_refuses_bad_options_in_one_line(trained, tmp_path):
+    _, model = trained
+    for args, needle in [
+        (["--labels", "0,x"], "--labels"),
+        (["--labels", "0,42"], "within 0..9"),
+        (["--mean", "0.5"], "--mean and --std go together"),
+        (["--schedule", "fastest"], "unknown schedule"),
+        (["--clean-samples", "5"], "at least 20 clean images"),
+    ]:
+        proc = run_cli("scan", str(model), "--data", "digits", "--out", str(tmp_path / "s"), *args)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (args, proc.stderr)
+        assert needle in proc.stderr, (args, proc.stderr)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,14 +13,21 @@ from torch import nn
 
 from trojanscan.attacks import ATTACKS, PoisoningAttack
 from trojanscan.data import Dataset, load_dataset
-from trojanscan.data.triggers import Trigger
+from trojanscan.data.triggers import Trigger, trigger_path_for
+from trojanscan.defenses.neural_cleanse import NeuralCleanse, get_schedule
+from trojanscan.defenses.scan_result import ScanResult
 from trojanscan.errors import TrojanscanError
+from trojanscan.fileio import tensor_sha256
 from trojanscan.models import build_model, default_arch, load_model
+from trojanscan.models.wrappers import wrap_normalization
 from trojanscan.randomness import seed_everything
+from trojanscan.report import mask_overlap, save_trigger_images, write_scan_report
 from trojanscan.train import TrainHistory, check_model_fits, evaluate, train_model
 
-__all__ = ["TrainResult", "channel_stats", "evaluate_model", "load_dataset", "load_model",
-           "make_attack", "train_classifier"]
+__all__ = ["ScanResult", "TrainResult", "channel_stats", "clean_subset", "evaluate_model",
+           "load_dataset", "load_model", "make_attack", "scan", "train_classifier"]
+
+SCAN_METHODS = ("neural-cleanse",)
 
 
 @dataclass
@@ -88,3 +97,73 @@ def evaluate_model(model: nn.Module, data: Dataset,
     if trigger is not None:
         trigger.check_compatible(data.input_shape, data.num_classes, "trigger")
     return evaluate(model, data.x_test, data.y_test, trigger)
+
+
+def clean_subset(data: Dataset, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random subset of ``n`` test images: the auditor's small clean set."""
+    if n < 1:
+        raise TrojanscanError(f"--clean-samples must be >= 1, got {n}")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(data.x_test), generator=g)[:n].sort().values
+    return data.x_test[idx], data.y_test[idx]
+
+
+def _ground_truth_record(result: ScanResult, truth: Trigger) -> dict[str, Any]:
+    record: dict[str, Any] = {"target": truth.target, "kind": truth.kind, "area": truth.area,
+                              "target_flagged": truth.target in result.flagged_labels}
+    scanned = {r.label for r in result.labels}
+    if truth.target in scanned:
+        r = result.label(truth.target)
+        record.update({"reversed_l1": r.l1_norm, "target_anomaly_index": r.anomaly_index,
+                       "overlap": mask_overlap(r.mask, truth.mask)})
+    return record
+
+
+def scan(model: nn.Module | str | os.PathLike, data: Dataset | str | os.PathLike, *,
+         method: str = "neural-cleanse", schedule: str = "default", steps: int | None = None,
+         labels: list[int] | None = None, chunk: int = 10, clean_samples: int = 1000,
+         threshold: float = 2.0, seed: int = 0, mean: list[float] | None = None,
+         std: list[float] | None = None, arch: str | None = None,
+         ground_truth: Trigger | str | os.PathLike | None = None,
+         out_dir: str | os.PathLike | None = None, progress: bool = True) -> ScanResult:
+    """Scan a model for backdoors with clean data; with ``out_dir`` write scan.json, the trigger
+    images and ``report.html`` (resumable: rerun with the same folder to continue).
+
+    Example::
+
+        result = scan("model.safetensors", "mnist", out_dir="scan-out")
+        print(result.infected, result.flagged_labels, result.anomaly_index)
+    """
+    if method not in SCAN_METHODS:
+        raise TrojanscanError(f"unknown scan method {method!r}; choose one of {', '.join(SCAN_METHODS)}")
+    model_sha = None
+    if isinstance(model, (str, os.PathLike)):
+        model_path = Path(model)
+        loaded = load_model(model_path, arch=arch)
+        module, model_sha = loaded.module, loaded.sha256
+        if ground_truth is None and trigger_path_for(model_path).is_file():
+            ground_truth = trigger_path_for(model_path)
+    else:
+        module = model
+    dataset = data if isinstance(data, Dataset) else load_dataset(data)
+    if isinstance(ground_truth, (str, os.PathLike)):
+        ground_truth = Trigger.load(ground_truth)
+    if ground_truth is not None:
+        ground_truth.check_compatible(dataset.input_shape, dataset.num_classes, "ground-truth trigger")
+    module, convention = wrap_normalization(module, mean, std, dataset.input_shape[0])
+    x, y = clean_subset(dataset, clean_samples, seed)
+    detector = NeuralCleanse(get_schedule(schedule, steps=steps), chunk=chunk, threshold=threshold,
+                             seed=seed, progress=progress)
+    detector.schedule_name = schedule
+    result = detector.scan(module, x, y, num_classes=dataset.num_classes, labels=labels,
+                           out_dir=out_dir, model_sha256=model_sha,
+                           data_sha256=tensor_sha256(x, y), input_convention=convention)
+    result.extra["data"] = {"name": dataset.name, "sha256": dataset.sha256}
+    if ground_truth is not None:
+        result.extra["ground_truth"] = _ground_truth_record(result, ground_truth)
+    if out_dir is not None:
+        out = Path(out_dir)
+        result.save(out)
+        save_trigger_images(result, out)
+        write_scan_report(result, out / "report.html", ground_truth=ground_truth)
+    return result

@@ -16,11 +16,20 @@ from rich.console import Console
 from rich.table import Table
 
 from trojanscan import __version__
-from trojanscan.api import evaluate_model, load_dataset, load_model, make_attack, train_classifier
+from trojanscan.api import (
+    ScanResult,
+    evaluate_model,
+    load_dataset,
+    load_model,
+    make_attack,
+    scan,
+    train_classifier,
+)
 from trojanscan.data.triggers import Trigger, trigger_path_for
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import sha256_file, write_json
 from trojanscan.models import save_model
+from trojanscan.models.wrappers import parse_floats
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Audit neural networks for backdoors (trojans) and repair them.")
@@ -187,7 +196,7 @@ def demo(
     epochs: int = typer.Option(30, "--epochs", min=1),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """Plant a BadNets backdoor in a digits classifier and measure it (no download needed)."""
+    """Plant a BadNets backdoor in a digits classifier, then find it with Neural Cleanse."""
     console.print("[bold]trojanscan demo[/bold]: training a BadNets-trojaned model on scikit-learn's "
                   "digits (3×3 white patch, target 0, 10% poisoned)…")
     options = {"target": 0, "poison_rate": 0.1, "size": 3, "position": "bottom-right",
@@ -196,8 +205,73 @@ def demo(
                           attack="badnets", attack_options=options, batch_size=64, lr=1e-3,
                           seed=seed, json_path=out / "train.json")
     console.print(_scores_table("trojaned digits model", record))
-    console.print(f"model, trigger and train.json written to {out}/ "
-                  f"({record['train_seconds']:.1f} s of training)")
+    console.print(f"({record['train_seconds']:.1f} s of training) — now scanning it with Neural "
+                  "Cleanse, knowing nothing of the trigger…")
+    result = scan(out / "model.safetensors", "digits", clean_samples=300, seed=seed,
+                  out_dir=out / "scan")
+    print_scan_summary(result, out / "scan")
+
+
+def _labels(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise TrojanscanError(f"--labels {text!r}: expected label numbers like 0,3,7") from None
+
+
+def print_scan_summary(result: ScanResult, out: Path | None) -> None:
+    """The verdict first, then the most anomalous labels."""
+    if result.infected:
+        console.print(f"[bold red]BACKDOOR DETECTED[/bold red] — target label(s) "
+                      f"{', '.join(map(str, result.flagged_labels))}; anomaly index "
+                      f"{result.anomaly_index:.2f} (threshold {result.threshold:g})")
+    else:
+        console.print(f"[bold green]No backdoor found[/bold green] — anomaly index "
+                      f"{result.anomaly_index:.2f} (threshold {result.threshold:g})")
+    table = Table(title=f"smallest reversed triggers ({result.method})")
+    for col in ("label", "L1 norm", "anomaly index", "ASR", "steps", "seconds"):
+        table.add_column(col, justify="right")
+    for r in sorted(result.labels, key=lambda r: r.l1_norm)[:5]:
+        table.add_row(str(r.label), f"{r.l1_norm:.1f}", f"{r.anomaly_index:.2f}",
+                      f"{100 * r.attack_success_rate:.1f}%", str(r.steps), f"{r.seconds:.1f}")
+    console.print(table)
+    truth = result.extra.get("ground_truth")
+    if truth and "overlap" in truth:
+        console.print(f"real trigger: target {truth['target']}, area {truth['area']:.0f}; reversed L1 "
+                      f"{truth['reversed_l1']:.1f}, IoU {truth['overlap']['iou']:.2f}")
+    for w in result.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+    console.print(f"{result.seconds:.1f} s, {result.image_passes:,} image passes"
+                  + (f"; report: {out / 'report.html'}" if out else ""))
+
+
+@app.command("scan")
+@friendly_errors
+def scan_cmd(
+    model: Path = typer.Argument(..., help="model file (TorchScript, safetensors, checkpoint)"),
+    data: str = typer.Option(..., "--data", help="clean data: digits, mnist, gtsrb, a file or folder"),
+    out: Path = typer.Option(..., "--out", help="folder for scan.json, triggers and report.html"),
+    labels: str = typer.Option(None, "--labels", help="only these labels, e.g. 0,3,7"),
+    chunk: int = typer.Option(10, "--chunk", min=1, help="labels optimised together in one pass"),
+    steps: int = typer.Option(None, "--steps", min=1, help="maximum steps per label"),
+    clean_samples: int = typer.Option(1000, "--clean-samples", min=1),
+    mean: str = typer.Option(None, "--mean", help="the model expects (x-mean)/std inputs: e.g. 0.1307"),
+    std: str = typer.Option(None, "--std", help="… with this std, e.g. 0.3081 or 0.229,0.224,0.225"),
+    schedule: str = typer.Option("default", "--schedule", help="default (fast) or paper (the authors')"),
+    threshold: float = typer.Option(2.0, "--threshold", help="anomaly index above which a label is flagged"),
+    seed: int = typer.Option(0, "--seed"),
+    arch: str = typer.Option(None, "--arch", help="architecture of a bare state_dict checkpoint"),
+    trigger: Path = typer.Option(None, "--trigger", help="the real trigger, to compare (default: "
+                                 "the one saved beside the model)"),
+) -> None:
+    """Detect a backdoor with Neural Cleanse: reverse-engineer a trigger per label, flag outliers."""
+    result = scan(model, data, schedule=schedule, steps=steps, labels=_labels(labels), chunk=chunk,
+                  clean_samples=clean_samples, threshold=threshold, seed=seed,
+                  mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), arch=arch,
+                  ground_truth=trigger, out_dir=out)
+    print_scan_summary(result, out)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -208,7 +208,6 @@ def _search_chunk(model: nn.Module, x: torch.Tensor, labels: list[int], s: Searc
                   seed: int, regularizer: Regularizer | None, on_step: StepCallback | None,
                   on_label_done: Callable[[LabelSearch], None] | None) -> list[LabelSearch]:
     c, h, w = x.shape[1:]
-    k = len(labels)
     init_a, init_b = [], []
     for label in labels:  # each label's start depends only on (seed, label)
         gen = torch.Generator().manual_seed(seed * 7919 + label)

@@ -1,0 +1,50 @@
+"""Wrappers that let any model be scanned in [0, 1] pixel space."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from trojanscan.errors import TrojanscanError
+from trojanscan.models.architectures import Normalize
+
+
+class NormalizedInput(nn.Module):
+    """Put ``(x - mean) / std`` in front of a model that expects normalised inputs.
+
+    Trigger searches then happen on [0, 1] images, as the person reading the report sees them.
+    """
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.normalize(x))
+
+
+def parse_floats(text: str | None, option: str) -> list[float] | None:
+    """``"0.5"`` or ``"0.485,0.456,0.406"`` → floats; a clear error names the option."""
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise TrojanscanError(f"{option} {text!r}: expected numbers separated by commas") from None
+
+
+def wrap_normalization(model: nn.Module, mean: Sequence[float] | None,
+                       std: Sequence[float] | None, channels: int) -> tuple[nn.Module, str]:
+    """Wrap ``model`` when mean/std are given; returns the model and the input convention used."""
+    if mean is None and std is None:
+        return model, "[0, 1] pixels (normalisation, if any, inside the model)"
+    if mean is None or std is None:
+        raise TrojanscanError("--mean and --std go together: give both or neither")
+    mean = list(mean) * channels if len(mean) == 1 else list(mean)
+    std = list(std) * channels if len(std) == 1 else list(std)
+    if len(mean) != channels or len(std) != channels:
+        raise TrojanscanError(f"--mean/--std need 1 or {channels} values for {channels}-channel images")
+    return NormalizedInput(model, mean, std), f"[0, 1] pixels, then (x - {mean}) / {std} before the model"
