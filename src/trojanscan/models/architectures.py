@@ -80,29 +80,27 @@ def mnist_cnn(spec: ArchSpec) -> ReferenceNet:
     return ReferenceNet(spec, features, embed_dim=512)
 
 
+def _conv_bn_block(cin: int, cout: int) -> list[nn.Module]:
+    return [*_conv(cin, cout), nn.BatchNorm2d(cout), *_conv(cout, cout), nn.BatchNorm2d(cout),
+            nn.MaxPool2d(2)]
+
+
 def gtsrb_cnn(spec: ArchSpec) -> ReferenceNet:
     """Neural Cleanse's GTSRB net shape: 6 conv (3 blocks of 2) + 2 dense.
 
-    The paper's widths are 32/64/128 with a 512-unit dense layer; half of that (16/32/64, 256)
-    reaches the same accuracy on GTSRB and trains and scans about 3× faster on a CPU.
+    The paper's widths are 32/64/128 with a 512-unit dense layer; half of that (16/32/64, 256),
+    with batch normalisation added after each convolution, reaches the paper's accuracy on GTSRB
+    in 6 epochs and trains and scans about 3× faster on a CPU.
     """
     c = spec.input_shape[0]
-    features = nn.Sequential(
-        *_conv(c, 16), *_conv(16, 16), nn.MaxPool2d(2),
-        *_conv(16, 32), *_conv(32, 32), nn.MaxPool2d(2),
-        *_conv(32, 64), *_conv(64, 64), nn.MaxPool2d(2),
-    )
-    return ReferenceNet(spec, features, embed_dim=256, dropout=0.5)
+    features = nn.Sequential(*_conv_bn_block(c, 16), *_conv_bn_block(16, 32), *_conv_bn_block(32, 64))
+    return ReferenceNet(spec, features, embed_dim=256, dropout=0.3)
 
 
 def cifar_cnn(spec: ArchSpec) -> ReferenceNet:
     """A VGG-style net for 32×32 colour images (CIFAR-10) that trains on a CPU in minutes."""
     c = spec.input_shape[0]
-    features = nn.Sequential(
-        *_conv(c, 32), nn.BatchNorm2d(32), *_conv(32, 32), nn.MaxPool2d(2),
-        *_conv(32, 64), nn.BatchNorm2d(64), *_conv(64, 64), nn.MaxPool2d(2),
-        *_conv(64, 128), nn.BatchNorm2d(128), *_conv(128, 128), nn.MaxPool2d(2),
-    )
+    features = nn.Sequential(*_conv_bn_block(c, 32), *_conv_bn_block(32, 64), *_conv_bn_block(64, 128))
     return ReferenceNet(spec, features, embed_dim=256, dropout=0.3)
 
 
