@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from trojanscan.cli import run_training
+from trojanscan.api import train_and_save
 from trojanscan.data import default_data_dir
 from trojanscan.fileio import write_json
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.only or ZOO:
         dataset, arch, epochs, attack, options, goals, paper = ZOO[name]
         start = time.perf_counter()
-        record = run_training(dataset, args.models_dir / f"{name}.safetensors", arch=arch,
+        record = train_and_save(dataset, args.models_dir / f"{name}.safetensors", arch=arch,
                               epochs=epochs, attack=attack, attack_options=options,
                               batch_size=128, lr=1e-3, seed=args.seed,
                               json_path=args.models_dir / f"{name}.json", quiet=True)

@@ -60,6 +60,10 @@ def test_weights_only_checkpoint_loads_with_its_architecture(tmp_path):
     torch.save(model.state_dict(), bare)
     with pytest.raises(TrojanscanError, match="needs its architecture"):
         load_model(bare)
+    with pytest.raises(TrojanscanError, match="lacks 'input_shape'"):
+        load_model(bare, arch="mnist-cnn")
+    from_bare = load_model(bare, arch="mnist-cnn", input_shape=(1, 16, 16))
+    assert from_bare.num_classes == 10 and _same_outputs(model, from_bare.module, (1, 16, 16))
     full = tmp_path / "full.pth"
     torch.save({"state_dict": model.state_dict(), **model.spec.to_dict()}, full)
     loaded = load_model(full)

@@ -119,3 +119,73 @@ def test_clear_errors_for_unusable_inputs(trojaned_digits, clean_subset, digits)
     torch.nn.init.zeros_(untrained.classifier.weight)
     with pytest.raises(TrojanscanError, match="near chance"):
         nc.scan(untrained, x, y, num_classes=10)
+
+
+def test_schedule_bookkeeping_follows_the_authors_rules():
+    from trojanscan.defenses.trigger_search import _LabelState
+
+    s = SearchSchedule(patience=2, init_cost=1e-3, early_stop_patience=3, asr_threshold=0.99)
+    st = _LabelState(5, s)
+    mask, pattern = torch.zeros(4, 4), torch.zeros(1, 4, 4)
+
+    def step(asr, l1):
+        st.end_step(asr, l1, 0.0, mask + l1, pattern)
+
+    step(1.0, 10)
+    assert st.cost == 0, "λ starts at 0"
+    step(1.0, 9)
+    assert st.cost == 1e-3 and not st.up_flag, "switched on after `patience` successful steps"
+    step(1.0, 8)
+    assert st.cost == 2e-3 and st.up_flag
+    step(0.5, 5)  # below the threshold: never kept as the best, however small
+    step(0.5, 5)
+    assert st.cost == pytest.approx(2e-3 / 2 ** 1.5) and st.down_flag
+    assert st.best_l1 == 8 and st.best_asr == 1.0 and float(st.best_mask[0, 0]) == 8
+    assert not st.done and st.early_counter == 2
+    step(0.5, 5)  # third step without improvement, λ has gone up and down → stop
+    assert st.done and st.stop_reason == "early-stop" and st.steps == 6
+
+
+def test_labels_that_stop_early_leave_the_batch_without_changing_the_others(trojaned_digits,
+                                                                            clean_subset):
+    x, _ = clean_subset
+    schedule = SearchSchedule(steps=40, mini_batches=1, batch_size=16, patience=1,
+                              early_stop_patience=2)
+    model = trojaned_digits.model
+    batched = search_triggers(model, x, [0, 1, 2, 3], schedule, chunk=4, seed=2)
+    assert len({r.steps for r in batched}) > 1, "labels must stop at different steps here"
+    for b in batched:
+        s = search_triggers(model, x, [b.label], schedule, chunk=1, seed=2)[0]
+        assert b.steps == s.steps and torch.allclose(b.mask, s.mask, atol=1e-4)
+
+
+def test_normalised_third_party_model_is_scanned_in_pixel_space(trojaned_digits, clean_subset):
+    from trojanscan.models.wrappers import wrap_normalization
+
+    class ExpectsNormalised(torch.nn.Module):
+        """A foreign model: takes (x - 0.5) / 0.25, has no normalisation of its own."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, z):
+            return self.inner(z * 0.25 + 0.5)
+
+    x, y = clean_subset
+    foreign = ExpectsNormalised(trojaned_digits.model).eval()
+    wrapped, convention = wrap_normalization(foreign, [0.5], [0.25], channels=1)
+    assert "(x - [0.5]) / [0.25]" in convention
+    assert torch.allclose(wrapped(x[:8]), trojaned_digits.model(x[:8]), atol=1e-5)
+    result = NeuralCleanse(QUICK, progress=False).scan(wrapped, x, y, num_classes=10, labels=[0, 1, 2])
+    assert result.label(0).l1_norm < min(result.label(1).l1_norm, result.label(2).l1_norm)
+
+
+def test_probing_a_model_does_not_touch_its_batch_norm_statistics():
+    from trojanscan.train import check_model_fits
+
+    model = build_model("gtsrb-cnn", 43, (3, 32, 32)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    check_model_fits(model, (3, 32, 32), 43)
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

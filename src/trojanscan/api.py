@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,17 +18,20 @@ from trojanscan.data.triggers import Trigger, trigger_path_for
 from trojanscan.defenses.neural_cleanse import NeuralCleanse, get_schedule
 from trojanscan.defenses.scan_result import ScanResult
 from trojanscan.errors import TrojanscanError
-from trojanscan.fileio import tensor_sha256
-from trojanscan.models import build_model, default_arch, load_model
+from trojanscan.fileio import sha256_file, tensor_sha256, write_json
+from trojanscan.models import build_model, default_arch, load_model, save_model
+from trojanscan.models.io import TORCHSCRIPT_SUFFIXES
 from trojanscan.models.wrappers import wrap_normalization
 from trojanscan.randomness import seed_everything
 from trojanscan.report import mask_overlap, save_trigger_images, write_scan_report
 from trojanscan.train import TrainHistory, check_model_fits, evaluate, train_model
 
 __all__ = ["ScanResult", "TrainResult", "channel_stats", "clean_subset", "evaluate_model",
-           "load_dataset", "load_model", "make_attack", "scan", "train_classifier"]
+           "load_dataset", "load_model", "make_attack", "scan", "train_and_save",
+           "train_classifier"]
 
 SCAN_METHODS = ("neural-cleanse",)
+MODEL_SUFFIXES = (".safetensors", *TORCHSCRIPT_SUFFIXES)
 
 
 @dataclass
@@ -99,6 +103,61 @@ def evaluate_model(model: nn.Module, data: Dataset,
     return evaluate(model, data.x_test, data.y_test, trigger)
 
 
+def environment() -> dict[str, str]:
+    """Versions and threads, recorded in every result file."""
+    from trojanscan import __version__
+
+    return {"trojanscan": __version__, "torch": torch.__version__,
+            "python": platform.python_version(), "threads": str(torch.get_num_threads())}
+
+
+def train_and_save(data_source: str, out: str | os.PathLike, *, arch: str | None = None,
+                   epochs: int = 5, attack: str | None = None,
+                   attack_options: dict[str, Any] | None = None, batch_size: int = 128,
+                   lr: float = 1e-3, seed: int = 0, json_path: str | os.PathLike | None = None,
+                   quiet: bool = False) -> dict[str, Any]:
+    """Train (and poison) on a data source, save the model and its trigger beside it, and write
+    the result JSON; returns the result record."""
+    out = Path(out)
+    attack_options = attack_options or {}
+    if out.suffix not in MODEL_SUFFIXES:  # fail before minutes of training, not after
+        raise TrojanscanError(f"{out}: unknown model format; use one of {', '.join(MODEL_SUFFIXES)}")
+    data = load_dataset(data_source)
+    attack_obj = make_attack(attack, seed=seed, **attack_options) if attack else None
+    if not quiet:
+        print(f"data {data.name}: {len(data.x_train)} train / {len(data.x_test)} test, "
+              f"{data.num_classes} classes, images {data.input_shape}")
+    result = train_classifier(data, arch, epochs=epochs, batch_size=batch_size, lr=lr,
+                              attack=attack_obj, seed=seed, progress=not quiet)
+    save_model(result.model, out, metadata={"data_sha256": data.sha256})
+    trigger_file = None
+    if result.trigger is not None:
+        trigger_file = trigger_path_for(out)
+        result.trigger.save(trigger_file)
+    record = {
+        "command": "train",
+        "clean_accuracy": result.clean_accuracy,
+        "attack_success_rate": result.attack_success_rate,
+        "trigger": None if result.trigger is None else {
+            "file": str(trigger_file), "target": result.trigger.target,
+            "kind": result.trigger.kind, "area": result.trigger.area, **result.trigger.params},
+        "poisoned_count": result.poisoned_count,
+        "parameters": result.params,
+        "seed": seed,
+        "data": {"source": str(data_source), "name": data.name, "sha256": data.sha256,
+                 "train": len(data.x_train), "test": len(data.x_test),
+                 "num_classes": data.num_classes, "input_shape": list(data.input_shape)},
+        "model": {"file": str(out), "sha256": sha256_file(out)},
+        "train_seconds": result.seconds,
+        "seconds_per_epoch": result.history.seconds,
+        "train_loss": result.history.loss,
+        "environment": environment(),
+    }
+    if json_path is not None:
+        write_json(json_path, record)
+    return record
+
+
 def clean_subset(data: Dataset, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded random subset of ``n`` test images: the auditor's small clean set."""
     if n < 1:
@@ -137,33 +196,38 @@ def scan(model: nn.Module | str | os.PathLike, data: Dataset | str | os.PathLike
     if method not in SCAN_METHODS:
         raise TrojanscanError(f"unknown scan method {method!r}; choose one of {', '.join(SCAN_METHODS)}")
     model_sha = None
+    dataset = data if isinstance(data, Dataset) else load_dataset(data)
     if isinstance(model, (str, os.PathLike)):
         model_path = Path(model)
-        loaded = load_model(model_path, arch=arch)
+        loaded = load_model(model_path, arch=arch, input_shape=dataset.input_shape)
         module, model_sha = loaded.module, loaded.sha256
         if ground_truth is None and trigger_path_for(model_path).is_file():
             ground_truth = trigger_path_for(model_path)
     else:
         module = model
-    dataset = data if isinstance(data, Dataset) else load_dataset(data)
     if isinstance(ground_truth, (str, os.PathLike)):
         ground_truth = Trigger.load(ground_truth)
     if ground_truth is not None:
         ground_truth.check_compatible(dataset.input_shape, dataset.num_classes, "ground-truth trigger")
     module, convention = wrap_normalization(module, mean, std, dataset.input_shape[0])
     x, y = clean_subset(dataset, clean_samples, seed)
+    notes = []
+    if clean_samples > len(dataset.x_test):
+        notes.append(f"asked for {clean_samples} clean samples but the test split has only "
+                     f"{len(dataset.x_test)}: all of them were used")
     detector = NeuralCleanse(get_schedule(schedule, steps=steps), chunk=chunk, threshold=threshold,
                              seed=seed, progress=progress)
     detector.schedule_name = schedule
     result = detector.scan(module, x, y, num_classes=dataset.num_classes, labels=labels,
                            out_dir=out_dir, model_sha256=model_sha,
                            data_sha256=tensor_sha256(x, y), input_convention=convention)
+    result.warnings.extend(notes)
     result.extra["data"] = {"name": dataset.name, "sha256": dataset.sha256}
     if ground_truth is not None:
         result.extra["ground_truth"] = _ground_truth_record(result, ground_truth)
     if out_dir is not None:
         out = Path(out_dir)
-        result.save(out)
+        result.save(out, write_labels=False)  # the labels were written as they finished
         save_trigger_images(result, out)
         write_scan_report(result, out / "report.html", ground_truth=ground_truth)
     return result

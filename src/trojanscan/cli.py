@@ -3,32 +3,28 @@
 from __future__ import annotations
 
 import functools
-import platform
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from trojanscan import __version__
 from trojanscan.api import (
     ScanResult,
+    environment,
     evaluate_model,
     load_dataset,
     load_model,
-    make_attack,
     scan,
-    train_classifier,
+    train_and_save,
 )
 from trojanscan.data.triggers import Trigger, trigger_path_for
 from trojanscan.errors import TrojanscanError
-from trojanscan.fileio import sha256_file, write_json
-from trojanscan.models import save_model
+from trojanscan.fileio import write_json
 from trojanscan.models.wrappers import parse_floats
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -48,8 +44,13 @@ def friendly_errors(func: F) -> F:
         except TrojanscanError as e:
             err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except OSError as e:  # unwritable --out, a folder where a file should be, a full disk
+            where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+            err_console.print(f"[red]error:[/red] {where}{e.strerror or e}", highlight=False,
+                              soft_wrap=True)
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            err_console.print("interrupted")
+            err_console.print("interrupted; finished work is saved, rerun the same command to resume")
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
@@ -65,11 +66,6 @@ def _position(text: str) -> str | tuple[int, int]:
     return text
 
 
-def _environment() -> dict[str, str]:
-    return {"trojanscan": __version__, "torch": torch.__version__,
-            "python": platform.python_version(), "threads": str(torch.get_num_threads())}
-
-
 def _fmt(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:.2f}%"
 
@@ -81,46 +77,6 @@ def _scores_table(title: str, scores: dict[str, Any]) -> Table:
     table.add_row("clean accuracy (CA)", _fmt(scores.get("clean_accuracy")))
     table.add_row("attack success rate (ASR)", _fmt(scores.get("attack_success_rate")))
     return table
-
-
-def run_training(data_source: str, out: Path, *, arch: str | None, epochs: int,
-                 attack: str | None, attack_options: dict[str, Any], batch_size: int, lr: float,
-                 seed: int, json_path: Path | None, quiet: bool = False) -> dict[str, Any]:
-    """Train (and poison), save model + trigger, write the result JSON; returns the result."""
-    data = load_dataset(data_source)
-    attack_obj = make_attack(attack, seed=seed, **attack_options) if attack else None
-    if not quiet:
-        console.print(f"data {data.name}: {len(data.x_train)} train / {len(data.x_test)} test, "
-                      f"{data.num_classes} classes, images {data.input_shape}")
-    result = train_classifier(data, arch, epochs=epochs, batch_size=batch_size, lr=lr,
-                              attack=attack_obj, seed=seed, progress=not quiet)
-    save_model(result.model, out, metadata={"data_sha256": data.sha256})
-    trigger_file = None
-    if result.trigger is not None:
-        trigger_file = trigger_path_for(out)
-        result.trigger.save(trigger_file)
-    record = {
-        "command": "train",
-        "clean_accuracy": result.clean_accuracy,
-        "attack_success_rate": result.attack_success_rate,
-        "trigger": None if result.trigger is None else {
-            "file": str(trigger_file), "target": result.trigger.target,
-            "kind": result.trigger.kind, "area": result.trigger.area, **result.trigger.params},
-        "poisoned_count": result.poisoned_count,
-        "parameters": result.params,
-        "seed": seed,
-        "data": {"source": str(data_source), "name": data.name, "sha256": data.sha256,
-                 "train": len(data.x_train), "test": len(data.x_test),
-                 "num_classes": data.num_classes, "input_shape": list(data.input_shape)},
-        "model": {"file": str(out), "sha256": sha256_file(out)},
-        "train_seconds": result.seconds,
-        "seconds_per_epoch": result.history.seconds,
-        "train_loss": result.history.loss,
-        "environment": _environment(),
-    }
-    if json_path is not None:
-        write_json(json_path, record)
-    return record
 
 
 @app.command()
@@ -151,7 +107,7 @@ def train(
                    "position": _position(trigger_position), "color": trigger_color}
     elif attack == "blend":
         options = {"target": target, "poison_rate": poison_rate, "alpha": alpha}
-    record = run_training(data, out, arch=arch, epochs=epochs, attack=attack,
+    record = train_and_save(data, out, arch=arch, epochs=epochs, attack=attack,
                           attack_options=options, batch_size=batch_size, lr=lr, seed=seed,
                           json_path=json_path)
     console.print(_scores_table(f"{out}", record))
@@ -170,8 +126,8 @@ def evaluate_cmd(
     json_path: Path = typer.Option(None, "--json"),
 ) -> None:
     """Clean accuracy and, with a trigger, attack success rate of a model on a dataset."""
-    loaded = load_model(model, arch=arch)
     dataset = load_dataset(data)
+    loaded = load_model(model, arch=arch, input_shape=dataset.input_shape)
     if trigger is None and trigger_path_for(model).is_file():
         trigger = trigger_path_for(model)
         console.print(f"using the trigger saved beside the model: {trigger}")
@@ -183,7 +139,7 @@ def evaluate_cmd(
               "data": {"source": data, "name": dataset.name, "sha256": dataset.sha256},
               "trigger": None if trig is None else {"file": str(trigger), "target": trig.target,
                                                     "kind": trig.kind},
-              "seconds": time.perf_counter() - start, "environment": _environment()}
+              "seconds": time.perf_counter() - start, "environment": environment()}
     if json_path is not None:
         write_json(json_path, record)
     console.print(_scores_table(f"{model} on {dataset.name}", scores))
@@ -201,7 +157,7 @@ def demo(
                   "digits (3×3 white patch, target 0, 10% poisoned)…")
     options = {"target": 0, "poison_rate": 0.1, "size": 3, "position": "bottom-right",
                "color": "white"}
-    record = run_training("digits", out / "model.safetensors", arch="mnist-cnn", epochs=epochs,
+    record = train_and_save("digits", out / "model.safetensors", arch="mnist-cnn", epochs=epochs,
                           attack="badnets", attack_options=options, batch_size=64, lr=1e-3,
                           seed=seed, json_path=out / "train.json")
     console.print(_scores_table("trojaned digits model", record))

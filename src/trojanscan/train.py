@@ -103,6 +103,8 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024,
 def check_model_fits(model: nn.Module, input_shape: tuple[int, ...], num_classes: int,
                      source: str = "model") -> None:
     """Refuse a model that cannot take these images or whose outputs do not match the classes."""
+    was_training = model.training
+    model.eval()  # a probe must not touch batch-norm statistics
     try:
         with torch.no_grad():
             out = model(torch.zeros(2, *input_shape))
@@ -110,6 +112,11 @@ def check_model_fits(model: nn.Module, input_shape: tuple[int, ...], num_classes
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TrojanscanError(
             f"{source}: cannot run on images of shape {tuple(input_shape)} ({first})") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor):
+        raise TrojanscanError(f"{source}: model returns {type(out).__name__}, not a tensor of class "
+                              "scores; wrap it so that forward() returns logits")
     if out.dim() != 2 or out.shape[1] != num_classes:
         raise TrojanscanError(
             f"{source}: model outputs {tuple(out.shape[1:])} scores per image but the data has "

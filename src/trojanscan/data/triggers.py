@@ -104,8 +104,8 @@ class Trigger:
                            int(z["target"]), kind, params)
         except TrojanscanError:
             raise
-        except (ValueError, OSError, KeyError) as e:
-            raise TrojanscanError(f"{path}: unreadable trigger file ({e})") from None
+        except Exception as e:  # numpy raises many types for a file that is not an npz
+            raise TrojanscanError(f"{path}: unreadable trigger file ({type(e).__name__}: {e})") from None
 
 
 def trigger_path_for(model_path: str | os.PathLike) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from torch import nn
 from trojanscan.defenses.outliers import mad_anomaly_index
 from trojanscan.defenses.scan_result import (
     LABELS_DIR,
+    SCAN_JSON,
     LabelResult,
     ScanResult,
     label_file,
@@ -33,12 +35,15 @@ from trojanscan.metrics import clean_accuracy
 from trojanscan.train import check_model_fits, predict
 
 MIN_CLEAN_SAMPLES = 20
+ALGORITHM_VERSION = 1  # bump when a change makes saved per-label results stale
 
 
 def check_clean_data(x: torch.Tensor, y: torch.Tensor | None, num_classes: int) -> None:
     """Refuse clean data a scan cannot use: wrong shape, NaN, out of [0, 1], too few, bad labels."""
     if x.dim() != 4:
         raise TrojanscanError(f"clean images must be N×C×H×W, got shape {tuple(x.shape)}")
+    if x.dtype != torch.float32:
+        raise TrojanscanError(f"clean images must be float32 in [0, 1], got {x.dtype}")
     if len(x) < MIN_CLEAN_SAMPLES:
         raise TrojanscanError(f"a scan needs at least {MIN_CLEAN_SAMPLES} clean images, got "
                               f"{len(x)}; pass more with --clean-samples")
@@ -52,6 +57,36 @@ def check_clean_data(x: torch.Tensor, y: torch.Tensor | None, num_classes: int) 
             raise TrojanscanError(f"{len(x)} clean images but {len(y)} labels")
         if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
             raise TrojanscanError(f"clean labels must be in 0..{num_classes - 1}")
+
+
+def _drop_stale_result(out: Path, fingerprint: str) -> None:
+    """A scan.json from other settings must not outlive the labels about to be overwritten."""
+    stale = out / SCAN_JSON
+    if stale.exists():
+        try:
+            old = json.loads(stale.read_text()).get("parameters", {}).get("fingerprint")
+        except (OSError, ValueError, AttributeError):
+            old = None
+        if old != fingerprint:
+            stale.unlink()
+
+
+@torch.no_grad()
+def _measure_kept_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None,
+                           results: list[LabelResult]) -> None:
+    """The ASR of each kept trigger on all clean images not already of its label.
+
+    The search records the mean ASR of the step a trigger was kept in, measured while the mask
+    was still changing; this is the success rate of the trigger actually reported.
+    """
+    for r in results:
+        keep = x if y is None else x[y != r.label]
+        if len(keep) == 0:
+            continue
+        stamped = r.trigger().apply
+        hits = predict(model, keep, batch_size=512, transform=stamped)
+        r.extra["step_attack_success_rate"] = r.attack_success_rate
+        r.attack_success_rate = float((hits == r.label).float().mean())
 
 
 def _to_label_result(r: LabelSearch) -> LabelResult:
@@ -81,7 +116,7 @@ def run_scan(model: nn.Module, x_clean: torch.Tensor, y_clean: torch.Tensor | No
     if y_clean is not None:
         accuracy = clean_accuracy(predict(model, x_clean), y_clean)
         chance = 1.0 / num_classes
-        if accuracy <= 2 * chance:
+        if accuracy < chance + 0.1 * (1 - chance):
             raise TrojanscanError(
                 f"the model is near chance on the clean data (accuracy {accuracy:.1%}, chance "
                 f"{chance:.1%}): wrong data or a preprocessing mismatch? Pass the model's "
@@ -96,13 +131,15 @@ def run_scan(model: nn.Module, x_clean: torch.Tensor, y_clean: torch.Tensor | No
               **(method_params or {})}
     fingerprint = hashlib.sha256(json.dumps(
         {"model": model_sha256, "data": data_sha256, "seed": seed, "method": method,
-         "schedule": schedule.to_dict(), **(method_params or {})}, sort_keys=True,
+         "schedule": schedule.to_dict(), "input_convention": input_convention,
+         "version": ALGORITHM_VERSION, **(method_params or {})}, sort_keys=True,
         default=str).encode()).hexdigest()
     params["fingerprint"] = fingerprint
     out = Path(out_dir) if out_dir is not None else None
     done: dict[int, LabelResult] = {}
     if out is not None:
         (out / LABELS_DIR).mkdir(parents=True, exist_ok=True)
+        _drop_stale_result(out, fingerprint)
         for v in labels:
             r = load_label(label_file(out, v), fingerprint) if label_file(out, v).exists() else None
             if r is not None:
@@ -133,6 +170,11 @@ def run_scan(model: nn.Module, x_clean: torch.Tensor, y_clean: torch.Tensor | No
         search_triggers(model, x_clean, todo, schedule, chunk=chunk, seed=seed,
                         regularizer=regularizer, on_step=on_step, on_label_done=on_label_done)
     results = [done[v] for v in labels]
+    bad = [r.label for r in results if not math.isfinite(r.l1_norm)]
+    if bad:
+        raise TrojanscanError(f"the trigger search diverged (non-finite mask norm) for labels {bad}; "
+                              "the model may produce NaN on [0, 1] inputs")
+    _measure_kept_triggers(model, x_clean, y_clean, [r for r in results if r.label in set(todo)])
     if len(results) >= 3:
         report = mad_anomaly_index([r.l1_norm for r in results], threshold)
         for r, ai in zip(results, report.anomaly_index, strict=True):

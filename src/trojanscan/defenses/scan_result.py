@@ -55,6 +55,11 @@ class LabelResult:
                        params={"l1_norm": self.l1_norm})
 
 
+def _number(v: Any) -> float:
+    """JSON null (how NaN is written) back to NaN; numbers unchanged."""
+    return float("nan") if v is None else float(v)
+
+
 def label_file(out_dir: Path, label: int) -> Path:
     return out_dir / LABELS_DIR / f"label_{label:03d}.npz"
 
@@ -75,7 +80,9 @@ def load_label(path: Path, fingerprint: str | None = None) -> LabelResult | None
             record = json.loads(str(z["record"]))
             mask = torch.from_numpy(z["mask"].astype(np.float32))
             pattern = torch.from_numpy(z["pattern"].astype(np.float32))
-    except (OSError, ValueError, KeyError):
+    except Exception:  # a damaged resume file only means the label is not done
+        return None
+    if not isinstance(record, dict):
         return None
     if fingerprint is not None and record.get("fingerprint") != fingerprint:
         return None
@@ -138,12 +145,13 @@ class ScanResult:
             "labels": [r.record() for r in self.labels],
         })
 
-    def save(self, out_dir: str | os.PathLike) -> Path:
-        """Write ``scan.json`` and every label's arrays (``labels/label_KKK.npz``)."""
+    def save(self, out_dir: str | os.PathLike, write_labels: bool = True) -> Path:
+        """Write ``scan.json`` and (unless already written) each label's arrays."""
         out = Path(out_dir)
         fingerprint = str(self.parameters.get("fingerprint", ""))
-        for r in self.labels:
-            save_label(out, r, fingerprint)
+        if write_labels:
+            for r in self.labels:
+                save_label(out, r, fingerprint)
         write_json(out / SCAN_JSON, self.to_dict())
         return out / SCAN_JSON
 
@@ -159,18 +167,27 @@ class ScanResult:
                                   "first") from None
         except (OSError, ValueError) as e:
             raise TrojanscanError(f"{out / SCAN_JSON}: unreadable scan result ({e})") from None
+        try:
+            return cls._from_dict(data, out)
+        except (KeyError, TypeError, ValueError) as e:
+            raise TrojanscanError(f"{out / SCAN_JSON}: incomplete scan result ({e!r})") from None
+
+    @classmethod
+    def _from_dict(cls, data: dict[str, Any], out: Path) -> ScanResult:
+        fingerprint = data["parameters"].get("fingerprint")
         labels = []
-        for rec in data.get("labels", []):
-            r = load_label(label_file(out, int(rec["label"])))
+        for rec in data["labels"]:
+            r = load_label(label_file(out, int(rec["label"])), fingerprint)
             if r is None:
-                raise TrojanscanError(f"{label_file(out, int(rec['label']))}: missing or damaged")
-            r.anomaly_index = float("nan") if rec.get("anomaly_index") is None else rec["anomaly_index"]
+                raise TrojanscanError(f"{label_file(out, int(rec['label']))}: missing, damaged or "
+                                      "from another scan; rerun the scan")
+            r.anomaly_index = _number(rec.get("anomaly_index"))
             labels.append(r)
         known = {"method", "infected", "flagged_labels", "anomaly_index", "threshold", "median_l1",
                  "mad", "clean_accuracy", "input_convention", "seconds", "image_passes", "seed",
                  "model_sha256", "data_sha256", "parameters", "warnings", "labels"}
         return cls(method=data["method"], labels=labels, flagged_labels=data["flagged_labels"],
-                   infected=data["infected"], anomaly_index=data["anomaly_index"] or float("nan"),
+                   infected=data["infected"], anomaly_index=_number(data["anomaly_index"]),
                    threshold=data["threshold"], median_l1=data["median_l1"], mad=data["mad"],
                    parameters=data["parameters"], seed=data["seed"],
                    model_sha256=data["model_sha256"], data_sha256=data["data_sha256"],

@@ -6,10 +6,16 @@ For each candidate target label t we look for a mask m (H×W) and pattern Δ (C�
 of labels is optimised in one batched forward/backward pass with a per-label Adam, per-label λ
 schedule, best-result bookkeeping and early stop; a label that stops leaves the batch. This is the
 same optimisation as running the labels one after another, only faster.
+
+Where we differ from the authors' released code, on purpose: the loss uses the correct
+cross-entropy (theirs swaps its arguments, making it roughly linear in 1 - p_t), Adam's epsilon
+is PyTorch's (1e-8 on the bias-corrected √v instead of Keras' 1e-7), and a step's mini-batches
+are whole batches drawn from a reshuffled clean set.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -46,8 +52,11 @@ class SearchSchedule:
     early_stop_threshold: float = 1.0
 
     def __post_init__(self) -> None:
-        if min(self.steps, self.mini_batches, self.batch_size, self.patience) < 1:
+        if min(self.steps, self.mini_batches, self.batch_size, self.patience,
+               self.early_stop_patience) < 1:
             raise TrojanscanError("steps, mini-batches, batch size and patience must be >= 1")
+        if self.lr <= 0 or self.init_cost <= 0 or self.cost_up <= 1 or self.cost_down <= 1:
+            raise TrojanscanError("lr and init_cost must be > 0, cost_up and cost_down > 1")
         if not 0 < self.asr_threshold <= 1:
             raise TrojanscanError(f"ASR threshold must be in (0, 1], got {self.asr_threshold}")
 
@@ -98,6 +107,11 @@ class BatchStream:
         return self._perm[j * self.batch_size:(j + 1) * self.batch_size]
 
 
+def _label_seed(seed: int, label: int) -> int:
+    digest = hashlib.sha256(f"trigger-init:{seed}:{label}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def _to_unit(p: torch.Tensor) -> torch.Tensor:
     return torch.tanh(p) / (2 - TANH_EPS) + 0.5
 
@@ -107,7 +121,8 @@ def _from_unit(v: torch.Tensor) -> torch.Tensor:
 
 
 class _LabelState:
-    """Schedule bookkeeping of one label, exactly as in the authors' code."""
+    """Schedule bookkeeping of one label, in the order of the authors' code: keep the best
+    trigger, then the early-stop test, then the λ update."""
 
     def __init__(self, label: int, schedule: SearchSchedule) -> None:
         self.label, self.s = label, schedule
@@ -210,7 +225,7 @@ def _search_chunk(model: nn.Module, x: torch.Tensor, labels: list[int], s: Searc
     c, h, w = x.shape[1:]
     init_a, init_b = [], []
     for label in labels:  # each label's start depends only on (seed, label)
-        gen = torch.Generator().manual_seed(seed * 7919 + label)
+        gen = torch.Generator().manual_seed(_label_seed(seed, label))
         init_a.append(_from_unit(torch.rand(1, h, w, generator=gen)))
         init_b.append(_from_unit(torch.rand(c, h, w, generator=gen)))
     a, b = torch.stack(init_a), torch.stack(init_b)  # K×1×H×W, K×C×H×W

@@ -131,7 +131,7 @@ def _load_safetensors(path: Path) -> tuple[nn.Module, ArchSpec, dict]:
         raise TrojanscanError(
             f"{path}: safetensors file has no trojanscan metadata (architecture name); "
             "load the weights into your own nn.Module and pass that to the Python API")
-    meta = json.loads(raw)
+    meta = _parse_meta(raw, path)
     spec = _spec_from_meta(meta, path)
     return _build_and_fill(spec, state, path), spec, meta
 
@@ -145,11 +145,22 @@ def _load_torchscript(path: Path) -> tuple[nn.Module, dict]:
     except Exception as e:  # TorchScript raises many types for a bad archive
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TrojanscanError(f"{path}: not a loadable TorchScript archive ({msg})") from None
-    meta = json.loads(extra[META_FILE]) if extra[META_FILE] else {}
+    meta = _parse_meta(extra[META_FILE], path) if extra[META_FILE] else {}
     return module, meta
 
 
-def _load_checkpoint(path: Path, arch: str | None) -> tuple[nn.Module, ArchSpec, dict]:
+def _parse_meta(raw: str | bytes, path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        raise TrojanscanError(f"{path}: its trojanscan metadata is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise TrojanscanError(f"{path}: its trojanscan metadata is not a JSON object")
+    return meta
+
+
+def _load_checkpoint(path: Path, arch: str | None,
+                     input_shape: tuple[int, ...] | None) -> tuple[nn.Module, ArchSpec, dict]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "pickle protocol 4" chatter
@@ -175,7 +186,15 @@ def _load_checkpoint(path: Path, arch: str | None) -> tuple[nn.Module, ArchSpec,
     if "arch" not in meta:
         raise TrojanscanError(
             f"{path}: a weights-only checkpoint needs its architecture: pass --arch NAME "
-            "(with the data's classes and shape) or convert the model to TorchScript")
+            "or convert the model to TorchScript")
+    # a bare state_dict of a reference net tells its classes and normalisation itself
+    if "classifier.weight" in obj:
+        meta.setdefault("num_classes", int(obj["classifier.weight"].shape[0]))
+    if "normalize.mean" in obj and "normalize.std" in obj:
+        meta.setdefault("mean", obj["normalize.mean"].flatten().tolist())
+        meta.setdefault("std", obj["normalize.std"].flatten().tolist())
+    if input_shape is not None:
+        meta.setdefault("input_shape", list(input_shape))
     for key in ("num_classes", "input_shape", "mean", "std"):
         if key not in meta:
             raise TrojanscanError(f"{path}: checkpoint lacks {key!r}; save it with trojanscan "
@@ -206,8 +225,13 @@ def sniff_model_format(path: Path) -> str:
     return "unknown"
 
 
-def load_model(path: str | os.PathLike, *, arch: str | None = None) -> LoadedModel:
-    """Load a model file safely, in eval mode. ``arch`` names the net for a bare state_dict."""
+def load_model(path: str | os.PathLike, *, arch: str | None = None,
+               input_shape: tuple[int, ...] | None = None) -> LoadedModel:
+    """Load a model file safely, in eval mode.
+
+    ``arch`` (and ``input_shape``, usually the data's) describe a bare state_dict checkpoint of a
+    reference net; its classes and normalisation are read from the weights.
+    """
     path = Path(path)
     if not path.is_file():
         raise TrojanscanError(f"{path}: no such model file")
@@ -220,7 +244,7 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None) -> LoadedMod
         if "arch" in meta:
             spec = _spec_from_meta(meta, path)
     elif fmt == "checkpoint":
-        module, spec, meta = _load_checkpoint(path, arch)
+        module, spec, meta = _load_checkpoint(path, arch, input_shape)
     elif fmt == "onnx":
         raise TrojanscanError(f"{path}: ONNX models are not supported yet; export to TorchScript")
     else:
