@@ -30,8 +30,10 @@ ZOO = {
                       {"clean_accuracy": 0.9854, "attack_success_rate": 0.9990}),
     "gtsrb-clean": ("gtsrb", "gtsrb-cnn", 6, None, {}, {"clean_accuracy": 0.95},
                     {"clean_accuracy": 0.9683}),
+    # a white square is invisible on the 3.5% of test images whose corner is already white (this
+    # GTSRB copy is not ROI-cropped), capping its ASR near 96.5%; a black/white checker is not
     "gtsrb-badnets": ("gtsrb", "gtsrb-cnn", 6, "badnets",
-                      {"target": 33, "poison_rate": 0.1, "size": 4, "color": "white"},
+                      {"target": 33, "poison_rate": 0.1, "size": 4, "color": "checker"},
                       {"clean_accuracy": 0.95, "attack_success_rate": 0.97},
                       {"clean_accuracy": 0.9651, "attack_success_rate": 0.9740}),
 }

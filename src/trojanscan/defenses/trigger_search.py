@@ -113,7 +113,8 @@ def _label_seed(seed: int, label: int) -> int:
 
 
 def _to_unit(p: torch.Tensor) -> torch.Tensor:
-    return torch.tanh(p) / (2 - TANH_EPS) + 0.5
+    # in float32, tanh(p) / (2 - ε) + 1/2 can round to 1 + 1.2e-7 where tanh saturates
+    return (torch.tanh(p) / (2 - TANH_EPS) + 0.5).clamp(0.0, 1.0)
 
 
 def _from_unit(v: torch.Tensor) -> torch.Tensor:
