@@ -52,7 +52,9 @@ def test_planted_backdoor_is_flagged_with_its_target(trojaned_digits, clean_subs
     assert result.infected and 0 in result.flagged_labels
     assert result.anomaly_index > 2
     reversed_trigger = result.label(0)
-    assert reversed_trigger.converged and reversed_trigger.attack_success_rate >= 0.99
+    # kept from a step whose ASR reached the threshold; re-measured on all clean images after
+    assert reversed_trigger.converged and reversed_trigger.extra["step_attack_success_rate"] >= 0.99
+    assert reversed_trigger.attack_success_rate > 0.95
     assert reversed_trigger.l1_norm < result.median_l1
     assert result.image_passes == sum(r.image_passes for r in result.labels) > 0
     back = ScanResult.load(tmp_path / "scan.json")
