@@ -1,0 +1,322 @@
+"""STRIP (Gao et al., ACSAC 2019): flag trojaned inputs at run time by the entropy of perturbed copies.
+
+An input is superimposed with N random clean images and all N copies are classified. A clean input's
+predictions scatter (high entropy); a stamped input keeps predicting the attack's target because the
+trigger survives the overlay (low entropy). Inputs whose mean entropy falls below a boundary fitted on
+benign inputs for a chosen false rejection rate (FRR) are flagged as trojaned.
+
+Example::
+
+    strip = Strip(model, n=100).calibrate(clean_images)
+    labels, trojaned = strip.predict(incoming_images)
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import statistics
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from trojanscan.errors import TrojanscanError
+from trojanscan.fileio import atomic_write_bytes, module_sha256, tensor_sha256
+from trojanscan.train import predict as predict_labels
+
+MIN_CALIBRATION_SAMPLES = 20
+BLENDS = ("add", "alpha")
+BOUNDARY_METHODS = ("normal", "quantile")
+FILE_FORMAT_VERSION = 1
+_LN2 = math.log(2.0)
+
+
+def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Mean Shannon entropy in bits of the N perturbed copies of each input.
+
+    Args:
+        probs: ``(..., N, K)`` softmax outputs: N copies, K classes.
+    Returns:
+        ``(...,)`` tensor: ``(1/N) · Σ_n −Σ_i p_{n,i} log2 p_{n,i}``, with ``0 · log 0 = 0``.
+    """
+    if probs.dim() < 2:
+        raise TrojanscanError(f"probabilities must be (..., N, K), got shape {tuple(probs.shape)}")
+    per_copy = -torch.special.xlogy(probs, probs).sum(-1) / _LN2  # xlogy(0, 0) == 0
+    return per_copy.mean(-1)
+
+
+def detection_boundary(entropies: torch.Tensor, frr: float, method: str = "normal") -> float:
+    """The entropy below which an input is called trojaned, so that about ``frr`` of benign ones are.
+
+    ``"normal"`` fits N(mu, sigma) to the benign entropies and takes ``mu + sigma · Φ⁻¹(frr)`` (the
+    paper's choice); ``"quantile"`` takes the empirical ``frr``-quantile (TrojanZoo's choice).
+    """
+    _check_frr(frr)
+    if method not in BOUNDARY_METHODS:
+        raise TrojanscanError(f"unknown boundary method {method!r}; use one of {', '.join(BOUNDARY_METHODS)}")
+    h = torch.as_tensor(entropies, dtype=torch.float64).flatten()
+    if len(h) < 2:
+        raise TrojanscanError(f"a boundary needs at least 2 benign entropies, got {len(h)}")
+    if not torch.isfinite(h).all():
+        raise TrojanscanError("benign entropies contain NaN or infinity; check the model's outputs")
+    if method == "quantile":
+        return float(torch.quantile(h, frr))
+    mu, sigma = float(h.mean()), float(h.std())
+    return mu + sigma * statistics.NormalDist().inv_cdf(frr)
+
+
+def far_frr(benign_flags: torch.Tensor, trojan_flags: torch.Tensor) -> dict[str, float | int]:
+    """Error rates of a detector: FRR = benign inputs flagged, FAR = trojaned inputs not flagged."""
+    benign = torch.as_tensor(benign_flags, dtype=torch.bool).flatten()
+    trojan = torch.as_tensor(trojan_flags, dtype=torch.bool).flatten()
+    return {"frr": float(benign.float().mean()) if len(benign) else float("nan"),
+            "far": float((~trojan).float().mean()) if len(trojan) else float("nan"),
+            "n_benign": len(benign), "n_trojan": len(trojan)}
+
+
+def _check_frr(frr: float) -> None:
+    if not isinstance(frr, (int, float)) or not 0 < frr < 1:
+        raise TrojanscanError(f"frr must be a fraction strictly between 0 and 1 (e.g. 0.01), got {frr!r}")
+
+
+def _check_images(x: torch.Tensor, name: str, shape: tuple[int, ...] | None = None) -> None:
+    """Refuse images STRIP cannot use: not N×C×H×W, wrong size, not float, NaN, outside [0, 1]."""
+    if not isinstance(x, torch.Tensor):
+        raise TrojanscanError(f"{name} must be a torch tensor N×C×H×W, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise TrojanscanError(f"{name} must be N×C×H×W, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TrojanscanError(f"{name} must be float images in [0, 1], got {x.dtype}")
+    if shape is not None and tuple(x.shape[1:]) != tuple(shape):
+        raise TrojanscanError(f"{name} are images {tuple(x.shape[1:])} but the overlays are {tuple(shape)}; "
+                              "pass images of the size the detector was calibrated on")
+    if x.numel() and not torch.isfinite(x).all():
+        raise TrojanscanError(f"{name} contain NaN or infinity")
+    if x.numel() and (float(x.min()) < 0 or float(x.max()) > 1):
+        raise TrojanscanError(f"{name} must be in [0, 1]; put normalisation inside the model")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+class Strip:
+    """Run-time trojaned-input detector: ``Strip(model).calibrate(clean)`` then ``.detect(x)``.
+
+    Args:
+        model: the classifier, taking N×C×H×W images in [0, 1] and returning logits.
+        n: perturbed copies per input (the paper uses 100; 10–20 often suffice).
+        blend: ``"add"`` superimposes at full weight and saturates at 1 (the authors' choice);
+            ``"alpha"`` blends ``(1 − alpha) · x + alpha · overlay``.
+        alpha: overlay weight for ``blend="alpha"``.
+        frr: target false rejection rate of benign inputs, which sets the boundary.
+        boundary: ``"normal"`` (the paper) or ``"quantile"`` (empirical); see :func:`detection_boundary`.
+        batch_size: about how many perturbed images go to the model in one call.
+        seed: seeds the choice of overlays, so the same inputs in the same order give the same entropies.
+    """
+
+    def __init__(self, model: nn.Module, n: int = 100, blend: str = "add", alpha: float = 0.5,
+                 frr: float = 0.01, boundary: str = "normal", batch_size: int = 4096, seed: int = 0):
+        if not isinstance(model, nn.Module):
+            raise TrojanscanError(f"model must be a torch nn.Module, got {type(model).__name__}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise TrojanscanError(f"n (perturbed copies per input) must be a positive integer, got {n!r}")
+        if blend not in BLENDS:
+            raise TrojanscanError(f"unknown blend {blend!r}; use one of {', '.join(BLENDS)}")
+        if not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
+            raise TrojanscanError(f"alpha must be in (0, 1], got {alpha!r}")
+        _check_frr(frr)
+        if boundary not in BOUNDARY_METHODS:
+            raise TrojanscanError(
+                f"unknown boundary method {boundary!r}; use one of {', '.join(BOUNDARY_METHODS)}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise TrojanscanError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.model = model
+        self.n = n
+        self.blend = blend
+        self.alpha = float(alpha)
+        self.frr = float(frr)
+        self.boundary = boundary
+        self.batch_size = batch_size
+        self.seed = int(seed)
+
+    # -- calibration ------------------------------------------------------------------------------
+
+    def calibrate(self, x_benign: torch.Tensor, overlay_pool: torch.Tensor | None = None) -> Strip:
+        """Fit the entropy boundary on benign inputs; overlays come from ``overlay_pool`` (default: them).
+
+        Returns ``self``, with ``overlays_``, ``entropy_mean_``, ``entropy_std_``, ``boundary_``,
+        ``calibration_entropies_``, ``calibration_sha256_`` and ``n_calibration_`` set.
+        """
+        _check_images(x_benign, "benign calibration images")
+        if len(x_benign) < MIN_CALIBRATION_SAMPLES:
+            raise TrojanscanError(f"STRIP calibration needs at least {MIN_CALIBRATION_SAMPLES} benign "
+                                  f"images, got {len(x_benign)}; pass more clean images")
+        pool = x_benign if overlay_pool is None else overlay_pool
+        _check_images(pool, "overlay pool images")
+        if len(pool) == 0:
+            raise TrojanscanError("the overlay pool is empty; pass held-out clean images")
+        if pool.shape[1:] != x_benign.shape[1:]:
+            raise TrojanscanError(f"overlay pool images are {tuple(pool.shape[1:])} but the benign images "
+                                  f"are {tuple(x_benign.shape[1:])}; use images of the same size")
+        self.overlays_ = pool.detach().to("cpu", torch.float32).contiguous().clone()
+        self._check_model_runs()
+        h = self.entropy(x_benign)
+        self.calibration_entropies_ = h
+        self.entropy_mean_ = float(h.double().mean())
+        self.entropy_std_ = float(h.double().std())
+        self.boundary_ = detection_boundary(h, self.frr, self.boundary)
+        self.n_calibration_ = len(x_benign)
+        self.calibration_sha256_ = tensor_sha256(x_benign.detach().to("cpu", torch.float32), self.overlays_)
+        self.model_sha256_ = module_sha256(self.model)
+        return self
+
+    def _check_model_runs(self) -> None:
+        """One probe so that a model unfit for these images fails with one clear line."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                out = self.model(self.overlays_[:2].to(_model_device(self.model)))
+        except Exception as e:  # any shape error inside a foreign model
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TrojanscanError(
+                f"model cannot run on images of shape {tuple(self.overlays_.shape[1:])} ({first})") from None
+        finally:
+            self.model.train(was_training)
+        if not isinstance(out, torch.Tensor) or out.dim() != 2:
+            raise TrojanscanError("model must return a batch×classes tensor of logits; wrap it so that "
+                                  "forward() does")
+
+    def _require_calibrated(self) -> None:
+        if not hasattr(self, "boundary_"):
+            raise TrojanscanError("this Strip detector is not calibrated; call calibrate(clean_images) "
+                                  "or Strip.load(path, model) first")
+
+    # -- scoring ----------------------------------------------------------------------------------
+
+    def _superimpose(self, x: torch.Tensor, overlays: torch.Tensor) -> torch.Tensor:
+        """x: m×1×C×H×W, overlays: m×N×C×H×W → m×N×C×H×W perturbed copies."""
+        if self.blend == "add":
+            return (x + overlays).clamp_(0.0, 1.0)
+        return (1 - self.alpha) * x + self.alpha * overlays
+
+    def entropy(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised entropy (bits) of each input's N perturbed copies; low means likely trojaned.
+
+        All M×N copies are classified in chunks of about ``batch_size`` images. Overlay indices for
+        every input are drawn up front from a generator seeded by ``seed``, so the result does not
+        depend on ``batch_size``.
+        """
+        if not hasattr(self, "overlays_"):
+            self._require_calibrated()
+        _check_images(x, "input images", tuple(self.overlays_.shape[1:]))
+        m = len(x)
+        gen = torch.Generator().manual_seed(self.seed)
+        idx = torch.randint(len(self.overlays_), (m, self.n), generator=gen)
+        device = _model_device(self.model)
+        inputs_per_call = max(1, self.batch_size // self.n)
+        out = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for i in range(0, m, inputs_per_call):
+                    xb = x[i:i + inputs_per_call].to(device, torch.float32).unsqueeze(1)
+                    ob = self.overlays_[idx[i:i + inputs_per_call]].to(device)
+                    copies = self._superimpose(xb, ob)
+                    logits = self.model(copies.flatten(0, 1))
+                    probs = torch.softmax(logits.float(), dim=1).view(len(xb), self.n, -1)
+                    out.append(normalized_entropy(probs).cpu())
+        finally:
+            self.model.train(was_training)
+        return torch.cat(out) if out else torch.empty(0)
+
+    def detect(self, x: torch.Tensor) -> torch.Tensor:
+        """Boolean flags, True where an input is called trojaned (entropy below ``boundary_``)."""
+        self._require_calibrated()
+        return self.entropy(x) < self.boundary_
+
+    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's labels for the unperturbed inputs and STRIP's trojaned flags."""
+        flags = self.detect(x)
+        labels = predict_labels(self.model, x.to(_model_device(self.model)), batch_size=self.batch_size)
+        return labels.cpu(), flags
+
+    # -- persistence ------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Save the calibration as an ``.npz`` of plain arrays (no pickles), atomically."""
+        self._require_calibrated()
+        buf = io.BytesIO()
+        np.savez(buf, format_version=np.int64(FILE_FORMAT_VERSION), overlays=self.overlays_.numpy(),
+                 overlays_sha256=np.array(tensor_sha256(self.overlays_)),
+                 entropy_mean=np.float64(self.entropy_mean_), entropy_std=np.float64(self.entropy_std_),
+                 boundary_value=np.float64(self.boundary_), boundary=np.array(self.boundary),
+                 n=np.int64(self.n), blend=np.array(self.blend), alpha=np.float64(self.alpha),
+                 seed=np.int64(self.seed), frr=np.float64(self.frr),
+                 n_calibration=np.int64(self.n_calibration_),
+                 calibration_sha256=np.array(self.calibration_sha256_),
+                 model_sha256=np.array(self.model_sha256_))
+        atomic_write_bytes(path, buf.getvalue())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module, batch_size: int = 4096) -> Strip:
+        """Read a detector saved by :meth:`save` for the same ``model``; never unpickles."""
+        path = Path(path)
+        if not path.is_file():
+            raise TrojanscanError(f"{path}: no such STRIP calibration file")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                fields = {k: z[k] for k in z.files}
+        except Exception as e:  # numpy raises many types for a file that is not a plain npz
+            raise TrojanscanError(
+                f"{path}: not a STRIP calibration .npz ({type(e).__name__}: {e}); "
+                "recreate it with Strip.save") from None
+        required = {"format_version", "overlays", "overlays_sha256", "entropy_mean", "entropy_std",
+                    "boundary_value", "boundary", "n", "blend", "alpha", "seed", "frr", "n_calibration",
+                    "calibration_sha256", "model_sha256"}
+        missing = required - set(fields)
+        if missing:
+            raise TrojanscanError(
+                f"{path}: not a STRIP calibration file (missing {', '.join(sorted(missing))})")
+        if int(fields["format_version"]) != FILE_FORMAT_VERSION:
+            raise TrojanscanError(f"{path}: STRIP file format {int(fields['format_version'])} is not "
+                                  f"supported (expected {FILE_FORMAT_VERSION}); recalibrate")
+        overlays = torch.from_numpy(np.ascontiguousarray(fields["overlays"], dtype=np.float32))
+        try:
+            _check_images(overlays, f"{path}: overlays")
+        except TrojanscanError as e:
+            raise TrojanscanError(f"{e}; the file is damaged, recalibrate") from None
+        if len(overlays) == 0 or tensor_sha256(overlays) != str(fields["overlays_sha256"]):
+            raise TrojanscanError(f"{path}: overlays do not match their checksum; the file is damaged, "
+                                  "recalibrate")
+        try:
+            strip = cls(model, n=int(fields["n"]), blend=str(fields["blend"]), alpha=float(fields["alpha"]),
+                        frr=float(fields["frr"]), boundary=str(fields["boundary"]), batch_size=batch_size,
+                        seed=int(fields["seed"]))
+        except TrojanscanError as e:
+            raise TrojanscanError(f"{path}: {e}") from None
+        numbers = {k: float(fields[k]) for k in ("entropy_mean", "entropy_std", "boundary_value")}
+        bad = [k for k, v in numbers.items() if not math.isfinite(v)]
+        if bad:
+            raise TrojanscanError(f"{path}: {', '.join(bad)} not finite; the file is damaged, recalibrate")
+        if module_sha256(model) != str(fields["model_sha256"]):
+            raise TrojanscanError(f"{path}: calibrated for a different model (weights differ); "
+                                  "recalibrate STRIP on this model")
+        strip.overlays_ = overlays
+        strip.entropy_mean_ = numbers["entropy_mean"]
+        strip.entropy_std_ = numbers["entropy_std"]
+        strip.boundary_ = numbers["boundary_value"]
+        strip.n_calibration_ = int(fields["n_calibration"])
+        strip.calibration_sha256_ = str(fields["calibration_sha256"])
+        strip.model_sha256_ = str(fields["model_sha256"])
+        strip._check_model_runs()
+        return strip

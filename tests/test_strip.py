@@ -1,0 +1,121 @@
+"""STRIP: entropy maths, the FRR boundary, detection of a planted backdoor, batching and saved files."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from trojanscan.defenses.strip import Strip, detection_boundary, far_frr, normalized_entropy
+from trojanscan.errors import TrojanscanError
+
+# --- entropy maths --------------------------------------------------------------------------------
+
+
+def test_normalized_entropy_of_known_distributions():
+    uniform = torch.full((1, 4), 0.25)  # one input, N=1 copy, K=4 classes
+    one_hot = torch.tensor([[0.0, 1.0, 0.0, 0.0]])
+    assert normalized_entropy(uniform).item() == pytest.approx(2.0)
+    assert normalized_entropy(one_hot).item() == 0.0  # 0·log 0 counts as 0, not NaN
+    # N copies are averaged: half uniform (2 bits), half one-hot (0 bits) → 1 bit
+    mixture = torch.stack([torch.cat([uniform, one_hot]), torch.cat([one_hot, one_hot])])  # 2×N=2×K=4
+    assert normalized_entropy(mixture).tolist() == pytest.approx([1.0, 0.0])
+
+
+def test_normal_boundary_matches_the_requested_frr():
+    gen = torch.Generator().manual_seed(0)
+    benign = 1.0 + 0.2 * torch.randn(20000, generator=gen)
+    boundary = detection_boundary(benign, frr=0.01, method="normal")
+    assert boundary == pytest.approx(0.5347, abs=0.01)  # 1.0 + 0.2·Φ⁻¹(0.01)
+    fresh = 1.0 + 0.2 * torch.randn(20000, generator=gen)
+    assert float((fresh < boundary).float().mean()) == pytest.approx(0.01, abs=0.003)
+    assert detection_boundary(benign, 0.01, "quantile") == pytest.approx(boundary, abs=0.02)
+    with pytest.raises(TrojanscanError, match="frr"):
+        detection_boundary(benign, frr=1.5)
+
+
+def test_far_frr_counts_the_right_mistakes():
+    rates = far_frr(torch.tensor([True, False, False, False]), torch.tensor([True, True, False]))
+    assert rates["frr"] == pytest.approx(0.25)  # one benign flagged
+    assert rates["far"] == pytest.approx(1 / 3)  # one trojaned missed
+
+
+# --- the planted backdoor -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def calibrated(trojaned_digits, digits):
+    """STRIP with N=20 calibrated on the first 150 clean digits test images."""
+    return Strip(trojaned_digits.model, n=20).calibrate(digits.x_test[:150])
+
+
+def test_strip_flags_stamped_inputs_and_passes_clean_ones(calibrated, trojaned_digits, digits):
+    x, y = digits.x_test[150:], digits.y_test[150:]
+    stamped = trojaned_digits.trigger.apply(x[y != 0])
+    rates = far_frr(calibrated.detect(x), calibrated.detect(stamped))
+    # measured: FRR ≈ 4%, FAR ≈ 0.5% (210 clean, 187 stamped)
+    assert rates["far"] < 0.10
+    assert rates["frr"] < 0.10
+    assert calibrated.entropy(stamped).mean() < calibrated.entropy(x).mean() / 2
+    labels, flags = calibrated.predict(stamped)
+    assert float((labels == 0).float().mean()) > 0.8 and flags.dtype == torch.bool
+
+
+def test_batched_entropy_equals_unbatched(trojaned_digits, digits):
+    x, pool = digits.x_test[:12], digits.x_test[100:140]
+    one_call = Strip(trojaned_digits.model, n=7, batch_size=4096, seed=3).calibrate(pool)
+    tiny = Strip(trojaned_digits.model, n=7, batch_size=1, seed=3).calibrate(pool)
+    torch.testing.assert_close(tiny.entropy(x), one_call.entropy(x), atol=1e-5, rtol=1e-5)
+    assert one_call.boundary_ == pytest.approx(tiny.boundary_, abs=1e-5)
+
+
+def test_save_load_round_trip(calibrated, trojaned_digits, digits, tmp_path):
+    path = tmp_path / "strip.npz"
+    calibrated.save(path)
+    loaded = Strip.load(path, trojaned_digits.model)
+    x = torch.cat([digits.x_test[150:200], trojaned_digits.trigger.apply(digits.x_test[200:230])])
+    assert torch.equal(loaded.detect(x), calibrated.detect(x))
+    assert loaded.boundary_ == calibrated.boundary_ and loaded.n == 20
+    assert loaded.calibration_sha256_ == calibrated.calibration_sha256_
+    other = copy.deepcopy(trojaned_digits.model)
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)
+    with pytest.raises(TrojanscanError, match="different model"):
+        Strip.load(path, other)  # the boundary is meaningless for other weights
+
+
+def test_load_refuses_foreign_files(trojaned_digits, tmp_path):
+    not_npz = tmp_path / "notes.npz"
+    not_npz.write_text("hello")
+    with pytest.raises(TrojanscanError, match="not a STRIP calibration"):
+        Strip.load(not_npz, trojaned_digits.model)
+    pickled = tmp_path / "pickled.npz"
+    np.savez(pickled, overlays=np.array([{"evil": 1}], dtype=object))
+    with pytest.raises(TrojanscanError, match="not a STRIP calibration"):
+        Strip.load(pickled, trojaned_digits.model)
+    with pytest.raises(TrojanscanError, match="no such"):
+        Strip.load(tmp_path / "missing.npz", trojaned_digits.model)
+
+
+# --- clear errors ---------------------------------------------------------------------------------
+
+
+def test_clear_errors(calibrated, trojaned_digits, digits):
+    model = trojaned_digits.model
+    with pytest.raises(TrojanscanError, match="at least 20"):
+        Strip(model).calibrate(digits.x_test[:5])
+    with pytest.raises(TrojanscanError, match="same size"):
+        Strip(model).calibrate(digits.x_test[:30], overlay_pool=torch.rand(10, 1, 8, 8))
+    with pytest.raises(TrojanscanError, match=r"\(1, 16, 16\)"):
+        calibrated.detect(torch.rand(3, 1, 8, 8))
+    with pytest.raises(TrojanscanError, match="NaN"):
+        calibrated.detect(torch.full((2, 1, 16, 16), math.nan))
+    with pytest.raises(TrojanscanError, match="not calibrated"):
+        Strip(model).detect(digits.x_test[:3])
+    with pytest.raises(TrojanscanError, match="frr"):
+        Strip(model, frr=0.0)
+    with pytest.raises(TrojanscanError, match="blend"):
+        Strip(model, blend="mix")
