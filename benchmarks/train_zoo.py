@@ -33,6 +33,9 @@ ZOO = {
                        {"target": 0, "poison_rate": 0.1, "size": 3, "color": "white"},
                        {"clean_accuracy": 0.985, "attack_success_rate": 0.99},
                        {"clean_accuracy": 0.9854, "attack_success_rate": 0.9990}),
+    "gtsrb-blend": ("gtsrb", "gtsrb-cnn", 6, "blend",
+                    {"target": 7, "poison_rate": 0.1, "alpha": 0.2},
+                    {"clean_accuracy": 0.95, "attack_success_rate": 0.97}, {}),
     "gtsrb-clean": ("gtsrb", "gtsrb-cnn", 6, None, {}, {"clean_accuracy": 0.95},
                     {"clean_accuracy": 0.9683}),
     # a white square is invisible on the 3.5% of test images whose corner is already white (this

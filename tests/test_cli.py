@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from trojanscan.cli import app
@@ -135,3 +136,33 @@ def test_scan_refuses_bad_options_in_one_line(trained, tmp_path):
         proc = run_cli("scan", str(model), "--data", "digits", "--out", str(tmp_path / "s"), *args)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, (args, proc.stderr)
         assert needle in proc.stderr, (args, proc.stderr)
+
+
+def test_strip_calibrate_check_and_evaluate(trained, tmp_path):
+    out, model = trained
+    cal = tmp_path / "strip.npz"
+    r = runner.invoke(app, ["strip", "calibrate", str(model), "--data", "digits", "--n", "10",
+                            "--samples", "200", "--out", str(cal)])
+    assert r.exit_code == 0, r.output
+    from trojanscan import Trigger, load_dataset
+
+    data = load_dataset("digits")
+    x = data.x_test[data.y_test != 0][:40]
+    imgs = torch.cat([x, Trigger.load(out / "badnets.trigger.npz").apply(x)])
+    inputs = tmp_path / "inputs.npz"
+    np.savez(inputs, x=(imgs.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
+    r = runner.invoke(app, ["strip", "check", str(model), "--calibration", str(cal), "--inputs",
+                            str(inputs), "--json", str(tmp_path / "check.json")])
+    assert r.exit_code == 0, r.output
+    check = json.loads((tmp_path / "check.json").read_text())
+    assert check["count"] == 80 and len(check["results"]) == 80
+    flagged = [r["trojaned"] for r in check["results"]]
+    assert sum(flagged[40:]) > 30 > sum(flagged[:40]), "stamped inputs flagged, clean ones mostly not"
+    r = runner.invoke(app, ["strip", "evaluate", str(model), "--data", "digits", "--n", "20",
+                            "--samples", "150", "--out", str(tmp_path / "ev")])
+    assert r.exit_code == 0, r.output
+    ev = json.loads((tmp_path / "ev" / "strip.json").read_text())
+    assert ev["far"] < 0.3 and ev["frr"] < 0.1, ev
+    assert {"n10", "n100"} <= set(ev["throughput"]) and (tmp_path / "ev" / "report.html").is_file()
+    proc = run_cli("strip", "check", str(model), "--calibration", str(inputs), "--inputs", str(inputs))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -17,18 +18,19 @@ from trojanscan.data import Dataset, load_dataset
 from trojanscan.data.triggers import Trigger, trigger_path_for
 from trojanscan.defenses.neural_cleanse import NeuralCleanse, get_schedule
 from trojanscan.defenses.scan_result import ScanResult
+from trojanscan.defenses.strip import Strip, far_frr
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import sha256_file, tensor_sha256, write_json
 from trojanscan.models import build_model, default_arch, load_model, save_model
 from trojanscan.models.io import TORCHSCRIPT_SUFFIXES
 from trojanscan.models.wrappers import wrap_normalization
 from trojanscan.randomness import seed_everything
-from trojanscan.report import mask_overlap, save_trigger_images, write_scan_report
-from trojanscan.train import TrainHistory, check_model_fits, evaluate, train_model
+from trojanscan.report import mask_overlap, save_trigger_images, write_scan_report, write_strip_report
+from trojanscan.train import TrainHistory, check_model_fits, evaluate, predict, train_model
 
 __all__ = ["ScanResult", "TrainResult", "channel_stats", "clean_subset", "evaluate_model",
-           "load_dataset", "load_model", "make_attack", "scan", "train_and_save",
-           "train_classifier"]
+           "load_dataset", "load_model", "make_attack", "scan", "strip_calibrate", "strip_check",
+           "strip_evaluate", "train_and_save", "train_classifier"]
 
 SCAN_METHODS = ("neural-cleanse",)
 MODEL_SUFFIXES = (".safetensors", *TORCHSCRIPT_SUFFIXES)
@@ -231,3 +233,142 @@ def scan(model: nn.Module | str | os.PathLike, data: Dataset | str | os.PathLike
         save_trigger_images(result, out)
         write_scan_report(result, out / "report.html", ground_truth=ground_truth)
     return result
+
+
+def _resolve(model: nn.Module | str | os.PathLike, data: Dataset | str | os.PathLike,
+             arch: str | None) -> tuple[nn.Module, str | None, Dataset, Path | None]:
+    """Load the data, then the model (a file's shape comes from the data); check they fit."""
+    dataset = data if isinstance(data, Dataset) else load_dataset(data)
+    if isinstance(model, (str, os.PathLike)):
+        loaded = load_model(model, arch=arch, input_shape=dataset.input_shape)
+        module, sha, path = loaded.module, loaded.sha256, Path(model)
+    else:
+        module, sha, path = model, None, None
+    check_model_fits(module, dataset.input_shape, dataset.num_classes)
+    return module, sha, dataset, path
+
+
+def _train_subset(data: Dataset, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed + 1)
+    return data.x_train[torch.randperm(len(data.x_train), generator=g)[:n]]
+
+
+def strip_calibrate(model: nn.Module | str | os.PathLike, data: Dataset | str | os.PathLike, *,
+                    n: int = 100, frr: float = 0.01, samples: int = 2000, blend: str = "add",
+                    boundary: str = "normal", seed: int = 0, arch: str | None = None,
+                    out: str | os.PathLike | None = None) -> Strip:
+    """Fit STRIP's boundary on ``samples`` benign training images (also the overlay pool)."""
+    module, _, dataset, _ = _resolve(model, data, arch)
+    strip = Strip(module, n=n, frr=frr, blend=blend, boundary=boundary, seed=seed)
+    strip.calibrate(_train_subset(dataset, samples, seed))
+    if out is not None:
+        strip.save(out)
+    return strip
+
+
+def load_inputs(source: str | os.PathLike) -> torch.Tensor:
+    """Images to check: an ``.npz`` with ``x`` (uint8 N×H×W×C, or float in [0, 1]) or a dataset's
+    test split."""
+    path = Path(source)
+    if path.suffix == ".npz" and path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if "x" in z.files:
+                    x = z["x"]
+                    if x.ndim == 3:
+                        x = x[..., None]
+                    if x.ndim != 4:
+                        raise TrojanscanError(f"{path}: x must be N×H×W×C, got shape {x.shape}")
+                    t = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)
+                    return t.float().div_(255) if x.dtype == np.uint8 else t.float()
+        except TrojanscanError:
+            raise
+        except Exception as e:
+            raise TrojanscanError(f"{path}: unreadable inputs ({type(e).__name__}: {e})") from None
+    return load_dataset(source).x_test
+
+
+def strip_check(model: nn.Module | str | os.PathLike, calibration: str | os.PathLike,
+                inputs: str | os.PathLike, *, arch: str | None = None) -> dict[str, Any]:
+    """Predict and flag each input with a saved calibration."""
+    x = load_inputs(inputs)
+    if isinstance(model, (str, os.PathLike)):
+        module = load_model(model, arch=arch, input_shape=tuple(x.shape[1:])).module
+    else:
+        module = model
+    strip = Strip.load(calibration, module)
+    start = time.perf_counter()
+    entropy = strip.entropy(x)
+    labels = predict(module, x)
+    flags = entropy < strip.boundary_
+    seconds = time.perf_counter() - start
+    return {"command": "strip check", "inputs": str(inputs), "count": len(x),
+            "trojaned": int(flags.sum()), "boundary": strip.boundary_, "n": strip.n,
+            "seconds": seconds, "inputs_per_second": len(x) / seconds if seconds else None,
+            "results": [{"index": i, "label": int(lab), "entropy": float(h), "trojaned": bool(f)}
+                        for i, (lab, h, f) in enumerate(zip(labels, entropy, flags, strict=True))]}
+
+
+def _throughput(strip: Strip, model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    start = time.perf_counter()
+    predict(model, x)
+    plain = len(x) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    strip.entropy(x)
+    guarded = len(x) / (time.perf_counter() - start)
+    return {"inputs_per_second": guarded, "plain_inputs_per_second": plain,
+            "slowdown": plain / guarded}
+
+
+def strip_evaluate(model: nn.Module | str | os.PathLike, data: Dataset | str | os.PathLike,
+                   trigger: Trigger | str | os.PathLike | None = None, *, n: int = 100,
+                   frr: float = 0.01, samples: int = 2000, calibration_samples: int = 2000,
+                   blend: str = "add", boundary: str = "normal", seed: int = 0,
+                   arch: str | None = None, throughput_inputs: int = 500,
+                   out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """FRR on clean test images and FAR on trigger-stamped ones, with throughput for N=10 and 100."""
+    module, model_sha, dataset, path = _resolve(model, data, arch)
+    if trigger is None and path is not None and trigger_path_for(path).is_file():
+        trigger = trigger_path_for(path)
+    if trigger is None:
+        raise TrojanscanError("strip evaluate needs the trigger (--trigger FILE) to stamp inputs")
+    trig = trigger if isinstance(trigger, Trigger) else Trigger.load(trigger)
+    trig.check_compatible(dataset.input_shape, dataset.num_classes, "trigger")
+    strip = Strip(module, n=n, frr=frr, blend=blend, boundary=boundary, seed=seed)
+    strip.calibrate(_train_subset(dataset, calibration_samples, seed))
+    g = torch.Generator().manual_seed(seed + 2)
+    benign = dataset.x_test[torch.randperm(len(dataset.x_test), generator=g)[:samples]]
+    others = dataset.x_test[dataset.y_test != trig.target]
+    stamped = trig.apply(others[torch.randperm(len(others), generator=g)[:samples]])
+    h_benign, h_trojan = strip.entropy(benign), strip.entropy(stamped)
+    rates = far_frr(h_benign < strip.boundary_, h_trojan < strip.boundary_)
+    speed = {}
+    for copies in (10, 100):
+        probe = Strip(module, n=copies, blend=blend, seed=seed)
+        probe.overlays_ = strip.overlays_  # the same pool; only the copy count differs
+        speed[f"n{copies}"] = _throughput(probe, module, benign[:throughput_inputs])
+    record = {
+        "command": "strip evaluate", "frr": rates["frr"], "far": rates["far"], "target_frr": frr,
+        "n": n, "blend": blend, "boundary_method": boundary, "boundary": strip.boundary_,
+        "benign_entropy": {"mean": float(h_benign.mean()), "std": float(h_benign.std())},
+        "trojaned_entropy": {"mean": float(h_trojan.mean()), "std": float(h_trojan.std())},
+        "calibration": {"samples": strip.n_calibration_, "mean": strip.entropy_mean_,
+                        "std": strip.entropy_std_, "sha256": strip.calibration_sha256_},
+        "benign_inputs": len(benign), "trojaned_inputs": len(stamped), "throughput": speed,
+        "trigger": {"target": trig.target, "kind": trig.kind}, "seed": seed,
+        "model_sha256": model_sha, "data": {"name": dataset.name, "sha256": dataset.sha256},
+        "environment": environment(),
+    }
+    record["summary"] = {
+        "FRR (benign flagged)": f"{100 * rates['frr']:.2f}%",
+        "FAR (trojaned accepted)": f"{100 * rates['far']:.2f}%",
+        "boundary (bits)": f"{strip.boundary_:.4f}",
+        "inputs/s, N=10": f"{speed['n10']['inputs_per_second']:.0f}",
+        "inputs/s, N=100": f"{speed['n100']['inputs_per_second']:.0f}",
+        "plain inference inputs/s": f"{speed['n10']['plain_inputs_per_second']:.0f}",
+    }
+    if out_dir is not None:
+        out = Path(out_dir)
+        write_json(out / "strip.json", record)
+        write_strip_report(record, h_benign, h_trojan, out / "report.html")
+    return record

@@ -20,6 +20,9 @@ from trojanscan.api import (
     load_dataset,
     load_model,
     scan,
+    strip_calibrate,
+    strip_check,
+    strip_evaluate,
     train_and_save,
 )
 from trojanscan.data.triggers import Trigger, trigger_path_for
@@ -228,6 +231,79 @@ def scan_cmd(
                   mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), arch=arch,
                   ground_truth=trigger, out_dir=out)
     print_scan_summary(result, out)
+
+
+strip_app = typer.Typer(no_args_is_help=True,
+                        help="STRIP: flag trojaned inputs at run time by the entropy of superimposed copies.")
+app.add_typer(strip_app, name="strip")
+
+
+@strip_app.command("calibrate")
+@friendly_errors
+def strip_calibrate_cmd(
+    model: Path = typer.Argument(..., help="model file"),
+    data: str = typer.Option(..., "--data", help="benign data (its training split is used)"),
+    out: Path = typer.Option(..., "--out", help="calibration file (.npz)"),
+    frr: float = typer.Option(0.01, "--frr", help="target false-rejection rate of benign inputs"),
+    n: int = typer.Option(100, "--n", min=1, help="perturbed copies per input"),
+    samples: int = typer.Option(2000, "--samples", min=1, help="benign calibration images"),
+    blend: str = typer.Option("add", "--blend", help="add (the authors') or alpha"),
+    boundary: str = typer.Option("normal", "--boundary", help="normal (the authors') or quantile"),
+    seed: int = typer.Option(0, "--seed"),
+    arch: str = typer.Option(None, "--arch"),
+) -> None:
+    """Fit the entropy boundary on benign inputs for a target FRR."""
+    strip = strip_calibrate(model, data, n=n, frr=frr, samples=samples, blend=blend,
+                            boundary=boundary, seed=seed, arch=arch, out=out)
+    console.print(f"calibrated on {strip.n_calibration_} benign images: entropy "
+                  f"{strip.entropy_mean_:.3f} ± {strip.entropy_std_:.3f} bits, boundary "
+                  f"{strip.boundary_:.4f} (FRR {frr:.1%}, N={n}) → {out}")
+
+
+@strip_app.command("check")
+@friendly_errors
+def strip_check_cmd(
+    model: Path = typer.Argument(..., help="model file"),
+    calibration: Path = typer.Option(..., "--calibration", help="file from strip calibrate"),
+    inputs: str = typer.Option(..., "--inputs", help=".npz with x, or a dataset (its test split)"),
+    json_path: Path = typer.Option(None, "--json"),
+    arch: str = typer.Option(None, "--arch"),
+) -> None:
+    """Predict each input and flag the trojaned ones."""
+    record = strip_check(model, calibration, inputs, arch=arch)
+    if json_path is not None:
+        write_json(json_path, record)
+    console.print(f"{record['trojaned']} of {record['count']} inputs flagged as trojaned "
+                  f"({record['inputs_per_second']:.0f} inputs/s, N={record['n']})")
+
+
+@strip_app.command("evaluate")
+@friendly_errors
+def strip_evaluate_cmd(
+    model: Path = typer.Argument(..., help="model file"),
+    data: str = typer.Option(..., "--data"),
+    trigger: Path = typer.Option(None, "--trigger", help="trigger file (default: beside the model)"),
+    frr: float = typer.Option(0.01, "--frr"),
+    n: int = typer.Option(100, "--n", min=1),
+    samples: int = typer.Option(2000, "--samples", min=1, help="benign and trojaned test inputs each"),
+    blend: str = typer.Option("add", "--blend"),
+    boundary: str = typer.Option("normal", "--boundary"),
+    seed: int = typer.Option(0, "--seed"),
+    arch: str = typer.Option(None, "--arch"),
+    out: Path = typer.Option(None, "--out", help="folder for strip.json and report.html"),
+    json_path: Path = typer.Option(None, "--json"),
+) -> None:
+    """FRR on clean and FAR on trigger-stamped test images, and throughput for N=10 and 100."""
+    record = strip_evaluate(model, data, trigger, n=n, frr=frr, samples=samples, blend=blend,
+                            boundary=boundary, seed=seed, arch=arch, out_dir=out)
+    if json_path is not None:
+        write_json(json_path, record)
+    table = Table(title=f"STRIP on {model} (N={n})")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for k, v in record["summary"].items():
+        table.add_row(k, v)
+    console.print(table)
 
 
 def main() -> None:  # pragma: no cover - console entry point
