@@ -326,7 +326,7 @@ def strip_evaluate(model: nn.Module | str | os.PathLike, data: Dataset | str | o
                    blend: str = "add", boundary: str = "normal", seed: int = 0,
                    arch: str | None = None, throughput_inputs: int = 500,
                    out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """FRR on clean test images and FAR on trigger-stamped ones, with throughput for N=10 and 100."""
+    """FRR on clean test images and FAR on trigger-stamped ones, with throughput for N=10, 20, 100."""
     module, model_sha, dataset, path = _resolve(model, data, arch)
     if trigger is None and path is not None and trigger_path_for(path).is_file():
         trigger = trigger_path_for(path)
@@ -343,7 +343,7 @@ def strip_evaluate(model: nn.Module | str | os.PathLike, data: Dataset | str | o
     h_benign, h_trojan = strip.entropy(benign), strip.entropy(stamped)
     rates = far_frr(h_benign < strip.boundary_, h_trojan < strip.boundary_)
     speed = {}
-    for copies in (10, 100):
+    for copies in (10, 20, 100):
         probe = Strip(module, n=copies, blend=blend, seed=seed)
         probe.overlays_ = strip.overlays_  # the same pool; only the copy count differs
         speed[f"n{copies}"] = _throughput(probe, module, benign[:throughput_inputs])
