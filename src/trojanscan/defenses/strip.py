@@ -123,7 +123,7 @@ class Strip:
     """
 
     def __init__(self, model: nn.Module, n: int = 100, blend: str = "add", alpha: float = 0.5,
-                 frr: float = 0.01, boundary: str = "normal", batch_size: int = 4096, seed: int = 0):
+                 frr: float = 0.01, boundary: str = "normal", batch_size: int = 512, seed: int = 0):
         if not isinstance(model, nn.Module):
             raise TrojanscanError(f"model must be a torch nn.Module, got {type(model).__name__}")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -268,7 +268,7 @@ class Strip:
         atomic_write_bytes(path, buf.getvalue())
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: nn.Module, batch_size: int = 4096) -> Strip:
+    def load(cls, path: str | os.PathLike, model: nn.Module, batch_size: int = 512) -> Strip:
         """Read a detector saved by :meth:`save` for the same ``model``; never unpickles."""
         path = Path(path)
         if not path.is_file():
