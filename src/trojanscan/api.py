@@ -16,7 +16,7 @@ from torch import nn
 from trojanscan.attacks import ATTACKS, PoisoningAttack
 from trojanscan.data import Dataset, load_dataset
 from trojanscan.data.triggers import Trigger, trigger_path_for
-from trojanscan.defenses.neural_cleanse import NeuralCleanse, get_schedule
+from trojanscan.defenses.neural_cleanse import NeuralCleanse
 from trojanscan.defenses.scan_result import ScanResult
 from trojanscan.defenses.strip import Strip, far_frr
 from trojanscan.errors import TrojanscanError
@@ -197,16 +197,9 @@ def scan(model: nn.Module | str | os.PathLike, data: Dataset | str | os.PathLike
     """
     if method not in SCAN_METHODS:
         raise TrojanscanError(f"unknown scan method {method!r}; choose one of {', '.join(SCAN_METHODS)}")
-    model_sha = None
-    dataset = data if isinstance(data, Dataset) else load_dataset(data)
-    if isinstance(model, (str, os.PathLike)):
-        model_path = Path(model)
-        loaded = load_model(model_path, arch=arch, input_shape=dataset.input_shape)
-        module, model_sha = loaded.module, loaded.sha256
-        if ground_truth is None and trigger_path_for(model_path).is_file():
-            ground_truth = trigger_path_for(model_path)
-    else:
-        module = model
+    module, model_sha, dataset, model_path = _resolve(model, data, arch)
+    if ground_truth is None and model_path is not None and trigger_path_for(model_path).is_file():
+        ground_truth = trigger_path_for(model_path)
     if isinstance(ground_truth, (str, os.PathLike)):
         ground_truth = Trigger.load(ground_truth)
     if ground_truth is not None:
@@ -217,9 +210,8 @@ def scan(model: nn.Module | str | os.PathLike, data: Dataset | str | os.PathLike
     if clean_samples > len(dataset.x_test):
         notes.append(f"asked for {clean_samples} clean samples but the test split has only "
                      f"{len(dataset.x_test)}: all of them were used")
-    detector = NeuralCleanse(get_schedule(schedule, steps=steps), chunk=chunk, threshold=threshold,
-                             seed=seed, progress=progress)
-    detector.schedule_name = schedule
+    detector = NeuralCleanse(schedule, steps=steps, chunk=chunk, threshold=threshold, seed=seed,
+                             progress=progress)
     result = detector.scan(module, x, y, num_classes=dataset.num_classes, labels=labels,
                            out_dir=out_dir, model_sha256=model_sha,
                            data_sha256=tensor_sha256(x, y), input_convention=convention)

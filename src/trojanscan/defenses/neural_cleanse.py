@@ -47,9 +47,11 @@ class NeuralCleanse:
 
     method = "neural-cleanse"
 
-    def __init__(self, schedule: str | SearchSchedule = "default", *, chunk: int = 10,
-                 threshold: float = 2.0, seed: int = 0, progress: bool = True) -> None:
-        self.schedule = get_schedule(schedule) if isinstance(schedule, str) else schedule
+    def __init__(self, schedule: str | SearchSchedule = "default", *, steps: int | None = None,
+                 chunk: int = 10, threshold: float = 2.0, seed: int = 0,
+                 progress: bool = True) -> None:
+        self.schedule = (get_schedule(schedule, steps=steps) if isinstance(schedule, str)
+                         else with_overrides(schedule, steps=steps))
         self.schedule_name = schedule if isinstance(schedule, str) else "custom"
         self.chunk, self.threshold, self.seed, self.progress = chunk, threshold, seed, progress
 
