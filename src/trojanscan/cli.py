@@ -28,7 +28,6 @@ from trojanscan.api import (
 from trojanscan.data.triggers import Trigger, trigger_path_for
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import write_json
-from trojanscan.models.wrappers import parse_floats
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Audit neural networks for backdoors (trojans) and repair them.")
@@ -169,6 +168,16 @@ def demo(
     result = scan(out / "model.safetensors", "digits", clean_samples=300, seed=seed,
                   out_dir=out / "scan")
     print_scan_summary(result, out / "scan")
+
+
+def parse_floats(text: str | None, option: str) -> list[float] | None:
+    """``"0.5"`` or ``"0.485,0.456,0.406"`` → floats; a clear error names the option."""
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise TrojanscanError(f"{option} {text!r}: expected numbers separated by commas") from None
 
 
 def _labels(text: str | None) -> list[int] | None:

@@ -26,16 +26,6 @@ class NormalizedInput(nn.Module):
         return self.model(self.normalize(x))
 
 
-def parse_floats(text: str | None, option: str) -> list[float] | None:
-    """``"0.5"`` or ``"0.485,0.456,0.406"`` → floats; a clear error names the option."""
-    if text is None:
-        return None
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise TrojanscanError(f"{option} {text!r}: expected numbers separated by commas") from None
-
-
 def wrap_normalization(model: nn.Module, mean: Sequence[float] | None,
                        std: Sequence[float] | None, channels: int) -> tuple[nn.Module, str]:
     """Wrap ``model`` when mean/std are given; returns the model and the input convention used."""
