@@ -51,7 +51,8 @@ class LabelResult:
         return d
 
     def trigger(self) -> Trigger:
-        return Trigger(self.mask, self.pattern, self.label, kind="reversed",
+        # clamp: files from before the search clamped its tanh can hold -6e-8 or 1+1e-7
+        return Trigger(self.mask.clamp(0, 1), self.pattern.clamp(0, 1), self.label, kind="reversed",
                        params={"l1_norm": self.l1_norm})
 
 

@@ -1,0 +1,134 @@
+"""Neural Cleanse's input filter: reject inputs that light up the neurons the reversed trigger drives.
+
+The top ``top_fraction`` (paper: 1%) neurons of the second-to-last layer, ranked by how much more the
+reversed trigger activates them than clean images do, are watched. An input's score is their mean
+activation; the threshold is the ``1 − fpr`` quantile of clean scores, so about ``fpr`` of clean
+inputs are rejected.
+
+Example::
+
+    filt = InputFilter(model, fpr=0.05).fit(clean_images, [reversed_trigger])
+    labels, rejected = filt.predict(incoming_images)
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from trojanscan.data.triggers import Trigger
+from trojanscan.defenses.neurons import Layer, activations, find_layer, rank_neurons, stamp_each
+from trojanscan.errors import TrojanscanError
+from trojanscan.fileio import atomic_write_bytes, module_sha256
+from trojanscan.train import predict as predict_labels
+
+FILE_FORMAT_VERSION = 1
+MIN_CLEAN_IMAGES = 20
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise TrojanscanError(f"{name} must be a fraction strictly between 0 and 1, got {value!r}")
+
+
+class InputFilter:
+    """Flags inputs whose watched-neuron activation exceeds a threshold set on clean data.
+
+    Args:
+        model: the (suspect) classifier, images in [0, 1] → logits.
+        layer: ``None`` for the second-to-last layer, or the name of a module.
+        top_fraction: share of the layer's neurons to watch (at least one).
+        fpr: false positive rate on clean inputs that sets the threshold.
+    """
+
+    def __init__(self, model: nn.Module, layer: str | None = None, top_fraction: float = 0.01,
+                 fpr: float = 0.05):
+        _check_fraction("top_fraction", top_fraction)
+        _check_fraction("fpr", fpr)
+        self.model = model
+        self.layer: Layer = find_layer(model, layer)
+        self.top_fraction = float(top_fraction)
+        self.fpr = float(fpr)
+
+    def fit(self, clean: torch.Tensor, triggers: list[Trigger]) -> InputFilter:
+        """Choose the neurons with ``triggers`` stamped on ``clean`` images, then the threshold."""
+        if len(clean) < MIN_CLEAN_IMAGES:
+            raise TrojanscanError(f"the filter needs at least {MIN_CLEAN_IMAGES} clean images, got "
+                                  f"{len(clean)}")
+        act_clean = activations(self.model, self.layer, clean)
+        act_stamped = activations(self.model, self.layer, stamp_each(clean, triggers))
+        order, gap = rank_neurons(act_clean, act_stamped)
+        k = max(1, round(self.top_fraction * act_clean.shape[1]))
+        self.neurons_ = order[:k].clone()
+        self.gaps_ = gap[self.neurons_].clone()
+        self.clean_scores_ = act_clean[:, self.neurons_].mean(1)
+        self.threshold_ = float(torch.quantile(self.clean_scores_.double(), 1 - self.fpr))
+        self.units_ = int(act_clean.shape[1])
+        return self
+
+    def _require_fitted(self) -> None:
+        if not hasattr(self, "threshold_"):
+            raise TrojanscanError("this filter is not fitted; call fit(clean, triggers) or "
+                                  "InputFilter.load(path, model) first")
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean activation of the watched neurons for each input (high means trigger-like)."""
+        self._require_fitted()
+        return activations(self.model, self.layer, x)[:, self.neurons_].mean(1)
+
+    def detect(self, x: torch.Tensor) -> torch.Tensor:
+        """True where an input is rejected as carrying a trigger."""
+        return self.score(x) > self.threshold_
+
+    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's labels and the filter's reject flags."""
+        return predict_labels(self.model, x), self.detect(x)
+
+    def summary(self) -> dict[str, object]:
+        self._require_fitted()
+        return {"layer": self.layer.label, "neurons": [int(i) for i in self.neurons_],
+                "units": self.units_, "top_fraction": self.top_fraction, "fpr": self.fpr,
+                "threshold": self.threshold_}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Save as a plain-array ``.npz`` (no pickles), atomically."""
+        self._require_fitted()
+        buf = io.BytesIO()
+        np.savez(buf, format_version=np.int64(FILE_FORMAT_VERSION), layer=np.array(self.layer.name),
+                 side=np.array(self.layer.side), neurons=self.neurons_.numpy(),
+                 threshold=np.float64(self.threshold_), fpr=np.float64(self.fpr),
+                 top_fraction=np.float64(self.top_fraction), units=np.int64(self.units_),
+                 model_sha256=np.array(module_sha256(self.model)))
+        atomic_write_bytes(path, buf.getvalue())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module) -> InputFilter:
+        """Read a filter saved by :meth:`save` for the same ``model``; never unpickles."""
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                f = {k: z[k] for k in z.files}
+            version = int(f["format_version"])
+            name, side = str(f["layer"]), str(f["side"])
+            neurons = torch.from_numpy(np.asarray(f["neurons"], dtype=np.int64))
+            threshold, fpr = float(f["threshold"]), float(f["fpr"])
+            top, units, sha = float(f["top_fraction"]), int(f["units"]), str(f["model_sha256"])
+        except FileNotFoundError:
+            raise TrojanscanError(f"{path}: no such filter file") from None
+        except Exception as e:  # numpy raises many types for a file that is not our npz
+            raise TrojanscanError(f"{path}: not an input-filter file ({type(e).__name__}: {e})") from None
+        if version != FILE_FORMAT_VERSION:
+            raise TrojanscanError(f"{path}: filter format {version} is not supported; rebuild it")
+        if sha != module_sha256(model):
+            raise TrojanscanError(f"{path}: built for a different model (weights differ); rebuild the "
+                                  "filter for this model")
+        if len(neurons) == 0 or int(neurons.min()) < 0 or int(neurons.max()) >= units:
+            raise TrojanscanError(f"{path}: neuron indices out of range; the file is damaged")
+        filt = cls(model, None if side == "input" else name, top_fraction=top, fpr=fpr)
+        filt.neurons_, filt.threshold_, filt.units_ = neurons, threshold, units
+        return filt

@@ -1,0 +1,148 @@
+"""Neurons of one layer: where to read them, their mean activations, and which ones a trigger drives.
+
+Neural Cleanse's filter and pruning both look at the second-to-last layer: the input of the model's
+last ``nn.Linear`` (by default), or the output of a module the user names. A convolutional layer's
+neuron is a channel, its activation the mean over the feature map.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from trojanscan.data.triggers import Trigger
+from trojanscan.errors import TrojanscanError
+
+PENULTIMATE = "penultimate"
+
+
+@dataclass
+class Layer:
+    """A place to read neurons: the ``input`` or the ``output`` of the module called ``name``."""
+
+    name: str
+    module: nn.Module
+    side: str  # "input" (of the last Linear: the penultimate layer) or "output" (of a named module)
+
+    @property
+    def label(self) -> str:
+        return f"input of {self.name}" if self.side == "input" else self.name
+
+
+def find_layer(model: nn.Module, layer: str | None = None) -> Layer:
+    """The penultimate layer (``None`` or ``"penultimate"``), or the module called ``layer``."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TrojanscanError("neuron-level mitigation needs a Python model (hooks do not work on "
+                              "TorchScript); use the .safetensors file or load the model in Python")
+    modules = dict(model.named_modules())
+    if layer in (None, PENULTIMATE):
+        linear = [name for name, m in modules.items() if isinstance(m, nn.Linear)]
+        if not linear:
+            raise TrojanscanError("the model has no nn.Linear layer, so its second-to-last layer is "
+                                  "unknown; name one with --layer")
+        return Layer(linear[-1], modules[linear[-1]], "input")
+    if layer not in modules or layer == "":
+        names = ", ".join(n for n in modules if n) or "none"
+        raise TrojanscanError(f"the model has no layer {layer!r}; its layers are: {names}")
+    return Layer(layer, modules[layer], "output")
+
+
+def _per_neuron(t: torch.Tensor) -> torch.Tensor:
+    """N×U (dense) or N×C×… (conv: mean over the map) → N×U."""
+    if t.dim() < 2:
+        raise TrojanscanError(f"layer output of shape {tuple(t.shape)} has no neuron axis")
+    return t.flatten(2).mean(2) if t.dim() > 2 else t
+
+
+@contextmanager
+def _tap(layer: Layer, sink: list[torch.Tensor]) -> Iterator[None]:
+    """Record the layer's per-neuron activations of every forward pass into ``sink``."""
+    if layer.side == "input":
+        handle = layer.module.register_forward_pre_hook(
+            lambda _m, args: sink.append(_per_neuron(args[0].detach())))
+    else:
+        handle = layer.module.register_forward_hook(
+            lambda _m, _args, out: sink.append(_per_neuron(out.detach())))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def activations(model: nn.Module, layer: Layer, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """N×U activations of ``layer`` for images ``x`` (model in eval mode, restored after)."""
+    sink: list[torch.Tensor] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with _tap(layer, sink):
+            for i in range(0, len(x), batch_size):
+                model(x[i:i + batch_size])
+    finally:
+        model.train(was_training)
+    if not sink:
+        raise TrojanscanError("no images to measure activations on")
+    return torch.cat(sink).float()
+
+
+def stamp_each(x: torch.Tensor, triggers: list[Trigger]) -> torch.Tensor:
+    """Stamp image i with trigger ``i mod len(triggers)`` (several flagged labels share the images)."""
+    if not triggers:
+        raise TrojanscanError("no trigger to stamp")
+    out = x.clone()
+    for k, trig in enumerate(triggers):
+        out[k::len(triggers)] = trig.apply(x[k::len(triggers)])
+    return out
+
+
+def rank_neurons(clean: torch.Tensor, stamped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neurons most driven by the trigger first: order by mean(stamped) − mean(clean), and the gaps."""
+    if clean.shape[1:] != stamped.shape[1:]:
+        raise TrojanscanError("clean and stamped activations come from different layers")
+    gap = stamped.mean(0) - clean.mean(0)
+    return torch.argsort(gap, descending=True, stable=True), gap
+
+
+@contextmanager
+def silenced(layer: Layer, neurons: torch.Tensor) -> Iterator[None]:
+    """Within the block, the given neurons of ``layer`` output zero (at inference, weights untouched)."""
+    idx = torch.as_tensor(neurons, dtype=torch.long)
+
+    def zero(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        t[:, idx] = 0
+        return t
+
+    if layer.side == "input":
+        handle = layer.module.register_forward_pre_hook(lambda _m, args: (zero(args[0]), *args[1:]))
+    else:
+        handle = layer.module.register_forward_hook(lambda _m, _args, out: zero(out))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def prune_weights(layer: Layer, neurons: torch.Tensor) -> None:
+    """Remove neurons for good by editing weights, so the model saves in its usual format.
+
+    Penultimate neurons: zero the matching input columns of the last Linear. A named Linear or
+    Conv2d: zero the neurons' output weights and biases (exactly zero output before any BatchNorm).
+    """
+    idx = torch.as_tensor(neurons, dtype=torch.long)
+    m = layer.module
+    if layer.side == "input":
+        m.weight[:, idx] = 0
+        return
+    if not isinstance(m, (nn.Linear, nn.Conv2d)):
+        raise TrojanscanError(f"pruning needs a Linear or Conv2d layer; {layer.name!r} is a "
+                              f"{type(m).__name__}")
+    m.weight[idx] = 0
+    if m.bias is not None:
+        m.bias[idx] = 0
