@@ -28,6 +28,7 @@ from trojanscan.api import (
 from trojanscan.data.triggers import Trigger, trigger_path_for
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import write_json
+from trojanscan.repair import build_filter, repair
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Audit neural networks for backdoors (trojans) and repair them.")
@@ -240,6 +241,89 @@ def scan_cmd(
                   mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), arch=arch,
                   ground_truth=trigger, out_dir=out)
     print_scan_summary(result, out)
+
+
+def _rates_table(title: str, record: dict[str, Any]) -> Table:
+    """Before/after CA and ASR of a repair (and its baselines)."""
+    table = Table(title=title)
+    for col in ("model", "clean accuracy", "ASR reversed trigger", "ASR real trigger"):
+        table.add_column(col, justify="right")
+    rows = [("before", record["before"]), ("after", record["after"])]
+    rows += [(f"baseline: {k}", v) for k, v in record.get("baselines", {}).items()]
+    for name, r in rows:
+        table.add_row(name, _fmt(r["clean_accuracy"]), _fmt(r["reversed_asr"]), _fmt(r["real_asr"]))
+    return table
+
+
+@app.command("filter")
+@friendly_errors
+def filter_cmd(
+    model: Path = typer.Argument(..., help="model file (safetensors or checkpoint)"),
+    scan_path: Path = typer.Option(..., "--scan", help="the scan folder or its scan.json"),
+    data: str = typer.Option(..., "--data", help="clean data (held-out training images fit the filter)"),
+    out: Path = typer.Option(..., "--out", help="filter file (.npz)"),
+    fpr: float = typer.Option(0.05, "--fpr", help="false positive rate on clean inputs"),
+    top: float = typer.Option(0.01, "--top", help="share of the layer's neurons to watch"),
+    layer: str = typer.Option(None, "--layer", help="a module name (default: second-to-last layer)"),
+    labels: str = typer.Option(None, "--label", help="use these labels' triggers, not the flagged ones"),
+    samples: int = typer.Option(2000, "--samples", min=1, help="clean images to fit on"),
+    trigger: Path = typer.Option(None, "--trigger", help="the real trigger, to measure (default: beside "
+                                 "the model)"),
+    seed: int = typer.Option(0, "--seed"),
+    arch: str = typer.Option(None, "--arch"),
+    json_path: Path = typer.Option(None, "--json"),
+) -> None:
+    """Build Neural Cleanse's input filter from a scan's reversed trigger; report FPR and FNR."""
+    _, record = build_filter(model, scan_path, data, labels=_labels(labels), layer=layer, fpr=fpr,
+                             top_fraction=top, samples=samples, trigger=trigger, seed=seed, arch=arch,
+                             out=out)
+    if json_path is not None:
+        write_json(json_path, record)
+    f = record["filter"]
+    console.print(f"filter on {len(f['neurons'])} of {f['units']} neurons ({record['layer']}) → {out}")
+    console.print(f"clean test images rejected (FPR): {_fmt(f['fpr'])}; stamped images let through "
+                  f"(FNR): reversed trigger {_fmt(f['fnr_reversed'])}, real trigger {_fmt(f['fnr_real'])}")
+
+
+@app.command("repair")
+@friendly_errors
+def repair_cmd(
+    model: Path = typer.Argument(..., help="model file (safetensors, TorchScript or checkpoint)"),
+    scan_path: Path = typer.Option(..., "--scan", help="the scan folder or its scan.json"),
+    data: str = typer.Option(..., "--data", help="clean data (training split fine-tunes or ranks)"),
+    method: str = typer.Option("unlearn", "--method", help="unlearn or prune"),
+    out: Path = typer.Option(..., "--out", help="repaired model (.safetensors or .pt)"),
+    json_path: Path = typer.Option(None, "--json", help="result JSON (CA/ASR before and after)"),
+    labels: str = typer.Option(None, "--label", help="use these labels' triggers, not the flagged ones"),
+    trigger: Path = typer.Option(None, "--trigger", help="the real trigger, to measure (default: beside "
+                                 "the model)"),
+    layer: str = typer.Option(None, "--layer", help="prune: a Linear/Conv2d module name"),
+    asr_threshold: float = typer.Option(0.01, "--asr-threshold", help="prune: stop below this ASR"),
+    step: float = typer.Option(0.01, "--step", help="prune: share of neurons removed per step"),
+    samples: int = typer.Option(2000, "--samples", min=1, help="prune: clean images to rank and measure"),
+    fraction: float = typer.Option(0.1, "--fraction", help="unlearn: share of the training data"),
+    stamp_fraction: float = typer.Option(0.2, "--stamp-fraction", help="unlearn: share stamped"),
+    epochs: int = typer.Option(1, "--epochs", min=1, help="unlearn: fine-tuning epochs"),
+    lr: float = typer.Option(2e-3, "--lr", help="unlearn: Adam learning rate (one-cycle peak is 2×)"),
+    baselines: bool = typer.Option(False, "--baselines", help="unlearn: also fine-tune on clean "
+                                   "images only and with the real trigger, for comparison"),
+    seed: int = typer.Option(0, "--seed"),
+    arch: str = typer.Option(None, "--arch"),
+) -> None:
+    """Remove the backdoor a scan found: unlearning (fine-tune) or neuron pruning."""
+    record = repair(model, scan_path, data, method=method, out=out, labels=_labels(labels),
+                    trigger=trigger, layer=layer, samples=samples, asr_threshold=asr_threshold,
+                    step=step, fraction=fraction, stamp_fraction=stamp_fraction, epochs=epochs, lr=lr,
+                    baselines=baselines, seed=seed, arch=arch)
+    if json_path is not None:
+        write_json(json_path, record)
+    console.print(_rates_table(f"{method} of {model}", record))
+    if "pruning" in record:
+        p = record["pruning"]
+        console.print(f"pruned {p['pruned']} of {p['units']} neurons ({p['fraction']:.1%}) of "
+                      f"{record['layer']}" + ("" if p["reached"] else
+                                              f"; the ASR did not fall below {asr_threshold:.1%}"))
+    console.print(f"{record['seconds']:.1f} s → {out}")
 
 
 strip_app = typer.Typer(no_args_is_help=True,

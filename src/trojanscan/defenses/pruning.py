@@ -17,8 +17,15 @@ import torch
 from torch import nn
 
 from trojanscan.data.triggers import Trigger
-from trojanscan.defenses.neurons import Layer, activations, find_layer, prune_weights, rank_neurons, silenced
-from trojanscan.defenses.neurons import stamp_each
+from trojanscan.defenses.neurons import (
+    Layer,
+    activations,
+    find_layer,
+    prune_weights,
+    rank_neurons,
+    silenced,
+    stamp_each,
+)
 from trojanscan.errors import TrojanscanError
 from trojanscan.metrics import attack_success_rate, clean_accuracy
 from trojanscan.train import make_progress

@@ -26,11 +26,14 @@ class NormalizedInput(nn.Module):
         return self.model(self.normalize(x))
 
 
+PLAIN_CONVENTION = "[0, 1] pixels (normalisation, if any, inside the model)"
+
+
 def wrap_normalization(model: nn.Module, mean: Sequence[float] | None,
                        std: Sequence[float] | None, channels: int) -> tuple[nn.Module, str]:
     """Wrap ``model`` when mean/std are given; returns the model and the input convention used."""
     if mean is None and std is None:
-        return model, "[0, 1] pixels (normalisation, if any, inside the model)"
+        return model, PLAIN_CONVENTION
     if mean is None or std is None:
         raise TrojanscanError("--mean and --std go together: give both or neither")
     mean = list(mean) * channels if len(mean) == 1 else list(mean)
