@@ -36,8 +36,7 @@ from trojanscan.metrics import attack_success_rate
 from trojanscan.models import save_model
 from trojanscan.models.io import TORCHSCRIPT_SUFFIXES
 from trojanscan.models.wrappers import PLAIN_CONVENTION
-from trojanscan.report import write_scan_report
-from trojanscan.report.mitigation_html import mitigation_section
+from trojanscan.report import mitigation_section, write_scan_report
 from trojanscan.train import evaluate, predict
 
 REPAIR_METHODS = ("unlearn", "prune")
