@@ -19,6 +19,7 @@ from trojanscan.data.triggers import Trigger, trigger_path_for
 from trojanscan.defenses.neural_cleanse import NeuralCleanse
 from trojanscan.defenses.scan_result import ScanResult
 from trojanscan.defenses.strip import Strip, far_frr
+from trojanscan.defenses.tabor import Tabor, TaborWeights
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import sha256_file, tensor_sha256, write_json
 from trojanscan.models import build_model, default_arch, load_model, save_model
@@ -32,7 +33,7 @@ __all__ = ["ScanResult", "TrainResult", "channel_stats", "clean_subset", "evalua
            "load_dataset", "load_model", "make_attack", "scan", "strip_calibrate", "strip_check",
            "strip_evaluate", "train_and_save", "train_classifier"]
 
-SCAN_METHODS = ("neural-cleanse",)
+SCAN_METHODS = {"neural-cleanse": NeuralCleanse, "tabor": Tabor}
 MODEL_SUFFIXES = (".safetensors", *TORCHSCRIPT_SUFFIXES)
 
 
@@ -186,9 +187,11 @@ def scan(model: nn.Module | str | os.PathLike, data: Dataset | str | os.PathLike
          threshold: float = 2.0, seed: int = 0, mean: list[float] | None = None,
          std: list[float] | None = None, arch: str | None = None,
          ground_truth: Trigger | str | os.PathLike | None = None,
-         out_dir: str | os.PathLike | None = None, progress: bool = True) -> ScanResult:
-    """Scan a model for backdoors with clean data; with ``out_dir`` write scan.json, the trigger
-    images and ``report.html`` (resumable: rerun with the same folder to continue).
+         out_dir: str | os.PathLike | None = None, progress: bool = True,
+         tabor_weights: TaborWeights | None = None) -> ScanResult:
+    """Scan a model for backdoors with clean data, by ``method`` "neural-cleanse" or "tabor"; with
+    ``out_dir`` write scan.json, the trigger images and ``report.html`` (resumable: rerun with the
+    same folder to continue).
 
     Example::
 
@@ -210,8 +213,9 @@ def scan(model: nn.Module | str | os.PathLike, data: Dataset | str | os.PathLike
     if clean_samples > len(dataset.x_test):
         notes.append(f"asked for {clean_samples} clean samples but the test split has only "
                      f"{len(dataset.x_test)}: all of them were used")
-    detector = NeuralCleanse(schedule, steps=steps, chunk=chunk, threshold=threshold, seed=seed,
-                             progress=progress)
+    options = {"weights": tabor_weights} if method == "tabor" else {}
+    detector = SCAN_METHODS[method](schedule, steps=steps, chunk=chunk, threshold=threshold, seed=seed,
+                                    progress=progress, **options)
     result = detector.scan(module, x, y, num_classes=dataset.num_classes, labels=labels,
                            out_dir=out_dir, model_sha256=model_sha,
                            data_sha256=tensor_sha256(x, y), input_convention=convention)

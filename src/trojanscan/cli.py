@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 import time
@@ -26,6 +27,7 @@ from trojanscan.api import (
     train_and_save,
 )
 from trojanscan.data.triggers import Trigger, trigger_path_for
+from trojanscan.defenses.tabor import TaborWeights
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import write_json
 from trojanscan.repair import build_filter, repair
@@ -190,6 +192,27 @@ def _labels(text: str | None) -> list[int] | None:
         raise TrojanscanError(f"--labels {text!r}: expected label numbers like 0,3,7") from None
 
 
+TABOR_WEIGHT_NAMES = tuple(f.name for f in dataclasses.fields(TaborWeights))
+
+
+def _tabor_weights(text: str | None) -> TaborWeights | None:
+    """``"mask_size=1e-5,alone=0.1"`` → TaborWeights with those λs changed."""
+    if text is None:
+        return None
+    changes = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        if name.strip() not in TABOR_WEIGHT_NAMES:
+            raise TrojanscanError(f"--tabor-weights: unknown weight {name.strip()!r}; use "
+                                  f"{', '.join(TABOR_WEIGHT_NAMES)}")
+        try:
+            changes[name.strip()] = float(value)
+        except ValueError:
+            raise TrojanscanError(f"--tabor-weights: {item!r} needs a number, e.g. "
+                                  f"{name.strip()}=1e-5") from None
+    return TaborWeights(**changes)
+
+
 def print_scan_summary(result: ScanResult, out: Path | None) -> None:
     """The verdict first, then the most anomalous labels."""
     if result.infected:
@@ -206,6 +229,10 @@ def print_scan_summary(result: ScanResult, out: Path | None) -> None:
         table.add_row(str(r.label), f"{r.l1_norm:.1f}", f"{r.anomaly_index:.2f}",
                       f"{100 * r.attack_success_rate:.1f}%", str(r.steps), f"{r.seconds:.1f}")
     console.print(table)
+    quality = result.extra.get("quality")
+    if quality and "anomaly_index" in quality:
+        console.print(f"TABOR trigger quality: outliers {quality['flagged_labels'] or 'none'}, anomaly index "
+                      f"{quality['anomaly_index']:.2f}")
     truth = result.extra.get("ground_truth")
     if truth and "overlap" in truth:
         console.print(f"real trigger: target {truth['target']}, area {truth['area']:.0f}; reversed L1 "
@@ -229,6 +256,10 @@ def scan_cmd(
     mean: str = typer.Option(None, "--mean", help="the model expects (x-mean)/std inputs: e.g. 0.1307"),
     std: str = typer.Option(None, "--std", help="… with this std, e.g. 0.3081 or 0.229,0.224,0.225"),
     schedule: str = typer.Option("default", "--schedule", help="default (fast) or paper (the authors')"),
+    method: str = typer.Option("neural-cleanse", "--method", help="neural-cleanse or tabor"),
+    tabor_weights: str = typer.Option(None, "--tabor-weights", help="TABOR λs to change, e.g. "
+                                      "mask_size=1e-5,alone=0.1 (names: "
+                                      + ", ".join(TABOR_WEIGHT_NAMES) + ")"),
     threshold: float = typer.Option(2.0, "--threshold", help="anomaly index above which a label is flagged"),
     seed: int = typer.Option(0, "--seed"),
     arch: str = typer.Option(None, "--arch", help="architecture of a bare state_dict checkpoint"),
@@ -236,7 +267,8 @@ def scan_cmd(
                                  "the one saved beside the model)"),
 ) -> None:
     """Detect a backdoor with Neural Cleanse: reverse-engineer a trigger per label, flag outliers."""
-    result = scan(model, data, schedule=schedule, steps=steps, labels=_labels(labels), chunk=chunk,
+    result = scan(model, data, method=method, tabor_weights=_tabor_weights(tabor_weights),
+                  schedule=schedule, steps=steps, labels=_labels(labels), chunk=chunk,
                   clean_samples=clean_samples, threshold=threshold, seed=seed,
                   mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), arch=arch,
                   ground_truth=trigger, out_dir=out)

@@ -9,13 +9,14 @@ Two schedules drive the same engine: ``paper`` is the authors' released one, ste
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from trojanscan.defenses.scan import run_scan
 from trojanscan.defenses.scan_result import ScanResult
-from trojanscan.defenses.trigger_search import PAPER_SCHEDULE, SearchSchedule, with_overrides
+from trojanscan.defenses.trigger_search import PAPER_SCHEDULE, Regularizer, SearchSchedule, with_overrides
 from trojanscan.errors import TrojanscanError
 
 # The authors' rules on a smaller grain: a step is 2 Adam updates on 16 images (32 images instead
@@ -55,12 +56,26 @@ class NeuralCleanse:
         self.schedule_name = schedule if isinstance(schedule, str) else "custom"
         self.chunk, self.threshold, self.seed, self.progress = chunk, threshold, seed, progress
 
+    def _regularizer(self) -> Regularizer | None:
+        """Extra loss terms of a derived method (TABOR); none for Neural Cleanse."""
+        return None
+
+    def _method_params(self) -> dict[str, Any]:
+        return {"schedule_name": self.schedule_name}
+
+    def _after(self, result: ScanResult, model: nn.Module, x: torch.Tensor,
+               y: torch.Tensor | None) -> None:
+        """Method-specific scores added to a finished scan (TABOR's quality metric)."""
+
     def scan(self, model: nn.Module, x_clean: torch.Tensor, y_clean: torch.Tensor | None = None,
              *, num_classes: int, labels: list[int] | None = None,
              out_dir: str | Path | None = None, **provenance: str) -> ScanResult:
         """Scan ``model`` with clean images ``x_clean`` (N×C×H×W in [0, 1])."""
-        return run_scan(model, x_clean, y_clean, num_classes, method=self.method,
-                        schedule=self.schedule, labels=labels, chunk=self.chunk,
-                        threshold=self.threshold, seed=self.seed, out_dir=out_dir,
-                        progress=self.progress,
-                        method_params={"schedule_name": self.schedule_name}, **provenance)
+        result = run_scan(model, x_clean, y_clean, num_classes, method=self.method,
+                          schedule=self.schedule, regularizer=self._regularizer(), labels=labels,
+                          chunk=self.chunk, threshold=self.threshold, seed=self.seed, out_dir=out_dir,
+                          progress=self.progress, method_params=self._method_params(), **provenance)
+        self._after(result, model, x_clean, y_clean)
+        if out_dir is not None and type(self)._after is not NeuralCleanse._after:
+            result.save(out_dir)  # the per-label records gained the method's scores
+        return result

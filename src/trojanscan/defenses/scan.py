@@ -167,8 +167,8 @@ def run_scan(model: nn.Module, x_clean: torch.Tensor, y_clean: torch.Tensor | No
             if r.label in tasks:
                 bar.remove_task(tasks.pop(r.label))
 
-        search_triggers(model, x_clean, todo, schedule, chunk=chunk, seed=seed,
-                        regularizer=regularizer, on_step=on_step, on_label_done=on_label_done)
+        search_triggers(model, x_clean, todo, schedule, chunk=chunk, seed=seed, regularizer=regularizer,
+                        y_clean=y_clean, on_step=on_step, on_label_done=on_label_done)
     results = [done[v] for v in labels]
     bad = [r.label for r in results if not math.isfinite(r.l1_norm)]
     if bad:

@@ -20,6 +20,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -86,9 +87,17 @@ class LabelSearch:
     history: dict[str, list[float]] = field(default_factory=dict)
 
 
-# extra per-label loss terms (TABOR's regularisers): f(model, x, mask, pattern, labels) → (K,)
-Regularizer = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-                       torch.Tensor]
+class Regularizer(Protocol):
+    """Extra per-label loss terms (TABOR's): called on every update, told each step's outcome."""
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, mask: torch.Tensor,
+                 pattern: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """x: B clean images (y: their labels, if known); mask A×H×W; pattern A×C×H×W → (A,) losses."""
+        ...
+
+    def end_step(self, label: int, asr: float) -> None:
+        """Called after each step of ``label`` with the step's attack success rate."""
+        ...
 
 
 class BatchStream:
@@ -189,12 +198,13 @@ StepCallback = Callable[[int, int, dict[str, float]], None]  # (label, step, sta
 
 def search_triggers(model: nn.Module, x_clean: torch.Tensor, labels: Sequence[int],
                     schedule: SearchSchedule = PAPER_SCHEDULE, *, chunk: int = 10, seed: int = 0,
-                    regularizer: Regularizer | None = None,
+                    regularizer: Regularizer | None = None, y_clean: torch.Tensor | None = None,
                     on_step: StepCallback | None = None,
                     on_label_done: Callable[[LabelSearch], None] | None = None) -> list[LabelSearch]:
     """Reverse-engineer a minimal trigger for each label, ``chunk`` labels per batched pass.
 
-    ``x_clean`` are clean images in [0, 1]. Results come back in the order of ``labels``;
+    ``x_clean`` are clean images in [0, 1] (``y_clean``, their labels, only feed a regularizer).
+    Results come back in the order of ``labels``;
     ``on_label_done`` is called as each label finishes (to write resumable results).
     """
     if len(x_clean) == 0:
@@ -210,7 +220,7 @@ def search_triggers(model: nn.Module, x_clean: torch.Tensor, labels: Sequence[in
     try:
         results: dict[int, LabelSearch] = {}
         for start in range(0, len(labels), chunk):
-            for r in _search_chunk(model, x_clean, labels[start:start + chunk], schedule, seed,
+            for r in _search_chunk(model, x_clean, y_clean, labels[start:start + chunk], schedule, seed,
                                    regularizer, on_step, on_label_done):
                 results[r.label] = r
     finally:
@@ -220,7 +230,8 @@ def search_triggers(model: nn.Module, x_clean: torch.Tensor, labels: Sequence[in
     return [results[k] for k in labels]
 
 
-def _search_chunk(model: nn.Module, x: torch.Tensor, labels: list[int], s: SearchSchedule,
+def _search_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, labels: list[int],
+                  s: SearchSchedule,
                   seed: int, regularizer: Regularizer | None, on_step: StepCallback | None,
                   on_label_done: Callable[[LabelSearch], None] | None) -> list[LabelSearch]:
     c, h, w = x.shape[1:]
@@ -247,7 +258,8 @@ def _search_chunk(model: nn.Module, x: torch.Tensor, labels: list[int], s: Searc
         step_start = time.perf_counter()
         sums = torch.zeros(len(active), 4)  # asr, l1, loss, count
         for j in range(s.mini_batches):
-            xb = x[stream.indices(states[active[0]].steps * s.mini_batches + j)]
+            batch = stream.indices(states[active[0]].steps * s.mini_batches + j)
+            xb = x[batch]
             a_act = a[idx].requires_grad_(True)
             b_act = b[idx].requires_grad_(True)
             mask = _to_unit(a_act)  # A×1×H×W
@@ -260,7 +272,8 @@ def _search_chunk(model: nn.Module, x: torch.Tensor, labels: list[int], s: Searc
             costs = torch.tensor([states[i].cost for i in active])
             loss = ce + costs * l1
             if regularizer is not None:
-                loss = loss + regularizer(model, xb, mask[:, 0], pattern, targets_all[idx])
+                yb = None if y is None else y[batch]
+                loss = loss + regularizer(model, xb, yb, mask[:, 0], pattern, targets_all[idx])
             ga, gb = torch.autograd.grad(loss.sum(), (a_act, b_act))
             t += 1
             with torch.no_grad():
@@ -282,6 +295,8 @@ def _search_chunk(model: nn.Module, x: torch.Tensor, labels: list[int], s: Searc
             st.seconds += share
             asr, l1v, lossv = (float(v) for v in means[row])
             st.end_step(asr, l1v, lossv, mask_now[row], pattern_now[row])
+            if regularizer is not None:
+                regularizer.end_step(st.label, asr)
             if on_step is not None:
                 on_step(st.label, st.steps, {"asr": asr, "l1": l1v, "cost": st.cost,
                                              "best_l1": st.best_l1, "done": float(st.done)})

@@ -203,17 +203,24 @@ def _chart(result: ScanResult) -> str:
 
 def _table(result: ScanResult, rows: list[LabelResult]) -> str:
     flagged = set(result.flagged_labels)
-    head = ("<tr><th>label</th><th>L1 norm</th><th>anomaly index</th><th>trigger ASR</th>"
+    quality = "quality" in result.extra  # TABOR: its trigger-quality score beside the L1 verdict
+    q_flagged = set(result.extra.get("quality", {}).get("flagged_labels", []))
+    q_head = "<th>TABOR quality</th><th>quality anomaly index</th>" if quality else ""
+    head = ("<tr><th>label</th><th>L1 norm</th><th>anomaly index</th>" + q_head + "<th>trigger ASR</th>"
             '<th class="l">converged</th><th>steps</th><th class="l">flagged</th></tr>')
     body = []
     for r in rows:
         is_flag = r.label in flagged
         row_cls = ' class="flag"' if is_flag else ""
+        marks = (["● backdoor target"] if is_flag else []) + (["quality outlier"] if r.label in q_flagged
+                                                               else [])
+        q_cells = (f"<td>{_num(r.extra.get('quality'))}</td><td>{_num(r.extra.get('quality_anomaly_index'))}"
+                   "</td>" if quality else "")
         body.append(
             f'<tr{row_cls}><td>{r.label}</td><td>{_num(r.l1_norm, 1)}</td>'
-            f"<td>{_num(r.anomaly_index)}</td><td>{_pct(r.attack_success_rate)}</td>"
+            f"<td>{_num(r.anomaly_index)}</td>{q_cells}<td>{_pct(r.attack_success_rate)}</td>"
             f'<td class="l">{"yes" if r.converged else "no"}</td><td>{int(r.steps):,}</td>'
-            f'<td class="l">{"● backdoor target" if is_flag else ""}</td></tr>')
+            f'<td class="l">{" · ".join(marks)}</td></tr>')
     return ("<h2>All labels, smallest trigger first</h2>"
             f'<div class="scroll"><table>{head}{"".join(body)}</table></div>')
 
