@@ -27,16 +27,17 @@ from trojanscan.fileio import write_json
 
 
 def scan_one(model_path: Path, dataset: str, schedule: str, chunk: int, clean_samples: int,
-             seed: int, out_dir: Path) -> dict:
+             seed: int, out_dir: Path, method: str = "neural-cleanse") -> dict:
     shutil.rmtree(out_dir, ignore_errors=True)  # a fresh scan, not a resumed one, for honest timing
     start = time.perf_counter()
-    result = scan(model_path, dataset, schedule=schedule, chunk=chunk, clean_samples=clean_samples,
-                  seed=seed, out_dir=out_dir, progress=False)
+    result = scan(model_path, dataset, method=method, schedule=schedule, chunk=chunk,
+                  clean_samples=clean_samples, seed=seed, out_dir=out_dir, progress=False)
     wall = time.perf_counter() - start
     truth = result.extra.get("ground_truth")
     labels = result.labels
     record = {
-        "model": model_path.stem, "dataset": dataset, "schedule": schedule, "chunk": chunk,
+        "model": model_path.stem, "dataset": dataset, "method": method, "schedule": schedule,
+        "chunk": chunk,
         "clean_samples": clean_samples, "seed": seed,
         "infected": result.infected, "flagged_labels": result.flagged_labels,
         "anomaly_index": result.anomaly_index, "median_l1": result.median_l1,
@@ -49,6 +50,9 @@ def scan_one(model_path: Path, dataset: str, schedule: str, chunk: int, clean_sa
         "clean_accuracy_on_scan_data": result.clean_accuracy,
         "out_dir": str(out_dir),
     }
+    if "quality" in result.extra:  # TABOR's quality-metric outliers, beside the L1 verdict
+        record["quality_flagged_labels"] = result.extra["quality"].get("flagged_labels")
+        record["quality_anomaly_index"] = result.extra["quality"].get("anomaly_index")
     if truth:
         record.update({
             "true_target": truth["target"], "true_area": truth["area"],

@@ -44,6 +44,17 @@ ZOO = {
                       {"target": 33, "poison_rate": 0.1, "size": 4, "color": "checker"},
                       {"clean_accuracy": 0.95, "attack_success_rate": 0.97},
                       {"clean_accuracy": 0.9651, "attack_success_rate": 0.9740}),
+    # models where Neural Cleanse is known to struggle, for the TABOR comparison
+    # (benchmarks/tabor_bench.py): a large patch, a patch over the sign, scattered pixels
+    "gtsrb-badnets8": ("gtsrb", "gtsrb-cnn", 6, "badnets",
+                       {"target": 12, "poison_rate": 0.1, "size": 8, "color": "checker"},
+                       {"clean_accuracy": 0.95, "attack_success_rate": 0.97}, {}),
+    "gtsrb-center": ("gtsrb", "gtsrb-cnn", 6, "badnets",
+                     {"target": 5, "poison_rate": 0.1, "size": 4, "color": "checker", "position": "center"},
+                     {"clean_accuracy": 0.95, "attack_success_rate": 0.97}, {}),
+    "gtsrb-scatter": ("gtsrb", "gtsrb-cnn", 6, "scatter",
+                      {"target": 21, "poison_rate": 0.1, "pixels": 16, "color": "random"},
+                      {"clean_accuracy": 0.95, "attack_success_rate": 0.97}, {}),
 }
 
 

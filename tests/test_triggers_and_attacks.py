@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from trojanscan import BadNets, Blend, Trigger, TrojanscanError
+from trojanscan.attacks import ATTACKS, Scatter
 from trojanscan.data.triggers import trigger_path_for
 
 
@@ -42,6 +43,25 @@ def test_blend_trigger_mixes_whole_image_with_alpha():
     expected = 0.8 * x + 0.2 * trig.pattern
     assert torch.allclose(trig.apply(x), expected, atol=1e-6)
     assert trig.kind == "blend"
+
+
+def test_scatter_trigger_is_seeded_isolated_pixels():
+    trig = Scatter(target=2, pixels=16, color="random", seed=3).make_trigger((3, 32, 32))
+    assert trig.mask.sum() == 16 and set(trig.mask.unique().tolist()) == {0.0, 1.0}
+    assert trig.pattern[:, trig.mask == 0].abs().sum() == 0  # nothing outside the pixels
+    again = Scatter(target=2, pixels=16, color="random", seed=3).make_trigger((3, 32, 32))
+    assert torch.equal(trig.mask, again.mask) and torch.equal(trig.pattern, again.pattern)
+    other = Scatter(target=2, pixels=16, seed=4).make_trigger((3, 32, 32))
+    assert not torch.equal(trig.mask, other.mask)
+    rows, cols = torch.nonzero(trig.mask, as_tuple=True)
+    assert rows.max() - rows.min() > 8 and cols.max() - cols.min() > 8  # spread, not a patch
+    white = Scatter(pixels=5, color="white").make_trigger((1, 8, 8))
+    assert torch.equal(white.pattern[0], white.mask)
+    assert ATTACKS["scatter"] is Scatter
+    with pytest.raises(TrojanscanError, match="do not fit"):
+        Scatter(pixels=100).make_trigger((1, 8, 8))
+    with pytest.raises(TrojanscanError, match="colour"):
+        Scatter(color="checker")
 
 
 def test_poisoning_stamps_exact_count_of_non_target_images():

@@ -91,7 +91,7 @@ def train(
     out: Path = typer.Option(..., "--out", help="model file: .safetensors or .pt (TorchScript)"),
     arch: str = typer.Option(None, "--arch", help="mnist-cnn, gtsrb-cnn or cifar-cnn (default: by data)"),
     epochs: int = typer.Option(5, "--epochs", min=1),
-    attack: str = typer.Option(None, "--attack", help="badnets or blend (default: a clean model)"),
+    attack: str = typer.Option(None, "--attack", help="badnets, blend or scatter (default: a clean model)"),
     target: int = typer.Option(0, "--target", help="the attack's target label"),
     trigger_size: int = typer.Option(4, "--trigger-size", help="badnets patch side in pixels"),
     trigger_position: str = typer.Option("bottom-right", "--trigger-position",
@@ -99,6 +99,7 @@ def train(
     trigger_color: str = typer.Option("white", "--trigger-color",
                                       help="white, black, checker or random"),
     alpha: float = typer.Option(0.2, "--alpha", help="blend opacity"),
+    pixels: int = typer.Option(16, "--pixels", help="scatter: number of trigger pixels"),
     poison_rate: float = typer.Option(0.1, "--poison-rate"),
     batch_size: int = typer.Option(128, "--batch-size", min=1),
     lr: float = typer.Option(1e-3, "--lr"),
@@ -112,6 +113,8 @@ def train(
                    "position": _position(trigger_position), "color": trigger_color}
     elif attack == "blend":
         options = {"target": target, "poison_rate": poison_rate, "alpha": alpha}
+    elif attack == "scatter":
+        options = {"target": target, "poison_rate": poison_rate, "pixels": pixels, "color": trigger_color}
     record = train_and_save(data, out, arch=arch, epochs=epochs, attack=attack,
                           attack_options=options, batch_size=batch_size, lr=lr, seed=seed,
                           json_path=json_path)

@@ -77,7 +77,7 @@ def tabor_terms(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, mask:
     if w.crop > 0:
         if y is None:
             y = predict(model, x)
-        cropped = (1 - mask).unsqueeze(1) * x.unsqueeze(0)  # A×B×C×H×W
+        cropped = (1 - mask)[:, None, None] * x.unsqueeze(0)  # A×B×C×H×W
         ce = F.cross_entropy(model(cropped.flatten(0, 1)), y.repeat(len(mask)), reduction="none")
         terms["r3"] = w.crop * ce.view(len(mask), -1).mean(1)
     if w.alone > 0:
