@@ -166,3 +166,13 @@ def test_strip_calibrate_check_and_evaluate(trained, tmp_path):
     assert {"n10", "n100"} <= set(ev["throughput"]) and (tmp_path / "ev" / "report.html").is_file()
     proc = run_cli("strip", "check", str(model), "--calibration", str(inputs), "--inputs", str(inputs))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_demo_plants_finds_and_repairs(tmp_path):
+    proc = run_cli("demo", "--out", str(tmp_path / "demo"))
+    assert proc.returncode == 0, proc.stderr
+    assert "BACKDOOR DETECTED" in proc.stdout and "target label(s) 0" in proc.stdout
+    repaired = json.loads((tmp_path / "demo" / "repair.json").read_text())
+    assert repaired["before"]["real_asr"] > 0.9 and repaired["after"]["real_asr"] < 0.2
+    assert (tmp_path / "demo" / "repaired.safetensors").is_file()
+    assert "Mitigation" in (tmp_path / "demo" / "scan" / "report.html").read_text()

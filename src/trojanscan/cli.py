@@ -160,7 +160,7 @@ def demo(
     epochs: int = typer.Option(30, "--epochs", min=1),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """Plant a BadNets backdoor in a digits classifier, then find it with Neural Cleanse."""
+    """Plant a BadNets backdoor in a digits classifier, find it with Neural Cleanse, then repair it."""
     console.print("[bold]trojanscan demo[/bold]: training a BadNets-trojaned model on scikit-learn's "
                   "digits (3×3 white patch, target 0, 10% poisoned)…")
     options = {"target": 0, "poison_rate": 0.1, "size": 3, "position": "bottom-right",
@@ -174,6 +174,15 @@ def demo(
     result = scan(out / "model.safetensors", "digits", clean_samples=300, seed=seed,
                   out_dir=out / "scan")
     print_scan_summary(result, out / "scan")
+    if not result.infected:
+        console.print("nothing flagged, so nothing to repair")
+        return
+    console.print("repairing it by unlearning the reversed trigger (the real one is only measured)…")
+    fixed = repair(out / "model.safetensors", out / "scan", "digits", method="unlearn", fraction=0.5,
+                   epochs=3, seed=seed, out=out / "repaired.safetensors")
+    write_json(out / "repair.json", fixed)
+    console.print(_rates_table("unlearning", fixed))
+    console.print(f"repaired model: {out / 'repaired.safetensors'}; report: {out / 'scan' / 'report.html'}")
 
 
 def parse_floats(text: str | None, option: str) -> list[float] | None:
