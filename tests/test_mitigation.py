@@ -164,6 +164,12 @@ def test_cli_filter_and_prune_and_one_line_errors(scanned, tmp_path):
     assert done.returncode == 0, done.stderr
     rec = json.loads((tmp_path / "f.json").read_text())
     assert rec["filter"]["fnr_real"] is not None and (tmp_path / "f.npz").is_file()
+    done = subprocess.run([*run, "filter-check", str(model_path), "--filter", str(tmp_path / "f.npz"),
+                           "--inputs", "digits", "--json", str(tmp_path / "c.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    checked = json.loads((tmp_path / "c.json").read_text())
+    assert checked["count"] == 360 and 0 < checked["rejected"] < 60  # ~5% of clean test images
     done = subprocess.run([*run, "repair", str(model_path), "--scan", str(scan_dir), "--data", "digits",
                            "--method", "prune", "--out", str(tmp_path / "p.safetensors"), "--json",
                            str(tmp_path / "p.json")], capture_output=True, text=True, timeout=300)

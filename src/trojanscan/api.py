@@ -213,6 +213,8 @@ def scan(model: nn.Module | str | os.PathLike, data: Dataset | str | os.PathLike
     if clean_samples > len(dataset.x_test):
         notes.append(f"asked for {clean_samples} clean samples but the test split has only "
                      f"{len(dataset.x_test)}: all of them were used")
+    if tabor_weights is not None and method != "tabor":
+        raise TrojanscanError("TABOR weights (--tabor-weights) need --method tabor")
     options = {"weights": tabor_weights} if method == "tabor" else {}
     detector = SCAN_METHODS[method](schedule, steps=steps, chunk=chunk, threshold=threshold, seed=seed,
                                     progress=progress, **options)

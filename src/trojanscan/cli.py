@@ -30,7 +30,7 @@ from trojanscan.data.triggers import Trigger, trigger_path_for
 from trojanscan.defenses.tabor import TaborWeights
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import write_json
-from trojanscan.repair import build_filter, repair
+from trojanscan.repair import build_filter, filter_check, repair
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Audit neural networks for backdoors (trojans) and repair them.")
@@ -195,13 +195,13 @@ def parse_floats(text: str | None, option: str) -> list[float] | None:
         raise TrojanscanError(f"{option} {text!r}: expected numbers separated by commas") from None
 
 
-def _labels(text: str | None) -> list[int] | None:
+def _labels(text: str | None, option: str = "--labels") -> list[int] | None:
     if text is None:
         return None
     try:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise TrojanscanError(f"--labels {text!r}: expected label numbers like 0,3,7") from None
+        raise TrojanscanError(f"{option} {text!r}: expected label numbers like 0,3,7") from None
 
 
 TABOR_WEIGHT_NAMES = tuple(f.name for f in dataclasses.fields(TaborWeights))
@@ -212,7 +212,7 @@ def _tabor_weights(text: str | None) -> TaborWeights | None:
     if text is None:
         return None
     changes = {}
-    for item in text.split(","):
+    for item in filter(None, (t.strip() for t in text.split(","))):
         name, _, value = item.partition("=")
         if name.strip() not in TABOR_WEIGHT_NAMES:
             raise TrojanscanError(f"--tabor-weights: unknown weight {name.strip()!r}; use "
@@ -318,7 +318,8 @@ def filter_cmd(
     json_path: Path = typer.Option(None, "--json"),
 ) -> None:
     """Build Neural Cleanse's input filter from a scan's reversed trigger; report FPR and FNR."""
-    _, record = build_filter(model, scan_path, data, labels=_labels(labels), layer=layer, fpr=fpr,
+    _, record = build_filter(model, scan_path, data, labels=_labels(labels, "--label"), layer=layer,
+                             fpr=fpr,
                              top_fraction=top, samples=samples, trigger=trigger, seed=seed, arch=arch,
                              out=out)
     if json_path is not None:
@@ -327,6 +328,22 @@ def filter_cmd(
     console.print(f"filter on {len(f['neurons'])} of {f['units']} neurons ({record['layer']}) → {out}")
     console.print(f"clean test images rejected (FPR): {_fmt(f['fpr'])}; stamped images let through "
                   f"(FNR): reversed trigger {_fmt(f['fnr_reversed'])}, real trigger {_fmt(f['fnr_real'])}")
+
+
+@app.command("filter-check")
+@friendly_errors
+def filter_check_cmd(
+    model: Path = typer.Argument(..., help="model file"),
+    filter_path: Path = typer.Option(..., "--filter", help="file from trojanscan filter"),
+    inputs: str = typer.Option(..., "--inputs", help=".npz with x, or a dataset (its test split)"),
+    json_path: Path = typer.Option(None, "--json"),
+    arch: str = typer.Option(None, "--arch"),
+) -> None:
+    """Predict each input and reject those the input filter flags."""
+    record = filter_check(model, filter_path, inputs, arch=arch)
+    if json_path is not None:
+        write_json(json_path, record)
+    console.print(f"{record['rejected']} of {record['count']} inputs rejected by the filter")
 
 
 @app.command("repair")
@@ -355,7 +372,7 @@ def repair_cmd(
     arch: str = typer.Option(None, "--arch"),
 ) -> None:
     """Remove the backdoor a scan found: unlearning (fine-tune) or neuron pruning."""
-    record = repair(model, scan_path, data, method=method, out=out, labels=_labels(labels),
+    record = repair(model, scan_path, data, method=method, out=out, labels=_labels(labels, "--label"),
                     trigger=trigger, layer=layer, samples=samples, asr_threshold=asr_threshold,
                     step=step, fraction=fraction, stamp_fraction=stamp_fraction, epochs=epochs, lr=lr,
                     baselines=baselines, seed=seed, arch=arch)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trojanscan.api import _resolve, environment
+from trojanscan.api import _resolve, environment, load_inputs
 from trojanscan.data import Dataset
 from trojanscan.data.triggers import Trigger, trigger_path_for
 from trojanscan.defenses.input_filter import InputFilter
@@ -31,9 +31,9 @@ from trojanscan.defenses.pruning import prune
 from trojanscan.defenses.scan_result import SCAN_JSON, ScanResult
 from trojanscan.defenses.unlearning import unlearn
 from trojanscan.errors import TrojanscanError
-from trojanscan.fileio import write_json
+from trojanscan.fileio import module_sha256, write_json
 from trojanscan.metrics import attack_success_rate
-from trojanscan.models import save_model
+from trojanscan.models import ReferenceNet, load_model, save_model
 from trojanscan.models.io import TORCHSCRIPT_SUFFIXES
 from trojanscan.models.wrappers import PLAIN_CONVENTION
 from trojanscan.report import mitigation_section, write_scan_report
@@ -44,11 +44,12 @@ MITIGATION_JSON = "mitigation.json"
 
 
 def reversed_triggers(scan: ScanResult | str | os.PathLike, labels: list[int] | None = None,
-                      model_sha256: str | None = None) -> tuple[ScanResult, list[Trigger]]:
-    """The scan and the reversed triggers of its flagged labels (or of ``labels``)."""
+                      model_hashes: set[str] | None = None) -> tuple[ScanResult, list[Trigger]]:
+    """The scan and the reversed triggers of its flagged labels (or of ``labels``); with
+    ``model_hashes`` (the model's file and weight hashes) the scan must be of that model."""
     result = scan if isinstance(scan, ScanResult) else ScanResult.load(scan)
     where = "the scan" if isinstance(scan, ScanResult) else str(scan)
-    if model_sha256 is not None and result.model_sha256 not in (None, model_sha256):
+    if model_hashes and result.model_sha256 not in model_hashes:
         raise TrojanscanError(f"{where} was made on a different model (its sha256 differs); scan this "
                               "model first")
     if result.input_convention != PLAIN_CONVENTION:
@@ -112,6 +113,9 @@ def _publish(record: dict[str, Any], scan: ScanResult | str | os.PathLike, resul
             records = {}
     except (OSError, ValueError):
         records = {}  # a damaged file only held earlier summaries; the new record replaces it
+    fingerprint = result.parameters.get("fingerprint")
+    records = {k: v for k, v in records.items()  # drop records of an earlier scan in this folder
+               if isinstance(v, dict) and v.get("scan", {}).get("fingerprint") == fingerprint}
     records[record["method"]] = record
     write_json(path, records)
     write_scan_report(result, folder / "report.html", ground_truth=real,
@@ -121,7 +125,8 @@ def _publish(record: dict[str, Any], scan: ScanResult | str | os.PathLike, resul
 def _start(model: nn.Module | str | os.PathLike, scan: ScanResult | str | os.PathLike,
            data: Dataset | str | os.PathLike, labels: list[int] | None, trigger: Any, arch: str | None):
     module, sha, dataset, path = _resolve(model, data, arch)
-    result, triggers = reversed_triggers(scan, labels, sha)
+    # a scan of a file records the file's sha256, a scan of a module its weights' hash
+    result, triggers = reversed_triggers(scan, labels, {h for h in (sha, module_sha256(module)) if h})
     for t in triggers:
         t.check_compatible(dataset.input_shape, dataset.num_classes, "reversed trigger")
     return module, sha, dataset, path, result, triggers, _real_trigger(trigger, path, dataset)
@@ -132,7 +137,8 @@ def _common(method: str, result: ScanResult, triggers: list[Trigger], sha: str |
     return {"method": method, "labels": [t.target for t in triggers], "parameters": parameters,
             "seed": seed, "seconds": time.perf_counter() - start, "model_sha256": sha,
             "scan": {"model_sha256": result.model_sha256, "flagged_labels": result.flagged_labels,
-                     "anomaly_index": result.anomaly_index},
+                     "anomaly_index": result.anomaly_index, "method": result.method,
+                     "fingerprint": result.parameters.get("fingerprint")},
             "data": {"name": dataset.name, "sha256": dataset.sha256}, "environment": environment()}
 
 
@@ -167,6 +173,25 @@ def build_filter(model: nn.Module | str | os.PathLike, scan: ScanResult | str | 
     return filt, record
 
 
+def filter_check(model: nn.Module | str | os.PathLike, filter_path: str | os.PathLike,
+                 inputs: str | os.PathLike, *, arch: str | None = None) -> dict[str, Any]:
+    """Predict each input with a saved input filter in front: label, score, rejected."""
+    x = load_inputs(inputs)
+    if isinstance(model, (str, os.PathLike)):
+        module = load_model(model, arch=arch, input_shape=tuple(x.shape[1:])).module
+    else:
+        module = model
+    filt = InputFilter.load(filter_path, module)
+    start = time.perf_counter()
+    scores, labels = filt.score(x), predict(module, x)
+    rejected = scores > filt.threshold_
+    seconds = time.perf_counter() - start
+    return {"command": "filter check", "inputs": str(inputs), "count": len(x),
+            "rejected": int(rejected.sum()), "threshold": filt.threshold_, "seconds": seconds,
+            "results": [{"index": i, "label": int(lab), "score": float(sc), "rejected": bool(r)}
+                        for i, (lab, sc, r) in enumerate(zip(labels, scores, rejected, strict=True))]}
+
+
 def repair(model: nn.Module | str | os.PathLike, scan: ScanResult | str | os.PathLike,
            data: Dataset | str | os.PathLike, *, method: str = "unlearn",
            out: str | os.PathLike | None = None, labels: list[int] | None = None,
@@ -183,6 +208,9 @@ def repair(model: nn.Module | str | os.PathLike, scan: ScanResult | str | os.Pat
         raise TrojanscanError(f"{out}: unknown model format; use .safetensors or .pt")
     start = time.perf_counter()
     module, sha, dataset, _, result, triggers, real = _start(model, scan, data, labels, trigger, arch)
+    if out is not None and Path(out).suffix == ".safetensors" and not isinstance(module, ReferenceNet):
+        raise TrojanscanError(f"{out}: safetensors holds built-in architectures only; save this model "
+                              "as TorchScript (.pt)")
     record: dict[str, Any] = {"command": "repair", "before": _scores(module, dataset, triggers, real)}
     if method == "prune":
         x, y = _held_out(dataset, samples, seed)

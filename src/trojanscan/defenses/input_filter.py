@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import io
+import math
 import os
 from pathlib import Path
 
@@ -51,7 +52,8 @@ class InputFilter:
         _check_fraction("top_fraction", top_fraction)
         _check_fraction("fpr", fpr)
         self.model = model
-        self.layer: Layer = find_layer(model, layer)
+        self.layer: Layer = find_layer(model, layer)  # refined by fit(), which sees images
+        self._layer_name = layer
         self.top_fraction = float(top_fraction)
         self.fpr = float(fpr)
 
@@ -60,6 +62,7 @@ class InputFilter:
         if len(clean) < MIN_CLEAN_IMAGES:
             raise TrojanscanError(f"the filter needs at least {MIN_CLEAN_IMAGES} clean images, got "
                                   f"{len(clean)}")
+        self.layer = find_layer(self.model, self._layer_name, probe=clean)
         act_clean = activations(self.model, self.layer, clean)
         act_stamped = activations(self.model, self.layer, stamp_each(clean, triggers))
         order, gap = rank_neurons(act_clean, act_stamped)
@@ -112,23 +115,56 @@ class InputFilter:
         path = Path(path)
         try:
             with np.load(path, allow_pickle=False) as z:
-                f = {k: z[k] for k in z.files}
+                missing = sorted(set(_FIELDS) - set(z.files))
+                if missing:
+                    raise ValueError(f"missing {', '.join(missing)}")
+                for key in _FIELDS:  # refuse oversized members before reading them
+                    if z.zip.getinfo(f"{key}.npy").file_size > _MAX_MEMBER_BYTES:
+                        raise ValueError(f"{key} is implausibly large")
+                f = {k: z[k] for k in _FIELDS}
+            neurons_arr = f["neurons"]
+            if neurons_arr.ndim != 1 or neurons_arr.dtype.kind not in "iu" or len(neurons_arr) == 0:
+                raise ValueError("neurons must be a non-empty 1-D integer array")
             version = int(f["format_version"])
             name, side = str(f["layer"]), str(f["side"])
-            neurons = torch.from_numpy(np.asarray(f["neurons"], dtype=np.int64))
+            neurons = torch.from_numpy(neurons_arr.astype(np.int64))
             threshold, fpr = float(f["threshold"]), float(f["fpr"])
             top, units, sha = float(f["top_fraction"]), int(f["units"]), str(f["model_sha256"])
         except FileNotFoundError:
             raise TrojanscanError(f"{path}: no such filter file") from None
-        except Exception as e:  # numpy raises many types for a file that is not our npz
+        except Exception as e:  # numpy/zipfile raise many types for a file that is not our npz
             raise TrojanscanError(f"{path}: not an input-filter file ({type(e).__name__}: {e})") from None
         if version != FILE_FORMAT_VERSION:
             raise TrojanscanError(f"{path}: filter format {version} is not supported; rebuild it")
         if sha != module_sha256(model):
             raise TrojanscanError(f"{path}: built for a different model (weights differ); rebuild the "
                                   "filter for this model")
-        if len(neurons) == 0 or int(neurons.min()) < 0 or int(neurons.max()) >= units:
-            raise TrojanscanError(f"{path}: neuron indices out of range; the file is damaged")
-        filt = cls(model, None if side == "input" else name, top_fraction=top, fpr=fpr)
+        modules = dict(model.named_modules())
+        if side not in ("input", "output") or name not in modules or not math.isfinite(threshold):
+            raise TrojanscanError(f"{path}: layer or threshold not valid for this model; the file is "
+                                  "damaged, rebuild it")
+        width = _layer_width(Layer(name, modules[name], side))
+        if int(neurons.min()) < 0 or int(neurons.max()) >= units or width not in (None, units):
+            raise TrojanscanError(f"{path}: neuron indices do not fit the layer; the file is damaged")
+        filt = cls(model, None, top_fraction=top, fpr=fpr)
+        filt.layer = Layer(name, modules[name], side)
+        filt._layer_name = None if side == "input" else name
         filt.neurons_, filt.threshold_, filt.units_ = neurons, threshold, units
         return filt
+
+
+_FIELDS = ("format_version", "layer", "side", "neurons", "threshold", "fpr", "top_fraction", "units",
+           "model_sha256")
+_MAX_MEMBER_BYTES = 1 << 20
+
+
+def _layer_width(layer: Layer) -> int | None:
+    """Neurons of a dense/conv layer as its weights say (None when the module does not tell)."""
+    m = layer.module
+    if layer.side == "input" and isinstance(m, nn.Linear):
+        return m.in_features
+    if isinstance(m, nn.Linear):
+        return m.out_features
+    if isinstance(m, nn.Conv2d):
+        return m.out_channels
+    return None

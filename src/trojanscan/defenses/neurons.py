@@ -33,14 +33,20 @@ class Layer:
         return f"input of {self.name}" if self.side == "input" else self.name
 
 
-def find_layer(model: nn.Module, layer: str | None = None) -> Layer:
-    """The penultimate layer (``None`` or ``"penultimate"``), or the module called ``layer``."""
+def find_layer(model: nn.Module, layer: str | None = None, probe: torch.Tensor | None = None) -> Layer:
+    """The penultimate layer (``None`` or ``"penultimate"``), or the module called ``layer``.
+
+    With ``probe`` images the penultimate layer is the input of the last ``nn.Linear`` the forward
+    pass actually calls (registration order can differ from execution order).
+    """
     if isinstance(model, torch.jit.ScriptModule):
         raise TrojanscanError("neuron-level mitigation needs a Python model (hooks do not work on "
                               "TorchScript); use the .safetensors file or load the model in Python")
     modules = dict(model.named_modules())
     if layer in (None, PENULTIMATE):
         linear = [name for name, m in modules.items() if isinstance(m, nn.Linear)]
+        if probe is not None and linear:
+            linear = _call_order(model, {n: modules[n] for n in linear}, probe) or linear
         if not linear:
             raise TrojanscanError("the model has no nn.Linear layer, so its second-to-last layer is "
                                   "unknown; name one with --layer")
@@ -51,11 +57,29 @@ def find_layer(model: nn.Module, layer: str | None = None) -> Layer:
     return Layer(layer, modules[layer], "output")
 
 
+@torch.no_grad()
+def _call_order(model: nn.Module, candidates: dict[str, nn.Module], probe: torch.Tensor) -> list[str]:
+    """Names of ``candidates`` in the order one forward pass calls them."""
+    order: list[str] = []
+    handles = [m.register_forward_pre_hook(lambda _m, _a, n=name: order.append(n))
+               for name, m in candidates.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        model(probe[:2])
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return list(dict.fromkeys(order))
+
+
 def _per_neuron(t: torch.Tensor) -> torch.Tensor:
-    """N×U (dense) or N×C×… (conv: mean over the map) → N×U."""
-    if t.dim() < 2:
-        raise TrojanscanError(f"layer output of shape {tuple(t.shape)} has no neuron axis")
-    return t.flatten(2).mean(2) if t.dim() > 2 else t
+    """N×U (dense) or N×C×H×W (conv: mean over the map) → N×U."""
+    if t.dim() not in (2, 4):
+        raise TrojanscanError(f"layer activations of shape {tuple(t.shape)[1:]} are neither a vector nor "
+                              "feature maps; name a dense or convolutional layer with --layer")
+    return t.flatten(2).mean(2) if t.dim() == 4 else t
 
 
 @contextmanager
@@ -128,6 +152,13 @@ def silenced(layer: Layer, neurons: torch.Tensor) -> Iterator[None]:
         handle.remove()
 
 
+def check_prunable(layer: Layer) -> None:
+    """Pruning edits weights: the penultimate layer (via the last Linear) or a Linear/Conv2d output."""
+    if layer.side == "output" and not isinstance(layer.module, (nn.Linear, nn.Conv2d)):
+        raise TrojanscanError(f"pruning needs a Linear or Conv2d layer; {layer.name!r} is a "
+                              f"{type(layer.module).__name__}")
+
+
 @torch.no_grad()
 def prune_weights(layer: Layer, neurons: torch.Tensor) -> None:
     """Remove neurons for good by editing weights, so the model saves in its usual format.
@@ -135,14 +166,12 @@ def prune_weights(layer: Layer, neurons: torch.Tensor) -> None:
     Penultimate neurons: zero the matching input columns of the last Linear. A named Linear or
     Conv2d: zero the neurons' output weights and biases (exactly zero output before any BatchNorm).
     """
+    check_prunable(layer)
     idx = torch.as_tensor(neurons, dtype=torch.long)
     m = layer.module
     if layer.side == "input":
         m.weight[:, idx] = 0
         return
-    if not isinstance(m, (nn.Linear, nn.Conv2d)):
-        raise TrojanscanError(f"pruning needs a Linear or Conv2d layer; {layer.name!r} is a "
-                              f"{type(m).__name__}")
     m.weight[idx] = 0
     if m.bias is not None:
         m.bias[idx] = 0

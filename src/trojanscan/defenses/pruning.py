@@ -20,6 +20,7 @@ from trojanscan.data.triggers import Trigger
 from trojanscan.defenses.neurons import (
     Layer,
     activations,
+    check_prunable,
     find_layer,
     prune_weights,
     rank_neurons,
@@ -63,8 +64,8 @@ class _Scorer:
             feats = activations(model, layer, probe)
             with torch.no_grad():
                 model.eval()
-                same = torch.allclose(layer.module(feats), model(probe), atol=1e-4, rtol=1e-4)
-            if same:
+                direct, full = layer.module(feats), model(probe)
+            if direct.shape == full.shape and torch.allclose(direct, full, atol=1e-4, rtol=1e-4):
                 self.features = {k: activations(model, layer, x) for k, x in batches.items()}
 
     @torch.no_grad()
@@ -97,7 +98,8 @@ def prune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, triggers: list[Tri
     if not triggers:
         raise TrojanscanError("pruning needs at least one reversed trigger")
     pruned_model = copy.deepcopy(model).eval()
-    where = find_layer(pruned_model, layer)
+    where = find_layer(pruned_model, layer, probe=x)
+    check_prunable(where)
     batches = {"clean": x, **{f"rev{i}": t.apply(x) for i, t in enumerate(triggers)}}
     if real_trigger is not None:
         batches["real"] = real_trigger.apply(x)

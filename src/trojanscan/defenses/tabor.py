@@ -98,7 +98,8 @@ class TaborRegularizer:
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, mask: torch.Tensor,
                  pattern: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         terms = tabor_terms(model, x, y, mask, pattern, targets, self.weights)
-        scale = torch.tensor([self.scale.get(int(t), 1.0) for t in targets])
+        scale = torch.tensor([self.scale.get(int(t), 1.0) for t in targets], dtype=mask.dtype,
+                             device=mask.device)
         return scale * sum(terms.values())
 
     def end_step(self, label: int, asr: float) -> None:
@@ -122,13 +123,15 @@ def trigger_quality(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, m
     """TABOR's quality score A of one trigger (lower: smaller, more compact, more effective).
 
     ``A = log(‖F‖₁/d²) + log(s(F)/(d(d−1))) − log(acc_att) − log(acc_crop) − log(acc_exp)``, with
-    F the trigger's footprint (mask > 0.5, at least its strongest pixel), d² = H·W, acc_att its
+    F the trigger's footprint (mask > 0.5, at least its strongest pixel: the paper's m ⊙ Δ > 0
+    would count every pixel of a continuous mask, and none of a black patch), d² = H·W, acc_att its
     success rate on clean images not of the target, acc_crop the accuracy of clean images with the
     footprint blanked out, and acc_exp the probability the model gives the target for the trigger
     alone (a probability rather than a 0/1 hit, so one image still gives a usable score).
     """
-    model.eval()
     h, w = mask.shape
+    if h * w < 2:
+        raise TrojanscanError("the trigger-quality metric needs images of at least 2 pixels")
     footprint = (mask > 0.5).float()
     if footprint.sum() == 0:
         footprint.view(-1)[mask.argmax()] = 1.0
@@ -138,7 +141,12 @@ def trigger_quality(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, m
     stamped = (1 - mask) * others + mask * pattern
     acc_att = float((predict(model, stamped) == target).float().mean()) if len(others) else 0.0
     acc_crop = float((predict(model, (1 - footprint) * x) == labels).float().mean())
-    acc_exp = float(torch.softmax(model((mask * pattern).unsqueeze(0)), 1)[0, target])
+    was_training = model.training
+    model.eval()
+    try:
+        acc_exp = float(torch.softmax(model((mask * pattern).unsqueeze(0)), 1)[0, target])
+    finally:
+        model.train(was_training)
     floor = 1e-3
     size = float(footprint.sum()) / d2
     scatter = max(float(smoothness(footprint.unsqueeze(0))[0]), 1.0) / (d * (d - 1))
@@ -176,8 +184,8 @@ class Tabor(NeuralCleanse):
         scores = [trigger_quality(model, x, y, r.mask, r.pattern, r.label) for r in result.labels]
         for r, q in zip(result.labels, scores, strict=True):
             r.extra.update(q)
-        summary: dict[str, Any] = {"values": {r.label: q["quality"] for r, q in zip(result.labels, scores,
-                                                                                   strict=True)}}
+        values = {str(r.label): q["quality"] for r, q in zip(result.labels, scores, strict=True)}
+        summary: dict[str, Any] = {"values": values}
         if len(scores) >= 3:
             report = mad_anomaly_index([q["quality"] for q in scores], result.threshold)
             for r, ai in zip(result.labels, report.anomaly_index, strict=True):
