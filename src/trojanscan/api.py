@@ -286,14 +286,19 @@ def load_inputs(source: str | os.PathLike) -> torch.Tensor:
     return load_dataset(source).x_test
 
 
+def model_and_inputs(model: nn.Module | str | os.PathLike, inputs: str | os.PathLike,
+                     arch: str | None = None) -> tuple[nn.Module, torch.Tensor]:
+    """The images to check, and the model (a file's input shape comes from them)."""
+    x = load_inputs(inputs)
+    if isinstance(model, (str, os.PathLike)):
+        return load_model(model, arch=arch, input_shape=tuple(x.shape[1:])).module, x
+    return model, x
+
+
 def strip_check(model: nn.Module | str | os.PathLike, calibration: str | os.PathLike,
                 inputs: str | os.PathLike, *, arch: str | None = None) -> dict[str, Any]:
     """Predict and flag each input with a saved calibration."""
-    x = load_inputs(inputs)
-    if isinstance(model, (str, os.PathLike)):
-        module = load_model(model, arch=arch, input_shape=tuple(x.shape[1:])).module
-    else:
-        module = model
+    module, x = model_and_inputs(model, inputs, arch)
     strip = Strip.load(calibration, module)
     start = time.perf_counter()
     entropy = strip.entropy(x)

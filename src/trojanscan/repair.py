@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trojanscan.api import _resolve, environment, load_inputs
+from trojanscan.api import _resolve, environment, model_and_inputs
 from trojanscan.data import Dataset
 from trojanscan.data.triggers import Trigger, trigger_path_for
 from trojanscan.defenses.input_filter import InputFilter
@@ -33,7 +33,7 @@ from trojanscan.defenses.unlearning import unlearn
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import module_sha256, write_json
 from trojanscan.metrics import attack_success_rate
-from trojanscan.models import ReferenceNet, load_model, save_model
+from trojanscan.models import ReferenceNet, save_model
 from trojanscan.models.io import TORCHSCRIPT_SUFFIXES
 from trojanscan.models.wrappers import PLAIN_CONVENTION
 from trojanscan.report import mitigation_section, write_scan_report
@@ -176,11 +176,7 @@ def build_filter(model: nn.Module | str | os.PathLike, scan: ScanResult | str | 
 def filter_check(model: nn.Module | str | os.PathLike, filter_path: str | os.PathLike,
                  inputs: str | os.PathLike, *, arch: str | None = None) -> dict[str, Any]:
     """Predict each input with a saved input filter in front: label, score, rejected."""
-    x = load_inputs(inputs)
-    if isinstance(model, (str, os.PathLike)):
-        module = load_model(model, arch=arch, input_shape=tuple(x.shape[1:])).module
-    else:
-        module = model
+    module, x = model_and_inputs(model, inputs, arch)
     filt = InputFilter.load(filter_path, module)
     start = time.perf_counter()
     scores, labels = filt.score(x), predict(module, x)
