@@ -17,6 +17,7 @@ from trojanscan.attacks import ATTACKS, PoisoningAttack
 from trojanscan.data import Dataset, load_dataset
 from trojanscan.data.triggers import Trigger, trigger_path_for
 from trojanscan.defenses.neural_cleanse import NeuralCleanse
+from trojanscan.defenses.repeats import RepeatedScan, combine_runs
 from trojanscan.defenses.scan_result import ScanResult
 from trojanscan.defenses.strip import Strip, far_frr
 from trojanscan.defenses.tabor import Tabor, TaborWeights
@@ -30,8 +31,8 @@ from trojanscan.report import mask_overlap, save_trigger_images, write_scan_repo
 from trojanscan.train import TrainHistory, check_model_fits, evaluate, predict, train_model
 
 __all__ = ["ScanResult", "TrainResult", "channel_stats", "clean_subset", "evaluate_model",
-           "load_dataset", "load_model", "make_attack", "scan", "strip_calibrate", "strip_check",
-           "strip_evaluate", "train_and_save", "train_classifier"]
+           "load_dataset", "load_model", "make_attack", "scan", "scan_repeated", "strip_calibrate",
+           "strip_check", "strip_evaluate", "strip_rates", "train_and_save", "train_classifier"]
 
 SCAN_METHODS = {"neural-cleanse": NeuralCleanse, "tabor": Tabor}
 MODEL_SUFFIXES = (".safetensors", *TORCHSCRIPT_SUFFIXES)
@@ -233,6 +234,26 @@ def scan(model: nn.Module | str | os.PathLike, data: Dataset | str | os.PathLike
     return result
 
 
+def scan_repeated(model: nn.Module | str | os.PathLike, data: Dataset | str | os.PathLike, *,
+                  repeats: int = 3, seed: int = 0, threshold: float = 2.0,
+                  out_dir: str | os.PathLike | None = None, **options: Any) -> RepeatedScan:
+    """Scan ``repeats`` times with seeds ``seed, seed+1, …`` (each its own clean subset and start)
+    and flag outliers of the averaged trigger norms; with ``out_dir``, each run goes in
+    ``seed-N/`` and the combined verdict in ``repeats.json``. Other options are :func:`scan`'s."""
+    if repeats < 1:
+        raise TrojanscanError(f"--repeats must be >= 1, got {repeats}")
+    dataset = data if isinstance(data, Dataset) else load_dataset(data)
+    runs = [scan(model, dataset, seed=s, threshold=threshold,
+                 out_dir=None if out_dir is None else Path(out_dir) / f"seed-{s}", **options)
+            for s in range(seed, seed + repeats)]
+    combined = combine_runs(runs, threshold)
+    if out_dir is not None:
+        write_json(Path(out_dir) / "repeats.json", {**combined.to_dict(),
+                                                    "runs": [f"seed-{r.seed}" for r in runs],
+                                                    "environment": environment()})
+    return combined
+
+
 def _resolve(model: nn.Module | str | os.PathLike, data: Dataset | str | os.PathLike,
              arch: str | None) -> tuple[nn.Module, str | None, Dataset, Path | None]:
     """Load the data, then the model (a file's shape comes from the data); check they fit."""
@@ -323,6 +344,24 @@ def _throughput(strip: Strip, model: nn.Module, x: torch.Tensor) -> dict[str, fl
             "slowdown": plain / guarded}
 
 
+def strip_rates(strip: Strip, dataset: Dataset, trigger: Trigger | None, *, samples: int = 2000,
+                calibration_samples: int = 2000, seed: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+    """Calibrate ``strip`` on training images, then measure FRR on ``samples`` clean test images
+    and (with a trigger) FAR on as many stamped ones of other labels. Returns the benign inputs,
+    both entropy vectors and the rates."""
+    strip.calibrate(_train_subset(dataset, calibration_samples, seed))
+    g = torch.Generator().manual_seed(seed + 2)
+    benign = dataset.x_test[torch.randperm(len(dataset.x_test), generator=g)[:samples]]
+    h_benign = strip.entropy(benign)
+    if trigger is None:  # a clean model: only the false rejections can be measured
+        return benign, h_benign, None, far_frr(h_benign < strip.boundary_, torch.zeros(0))
+    others = dataset.x_test[dataset.y_test != trigger.target]
+    stamped = trigger.apply(others[torch.randperm(len(others), generator=g)[:samples]])
+    h_trojan = strip.entropy(stamped)
+    return benign, h_benign, h_trojan, far_frr(h_benign < strip.boundary_, h_trojan < strip.boundary_)
+
+
 def strip_evaluate(model: nn.Module | str | os.PathLike, data: Dataset | str | os.PathLike,
                    trigger: Trigger | str | os.PathLike | None = None, *, n: int = 100,
                    frr: float = 0.01, samples: int = 2000, calibration_samples: int = 2000,
@@ -338,13 +377,9 @@ def strip_evaluate(model: nn.Module | str | os.PathLike, data: Dataset | str | o
     trig = trigger if isinstance(trigger, Trigger) else Trigger.load(trigger)
     trig.check_compatible(dataset.input_shape, dataset.num_classes, "trigger")
     strip = Strip(module, n=n, frr=frr, blend=blend, boundary=boundary, seed=seed)
-    strip.calibrate(_train_subset(dataset, calibration_samples, seed))
-    g = torch.Generator().manual_seed(seed + 2)
-    benign = dataset.x_test[torch.randperm(len(dataset.x_test), generator=g)[:samples]]
-    others = dataset.x_test[dataset.y_test != trig.target]
-    stamped = trig.apply(others[torch.randperm(len(others), generator=g)[:samples]])
-    h_benign, h_trojan = strip.entropy(benign), strip.entropy(stamped)
-    rates = far_frr(h_benign < strip.boundary_, h_trojan < strip.boundary_)
+    benign, h_benign, h_trojan, rates = strip_rates(strip, dataset, trig, samples=samples,
+                                                    calibration_samples=calibration_samples,
+                                                    seed=seed)
     speed = {}
     for copies in (10, 20, 100):
         probe = Strip(module, n=copies, blend=blend, seed=seed)
@@ -357,7 +392,7 @@ def strip_evaluate(model: nn.Module | str | os.PathLike, data: Dataset | str | o
         "trojaned_entropy": {"mean": float(h_trojan.mean()), "std": float(h_trojan.std())},
         "calibration": {"samples": strip.n_calibration_, "mean": strip.entropy_mean_,
                         "std": strip.entropy_std_, "sha256": strip.calibration_sha256_},
-        "benign_inputs": len(benign), "trojaned_inputs": len(stamped), "throughput": speed,
+        "benign_inputs": len(benign), "trojaned_inputs": len(h_trojan), "throughput": speed,
         "trigger": {"target": trig.target, "kind": trig.kind}, "seed": seed,
         "model_sha256": model_sha, "data": {"name": dataset.name, "sha256": dataset.sha256},
         "environment": environment(),

@@ -21,6 +21,7 @@ from trojanscan.api import (
     load_dataset,
     load_model,
     scan,
+    scan_repeated,
     strip_calibrate,
     strip_check,
     strip_evaluate,
@@ -31,6 +32,8 @@ from trojanscan.defenses.tabor import TaborWeights
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import write_json
 from trojanscan.repair import build_filter, filter_check, repair
+from trojanscan.zoo import DEFAULT_DATASETS, ZooOptions, run_zoo
+from trojanscan.zoo import METHODS as ZOO_METHODS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Audit neural networks for backdoors (trojans) and repair them.")
@@ -274,17 +277,32 @@ def scan_cmd(
                                       + ", ".join(TABOR_WEIGHT_NAMES) + ")"),
     threshold: float = typer.Option(2.0, "--threshold", help="anomaly index above which a label is flagged"),
     seed: int = typer.Option(0, "--seed"),
+    repeats: int = typer.Option(1, "--repeats", min=1, help="scan with seeds SEED, SEED+1, … and "
+                                "flag outliers of the averaged trigger norms (each run in OUT/seed-N)"),
     arch: str = typer.Option(None, "--arch", help="architecture of a bare state_dict checkpoint"),
     trigger: Path = typer.Option(None, "--trigger", help="the real trigger, to compare (default: "
                                  "the one saved beside the model)"),
 ) -> None:
     """Detect a backdoor with Neural Cleanse: reverse-engineer a trigger per label, flag outliers."""
-    result = scan(model, data, method=method, tabor_weights=_tabor_weights(tabor_weights),
-                  schedule=schedule, steps=steps, labels=_labels(labels), chunk=chunk,
-                  clean_samples=clean_samples, threshold=threshold, seed=seed,
-                  mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), arch=arch,
-                  ground_truth=trigger, out_dir=out)
-    print_scan_summary(result, out)
+    options = dict(method=method, tabor_weights=_tabor_weights(tabor_weights), schedule=schedule,
+                   steps=steps, labels=_labels(labels), chunk=chunk, clean_samples=clean_samples,
+                   threshold=threshold, seed=seed, mean=parse_floats(mean, "--mean"),
+                   std=parse_floats(std, "--std"), arch=arch, ground_truth=trigger, out_dir=out)
+    if repeats == 1:
+        print_scan_summary(scan(model, data, **options), out)
+        return
+    combined = scan_repeated(model, data, repeats=repeats, **options)
+    for run in combined.runs:
+        console.print(f"seed {run.seed}: anomaly index {run.anomaly_index:.2f}, flagged "
+                      f"{run.flagged_labels or 'none'} ({run.seconds:.1f} s)")
+    spread = combined.spread()
+    verdict = (f"[bold red]BACKDOOR DETECTED[/bold red] — target label(s) "
+               f"{', '.join(map(str, combined.flagged_labels))}" if combined.infected
+               else "[bold green]No backdoor found[/bold green]")
+    console.print(f"{verdict}; anomaly index of the mean norms over {repeats} seeds "
+                  f"{combined.anomaly_index:.2f} (threshold {threshold:g}); runs' spread "
+                  f"{spread['min']:.2f}–{spread['max']:.2f} (std {spread['std']:.2f}) → "
+                  f"{out / 'repeats.json'}")
 
 
 def _rates_table(title: str, record: dict[str, Any]) -> Table:
@@ -458,6 +476,44 @@ def strip_evaluate_cmd(
     for k, v in record["summary"].items():
         table.add_row(k, v)
     console.print(table)
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks of the detectors over many models.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("zoo")
+@friendly_errors
+def bench_zoo_cmd(
+    out: Path = typer.Option(Path("zoo-out"), "--out", help="folder for models, scans and results"),
+    data: str = typer.Option(",".join(DEFAULT_DATASETS), "--data",
+                             help="comma-separated datasets: names (mnist, fashion-mnist, gtsrb, "
+                             "digits) or files/folders"),
+    size: int = typer.Option(24, "--size", help="models in the zoo, half of them trojaned"),
+    methods: str = typer.Option("neural-cleanse", "--methods",
+                                help="comma-separated: " + ", ".join(ZOO_METHODS)),
+    repeats: int = typer.Option(1, "--repeats", help="scan each model with this many seeds"),
+    epochs: int = typer.Option(2, "--epochs", help="training epochs per model"),
+    train_samples: int = typer.Option(None, "--train-samples", help="train on a random subset"),
+    clean_samples: int = typer.Option(1000, "--clean-samples", help="clean images per scan"),
+    schedule: str = typer.Option("default", "--schedule", help="default or paper"),
+    steps: int = typer.Option(None, "--steps", help="maximum steps per label"),
+    strip_n: int = typer.Option(100, "--strip-n", help="STRIP copies per input"),
+    strip_samples: int = typer.Option(500, "--strip-samples", help="STRIP benign/trojaned inputs"),
+    seed: int = typer.Option(0, "--seed", help="seed of the zoo specification and the scans"),
+) -> None:
+    """Build a seeded zoo of clean and trojaned models (cached; rerun to resume), scan each, and
+    report AUROC, detection and false-positive rates, target accuracy, trigger IoU and seconds."""
+    options = ZooOptions(datasets=[d.strip() for d in data.split(",") if d.strip()], size=size,
+                         seed=seed, methods=[m.strip() for m in methods.split(",") if m.strip()],
+                         repeats=repeats, epochs=epochs, train_samples=train_samples,
+                         clean_samples=clean_samples, schedule=schedule, steps=steps,
+                         strip_n=strip_n, strip_samples=strip_samples)
+    results = run_zoo(out, options, log=lambda line: console.print(line, highlight=False))
+    console.print((out / "summary.md").read_text().split("\n\n| model")[0])
+    console.print(f"→ {out / 'results.json'}, {out / 'summary.md'}, {out / 'report.html'}")
+    if results.get("failed_attacks"):
+        err_console.print("some attacks did not take; see summary.md")
 
 
 def main() -> None:  # pragma: no cover - console entry point

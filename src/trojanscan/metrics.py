@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 
 
@@ -23,3 +26,40 @@ def attack_success_rate(stamped_predictions: torch.Tensor, labels: torch.Tensor,
     if not bool(keep.any()):
         return float("nan")
     return float((stamped_predictions[keep] == target).float().mean())
+
+
+def _scores_and_classes(scores: Sequence[float], positives: Sequence[bool]) -> tuple[np.ndarray, np.ndarray]:
+    s = np.asarray(scores, dtype=np.float64)
+    p = np.asarray(positives, dtype=bool)
+    if s.ndim != 1 or s.shape != p.shape:
+        raise ValueError(f"need one score per model: {s.shape} scores, {p.shape} classes")
+    if np.isnan(s).any():
+        raise ValueError("scores must not be NaN")
+    return s, p
+
+
+def roc_auc(scores: Sequence[float], positives: Sequence[bool]) -> float:
+    """Area under the ROC curve: the chance that a random positive outscores a random negative,
+    ties counting one half (the Mann–Whitney statistic). NaN when either class is empty."""
+    s, p = _scores_and_classes(scores, positives)
+    pos, neg = s[p], s[~p]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum()
+    ties = (pos[:, None] == neg[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+
+
+def roc_curve(scores: Sequence[float],
+              positives: Sequence[bool]) -> tuple[list[float], list[float], list[float]]:
+    """ROC points: (fpr, tpr, thresholds), where point ``i > 0`` flags ``score >= thresholds[i]``
+    over the distinct scores from the highest down, and point 0 flags nothing (threshold NaN)."""
+    s, p = _scores_and_classes(scores, positives)
+    n_pos, n_neg = int(p.sum()), int((~p).sum())
+    fpr, tpr, thresholds = [0.0], [0.0], [float("nan")]
+    for t in sorted({float(v) for v in s}, reverse=True):
+        flagged = s >= t
+        tpr.append(float((flagged & p).sum() / n_pos) if n_pos else float("nan"))
+        fpr.append(float((flagged & ~p).sum() / n_neg) if n_neg else float("nan"))
+        thresholds.append(t)
+    return fpr, tpr, thresholds

@@ -1,0 +1,156 @@
+"""The model-zoo benchmark's summary for people: a markdown table, an HTML page and the ROC plot."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from trojanscan.fileio import atomic_write_bytes
+
+SCORE_ROWS = (("auroc", "AUROC of the anomaly index", "num"),
+              ("detection_rate", "detection rate (trojaned flagged)", "pct"),
+              ("false_positive_rate", "false-positive rate (clean flagged)", "pct"),
+              ("target_accuracy", "target-label accuracy (smallest trigger)", "pct"),
+              ("detected_with_target", "flagged with the true target", "pct"),
+              ("mean_iou_patch", "mean IoU with the real patch", "num"),
+              ("mean_scan_seconds", "mean scan seconds per model", "sec"))
+
+
+def _fmt(value: Any, kind: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if kind == "pct":
+        return f"{100 * value:.1f}%"
+    if kind == "sec":
+        return f"{value:.1f}"
+    return f"{value:.3f}"
+
+
+def _columns(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(column title, summary) for every scan method, single-seed and seed-averaged."""
+    cols = []
+    for method, summary in results.get("summary", {}).items():
+        if method == "strip":
+            continue
+        cols.append((method, summary["single_seed"]))
+        if "combined" in summary:
+            cols.append((f"{method}, mean of {results['options']['repeats']} seeds",
+                         summary["combined"]))
+    return cols
+
+
+def roc_png(results: dict[str, Any]) -> bytes:
+    """ROC curves (trojaned vs clean, scored by the anomaly index) of every column."""
+    fig = Figure(figsize=(5, 4.4), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for title, summary in _columns(results):
+        roc = summary.get("roc")
+        if roc:
+            ax.step(roc["fpr"], roc["tpr"], where="post",
+                    label=f"{title} (AUROC {_fmt(summary.get('auroc'), 'num')})")
+    ax.plot([0, 1], [0, 1], color="#999", linestyle=":", linewidth=1)
+    ax.set_xlabel("false-positive rate (clean models)")
+    ax.set_ylabel("true-positive rate (trojaned models)")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _attack_text(m: dict[str, Any]) -> str:
+    spec = m["spec"]
+    if not m["trojaned"]:
+        return "clean"
+    o = spec["attack_options"]
+    if spec["attack"] == "badnets":
+        where = o["position"] if isinstance(o["position"], str) else "at {},{}".format(*o["position"])
+        return f"patch {o['size']}×{o['size']} {o['color']} {where}, rate {o['poison_rate']}"
+    return f"blend {o['pattern']} α={o['alpha']}, rate {o['poison_rate']}"
+
+
+def _model_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    methods = [m for m in results.get("summary", {}) if m != "strip"]
+    head = ["model", "attack", "target", "CA", "ASR"]
+    for method in methods:
+        head += [f"{method} AI", "flagged", "IoU"]
+    if "strip" in results.get("summary", {}):
+        head += ["STRIP FRR", "STRIP FAR"]
+    rows = []
+    for m in results["models"]:
+        asr = m["attack_success_rate"]
+        row = [m["name"], _attack_text(m), "—" if m["target"] is None else str(m["target"]),
+               _fmt(m["clean_accuracy"], "pct"), _fmt(asr, "pct")]
+        for method in methods:
+            runs = m["scans"][method]["runs"]
+            row += [", ".join(_fmt(r["anomaly_index"], "num") for r in runs),
+                    str(runs[0]["flagged_labels"]), _fmt(runs[0]["iou"], "num")]
+        if "strip" in results.get("summary", {}):
+            s = m.get("strip") or {}
+            row += [_fmt(s.get("frr"), "pct"), _fmt(s.get("far"), "pct") if m["trojaned"] else "—"]
+        rows.append(row)
+    return head, rows
+
+
+def zoo_markdown(results: dict[str, Any]) -> str:
+    """The summary as markdown: scores per method, the misses, then every model."""
+    cols = _columns(results)
+    lines = [f"# Model-zoo benchmark ({len(results['models'])} models)", ""]
+    if cols:
+        lines += ["| score | " + " | ".join(t for t, _ in cols) + " |",
+                  "| --- |" + " --- |" * len(cols)]
+        for key, title, kind in SCORE_ROWS:
+            lines.append(f"| {title} | " + " | ".join(_fmt(s.get(key), kind) for _, s in cols) + " |")
+        lines.append("")
+        for title, s in cols:
+            for key, what in (("missed", "missed"), ("wrong_target", "wrong target"),
+                              ("false_positives", "clean models flagged")):
+                if s.get(key):
+                    lines.append(f"- {title}, {what}: {', '.join(s[key])}")
+    strip = results.get("summary", {}).get("strip")
+    if strip:
+        lines.append(f"- STRIP at 1% target FRR: mean FRR {_fmt(strip['mean_frr'], 'pct')}, "
+                     f"mean FAR on trojaned models {_fmt(strip['mean_far'], 'pct')}")
+    if results.get("failed_attacks"):
+        lines.append(f"- attacks that did not take (ASR < 50%, left out of the scores): "
+                     f"{', '.join(results['failed_attacks'])}")
+    head, rows = _model_rows(results)
+    lines += ["", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_zoo_report(results: dict[str, Any], out_dir: Path) -> None:
+    """Write ``summary.md``, ``roc.png`` and a self-contained ``report.html`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    md = zoo_markdown(results)
+    atomic_write_bytes(out_dir / "summary.md", md.encode())
+    png = roc_png(results)
+    atomic_write_bytes(out_dir / "roc.png", png)
+    head, rows = _model_rows(results)
+    cols = _columns(results)
+    scores = "".join(f"<tr><td>{escape(title)}</td>"
+                     + "".join(f"<td>{_fmt(s.get(key), kind)}</td>" for _, s in cols) + "</tr>"
+                     for key, title, kind in SCORE_ROWS)
+    table = ("<tr>" + "".join(f"<th>{escape(h)}</th>" for h in head) + "</tr>"
+             + "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in r) + "</tr>" for r in rows))
+    notes = "".join(f"<li>{escape(line[2:])}</li>" for line in md.splitlines() if line.startswith("- "))
+    html = f"""<!doctype html><html><head><meta charset="utf-8"><title>Model-zoo benchmark</title>
+<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:3px 8px;font-size:.9em}}
+</style></head><body><h1>Model-zoo benchmark: {len(results['models'])} models</h1>
+<table><tr><th>score</th>{''.join(f'<th>{escape(t)}</th>' for t, _ in cols)}</tr>{scores}</table>
+<ul>{notes}</ul>
+<img alt="ROC curves" src="data:image/png;base64,{base64.b64encode(png).decode()}">
+<h2>Models</h2><table>{table}</table></body></html>"""
+    atomic_write_bytes(out_dir / "report.html", html.encode())

@@ -1,0 +1,367 @@
+"""The model-zoo benchmark: a seeded zoo of clean and trojaned models, each trained once and cached
+by content, scanned by the chosen methods and scored as the field scores detectors (AUROC of the
+anomaly index, detection and false-positive rates, target-label accuracy, trigger IoU, seconds).
+
+Layout of the output folder (rerun the same command to resume an interrupted run)::
+
+    models/KEY.safetensors, KEY.trigger.npz, KEY.json   trained models, ground truth, train record
+    scans/KEY/METHOD-seedS/                             every scan (resumable, with its report)
+    results.json, summary.md, report.html, roc.png      the measurements and their summary
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trojanscan.api import environment, load_dataset, make_attack, scan, strip_rates, train_classifier
+from trojanscan.attacks.blend import PATTERNS
+from trojanscan.data import Dataset
+from trojanscan.data.triggers import Trigger, trigger_path_for
+from trojanscan.defenses.repeats import combine_runs
+from trojanscan.defenses.scan_result import ScanResult
+from trojanscan.defenses.strip import Strip
+from trojanscan.errors import TrojanscanError
+from trojanscan.fileio import sha256_file, write_json
+from trojanscan.metrics import roc_auc, roc_curve
+from trojanscan.models import load_model, save_model
+from trojanscan.report.zoo_html import write_zoo_report
+
+ZOO_FORMAT = 1  # part of every cache key: bump when training changes meaning
+SCAN_METHODS = ("neural-cleanse", "tabor")
+METHODS = (*SCAN_METHODS, "strip")
+DEFAULT_DATASETS = ("mnist", "fashion-mnist")
+CORNERS = ("bottom-right", "bottom-left", "top-right", "top-left")
+PATCH_COLOURS = ("white", "random", "checker")  # black is invisible on MNIST's black background
+MIN_ASR = 0.5  # a "trojaned" model whose attack did not take is left out of the scores
+
+
+@dataclass
+class ZooEntry:
+    """One model of the zoo: its data, training and (for a trojaned one) attack settings."""
+
+    index: int
+    dataset: str
+    seed: int
+    epochs: int
+    train_samples: int | None = None
+    attack: str | None = None
+    attack_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.index:03d}-{Path(self.dataset).stem}-{self.attack or 'clean'}"
+
+    @property
+    def trojaned(self) -> bool:
+        return self.attack is not None
+
+    def spec(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def key(self, data_sha256: str) -> str:
+        """Content address: the training settings and the data's hash, not the entry's place."""
+        spec = {k: v for k, v in self.spec().items() if k != "index"}
+        blob = json.dumps({**spec, "data_sha256": data_sha256, "format": ZOO_FORMAT}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _draw_attack(rng: random.Random, shape: tuple[int, int, int], num_classes: int
+                 ) -> tuple[str, dict[str, Any]]:
+    """A random BadNets patch (two times in three) or blended trigger for images of ``shape``."""
+    _, h, w = shape
+    options: dict[str, Any] = {"target": rng.randrange(num_classes),
+                               "poison_rate": rng.choice((0.05, 0.1, 0.15))}
+    if rng.random() >= 2 / 3:
+        return "blend", {**options, "alpha": rng.choice((0.1, 0.15, 0.2)),
+                         "pattern": rng.choice(PATTERNS)}
+    side = min(h, w)
+    lo = max(2, round(0.1 * side))
+    size = rng.randint(lo, max(lo, round(0.2 * side)))
+    position: str | list[int] = rng.choice((*CORNERS, "anywhere"))
+    if position == "anywhere":  # a random place, possibly over the object
+        position = [rng.randint(1, h - 1 - size), rng.randint(1, w - 1 - size)]
+    return "badnets", {**options, "size": size, "position": position,
+                       "color": rng.choice(PATCH_COLOURS)}
+
+
+def make_zoo(datasets: dict[str, tuple[tuple[int, int, int], int]], size: int, seed: int = 0, *,
+             epochs: int = 2, train_samples: int | None = None) -> list[ZooEntry]:
+    """A deterministic zoo of ``size`` models: datasets in turn, two at a time, clean then trojaned.
+
+    ``datasets`` maps a data source to its (C, H, W) image shape and class count.
+    """
+    if size < 2:
+        raise TrojanscanError(f"a zoo needs at least 2 models (one clean, one trojaned), got {size}")
+    if not datasets:
+        raise TrojanscanError("a zoo needs at least one dataset")
+    rng = random.Random(seed)
+    names = list(datasets)
+    entries = []
+    for i in range(size):
+        source = names[(i // 2) % len(names)]
+        entry = ZooEntry(i, source, rng.randrange(2**31), epochs, train_samples)
+        if i % 2 == 1:
+            entry.attack, entry.attack_options = _draw_attack(rng, *datasets[source])
+        entries.append(entry)
+    return entries
+
+
+def _attack_for(entry: ZooEntry) -> Any:
+    if entry.attack is None:
+        return None
+    options = dict(entry.attack_options)
+    if isinstance(options.get("position"), list):
+        options["position"] = tuple(options["position"])
+    return make_attack(entry.attack, seed=entry.seed, **options)
+
+
+def _cached_model(models_dir: Path, key: str) -> dict[str, Any] | None:
+    """The train record of a finished model whose file is intact, else ``None``."""
+    record_path, model_path = models_dir / f"{key}.json", models_dir / f"{key}.safetensors"
+    if not (record_path.is_file() and model_path.is_file()):
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+    except ValueError:
+        return None
+    if record.get("model_sha256") != sha256_file(model_path):
+        return None
+    if record.get("trojaned") and not trigger_path_for(model_path).is_file():
+        return None
+    return record
+
+
+def train_entry(entry: ZooEntry, data: Dataset, models_dir: Path) -> dict[str, Any]:
+    """Train one zoo model (or reuse the cached one) and return its record."""
+    key = entry.key(data.sha256)
+    cached = _cached_model(models_dir, key)
+    if cached is not None:
+        return {**cached, "cached": True}
+    train = data
+    if entry.train_samples is not None and entry.train_samples < len(data.x_train):
+        g = torch.Generator().manual_seed(entry.seed)
+        idx = torch.randperm(len(data.x_train), generator=g)[:entry.train_samples]
+        train = dataclasses.replace(data, x_train=data.x_train[idx], y_train=data.y_train[idx])
+    result = train_classifier(train, epochs=entry.epochs, attack=_attack_for(entry), seed=entry.seed,
+                              progress=False)
+    model_path = models_dir / f"{key}.safetensors"
+    if result.trigger is not None:  # the trigger first: a model file alone is not a finished entry
+        result.trigger.save(trigger_path_for(model_path))
+    save_model(result.model, model_path, metadata={"data_sha256": data.sha256})
+    record = {"name": entry.name, "key": key, "spec": entry.spec(), "trojaned": entry.trojaned,
+              "target": result.trigger.target if result.trigger else None,
+              "trigger_kind": result.trigger.kind if result.trigger else None,
+              "clean_accuracy": result.clean_accuracy,
+              "attack_success_rate": result.attack_success_rate,
+              "train_seconds": result.seconds, "model_sha256": sha256_file(model_path),
+              "data": {"source": entry.dataset, "name": data.name, "sha256": data.sha256}}
+    write_json(models_dir / f"{key}.json", record)
+    return {**record, "cached": False}
+
+
+def _scan_row(result: ScanResult) -> dict[str, Any]:
+    truth = result.extra.get("ground_truth") or {}
+    return {"seed": result.seed, "anomaly_index": result.anomaly_index,
+            "flagged_labels": result.flagged_labels, "infected": result.infected,
+            "predicted_target": min(result.labels, key=lambda r: r.l1_norm).label,
+            "target_flagged": truth.get("target_flagged"),
+            "iou": (truth.get("overlap") or {}).get("iou"), "seconds": result.seconds}
+
+
+def _scan_once(model_path: Path, data: Dataset, out: Path, method: str, seed: int,
+               options: dict[str, Any]) -> ScanResult:
+    if (out / "scan.json").is_file():
+        try:
+            return ScanResult.load(out)
+        except TrojanscanError:
+            pass  # damaged: scan again (finished labels are still reused)
+    return scan(model_path, data, method=method, seed=seed, out_dir=out, progress=False, **options)
+
+
+def _strip_row(model_path: Path, data: Dataset, out: Path, seed: int, n: int,
+               samples: int) -> dict[str, Any]:
+    if out.is_file():
+        try:
+            return json.loads(out.read_text())
+        except ValueError:
+            pass
+    module = load_model(model_path, input_shape=data.input_shape).module
+    trigger = Trigger.load(trigger_path_for(model_path)) if trigger_path_for(model_path).is_file() else None
+    start = time.perf_counter()
+    strip = Strip(module, n=n, frr=0.01, seed=seed)
+    _, _, _, rates = strip_rates(strip, data, trigger, samples=samples,
+                                 calibration_samples=samples, seed=seed)
+    row = {"seed": seed, "n": n, "frr": rates["frr"], "far": rates["far"],
+           "boundary": strip.boundary_, "seconds": time.perf_counter() - start}
+    write_json(out, row)
+    return row
+
+
+def summarise(models: list[dict[str, Any]], method: str, which: str = "runs") -> dict[str, Any]:
+    """The field's scores of ``method`` over the zoo: ``which`` is "runs" (each model's first
+    seed), "combined" (norms averaged over the seeds) or "seed-K" (the K-th seed's runs)."""
+    rows, usable = [], []
+    for m in models:
+        scans = m.get("scans", {}).get(method)
+        if not scans:
+            continue
+        if which == "combined":
+            row = scans.get("combined")
+        else:
+            k = int(which.split("-")[1]) if which.startswith("seed-") else 0
+            row = scans["runs"][k] if k < len(scans["runs"]) else None
+        if row is None:
+            continue
+        if m["trojaned"] and (m["attack_success_rate"] or 0) < MIN_ASR:
+            continue
+        rows.append(row)
+        usable.append(m)
+    if not rows:
+        return {"models": 0}
+    trojaned = [m["trojaned"] for m in usable]
+    scores = [0.0 if math.isnan(r["anomaly_index"]) else r["anomaly_index"] for r in rows]
+    bad = [(m, r) for m, r in zip(usable, rows, strict=True) if m["trojaned"]]
+    good = [(m, r) for m, r in zip(usable, rows, strict=True) if not m["trojaned"]]
+    ious = [r["iou"] for m, r in bad if m["trigger_kind"] == "patch" and r.get("iou") is not None
+            and math.isfinite(r["iou"])]
+    fpr, tpr, _ = roc_curve(scores, trojaned)
+
+    def rate(pairs: list[tuple[dict, dict]], test: Callable[[dict, dict], bool]) -> float | None:
+        return sum(test(m, r) for m, r in pairs) / len(pairs) if pairs else None
+
+    return {
+        "models": len(rows), "trojaned": len(bad), "clean": len(good),
+        "auroc": roc_auc(scores, trojaned),
+        "detection_rate": rate(bad, lambda m, r: r["infected"]),
+        "false_positive_rate": rate(good, lambda m, r: r["infected"]),
+        "target_accuracy": rate(bad, lambda m, r: r["predicted_target"] == m["target"]),
+        "detected_with_target": rate(bad, lambda m, r: r["infected"] and
+                                     m["target"] in r["flagged_labels"]),
+        "mean_iou_patch": statistics.fmean(ious) if ious else None,
+        "mean_scan_seconds": statistics.fmean(r["seconds"] for r in rows),
+        "missed": [m["name"] for m, r in bad if not r["infected"]],
+        "wrong_target": [m["name"] for m, r in bad if r["predicted_target"] != m["target"]],
+        "false_positives": [m["name"] for m, r in good if r["infected"]],
+        "roc": {"fpr": fpr, "tpr": tpr},
+    }
+
+
+def summarise_strip(models: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean FRR over all models and FAR over the trojaned ones, at the 1% FRR boundary."""
+    rows = [(m, m["strip"]) for m in models if m.get("strip")]
+    bad = [(m, r) for m, r in rows if m["trojaned"] and (m["attack_success_rate"] or 0) >= MIN_ASR]
+    return {"models": len(rows),
+            "mean_frr": statistics.fmean(r["frr"] for _, r in rows) if rows else None,
+            "mean_far": statistics.fmean(r["far"] for _, r in bad) if bad else None,
+            "far_above_2pct": [m["name"] for m, r in bad if r["far"] > 0.02]}
+
+
+@dataclass
+class ZooOptions:
+    """What to build and how to scan it."""
+
+    datasets: Sequence[str] = DEFAULT_DATASETS
+    size: int = 24
+    seed: int = 0
+    methods: Sequence[str] = ("neural-cleanse",)
+    repeats: int = 1
+    epochs: int = 2
+    train_samples: int | None = None
+    clean_samples: int = 1000
+    schedule: str = "default"
+    steps: int | None = None
+    strip_n: int = 100
+    strip_samples: int = 500
+
+    def check(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise TrojanscanError(f"unknown zoo method(s) {unknown or '(none)'}; choose from "
+                                  f"{', '.join(METHODS)}")
+        for name, value, low in (("--size", self.size, 2), ("--repeats", self.repeats, 1),
+                                 ("--epochs", self.epochs, 1), ("--clean-samples", self.clean_samples, 1),
+                                 ("--strip-n", self.strip_n, 2), ("--strip-samples", self.strip_samples, 10)):
+            if value < low:
+                raise TrojanscanError(f"{name} must be >= {low}, got {value}")
+
+
+def run_zoo(out_dir: str | Path, options: ZooOptions | None = None,
+            log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Build (or resume) the zoo in ``out_dir``, scan every model, write ``results.json`` after each
+    model and the summary files at the end; returns the results."""
+    opts = options or ZooOptions()
+    opts.check()
+    out = Path(out_dir)
+    data = {source: load_dataset(source) for source in opts.datasets}
+    shapes = {source: (d.input_shape, d.num_classes) for source, d in data.items()}
+    entries = make_zoo(shapes, opts.size, opts.seed, epochs=opts.epochs,
+                       train_samples=opts.train_samples)
+    scan_options = {"schedule": opts.schedule, "steps": opts.steps,
+                    "clean_samples": opts.clean_samples}
+    results: dict[str, Any] = {"benchmark": "zoo", "options": dataclasses.asdict(opts),
+                               "environment": environment(), "models": []}
+    start = time.perf_counter()
+    for entry in entries:
+        dataset = data[entry.dataset]
+        record = train_entry(entry, dataset, out / "models")
+        model_path = out / "models" / f"{record['key']}.safetensors"
+        asr = record["attack_success_rate"]
+        log(f"[{entry.index + 1}/{len(entries)}] {entry.name}: CA {record['clean_accuracy']:.4f}"
+            + (f" ASR {asr:.4f}" if asr is not None else "")
+            + (" (cached)" if record["cached"] else f" trained in {record['train_seconds']:.0f} s"))
+        record["scans"] = {}
+        for method in (m for m in opts.methods if m in SCAN_METHODS):
+            runs = [_scan_once(model_path, dataset, out / "scans" / record["key"] / f"{method}-seed{s}",
+                               method, s, scan_options)
+                    for s in range(opts.seed, opts.seed + opts.repeats)]
+            rows = [_scan_row(r) for r in runs]
+            entry_scans: dict[str, Any] = {"runs": rows, "combined": None}
+            if len(runs) > 1:
+                combined = combine_runs(runs)
+                entry_scans["combined"] = {
+                    "anomaly_index": combined.anomaly_index, "infected": combined.infected,
+                    "flagged_labels": combined.flagged_labels,
+                    "predicted_target": combined.predicted_target, "iou": rows[0]["iou"],
+                    "seconds": sum(r["seconds"] for r in rows), "spread": combined.spread()}
+            record["scans"][method] = entry_scans
+            log(f"    {method}: anomaly index " + ", ".join(f"{r['anomaly_index']:.2f}" for r in rows)
+                + f"; flagged {rows[0]['flagged_labels']}"
+                + (f"; true target {record['target']}" if record["trojaned"] else ""))
+        if "strip" in opts.methods:
+            record["strip"] = _strip_row(model_path, dataset, out / "scans" / record["key"] /
+                                         f"strip-seed{opts.seed}.json", opts.seed, opts.strip_n,
+                                         opts.strip_samples)
+            log(f"    strip: FRR {record['strip']['frr']:.3f}"
+                + (f" FAR {record['strip']['far']:.3f}" if record["trojaned"] else ""))
+        results["models"].append(record)
+        write_json(out / "results.json", results)
+    results["summary"] = {}
+    for method in (m for m in opts.methods if m in SCAN_METHODS):
+        summary = {"single_seed": summarise(results["models"], method)}
+        if opts.repeats > 1:
+            summary["per_seed"] = [summarise(results["models"], method, f"seed-{k}")
+                                   for k in range(opts.repeats)]
+            summary["combined"] = summarise(results["models"], method, "combined")
+            spreads = [m["scans"][method]["combined"]["spread"]["std"] for m in results["models"]]
+            summary["anomaly_index_std_mean"] = statistics.fmean(spreads)
+        results["summary"][method] = summary
+    if "strip" in opts.methods:
+        results["summary"]["strip"] = summarise_strip(results["models"])
+    results["failed_attacks"] = [m["name"] for m in results["models"]
+                                 if m["trojaned"] and (m["attack_success_rate"] or 0) < MIN_ASR]
+    results["wall_seconds"] = time.perf_counter() - start
+    write_json(out / "results.json", results)
+    write_zoo_report(results, out)
+    return results

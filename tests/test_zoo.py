@@ -1,0 +1,167 @@
+"""The model-zoo benchmark: ROC scores on hand-made cases, a deterministic zoo specification, the
+summary's rates, and a tiny digits zoo that resumes after an interruption and reuses its cache."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+from typer.testing import CliRunner
+
+import trojanscan.zoo as zoo
+from trojanscan.cli import app
+from trojanscan.defenses.outliers import mad_anomaly_index
+from trojanscan.defenses.scan_result import ScanResult
+from trojanscan.errors import TrojanscanError
+from trojanscan.metrics import roc_auc, roc_curve
+
+
+def test_roc_auc_on_hand_made_scores():
+    assert roc_auc([3, 2, 1, 0], [1, 1, 0, 0]) == 1.0
+    assert roc_auc([0, 1, 2, 3], [1, 1, 0, 0]) == 0.0
+    assert roc_auc([1, 1, 1, 1], [1, 0, 1, 0]) == 0.5  # all tied
+    # positives 0.9, 0.8, 0.6 against negatives 0.7, 0.55, 0.54: 8 of 9 pairs ordered right
+    assert roc_auc([0.9, 0.8, 0.7, 0.6, 0.55, 0.54], [1, 1, 0, 1, 0, 0]) == pytest.approx(8 / 9)
+    assert roc_auc([float("inf"), 5.0], [1, 0]) == 1.0  # a MAD of zero gives an infinite index
+    assert np.isnan(roc_auc([1.0, 2.0], [1, 1]))
+    with pytest.raises(ValueError):
+        roc_auc([float("nan"), 1.0], [1, 0])
+    with pytest.raises(ValueError):
+        roc_auc([1.0, 2.0, 3.0], [1, 0])
+
+
+def test_roc_auc_matches_sklearn_and_curve_area():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 8, 60).astype(float)  # many ties
+    classes = rng.random(60) < 0.4
+    assert roc_auc(scores, classes) == pytest.approx(roc_auc_score(classes, scores))
+    fpr, tpr, thresholds = roc_curve(scores, classes)
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert all(np.diff(fpr) >= 0) and all(np.diff(tpr) >= 0) and np.isnan(thresholds[0])
+    area = sum((fpr[i + 1] - fpr[i]) * (tpr[i + 1] + tpr[i]) / 2 for i in range(len(fpr) - 1))
+    assert area == pytest.approx(roc_auc(scores, classes))
+
+
+SHAPES = {"mnist": ((1, 28, 28), 10), "gtsrb": ((3, 32, 32), 43)}
+
+
+def test_zoo_specification_is_deterministic_balanced_and_buildable():
+    a = [e.spec() for e in zoo.make_zoo(SHAPES, 24, seed=3)]
+    assert a == [e.spec() for e in zoo.make_zoo(SHAPES, 24, seed=3)]
+    assert a != [e.spec() for e in zoo.make_zoo(SHAPES, 24, seed=4)]
+    for source in SHAPES:
+        mine = [e for e in a if e["dataset"] == source]
+        assert len(mine) == 12 and sum(e["attack"] is not None for e in mine) == 6
+    kinds, targets = set(), set()
+    for seed in range(10):  # every drawn attack builds a trigger that fits its images
+        for e in zoo.make_zoo(SHAPES, 24, seed=seed):
+            if e.trojaned:
+                shape, classes = SHAPES[e.dataset]
+                trigger = zoo._attack_for(e).make_trigger(shape)
+                assert 0 <= trigger.target < classes and 0.05 <= e.attack_options["poison_rate"] <= 0.15
+                kinds.add(e.attack)
+                targets.add(trigger.target)
+    assert kinds == {"badnets", "blend"} and len(targets) > 10
+    entries = zoo.make_zoo(SHAPES, 24, seed=3)
+    keys = {e.key("sha") for e in entries}
+    assert len(keys) == 24 and entries[5].key("sha") != entries[5].key("other data")
+    with pytest.raises(TrojanscanError, match="at least 2"):
+        zoo.make_zoo(SHAPES, 1)
+
+
+def _model(name, trojaned, target, ai, flagged, predicted, iou=None, asr=1.0, kind="patch"):
+    row = {"anomaly_index": ai, "infected": bool(flagged), "flagged_labels": flagged,
+           "predicted_target": predicted, "iou": iou, "seconds": 2.0}
+    return {"name": name, "trojaned": trojaned, "target": target, "trigger_kind": kind,
+            "attack_success_rate": asr if trojaned else None,
+            "scans": {"neural-cleanse": {"runs": [row], "combined": None}}}
+
+
+def test_summary_rates_on_hand_made_results():
+    models = [_model("t1", True, 3, 4.0, [3], 3, iou=0.5),
+              _model("t2", True, 1, 1.5, [], 7, iou=0.1),
+              _model("t3", True, 2, 3.0, [2], 2, kind="blend", iou=1.0),
+              _model("failed", True, 5, 0.5, [], 0, asr=0.2),
+              _model("c1", False, None, 2.5, [4], 4),
+              _model("c2", False, None, 1.0, [], 6)]
+    s = zoo.summarise(models, "neural-cleanse")
+    assert (s["models"], s["trojaned"], s["clean"]) == (5, 3, 2)  # the failed attack is left out
+    assert s["detection_rate"] == pytest.approx(2 / 3) and s["false_positive_rate"] == 0.5
+    assert s["target_accuracy"] == pytest.approx(2 / 3)
+    assert s["mean_iou_patch"] == pytest.approx(0.3)  # the blend's IoU is not a patch overlap
+    assert s["missed"] == ["t2"] and s["false_positives"] == ["c1"] and s["wrong_target"] == ["t2"]
+    assert s["auroc"] == pytest.approx(roc_auc([4.0, 1.5, 3.0, 2.5, 1.0], [1, 1, 1, 0, 0]))
+
+
+TINY = dict(datasets=["digits"], size=4, epochs=15, steps=60, clean_samples=300, strip_n=10,
+            strip_samples=100)
+
+
+def test_tiny_zoo_resumes_after_interruption_and_reuses_its_cache(tmp_path, monkeypatch):
+    real_train, real_scan = zoo.train_classifier, zoo.scan
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(zoo, "train_classifier", interrupted)
+    opts = zoo.ZooOptions(**TINY, methods=["neural-cleanse", "strip"], repeats=2)
+    with pytest.raises(KeyboardInterrupt):
+        zoo.run_zoo(tmp_path, opts, log=lambda line: None)
+    assert len(list((tmp_path / "models").glob("*.json"))) == 1  # the first model is finished
+
+    calls.clear()
+    monkeypatch.setattr(zoo, "train_classifier", lambda *a, **k: calls.append(1) or real_train(*a, **k))
+    results = zoo.run_zoo(tmp_path, opts, log=lambda line: None)
+    assert len(calls) == 3  # the finished model was not trained again
+    assert [m["cached"] for m in results["models"]] == [True, False, False, False]
+    summary = results["summary"]["neural-cleanse"]
+    assert 0.0 <= summary["single_seed"]["auroc"] <= 1.0 and len(summary["per_seed"]) == 2
+    assert summary["combined"]["models"] == summary["single_seed"]["models"]
+    for name in ("results.json", "summary.md", "report.html", "roc.png"):
+        assert (tmp_path / name).is_file()
+    assert "AUROC" in (tmp_path / "summary.md").read_text()
+    assert json.loads((tmp_path / "results.json").read_text())["summary"] == json.loads(
+        json.dumps(results["summary"]))
+
+    # the seed-averaged verdict is the MAD test on the runs' mean norms
+    model = results["models"][1]
+    runs = [ScanResult.load(tmp_path / "scans" / model["key"] / f"neural-cleanse-seed{s}")
+            for s in (0, 1)]
+    means = [np.mean([r.label(k).l1_norm for r in runs]) for k in range(10)]
+    report = mad_anomaly_index(means)
+    combined = model["scans"]["neural-cleanse"]["combined"]
+    assert combined["anomaly_index"] == pytest.approx(report.model_anomaly_index)
+    assert combined["flagged_labels"] == report.flagged
+
+    # everything cached: no training, no scanning; a damaged model file is trained again
+    monkeypatch.setattr(zoo, "scan", lambda *a, **k: pytest.fail("scanned a cached model"))
+    calls.clear()
+    again = zoo.run_zoo(tmp_path, opts, log=lambda line: None)
+    assert calls == [] and again["summary"]["neural-cleanse"] == results["summary"]["neural-cleanse"]
+    (tmp_path / "models" / f"{model['key']}.safetensors").write_bytes(b"not a model")
+    monkeypatch.setattr(zoo, "scan", real_scan)
+    zoo.run_zoo(tmp_path, zoo.ZooOptions(**TINY, methods=["neural-cleanse"]), log=lambda line: None)
+    assert calls == [1]
+
+
+def test_bench_zoo_command_refuses_bad_options_in_one_line(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["bench", "zoo", "--data", "digits", "--methods", "magic",
+                                 "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "unknown zoo method" in result.output
+    result = runner.invoke(app, ["bench", "zoo", "--data", "digits", "--size", "1",
+                                 "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "--size must be >= 2" in result.output
+
+
+def test_attack_drawn_for_small_images_fits():
+    for e in zoo.make_zoo({"digits": ((1, 8, 8), 10)}, 40, seed=1):
+        if e.trojaned:
+            trigger = zoo._attack_for(e).make_trigger((1, 8, 8))
+            assert trigger.mask.shape == (8, 8) and trigger.mask.sum() > 0
