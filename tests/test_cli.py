@@ -124,6 +124,21 @@ def test_scan_command_writes_verdict_triggers_and_report(trained, tmp_path):
     assert "BACKDOOR DETECTED" in result.output
 
 
+def test_scan_repeats_averages_seeds(trained, tmp_path):
+    _, model = trained
+    out = tmp_path / "rep"
+    result = runner.invoke(app, ["scan", str(model), "--data", "digits", "--clean-samples", "200",
+                                 "--steps", "60", "--repeats", "2", "--seed", "5", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "repeats.json").read_text())
+    assert record["repeats"] == 2 and record["spread"]["seeds"] == [5, 6]
+    runs = [json.loads((out / f"seed-{s}" / "scan.json").read_text()) for s in (5, 6)]
+    mean0 = np.mean([next(r["l1_norm"] for r in run["labels"] if r["label"] == 0) for run in runs])
+    assert record["labels"][0]["mean_l1"] == pytest.approx(mean0)
+    assert record["infected"] is True and record["flagged_labels"][0] == 0
+    assert "BACKDOOR DETECTED" in result.output and "seed 6: anomaly index" in result.output
+
+
 def test_scan_refuses_bad_options_in_one_line(trained, tmp_path):
     _, model = trained
     for args, needle in [

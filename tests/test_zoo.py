@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 import trojanscan.zoo as zoo
 from trojanscan.cli import app
-from trojanscan.defenses.outliers import mad_anomaly_index
+from trojanscan.defenses.outliers import mad_anomaly_index, size_ratio
 from trojanscan.defenses.scan_result import ScanResult
 from trojanscan.errors import TrojanscanError
 from trojanscan.metrics import roc_auc, roc_curve
@@ -71,8 +71,9 @@ def test_zoo_specification_is_deterministic_balanced_and_buildable():
         zoo.make_zoo(SHAPES, 1)
 
 
-def _model(name, trojaned, target, ai, flagged, predicted, iou=None, asr=1.0, kind="patch"):
-    row = {"anomaly_index": ai, "infected": bool(flagged), "flagged_labels": flagged,
+def _model(name, trojaned, target, ai, flagged, predicted, iou=None, asr=1.0, kind="patch",
+           ratio=0.5):
+    row = {"anomaly_index": ai, "size_ratio": ratio, "infected": bool(flagged), "flagged_labels": flagged,
            "predicted_target": predicted, "iou": iou, "seconds": 2.0}
     return {"name": name, "trojaned": trojaned, "target": target, "trigger_kind": kind,
             "attack_success_rate": asr if trojaned else None,
@@ -80,12 +81,12 @@ def _model(name, trojaned, target, ai, flagged, predicted, iou=None, asr=1.0, ki
 
 
 def test_summary_rates_on_hand_made_results():
-    models = [_model("t1", True, 3, 4.0, [3], 3, iou=0.5),
-              _model("t2", True, 1, 1.5, [], 7, iou=0.1),
-              _model("t3", True, 2, 3.0, [2], 2, kind="blend", iou=1.0),
-              _model("failed", True, 5, 0.5, [], 0, asr=0.2),
-              _model("c1", False, None, 2.5, [4], 4),
-              _model("c2", False, None, 1.0, [], 6)]
+    models = [_model("t1", True, 3, 4.0, [3], 3, iou=0.5, ratio=0.1),
+              _model("t2", True, 1, 1.5, [], 7, iou=0.1, ratio=0.3),
+              _model("t3", True, 2, 3.0, [2], 2, kind="blend", iou=1.0, ratio=0.45),
+              _model("failed", True, 5, 0.5, [], 0, asr=0.2, ratio=0.9),
+              _model("c1", False, None, 2.5, [4], 4, ratio=0.6),
+              _model("c2", False, None, 1.0, [], 6, ratio=0.8)]
     s = zoo.summarise(models, "neural-cleanse")
     assert (s["models"], s["trojaned"], s["clean"]) == (5, 3, 2)  # the failed attack is left out
     assert s["detection_rate"] == pytest.approx(2 / 3) and s["false_positive_rate"] == 0.5
@@ -93,6 +94,20 @@ def test_summary_rates_on_hand_made_results():
     assert s["mean_iou_patch"] == pytest.approx(0.3)  # the blend's IoU is not a patch overlap
     assert s["missed"] == ["t2"] and s["false_positives"] == ["c1"] and s["wrong_target"] == ["t2"]
     assert s["auroc"] == pytest.approx(roc_auc([4.0, 1.5, 3.0, 2.5, 1.0], [1, 1, 1, 0, 0]))
+    r = zoo.summarise(models, "neural-cleanse", score="size_ratio")  # flagged below 0.4
+    assert r["auroc"] == 1.0 and r["detection_rate"] == pytest.approx(2 / 3)
+    assert r["false_positive_rate"] == 0.0 and r["missed"] == ["t3"]
+    assert r["detected_with_target"] == pytest.approx(1 / 3)  # t2's smallest trigger is label 7
+
+
+def test_size_ratio_on_hand_made_norms():
+    assert size_ratio([10.0, 50.0, 60.0, 70.0]) == pytest.approx(10 / 55)
+    assert size_ratio([5.0, 5.0, 5.0]) == 1.0
+    assert np.isnan(size_ratio([])) and np.isnan(size_ratio([0.0, 0.0, 1.0]))
+    assert np.isnan(size_ratio([1.0, float("nan")]))
+    # a wide spread above the median hides a small trigger from the MAD index, not from the ratio
+    norms = [4.7, 28.4, 53.0, 62.6, 63.0, 68.6, 86.3, 95.6, 118.7, 155.2]
+    assert mad_anomaly_index(norms).model_anomaly_index < 2 and size_ratio(norms) < 0.1
 
 
 TINY = dict(datasets=["digits"], size=4, epochs=15, steps=60, clean_samples=300, strip_n=10,
@@ -120,9 +135,10 @@ def test_tiny_zoo_resumes_after_interruption_and_reuses_its_cache(tmp_path, monk
     results = zoo.run_zoo(tmp_path, opts, log=lambda line: None)
     assert len(calls) == 3  # the finished model was not trained again
     assert [m["cached"] for m in results["models"]] == [True, False, False, False]
-    summary = results["summary"]["neural-cleanse"]
+    summary = results["summary"]["neural-cleanse / anomaly_index"]
     assert 0.0 <= summary["single_seed"]["auroc"] <= 1.0 and len(summary["per_seed"]) == 2
     assert summary["combined"]["models"] == summary["single_seed"]["models"]
+    assert results["summary"]["neural-cleanse / size_ratio"]["single_seed"]["score"] == "size_ratio"
     for name in ("results.json", "summary.md", "report.html", "roc.png"):
         assert (tmp_path / name).is_file()
     assert "AUROC" in (tmp_path / "summary.md").read_text()
@@ -143,7 +159,7 @@ def test_tiny_zoo_resumes_after_interruption_and_reuses_its_cache(tmp_path, monk
     monkeypatch.setattr(zoo, "scan", lambda *a, **k: pytest.fail("scanned a cached model"))
     calls.clear()
     again = zoo.run_zoo(tmp_path, opts, log=lambda line: None)
-    assert calls == [] and again["summary"]["neural-cleanse"] == results["summary"]["neural-cleanse"]
+    assert calls == [] and again["summary"] == results["summary"]
     (tmp_path / "models" / f"{model['key']}.safetensors").write_bytes(b"not a model")
     monkeypatch.setattr(zoo, "scan", real_scan)
     zoo.run_zoo(tmp_path, zoo.ZooOptions(**TINY, methods=["neural-cleanse"]), log=lambda line: None)

@@ -28,6 +28,7 @@ from trojanscan.api import (
     train_and_save,
 )
 from trojanscan.data.triggers import Trigger, trigger_path_for
+from trojanscan.defenses.outliers import SIZE_RATIO_THRESHOLD
 from trojanscan.defenses.tabor import TaborWeights
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import write_json
@@ -237,6 +238,9 @@ def print_scan_summary(result: ScanResult, out: Path | None) -> None:
     else:
         console.print(f"[bold green]No backdoor found[/bold green] — anomaly index "
                       f"{result.anomaly_index:.2f} (threshold {result.threshold:g})")
+    console.print(f"smallest reversed trigger: {result.size_ratio:.2f} × the median label's L1 "
+                  f"({'below' if result.size_ratio < SIZE_RATIO_THRESHOLD else 'above'} the "
+                  f"{SIZE_RATIO_THRESHOLD:g} that suggests a backdoor)")
     table = Table(title=f"smallest reversed triggers ({result.method})")
     for col in ("label", "L1 norm", "anomaly index", "ASR", "steps", "seconds"):
         table.add_column(col, justify="right")

@@ -29,6 +29,7 @@ from trojanscan.api import environment, load_dataset, make_attack, scan, strip_r
 from trojanscan.attacks.blend import PATTERNS
 from trojanscan.data import Dataset
 from trojanscan.data.triggers import Trigger, trigger_path_for
+from trojanscan.defenses.outliers import SIZE_RATIO_THRESHOLD
 from trojanscan.defenses.repeats import combine_runs
 from trojanscan.defenses.scan_result import ScanResult
 from trojanscan.defenses.strip import Strip
@@ -174,6 +175,7 @@ def train_entry(entry: ZooEntry, data: Dataset, models_dir: Path) -> dict[str, A
 def _scan_row(result: ScanResult) -> dict[str, Any]:
     truth = result.extra.get("ground_truth") or {}
     return {"seed": result.seed, "anomaly_index": result.anomaly_index,
+            "size_ratio": result.size_ratio,
             "flagged_labels": result.flagged_labels, "infected": result.infected,
             "predicted_target": min(result.labels, key=lambda r: r.l1_norm).label,
             "target_flagged": truth.get("target_flagged"),
@@ -209,9 +211,26 @@ def _strip_row(model_path: Path, data: Dataset, out: Path, seed: int, n: int,
     return row
 
 
-def summarise(models: list[dict[str, Any]], method: str, which: str = "runs") -> dict[str, Any]:
+SCORES = ("anomaly_index", "size_ratio")
+
+
+def _verdict(row: dict[str, Any], score: str) -> tuple[float, bool, bool]:
+    """(score, flagged, flagged-with-the-smallest-trigger's-label) of a scan row under ``score``:
+    the MAD anomaly index (higher is worse), or the size ratio (lower is worse; negated)."""
+    if score == "anomaly_index":
+        value = row["anomaly_index"]
+        return (0.0 if math.isnan(value) else value), row["infected"], row["infected"]
+    ratio = row["size_ratio"]
+    flagged = bool(ratio < SIZE_RATIO_THRESHOLD)
+    return (-1.0 if math.isnan(ratio) else -ratio), flagged, flagged
+
+
+def summarise(models: list[dict[str, Any]], method: str, which: str = "runs",
+              score: str = "anomaly_index") -> dict[str, Any]:
     """The field's scores of ``method`` over the zoo: ``which`` is "runs" (each model's first
-    seed), "combined" (norms averaged over the seeds) or "seed-K" (the K-th seed's runs)."""
+    seed), "combined" (norms averaged over the seeds) or "seed-K" (the K-th seed's runs);
+    ``score`` is "anomaly_index" (the paper's MAD test) or "size_ratio" (smallest / median norm,
+    flagged below ``SIZE_RATIO_THRESHOLD``)."""
     rows, usable = [], []
     for m in models:
         scans = m.get("scans", {}).get(method)
@@ -231,29 +250,34 @@ def summarise(models: list[dict[str, Any]], method: str, which: str = "runs") ->
     if not rows:
         return {"models": 0}
     trojaned = [m["trojaned"] for m in usable]
-    scores = [0.0 if math.isnan(r["anomaly_index"]) else r["anomaly_index"] for r in rows]
-    bad = [(m, r) for m, r in zip(usable, rows, strict=True) if m["trojaned"]]
-    good = [(m, r) for m, r in zip(usable, rows, strict=True) if not m["trojaned"]]
-    ious = [r["iou"] for m, r in bad if m["trigger_kind"] == "patch" and r.get("iou") is not None
+    verdicts = [_verdict(r, score) for r in rows]
+    scores = [v[0] for v in verdicts]
+    bad = [(m, r, v) for m, r, v in zip(usable, rows, verdicts, strict=True) if m["trojaned"]]
+    good = [(m, r, v) for m, r, v in zip(usable, rows, verdicts, strict=True) if not m["trojaned"]]
+    ious = [r["iou"] for m, r, _ in bad if m["trigger_kind"] == "patch" and r.get("iou") is not None
             and math.isfinite(r["iou"])]
     fpr, tpr, _ = roc_curve(scores, trojaned)
 
-    def rate(pairs: list[tuple[dict, dict]], test: Callable[[dict, dict], bool]) -> float | None:
-        return sum(test(m, r) for m, r in pairs) / len(pairs) if pairs else None
+    def rate(triples: list[tuple[dict, dict, tuple]], test: Callable[..., bool]) -> float | None:
+        return sum(bool(test(*t)) for t in triples) / len(triples) if triples else None
+
+    def hit(m: dict, r: dict, v: tuple) -> bool:  # flagged, and the flagged label is the target
+        if score == "anomaly_index":
+            return v[1] and m["target"] in r["flagged_labels"]
+        return v[2] and r["predicted_target"] == m["target"]
 
     return {
-        "models": len(rows), "trojaned": len(bad), "clean": len(good),
+        "score": score, "models": len(rows), "trojaned": len(bad), "clean": len(good),
         "auroc": roc_auc(scores, trojaned),
-        "detection_rate": rate(bad, lambda m, r: r["infected"]),
-        "false_positive_rate": rate(good, lambda m, r: r["infected"]),
-        "target_accuracy": rate(bad, lambda m, r: r["predicted_target"] == m["target"]),
-        "detected_with_target": rate(bad, lambda m, r: r["infected"] and
-                                     m["target"] in r["flagged_labels"]),
+        "detection_rate": rate(bad, lambda m, r, v: v[1]),
+        "false_positive_rate": rate(good, lambda m, r, v: v[1]),
+        "target_accuracy": rate(bad, lambda m, r, v: r["predicted_target"] == m["target"]),
+        "detected_with_target": rate(bad, hit),
         "mean_iou_patch": statistics.fmean(ious) if ious else None,
         "mean_scan_seconds": statistics.fmean(r["seconds"] for r in rows),
-        "missed": [m["name"] for m, r in bad if not r["infected"]],
-        "wrong_target": [m["name"] for m, r in bad if r["predicted_target"] != m["target"]],
-        "false_positives": [m["name"] for m, r in good if r["infected"]],
+        "missed": [m["name"] for m, r, v in bad if not v[1]],
+        "wrong_target": [m["name"] for m, r, v in bad if r["predicted_target"] != m["target"]],
+        "false_positives": [m["name"] for m, r, v in good if v[1]],
         "roc": {"fpr": fpr, "tpr": tpr},
     }
 
@@ -332,6 +356,7 @@ def run_zoo(out_dir: str | Path, options: ZooOptions | None = None,
                 combined = combine_runs(runs)
                 entry_scans["combined"] = {
                     "anomaly_index": combined.anomaly_index, "infected": combined.infected,
+                    "size_ratio": combined.size_ratio,
                     "flagged_labels": combined.flagged_labels,
                     "predicted_target": combined.predicted_target, "iou": rows[0]["iou"],
                     "seconds": sum(r["seconds"] for r in rows), "spread": combined.spread()}
@@ -349,14 +374,16 @@ def run_zoo(out_dir: str | Path, options: ZooOptions | None = None,
         write_json(out / "results.json", results)
     results["summary"] = {}
     for method in (m for m in opts.methods if m in SCAN_METHODS):
-        summary = {"single_seed": summarise(results["models"], method)}
-        if opts.repeats > 1:
-            summary["per_seed"] = [summarise(results["models"], method, f"seed-{k}")
-                                   for k in range(opts.repeats)]
-            summary["combined"] = summarise(results["models"], method, "combined")
-            spreads = [m["scans"][method]["combined"]["spread"]["std"] for m in results["models"]]
-            summary["anomaly_index_std_mean"] = statistics.fmean(spreads)
-        results["summary"][method] = summary
+        for score in SCORES:
+            summary = {"single_seed": summarise(results["models"], method, score=score)}
+            if opts.repeats > 1:
+                summary["per_seed"] = [summarise(results["models"], method, f"seed-{k}", score)
+                                       for k in range(opts.repeats)]
+                summary["combined"] = summarise(results["models"], method, "combined", score)
+            results["summary"][f"{method} / {score}"] = summary
+        if opts.repeats > 1:  # the mean over models of the runs' standard deviation
+            results.setdefault("anomaly_index_spread", {})[method] = statistics.fmean(
+                m["scans"][method]["combined"]["spread"]["std"] for m in results["models"])
     if "strip" in opts.methods:
         results["summary"]["strip"] = summarise_strip(results["models"])
     results["failed_attacks"] = [m["name"] for m in results["models"]

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 
 MAD_CONSISTENCY = 1.4826  # makes the MAD estimate the standard deviation of normal data
+# below this, the smallest trigger is suspiciously small next to the typical label's (see size_ratio)
+SIZE_RATIO_THRESHOLD = 0.4
 
 
 @dataclass
@@ -49,3 +51,14 @@ def mad_anomaly_index(norms: Sequence[float], threshold: float = 2.0) -> Outlier
     flagged = [int(i) for i in np.argsort(values, kind="stable") if low[i] and index[i] > threshold]
     return OutlierReport([float(v) for v in values], [float(v) for v in index], flagged, median,
                          mad, float(threshold))
+
+
+def size_ratio(norms: Sequence[float]) -> float:
+    """The smallest trigger norm over the median one: how many times easier the easiest label is
+    to reach than a typical label. Scale-free, and unlike the MAD index not widened by labels
+    whose triggers are large (NaN for an empty or non-positive median)."""
+    values = np.asarray(norms, dtype=np.float64)
+    if values.ndim != 1 or len(values) == 0 or not np.all(np.isfinite(values)):
+        return float("nan")
+    median = float(np.median(values))
+    return float(values.min() / median) if median > 0 else float("nan")

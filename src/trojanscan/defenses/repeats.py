@@ -7,7 +7,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from trojanscan.defenses.outliers import mad_anomaly_index
+from trojanscan.defenses.outliers import mad_anomaly_index, size_ratio
 from trojanscan.defenses.scan_result import ScanResult
 from trojanscan.errors import TrojanscanError
 
@@ -29,6 +29,11 @@ class RepeatedScan:
         return bool(self.flagged_labels)
 
     @property
+    def size_ratio(self) -> float:
+        """Smallest averaged trigger norm over the median one."""
+        return size_ratio(self.mean_l1)
+
+    @property
     def predicted_target(self) -> int:
         """The label whose averaged trigger is smallest."""
         return self.labels[min(range(len(self.labels)), key=self.mean_l1.__getitem__)]
@@ -46,6 +51,7 @@ class RepeatedScan:
         return {"method": self.runs[0].method, "repeats": len(self.runs), "infected": self.infected,
                 "flagged_labels": self.flagged_labels, "anomaly_index": self.anomaly_index,
                 "threshold": self.threshold, "predicted_target": self.predicted_target,
+                "size_ratio": self.size_ratio,
                 "labels": [{"label": k, "mean_l1": n, "anomaly_index": a} for k, n, a in
                            zip(self.labels, self.mean_l1, self.label_anomaly_index, strict=True)],
                 "spread": self.spread(), "seconds": sum(r.seconds for r in self.runs)}

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from trojanscan.data.triggers import Trigger
+from trojanscan.defenses.outliers import size_ratio
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import atomic_write_bytes, to_jsonable, write_json
 
@@ -122,6 +123,11 @@ class ScanResult:
     def image_passes(self) -> int:
         return sum(r.image_passes for r in self.labels)
 
+    @property
+    def size_ratio(self) -> float:
+        """Smallest reversed-trigger L1 over the median one (see ``outliers.size_ratio``)."""
+        return size_ratio([r.l1_norm for r in self.labels])
+
     def label(self, label: int) -> LabelResult:
         for r in self.labels:
             if r.label == label:
@@ -141,6 +147,7 @@ class ScanResult:
             "threshold": self.threshold, "median_l1": self.median_l1, "mad": self.mad,
             "clean_accuracy": self.clean_accuracy, "input_convention": self.input_convention,
             "seconds": self.seconds, "image_passes": self.image_passes, "seed": self.seed,
+            "size_ratio": self.size_ratio,
             "model_sha256": self.model_sha256, "data_sha256": self.data_sha256,
             "parameters": self.parameters, "warnings": self.warnings, **self.extra,
             "labels": [r.record() for r in self.labels],
@@ -185,6 +192,7 @@ class ScanResult:
             r.anomaly_index = _number(rec.get("anomaly_index"))
             labels.append(r)
         known = {"method", "infected", "flagged_labels", "anomaly_index", "threshold", "median_l1",
+                 "size_ratio",
                  "mad", "clean_accuracy", "input_convention", "seconds", "image_passes", "seed",
                  "model_sha256", "data_sha256", "parameters", "warnings", "labels"}
         return cls(method=data["method"], labels=labels, flagged_labels=data["flagged_labels"],

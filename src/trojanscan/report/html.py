@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from trojanscan.data.triggers import Trigger
+from trojanscan.defenses.outliers import SIZE_RATIO_THRESHOLD
 from trojanscan.defenses.scan_result import LabelResult, ScanResult
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import atomic_write_bytes, to_jsonable
@@ -186,6 +187,8 @@ def _verdict(result: ScanResult) -> str:
         ("Image passes", f"{result.image_passes:,}"),
         ("Labels scanned", str(len(result.labels))),
         ("Median L1 / MAD", f"{_num(result.median_l1, 1)} / {_num(result.mad, 1)}"),
+        ("Smallest / median L1", f"{_num(result.size_ratio)} (below {SIZE_RATIO_THRESHOLD:g} "
+                                 "suggests a backdoor)"),
     ]
     items = "".join(f"<div><dt>{k}:</dt> <dd>{v}</dd></div>" for k, v in facts)
     out = (f'<section class="verdict {cls}"><p class="big">{escape(headline)}</p>'

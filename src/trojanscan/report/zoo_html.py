@@ -12,9 +12,10 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from trojanscan.defenses.outliers import SIZE_RATIO_THRESHOLD
 from trojanscan.fileio import atomic_write_bytes
 
-SCORE_ROWS = (("auroc", "AUROC of the anomaly index", "num"),
+SCORE_ROWS = (("auroc", "AUROC (trojaned vs clean)", "num"),
               ("detection_rate", "detection rate (trojaned flagged)", "pct"),
               ("false_positive_rate", "false-positive rate (clean flagged)", "pct"),
               ("target_accuracy", "target-label accuracy (smallest trigger)", "pct"),
@@ -36,18 +37,21 @@ def _fmt(value: Any, kind: str) -> str:
 def _columns(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(column title, summary) for every scan method, single-seed and seed-averaged."""
     cols = []
-    for method, summary in results.get("summary", {}).items():
-        if method == "strip":
+    for key, summary in results.get("summary", {}).items():
+        if key == "strip":
             continue
-        cols.append((method, summary["single_seed"]))
+        method, _, score = key.partition(" / ")
+        title = f"{method}, " + ("MAD index" if score == "anomaly_index" else
+                                 f"size ratio < {SIZE_RATIO_THRESHOLD:g}")
+        cols.append((title, summary["single_seed"]))
         if "combined" in summary:
-            cols.append((f"{method}, mean of {results['options']['repeats']} seeds",
+            cols.append((f"{title}, mean of {results['options']['repeats']} seeds",
                          summary["combined"]))
     return cols
 
 
 def roc_png(results: dict[str, Any]) -> bytes:
-    """ROC curves (trojaned vs clean, scored by the anomaly index) of every column."""
+    """ROC curves (trojaned vs clean) of every column's score."""
     fig = Figure(figsize=(5, 4.4), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
@@ -80,10 +84,10 @@ def _attack_text(m: dict[str, Any]) -> str:
 
 
 def _model_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    methods = [m for m in results.get("summary", {}) if m != "strip"]
+    methods = [m for m in results["options"]["methods"] if m != "strip"]
     head = ["model", "attack", "target", "CA", "ASR"]
     for method in methods:
-        head += [f"{method} AI", "flagged", "IoU"]
+        head += [f"{method} AI (per seed)", "smallest / median", "flagged", "IoU"]
     if "strip" in results.get("summary", {}):
         head += ["STRIP FRR", "STRIP FAR"]
     rows = []
@@ -94,7 +98,8 @@ def _model_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         for method in methods:
             runs = m["scans"][method]["runs"]
             row += [", ".join(_fmt(r["anomaly_index"], "num") for r in runs),
-                    str(runs[0]["flagged_labels"]), _fmt(runs[0]["iou"], "num")]
+                    _fmt(runs[0].get("size_ratio"), "num"), str(runs[0]["flagged_labels"]),
+                    _fmt(runs[0]["iou"], "num")]
         if "strip" in results.get("summary", {}):
             s = m.get("strip") or {}
             row += [_fmt(s.get("frr"), "pct"), _fmt(s.get("far"), "pct") if m["trojaned"] else "—"]
