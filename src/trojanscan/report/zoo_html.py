@@ -52,20 +52,21 @@ def _columns(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 def roc_png(results: dict[str, Any]) -> bytes:
     """ROC curves (trojaned vs clean) of every column's score."""
-    fig = Figure(figsize=(5, 4.4), dpi=110)
+    cols = _columns(results)
+    fig = Figure(figsize=(6, 4.6 + 0.16 * len(cols)), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    for title, summary in _columns(results):
+    for i, (title, summary) in enumerate(cols):
         roc = summary.get("roc")
-        if roc:
-            ax.step(roc["fpr"], roc["tpr"], where="post",
+        if roc:  # straight segments between the points: a tie is a diagonal step
+            ax.plot(roc["fpr"], roc["tpr"], linestyle="-" if i % 2 == 0 else "--",
                     label=f"{title} (AUROC {_fmt(summary.get('auroc'), 'num')})")
     ax.plot([0, 1], [0, 1], color="#999", linestyle=":", linewidth=1)
     ax.set_xlabel("false-positive rate (clean models)")
     ax.set_ylabel("true-positive rate (trojaned models)")
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
