@@ -147,7 +147,7 @@ def test_tiny_zoo_resumes_after_interruption_and_reuses_its_cache(tmp_path, monk
 
     # the seed-averaged verdict is the MAD test on the runs' mean norms
     model = results["models"][1]
-    runs = [ScanResult.load(tmp_path / "scans" / model["key"] / f"neural-cleanse-seed{s}")
+    runs = [ScanResult.load(next((tmp_path / "scans" / model["key"]).glob(f"neural-cleanse-seed{s}-*")))
             for s in (0, 1)]
     means = [np.mean([r.label(k).l1_norm for r in runs]) for k in range(10)]
     report = mad_anomaly_index(means)
@@ -161,9 +161,19 @@ def test_tiny_zoo_resumes_after_interruption_and_reuses_its_cache(tmp_path, monk
     again = zoo.run_zoo(tmp_path, opts, log=lambda line: None)
     assert calls == [] and again["summary"] == results["summary"]
     (tmp_path / "models" / f"{model['key']}.safetensors").write_bytes(b"not a model")
-    monkeypatch.setattr(zoo, "scan", real_scan)
+    scanned = []
+    monkeypatch.setattr(zoo, "scan", lambda *a, **k: scanned.append(k["seed"]) or real_scan(*a, **k))
     zoo.run_zoo(tmp_path, zoo.ZooOptions(**TINY, methods=["neural-cleanse"]), log=lambda line: None)
     assert calls == [1]
+    # a scan of other weights, or with other settings, is not served from the cache
+    stale = next((tmp_path / "scans" / model["key"]).glob("neural-cleanse-seed0-*")) / "scan.json"
+    stale.write_text(stale.read_text().replace(model["model_sha256"], "0" * 64))
+    scanned.clear()
+    zoo.run_zoo(tmp_path, zoo.ZooOptions(**TINY, methods=["neural-cleanse"]), log=lambda line: None)
+    assert scanned == [0]
+    zoo.run_zoo(tmp_path, zoo.ZooOptions(**{**TINY, "clean_samples": 200}, methods=["neural-cleanse"]),
+                log=lambda line: None)
+    assert scanned == [0] * 5
 
 
 def test_bench_zoo_command_refuses_bad_options_in_one_line(tmp_path):

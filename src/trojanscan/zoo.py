@@ -5,7 +5,8 @@ anomaly index, detection and false-positive rates, target-label accuracy, trigge
 Layout of the output folder (rerun the same command to resume an interrupted run)::
 
     models/KEY.safetensors, KEY.trigger.npz, KEY.json   trained models, ground truth, train record
-    scans/KEY/METHOD-seedS/                             every scan (resumable, with its report)
+    scans/KEY/METHOD-seedS-TAG/                         every scan (resumable, with its report;
+                                                        TAG: a hash of the scan settings)
     results.json, summary.md, report.html, roc.png      the measurements and their summary
 """
 
@@ -182,13 +183,20 @@ def _scan_row(result: ScanResult) -> dict[str, Any]:
             "iou": (truth.get("overlap") or {}).get("iou"), "seconds": result.seconds}
 
 
-def _scan_once(model_path: Path, data: Dataset, out: Path, method: str, seed: int,
-               options: dict[str, Any]) -> ScanResult:
+def _tag(options: dict[str, Any]) -> str:
+    """A short hash of the settings, so that a cached result is only reused for the same ones."""
+    return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _scan_once(model_path: Path, model_sha256: str, data: Dataset, out: Path, method: str,
+               seed: int, options: dict[str, Any]) -> ScanResult:
     if (out / "scan.json").is_file():
         try:
-            return ScanResult.load(out)
+            cached = ScanResult.load(out)
+            if cached.model_sha256 == model_sha256:
+                return cached
         except TrojanscanError:
-            pass  # damaged: scan again (finished labels are still reused)
+            pass  # damaged or of another model: scan again (labels still valid are reused)
     return scan(model_path, data, method=method, seed=seed, out_dir=out, progress=False, **options)
 
 
@@ -347,8 +355,10 @@ def run_zoo(out_dir: str | Path, options: ZooOptions | None = None,
             + (" (cached)" if record["cached"] else f" trained in {record['train_seconds']:.0f} s"))
         record["scans"] = {}
         for method in (m for m in opts.methods if m in SCAN_METHODS):
-            runs = [_scan_once(model_path, dataset, out / "scans" / record["key"] / f"{method}-seed{s}",
-                               method, s, scan_options)
+            folder = out / "scans" / record["key"]
+            runs = [_scan_once(model_path, record["model_sha256"], dataset,
+                               folder / f"{method}-seed{s}-{_tag(scan_options)}", method, s,
+                               scan_options)
                     for s in range(opts.seed, opts.seed + opts.repeats)]
             rows = [_scan_row(r) for r in runs]
             entry_scans: dict[str, Any] = {"runs": rows, "combined": None}
@@ -365,9 +375,10 @@ def run_zoo(out_dir: str | Path, options: ZooOptions | None = None,
                 + f"; flagged {rows[0]['flagged_labels']}"
                 + (f"; true target {record['target']}" if record["trojaned"] else ""))
         if "strip" in opts.methods:
+            tag = _tag({"n": opts.strip_n, "samples": opts.strip_samples})
             record["strip"] = _strip_row(model_path, dataset, out / "scans" / record["key"] /
-                                         f"strip-seed{opts.seed}.json", opts.seed, opts.strip_n,
-                                         opts.strip_samples)
+                                         f"strip-seed{opts.seed}-{tag}.json", opts.seed,
+                                         opts.strip_n, opts.strip_samples)
             log(f"    strip: FRR {record['strip']['frr']:.3f}"
                 + (f" FAR {record['strip']['far']:.3f}" if record["trojaned"] else ""))
         results["models"].append(record)
