@@ -7,13 +7,16 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
+import trojanscan.defenses.scan as scan_module
 import trojanscan.zoo as zoo
 from trojanscan.cli import app
 from trojanscan.defenses.outliers import mad_anomaly_index, size_ratio
-from trojanscan.defenses.scan_result import ScanResult
+from trojanscan.defenses.repeats import combine_runs
+from trojanscan.defenses.scan_result import LabelResult, ScanResult
 from trojanscan.errors import TrojanscanError
 from trojanscan.metrics import roc_auc, roc_curve
 
@@ -115,7 +118,7 @@ TINY = dict(datasets=["digits"], size=4, epochs=15, steps=60, clean_samples=300,
 
 
 def test_tiny_zoo_resumes_after_interruption_and_reuses_its_cache(tmp_path, monkeypatch):
-    real_train, real_scan = zoo.train_classifier, zoo.scan
+    real_train = zoo.train_classifier
     calls = []
 
     def interrupted(*args, **kwargs):
@@ -155,25 +158,39 @@ def test_tiny_zoo_resumes_after_interruption_and_reuses_its_cache(tmp_path, monk
     assert combined["anomaly_index"] == pytest.approx(report.model_anomaly_index)
     assert combined["flagged_labels"] == report.flagged
 
-    # everything cached: no training, no scanning; a damaged model file is trained again
-    monkeypatch.setattr(zoo, "scan", lambda *a, **k: pytest.fail("scanned a cached model"))
+    # everything cached: no training, no trigger search, no STRIP measurement
+    real_search, real_strip = scan_module.search_triggers, zoo.strip_rates
+    def no_search(model, x, todo, *a, **k):
+        assert not todo, f"searched labels {todo} again"
+        return real_search(model, x, todo, *a, **k)
+
+    monkeypatch.setattr(scan_module, "search_triggers", no_search)
+    monkeypatch.setattr(zoo, "strip_rates", lambda *a, **k: pytest.fail("measured STRIP again"))
     calls.clear()
     again = zoo.run_zoo(tmp_path, opts, log=lambda line: None)
-    assert calls == [] and again["summary"] == results["summary"]
+    assert calls == [] and _without_seconds(again["summary"]) == _without_seconds(results["summary"])
+    assert again["complete"] is True
+
+    # a damaged model file is trained again; a STRIP result of other weights is measured again
     (tmp_path / "models" / f"{model['key']}.safetensors").write_bytes(b"not a model")
-    scanned = []
-    monkeypatch.setattr(zoo, "scan", lambda *a, **k: scanned.append(k["seed"]) or real_scan(*a, **k))
-    zoo.run_zoo(tmp_path, zoo.ZooOptions(**TINY, methods=["neural-cleanse"]), log=lambda line: None)
-    assert calls == [1]
-    # a scan of other weights, or with other settings, is not served from the cache
-    stale = next((tmp_path / "scans" / model["key"]).glob("neural-cleanse-seed0-*")) / "scan.json"
-    stale.write_text(stale.read_text().replace(model["model_sha256"], "0" * 64))
-    scanned.clear()
-    zoo.run_zoo(tmp_path, zoo.ZooOptions(**TINY, methods=["neural-cleanse"]), log=lambda line: None)
-    assert scanned == [0]
+    strip_file = next((tmp_path / "scans" / model["key"]).glob("strip-seed0-*.json"))
+    strip_file.write_text(strip_file.read_text().replace(model["model_sha256"], "0" * 64))
+    measured, searched = [], []
+    monkeypatch.setattr(zoo, "strip_rates", lambda *a, **k: measured.append(1) or real_strip(*a, **k))
+    monkeypatch.setattr(scan_module, "search_triggers",
+                        lambda m, x, todo, *a, **k: searched.extend(todo) or real_search(m, x, todo, *a, **k))
+    zoo.run_zoo(tmp_path, opts, log=lambda line: None)
+    assert calls == [1] and measured == [1]
+    # other scan settings are not served from the cache
     zoo.run_zoo(tmp_path, zoo.ZooOptions(**{**TINY, "clean_samples": 200}, methods=["neural-cleanse"]),
                 log=lambda line: None)
-    assert scanned == [0] * 5
+    assert searched
+
+
+def _without_seconds(summary):
+    """A resumed scan adds its few seconds of reloading to the recorded time."""
+    return json.loads(json.dumps(summary).replace("mean_scan_seconds", "x"), object_hook=lambda d: {
+        k: v for k, v in d.items() if k != "x"})
 
 
 def test_bench_zoo_command_refuses_bad_options_in_one_line(tmp_path):
@@ -191,3 +208,31 @@ def test_attack_drawn_for_small_images_fits():
         if e.trojaned:
             trigger = zoo._attack_for(e).make_trigger((1, 8, 8))
             assert trigger.mask.shape == (8, 8) and trigger.mask.sum() > 0
+
+
+def _fake_scan(norms, seed=0, index=None):
+    labels = [LabelResult(k, n, 1.0, True, 1, 1, 1.0, "done", 0.0, torch.zeros(2, 2),
+                          torch.zeros(1, 2, 2)) for k, n in enumerate(norms)]
+    report = mad_anomaly_index(norms) if len(norms) >= 3 else None
+    return ScanResult("neural-cleanse", labels, [], False,
+                      index if index is not None else (report.model_anomaly_index if report else
+                                                       float("nan")),
+                      2.0, 0.0, 0.0, {}, seed, "m", "d", 1.0, "unit")
+
+
+def test_combined_runs_survive_infinite_and_missing_indices():
+    # equal norms but one: a MAD of zero gives an infinite index in both runs
+    flat = [10.0, 10.0, 10.0, 2.0]
+    combined = combine_runs([_fake_scan(flat, 0), _fake_scan(flat, 1)])
+    assert combined.anomaly_index == float("inf") and combined.flagged_labels == [3]
+    spread = combined.spread()
+    assert spread["anomaly_index"] == [float("inf")] * 2 and np.isnan(spread["mean"])
+    assert combined.size_ratio == pytest.approx(0.2)
+    # fewer than 3 labels: no outlier test and no verdict, as for a single scan
+    few = combine_runs([_fake_scan([3.0, 9.0], 0), _fake_scan([5.0, 9.0], 1)])
+    assert few.flagged_labels == [] and np.isnan(few.anomaly_index) and few.mean_l1 == [4.0, 9.0]
+    assert np.isnan(few.spread()["std"])
+    json.dumps(few.to_dict(), default=str)
+    # the zoo's row keeps the infinite index even where the stored one was lost (JSON null → NaN)
+    row = zoo._scan_row(_fake_scan(flat, index=float("nan")))
+    assert row["anomaly_index"] == float("inf") and zoo._verdict(row, "anomaly_index")[0] == float("inf")

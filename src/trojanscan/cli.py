@@ -229,6 +229,14 @@ def _tabor_weights(text: str | None) -> TaborWeights | None:
     return TaborWeights(**changes)
 
 
+def print_size_ratio(ratio: float) -> None:
+    """The second opinion beside the MAD verdict: how small the smallest trigger is."""
+    if ratio == ratio:  # not NaN
+        console.print(f"smallest reversed trigger: {ratio:.2f} × the median label's L1 "
+                      f"({'below' if ratio < SIZE_RATIO_THRESHOLD else 'above'} the "
+                      f"{SIZE_RATIO_THRESHOLD:g} that suggests a backdoor)")
+
+
 def print_scan_summary(result: ScanResult, out: Path | None) -> None:
     """The verdict first, then the most anomalous labels."""
     if result.infected:
@@ -238,9 +246,7 @@ def print_scan_summary(result: ScanResult, out: Path | None) -> None:
     else:
         console.print(f"[bold green]No backdoor found[/bold green] — anomaly index "
                       f"{result.anomaly_index:.2f} (threshold {result.threshold:g})")
-    console.print(f"smallest reversed trigger: {result.size_ratio:.2f} × the median label's L1 "
-                  f"({'below' if result.size_ratio < SIZE_RATIO_THRESHOLD else 'above'} the "
-                  f"{SIZE_RATIO_THRESHOLD:g} that suggests a backdoor)")
+    print_size_ratio(result.size_ratio)
     table = Table(title=f"smallest reversed triggers ({result.method})")
     for col in ("label", "L1 norm", "anomaly index", "ASR", "steps", "seconds"):
         table.add_column(col, justify="right")
@@ -303,6 +309,9 @@ def scan_cmd(
     verdict = (f"[bold red]BACKDOOR DETECTED[/bold red] — target label(s) "
                f"{', '.join(map(str, combined.flagged_labels))}" if combined.infected
                else "[bold green]No backdoor found[/bold green]")
+    print_size_ratio(combined.size_ratio)
+    for w in sorted({w for run in combined.runs for w in run.warnings}):
+        console.print(f"[yellow]warning:[/yellow] {w}")
     console.print(f"{verdict}; anomaly index of the mean norms over {repeats} seeds "
                   f"{combined.anomaly_index:.2f} (threshold {threshold:g}); runs' spread "
                   f"{spread['min']:.2f}–{spread['max']:.2f} (std {spread['std']:.2f}) → "
@@ -496,7 +505,8 @@ def bench_zoo_cmd(
     size: int = typer.Option(24, "--size", help="models in the zoo, half of them trojaned"),
     methods: str = typer.Option("neural-cleanse", "--methods",
                                 help="comma-separated: " + ", ".join(ZOO_METHODS)),
-    repeats: int = typer.Option(1, "--repeats", help="scan each model with this many seeds"),
+    repeats: int = typer.Option(1, "--repeats", help="scan each model with this many seeds "
+                                "(STRIP runs once)"),
     epochs: int = typer.Option(2, "--epochs", help="training epochs per model"),
     train_samples: int = typer.Option(None, "--train-samples", help="train on a random subset"),
     clean_samples: int = typer.Option(1000, "--clean-samples", help="clean images per scan"),

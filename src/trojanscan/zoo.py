@@ -30,7 +30,8 @@ from trojanscan.api import environment, load_dataset, make_attack, scan, strip_r
 from trojanscan.attacks.blend import PATTERNS
 from trojanscan.data import Dataset
 from trojanscan.data.triggers import Trigger, trigger_path_for
-from trojanscan.defenses.outliers import SIZE_RATIO_THRESHOLD
+from trojanscan.defenses.neural_cleanse import SCHEDULES
+from trojanscan.defenses.outliers import SIZE_RATIO_THRESHOLD, mad_anomaly_index
 from trojanscan.defenses.repeats import combine_runs
 from trojanscan.defenses.scan_result import ScanResult
 from trojanscan.defenses.strip import Strip
@@ -175,7 +176,10 @@ def train_entry(entry: ZooEntry, data: Dataset, models_dir: Path) -> dict[str, A
 
 def _scan_row(result: ScanResult) -> dict[str, Any]:
     truth = result.extra.get("ground_truth") or {}
-    return {"seed": result.seed, "anomaly_index": result.anomaly_index,
+    norms = [r.l1_norm for r in result.labels]
+    # from the norms, not the stored index: JSON keeps no infinity (a MAD of zero) for a reload
+    index = mad_anomaly_index(norms).model_anomaly_index if len(norms) >= 3 else float("nan")
+    return {"seed": result.seed, "anomaly_index": index,
             "size_ratio": result.size_ratio,
             "flagged_labels": result.flagged_labels, "infected": result.infected,
             "predicted_target": min(result.labels, key=lambda r: r.l1_norm).label,
@@ -183,30 +187,39 @@ def _scan_row(result: ScanResult) -> dict[str, Any]:
             "iou": (truth.get("overlap") or {}).get("iou"), "seconds": result.seconds}
 
 
+def _mean_finite(values: Any) -> float | None:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.fmean(finite) if finite else None
+
+
+def _attack_took(m: dict[str, Any]) -> bool:
+    """A clean model, or a trojaned one whose attack reached ``MIN_ASR``."""
+    asr = m["attack_success_rate"]
+    return not m["trojaned"] or (asr is not None and math.isfinite(asr) and asr >= MIN_ASR)
+
+
 def _tag(options: dict[str, Any]) -> str:
     """A short hash of the settings, so that a cached result is only reused for the same ones."""
     return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def _scan_once(model_path: Path, model_sha256: str, data: Dataset, out: Path, method: str,
-               seed: int, options: dict[str, Any]) -> ScanResult:
-    if (out / "scan.json").is_file():
-        try:
-            cached = ScanResult.load(out)
-            if cached.model_sha256 == model_sha256:
-                return cached
-        except TrojanscanError:
-            pass  # damaged or of another model: scan again (labels still valid are reused)
+def _scan_once(model_path: Path, data: Dataset, out: Path, method: str, seed: int,
+               options: dict[str, Any]) -> ScanResult:
+    """Scan, or resume the scan in ``out``: labels finished with the same model, data, settings and
+    algorithm version are reused by the scan's own fingerprint check, others are searched again."""
     return scan(model_path, data, method=method, seed=seed, out_dir=out, progress=False, **options)
 
 
-def _strip_row(model_path: Path, data: Dataset, out: Path, seed: int, n: int,
+def _strip_row(model_path: Path, model_sha256: str, data: Dataset, out: Path, seed: int, n: int,
                samples: int) -> dict[str, Any]:
     if out.is_file():
         try:
-            return json.loads(out.read_text())
+            row = json.loads(out.read_text())
+            if isinstance(row, dict) and row.get("model_sha256") == model_sha256 and \
+                    {"frr", "far", "seconds"} <= set(row):
+                return row
         except ValueError:
-            pass
+            pass  # damaged: measure again
     module = load_model(model_path, input_shape=data.input_shape).module
     trigger = Trigger.load(trigger_path_for(model_path)) if trigger_path_for(model_path).is_file() else None
     start = time.perf_counter()
@@ -214,7 +227,8 @@ def _strip_row(model_path: Path, data: Dataset, out: Path, seed: int, n: int,
     _, _, _, rates = strip_rates(strip, data, trigger, samples=samples,
                                  calibration_samples=samples, seed=seed)
     row = {"seed": seed, "n": n, "frr": rates["frr"], "far": rates["far"],
-           "boundary": strip.boundary_, "seconds": time.perf_counter() - start}
+           "boundary": strip.boundary_, "seconds": time.perf_counter() - start,
+           "model_sha256": model_sha256}
     write_json(out, row)
     return row
 
@@ -251,7 +265,7 @@ def summarise(models: list[dict[str, Any]], method: str, which: str = "runs",
             row = scans["runs"][k] if k < len(scans["runs"]) else None
         if row is None:
             continue
-        if m["trojaned"] and (m["attack_success_rate"] or 0) < MIN_ASR:
+        if not _attack_took(m):
             continue
         rows.append(row)
         usable.append(m)
@@ -293,7 +307,7 @@ def summarise(models: list[dict[str, Any]], method: str, which: str = "runs",
 def summarise_strip(models: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean FRR over all models and FAR over the trojaned ones, at the 1% FRR boundary."""
     rows = [(m, m["strip"]) for m in models if m.get("strip")]
-    bad = [(m, r) for m, r in rows if m["trojaned"] and (m["attack_success_rate"] or 0) >= MIN_ASR]
+    bad = [(m, r) for m, r in rows if m["trojaned"] and _attack_took(m)]
     return {"models": len(rows),
             "mean_frr": statistics.fmean(r["frr"] for _, r in rows) if rows else None,
             "mean_far": statistics.fmean(r["far"] for _, r in bad) if bad else None,
@@ -320,8 +334,16 @@ class ZooOptions:
     def check(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
-            raise TrojanscanError(f"unknown zoo method(s) {unknown or '(none)'}; choose from "
-                                  f"{', '.join(METHODS)}")
+            raise TrojanscanError(("no method given" if not self.methods else
+                                   f"unknown zoo method(s) {', '.join(unknown)}")
+                                  + f"; choose from {', '.join(METHODS)}")
+        if self.schedule not in SCHEDULES:
+            raise TrojanscanError(f"unknown schedule {self.schedule!r}; choose one of "
+                                  f"{', '.join(SCHEDULES)}")
+        if self.train_samples is not None and self.train_samples < 10:
+            raise TrojanscanError(f"--train-samples must be >= 10, got {self.train_samples}")
+        if self.steps is not None and self.steps < 1:
+            raise TrojanscanError(f"--steps must be >= 1, got {self.steps}")
         for name, value, low in (("--size", self.size, 2), ("--repeats", self.repeats, 1),
                                  ("--epochs", self.epochs, 1), ("--clean-samples", self.clean_samples, 1),
                                  ("--strip-n", self.strip_n, 2), ("--strip-samples", self.strip_samples, 10)):
@@ -343,7 +365,9 @@ def run_zoo(out_dir: str | Path, options: ZooOptions | None = None,
     scan_options = {"schedule": opts.schedule, "steps": opts.steps,
                     "clean_samples": opts.clean_samples}
     results: dict[str, Any] = {"benchmark": "zoo", "options": dataclasses.asdict(opts),
-                               "environment": environment(), "models": []}
+                               "environment": environment(), "complete": False, "models": []}
+    for stale in ("summary.md", "report.html", "roc.png"):  # an earlier run's, maybe other options
+        (out / stale).unlink(missing_ok=True)
     start = time.perf_counter()
     for entry in entries:
         dataset = data[entry.dataset]
@@ -356,9 +380,8 @@ def run_zoo(out_dir: str | Path, options: ZooOptions | None = None,
         record["scans"] = {}
         for method in (m for m in opts.methods if m in SCAN_METHODS):
             folder = out / "scans" / record["key"]
-            runs = [_scan_once(model_path, record["model_sha256"], dataset,
-                               folder / f"{method}-seed{s}-{_tag(scan_options)}", method, s,
-                               scan_options)
+            runs = [_scan_once(model_path, dataset, folder / f"{method}-seed{s}-{_tag(scan_options)}",
+                               method, s, scan_options)
                     for s in range(opts.seed, opts.seed + opts.repeats)]
             rows = [_scan_row(r) for r in runs]
             entry_scans: dict[str, Any] = {"runs": rows, "combined": None}
@@ -368,7 +391,8 @@ def run_zoo(out_dir: str | Path, options: ZooOptions | None = None,
                     "anomaly_index": combined.anomaly_index, "infected": combined.infected,
                     "size_ratio": combined.size_ratio,
                     "flagged_labels": combined.flagged_labels,
-                    "predicted_target": combined.predicted_target, "iou": rows[0]["iou"],
+                    "predicted_target": combined.predicted_target, "iou": _mean_finite(
+                        r["iou"] for r in rows),
                     "seconds": sum(r["seconds"] for r in rows), "spread": combined.spread()}
             record["scans"][method] = entry_scans
             log(f"    {method}: anomaly index " + ", ".join(f"{r['anomaly_index']:.2f}" for r in rows)
@@ -376,7 +400,8 @@ def run_zoo(out_dir: str | Path, options: ZooOptions | None = None,
                 + (f"; true target {record['target']}" if record["trojaned"] else ""))
         if "strip" in opts.methods:
             tag = _tag({"n": opts.strip_n, "samples": opts.strip_samples})
-            record["strip"] = _strip_row(model_path, dataset, out / "scans" / record["key"] /
+            record["strip"] = _strip_row(model_path, record["model_sha256"], dataset,
+                                         out / "scans" / record["key"] /
                                          f"strip-seed{opts.seed}-{tag}.json", opts.seed,
                                          opts.strip_n, opts.strip_samples)
             log(f"    strip: FRR {record['strip']['frr']:.3f}"
@@ -397,8 +422,8 @@ def run_zoo(out_dir: str | Path, options: ZooOptions | None = None,
                 m["scans"][method]["combined"]["spread"]["std"] for m in results["models"])
     if "strip" in opts.methods:
         results["summary"]["strip"] = summarise_strip(results["models"])
-    results["failed_attacks"] = [m["name"] for m in results["models"]
-                                 if m["trojaned"] and (m["attack_success_rate"] or 0) < MIN_ASR]
+    results["failed_attacks"] = [m["name"] for m in results["models"] if not _attack_took(m)]
+    results["complete"] = True
     results["wall_seconds"] = time.perf_counter() - start
     write_json(out / "results.json", results)
     write_zoo_report(results, out)

@@ -3,6 +3,7 @@ averaged before the MAD outlier test, as the Neural Cleanse authors recommend.""
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 from typing import Any
@@ -39,12 +40,15 @@ class RepeatedScan:
         return self.labels[min(range(len(self.labels)), key=self.mean_l1.__getitem__)]
 
     def spread(self) -> dict[str, Any]:
-        """The model anomaly index of each run, and their mean, standard deviation and range."""
+        """The model anomaly index of each run, and the mean, standard deviation and range of the
+        finite ones (an infinite index, from a MAD of zero, or a NaN one is listed but not averaged)."""
         values = [r.anomaly_index for r in self.runs]
+        finite = [v for v in values if math.isfinite(v)]
+        nan = float("nan")
         return {"seeds": [r.seed for r in self.runs], "anomaly_index": values,
-                "mean": statistics.fmean(values),
-                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                "min": min(values), "max": max(values),
+                "mean": statistics.fmean(finite) if finite else nan,
+                "std": statistics.stdev(finite) if len(finite) > 1 else (0.0 if finite else nan),
+                "min": min(finite, default=nan), "max": max(finite, default=nan),
                 "flagged_by_runs": [r.flagged_labels for r in self.runs]}
 
     def to_dict(self) -> dict[str, Any]:
@@ -66,6 +70,9 @@ def combine_runs(runs: list[ScanResult], threshold: float = 2.0) -> RepeatedScan
         if sorted(r.label for r in run.labels) != labels:
             raise TrojanscanError("the scans to combine cover different labels")
     mean_l1 = [statistics.fmean(run.label(k).l1_norm for run in runs) for k in labels]
+    if len(labels) < 3:  # as for one scan: too few labels for an outlier test, so no verdict
+        return RepeatedScan(runs, labels, mean_l1, [float("nan")] * len(labels), [], float("nan"),
+                            threshold)
     report = mad_anomaly_index(mean_l1, threshold)
     return RepeatedScan(runs, labels, mean_l1, report.anomaly_index,
                         [labels[i] for i in report.flagged], report.model_anomaly_index, threshold)

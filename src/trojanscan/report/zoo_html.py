@@ -21,7 +21,7 @@ SCORE_ROWS = (("auroc", "AUROC (trojaned vs clean)", "num"),
               ("target_accuracy", "target-label accuracy (smallest trigger)", "pct"),
               ("detected_with_target", "flagged with the true target", "pct"),
               ("mean_iou_patch", "mean IoU with the real patch", "num"),
-              ("mean_scan_seconds", "mean scan seconds per model", "sec"))
+              ("mean_scan_seconds", "scan seconds per model (all the column's seeds)", "sec"))
 
 
 def _fmt(value: Any, kind: str) -> str:
@@ -66,7 +66,8 @@ def roc_png(results: dict[str, Any]) -> bytes:
     ax.set_ylabel("true-positive rate (trojaned models)")
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -87,8 +88,10 @@ def _attack_text(m: dict[str, Any]) -> str:
 def _model_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     methods = [m for m in results["options"]["methods"] if m != "strip"]
     head = ["model", "attack", "target", "CA", "ASR"]
+    seed = results["options"]["seed"]
     for method in methods:
-        head += [f"{method} AI (per seed)", "smallest / median", "flagged", "IoU"]
+        head += [f"{method} AI (per seed)", f"smallest / median (seed {seed})",
+                 f"flagged (seed {seed})", f"patch IoU (seed {seed})"]
     if "strip" in results.get("summary", {}):
         head += ["STRIP FRR", "STRIP FAR"]
     rows = []
@@ -100,7 +103,7 @@ def _model_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             runs = m["scans"][method]["runs"]
             row += [", ".join(_fmt(r["anomaly_index"], "num") for r in runs),
                     _fmt(runs[0].get("size_ratio"), "num"), str(runs[0]["flagged_labels"]),
-                    _fmt(runs[0]["iou"], "num")]
+                    _fmt(runs[0]["iou"] if m["trigger_kind"] == "patch" else None, "num")]
         if "strip" in results.get("summary", {}):
             s = m.get("strip") or {}
             row += [_fmt(s.get("frr"), "pct"), _fmt(s.get("far"), "pct") if m["trojaned"] else "—"]
