@@ -203,13 +203,6 @@ def _tag(options: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def _scan_once(model_path: Path, data: Dataset, out: Path, method: str, seed: int,
-               options: dict[str, Any]) -> ScanResult:
-    """Scan, or resume the scan in ``out``: labels finished with the same model, data, settings and
-    algorithm version are reused by the scan's own fingerprint check, others are searched again."""
-    return scan(model_path, data, method=method, seed=seed, out_dir=out, progress=False, **options)
-
-
 def _strip_row(model_path: Path, model_sha256: str, data: Dataset, out: Path, seed: int, n: int,
                samples: int) -> dict[str, Any]:
     if out.is_file():
@@ -236,15 +229,14 @@ def _strip_row(model_path: Path, model_sha256: str, data: Dataset, out: Path, se
 SCORES = ("anomaly_index", "size_ratio")
 
 
-def _verdict(row: dict[str, Any], score: str) -> tuple[float, bool, bool]:
-    """(score, flagged, flagged-with-the-smallest-trigger's-label) of a scan row under ``score``:
-    the MAD anomaly index (higher is worse), or the size ratio (lower is worse; negated)."""
+def _verdict(row: dict[str, Any], score: str) -> tuple[float, bool]:
+    """(score, flagged) of a scan row under ``score``: the MAD anomaly index (higher is worse),
+    or the size ratio (lower is worse; negated)."""
     if score == "anomaly_index":
         value = row["anomaly_index"]
-        return (0.0 if math.isnan(value) else value), row["infected"], row["infected"]
+        return (0.0 if math.isnan(value) else value), row["infected"]
     ratio = row["size_ratio"]
-    flagged = bool(ratio < SIZE_RATIO_THRESHOLD)
-    return (-1.0 if math.isnan(ratio) else -ratio), flagged, flagged
+    return (-1.0 if math.isnan(ratio) else -ratio), bool(ratio < SIZE_RATIO_THRESHOLD)
 
 
 def summarise(models: list[dict[str, Any]], method: str, which: str = "runs",
@@ -286,7 +278,7 @@ def summarise(models: list[dict[str, Any]], method: str, which: str = "runs",
     def hit(m: dict, r: dict, v: tuple) -> bool:  # flagged, and the flagged label is the target
         if score == "anomaly_index":
             return v[1] and m["target"] in r["flagged_labels"]
-        return v[2] and r["predicted_target"] == m["target"]
+        return v[1] and r["predicted_target"] == m["target"]
 
     return {
         "score": score, "models": len(rows), "trojaned": len(bad), "clean": len(good),
@@ -380,8 +372,10 @@ def run_zoo(out_dir: str | Path, options: ZooOptions | None = None,
         record["scans"] = {}
         for method in (m for m in opts.methods if m in SCAN_METHODS):
             folder = out / "scans" / record["key"]
-            runs = [_scan_once(model_path, dataset, folder / f"{method}-seed{s}-{_tag(scan_options)}",
-                               method, s, scan_options)
+            # scan() resumes in its folder: labels finished with the same model, data, settings
+            # and algorithm version are reused by its fingerprint check, others searched again
+            runs = [scan(model_path, dataset, method=method, seed=s, progress=False,
+                         out_dir=folder / f"{method}-seed{s}-{_tag(scan_options)}", **scan_options)
                     for s in range(opts.seed, opts.seed + opts.repeats)]
             rows = [_scan_row(r) for r in runs]
             entry_scans: dict[str, Any] = {"runs": rows, "combined": None}
