@@ -180,12 +180,21 @@ def test_strip_calibrate_check_and_evaluate(trained, tmp_path):
     assert check["count"] == 80 and len(check["results"]) == 80
     flagged = [r["trojaned"] for r in check["results"]]
     assert sum(flagged[40:]) > 30 > sum(flagged[:40]), "stamped inputs flagged, clean ones mostly not"
+    early = [r for r in check["results"] if r["copies"] < 10]
+    assert early and all(("entropy_at_least" in r) != r["trojaned"] for r in early)
+    r = runner.invoke(app, ["strip", "check", str(model), "--calibration", str(cal), "--inputs",
+                            str(inputs), "--full-entropy", "--json", str(tmp_path / "full.json")])
+    full = json.loads((tmp_path / "full.json").read_text())
+    assert [r["trojaned"] for r in full["results"]] == flagged
+    assert all(r["copies"] == 10 and "entropy" in r for r in full["results"])
     r = runner.invoke(app, ["strip", "evaluate", str(model), "--data", "digits", "--n", "20",
-                            "--samples", "150", "--out", str(tmp_path / "ev")])
+                            "--samples", "150", "--temperature", "auto", "--out", str(tmp_path / "ev")])
     assert r.exit_code == 0, r.output
     ev = json.loads((tmp_path / "ev" / "strip.json").read_text())
     assert ev["far"] < 0.3 and ev["frr"] < 0.1, ev
     assert {"n10", "n100"} <= set(ev["throughput"]) and (tmp_path / "ev" / "report.html").is_file()
+    assert ev["temperature"] == "auto" and ev["temperature_used"] > 0
+    assert ev["throughput"]["n20"]["guarded_trojaned_inputs_per_second"] > 0
     proc = run_cli("strip", "check", str(model), "--calibration", str(inputs), "--inputs", str(inputs))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
 

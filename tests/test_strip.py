@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from trojanscan.defenses.strip import Strip, detection_boundary, far_frr, normalized_entropy
+from trojanscan.defenses.strip import (
+    TEMPERATURE_GRID,
+    Strip,
+    detection_boundary,
+    far_frr,
+    normalized_entropy,
+    parse_temperature,
+    pick_temperature,
+    skewness,
+)
 from trojanscan.errors import TrojanscanError
 
 # --- entropy maths --------------------------------------------------------------------------------
@@ -43,6 +52,21 @@ def test_far_frr_counts_the_right_mistakes():
     assert rates["far"] == pytest.approx(1 / 3)  # one trojaned missed
 
 
+def test_skewness_and_temperature_choice():
+    gen = torch.Generator().manual_seed(0)
+    symmetric = torch.randn(20000, generator=gen)
+    piled_at_zero = torch.randn(20000, generator=gen).pow(2)  # chi-square(1): skewness √8 ≈ 2.83
+    assert skewness(symmetric) == pytest.approx(0.0, abs=0.1)
+    assert skewness(piled_at_zero) == pytest.approx(math.sqrt(8), rel=0.15)
+    assert math.isnan(skewness(torch.ones(5)))
+    assert pick_temperature({1.0: piled_at_zero, 4.0: symmetric, 8.0: -piled_at_zero}) == 4.0
+    assert pick_temperature({2.0: torch.ones(5), 3.0: torch.ones(5)}) == 2.0  # all constant
+    assert parse_temperature("auto") == "auto" and parse_temperature("2.5") == 2.5
+    for bad in (0, -1.0, math.inf, "hot", True):
+        with pytest.raises(TrojanscanError, match="temperature"):
+            parse_temperature(bad)
+
+
 # --- the planted backdoor -------------------------------------------------------------------------
 
 
@@ -70,6 +94,55 @@ def test_batched_entropy_equals_unbatched(trojaned_digits, digits):
     tiny = Strip(trojaned_digits.model, n=7, batch_size=1, seed=3).calibrate(pool)
     torch.testing.assert_close(tiny.entropy(x), one_call.entropy(x), atol=1e-5, rtol=1e-5)
     assert one_call.boundary_ == pytest.approx(tiny.boundary_, abs=1e-5)
+
+
+def test_temperature_divides_the_logits(trojaned_digits, digits):
+    pool, x = digits.x_test[:60], digits.x_test[60:70]
+    hot = Strip(trojaned_digits.model, n=5, temperature=4.0).calibrate(pool)
+    cold = Strip(trojaned_digits.model, n=5).calibrate(pool)
+    logits = []
+    for _, chunk in cold._copy_logits(x, cold._overlay_indices(len(x))):
+        logits.append(chunk)
+    by_hand = normalized_entropy(torch.softmax(torch.cat(logits) / 4.0, -1))
+    torch.testing.assert_close(hot.entropy(x), by_hand, atol=1e-5, rtol=1e-5)
+    assert (hot.entropy(x) > cold.entropy(x)).all()  # a hotter softmax is flatter
+
+
+def test_auto_temperature_is_picked_from_the_grid_and_saved(trojaned_digits, digits, tmp_path):
+    auto = Strip(trojaned_digits.model, n=10, temperature="auto").calibrate(digits.x_test[:150])
+    assert auto.temperature_ in TEMPERATURE_GRID
+    fixed = Strip(trojaned_digits.model, n=10, temperature=auto.temperature_).calibrate(
+        digits.x_test[:150])
+    assert fixed.boundary_ == pytest.approx(auto.boundary_, abs=1e-6)
+    auto.save(tmp_path / "auto.npz")
+    loaded = Strip.load(tmp_path / "auto.npz", trojaned_digits.model)
+    assert loaded.temperature == "auto" and loaded.temperature_ == auto.temperature_
+    x = digits.x_test[150:190]
+    torch.testing.assert_close(loaded.entropy(x), auto.entropy(x))
+
+
+def test_screening_gives_the_full_verdict_with_fewer_copies(calibrated, trojaned_digits, digits):
+    x, y = digits.x_test[150:], digits.y_test[150:]
+    mixed = torch.cat([x, trojaned_digits.trigger.apply(x[y != 0])])
+    flags, total, used = calibrated.screen(mixed)
+    full = calibrated.entropy(mixed)
+    assert torch.equal(flags, full < calibrated.boundary_)
+    finished = used == calibrated.n
+    torch.testing.assert_close(total[finished].float() / calibrated.n, full[finished], atol=1e-5,
+                               rtol=1e-5)
+    assert (total[~finished] / calibrated.n >= calibrated.boundary_).all()  # stopped early: benign
+    assert used[: len(x)].float().mean() < calibrated.n / 2  # clean inputs mostly stop early
+    assert torch.equal(calibrated.screen(mixed, rounds=1)[0], flags)
+
+
+def test_version_1_files_load_with_temperature_1(calibrated, trojaned_digits, tmp_path):
+    calibrated.save(tmp_path / "v2.npz")
+    with np.load(tmp_path / "v2.npz") as z:
+        fields = {k: z[k] for k in z.files if k not in ("temperature", "temperature_request")}
+    fields["format_version"] = np.int64(1)
+    np.savez(tmp_path / "v1.npz", **fields)
+    old = Strip.load(tmp_path / "v1.npz", trojaned_digits.model)
+    assert old.temperature_ == 1.0 and old.boundary_ == calibrated.boundary_
 
 
 def test_save_load_round_trip(calibrated, trojaned_digits, digits, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -275,10 +276,11 @@ def _train_subset(data: Dataset, n: int, seed: int) -> torch.Tensor:
 def strip_calibrate(model: nn.Module | str | os.PathLike, data: Dataset | str | os.PathLike, *,
                     n: int = 100, frr: float = 0.01, samples: int = 2000, blend: str = "add",
                     boundary: str = "normal", seed: int = 0, arch: str | None = None,
-                    out: str | os.PathLike | None = None) -> Strip:
+                    temperature: float | str = 1.0, out: str | os.PathLike | None = None) -> Strip:
     """Fit STRIP's boundary on ``samples`` benign training images (also the overlay pool)."""
     module, _, dataset, _ = _resolve(model, data, arch)
-    strip = Strip(module, n=n, frr=frr, blend=blend, boundary=boundary, seed=seed)
+    strip = Strip(module, n=n, frr=frr, blend=blend, boundary=boundary, seed=seed,
+                  temperature=temperature)
     strip.calibrate(_train_subset(dataset, samples, seed))
     if out is not None:
         strip.save(out)
@@ -317,49 +319,88 @@ def model_and_inputs(model: nn.Module | str | os.PathLike, inputs: str | os.Path
 
 
 def strip_check(model: nn.Module | str | os.PathLike, calibration: str | os.PathLike,
-                inputs: str | os.PathLike, *, arch: str | None = None) -> dict[str, Any]:
-    """Predict and flag each input with a saved calibration."""
+                inputs: str | os.PathLike, *, arch: str | None = None,
+                full_entropy: bool = False) -> dict[str, Any]:
+    """Predict and flag each input with a saved calibration.
+
+    By default each input is copied only until its verdict is certain (:meth:`Strip.screen`), so
+    an input decided early gets ``entropy_at_least`` (benign) or ``entropy_below`` (trojaned) instead
+    of ``entropy``; ``full_entropy`` runs all N copies for every input.
+    """
     module, x = model_and_inputs(model, inputs, arch)
     strip = Strip.load(calibration, module)
     start = time.perf_counter()
-    entropy = strip.entropy(x)
+    if full_entropy:
+        entropy = strip.entropy(x)
+        flags, total, used = entropy < strip.boundary_, entropy * strip.n, torch.full((len(x),), strip.n)
+    else:
+        flags, total, used = strip.screen(x)
     labels = predict(module, x)
-    flags = entropy < strip.boundary_
     seconds = time.perf_counter() - start
+    results = []
+    for i, (lab, f, h_sum, k) in enumerate(zip(labels, flags, total, used, strict=True)):
+        row: dict[str, Any] = {"index": i, "label": int(lab), "trojaned": bool(f), "copies": int(k)}
+        if k == strip.n:
+            row["entropy"] = float(h_sum) / strip.n
+        elif f:  # stopped early: too low to reach the boundary even with maximal remaining copies
+            row["entropy_below"] = strip.boundary_
+        else:  # stopped early: the copies so far already pass the boundary
+            row["entropy_at_least"] = float(h_sum) / strip.n
+        results.append(row)
     return {"command": "strip check", "inputs": str(inputs), "count": len(x),
             "trojaned": int(flags.sum()), "boundary": strip.boundary_, "n": strip.n,
+            "temperature": strip.temperature_, "mean_copies": float(used.double().mean()) if len(x) else 0.0,
             "seconds": seconds, "inputs_per_second": len(x) / seconds if seconds else None,
-            "results": [{"index": i, "label": int(lab), "entropy": float(h), "trojaned": bool(f)}
-                        for i, (lab, h, f) in enumerate(zip(labels, entropy, flags, strict=True))]}
+            "results": results}
 
 
-def _throughput(strip: Strip, model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+def _per_second(work: Callable[[], object], count: int) -> float:
     start = time.perf_counter()
-    predict(model, x)
-    plain = len(x) / (time.perf_counter() - start)
-    start = time.perf_counter()
-    strip.entropy(x)
-    guarded = len(x) / (time.perf_counter() - start)
-    return {"inputs_per_second": guarded, "plain_inputs_per_second": plain,
-            "slowdown": plain / guarded}
+    work()
+    return count / max(time.perf_counter() - start, 1e-9)
+
+
+def _throughput(strip: Strip, model: nn.Module, x: torch.Tensor,
+                stamped: torch.Tensor | None = None) -> dict[str, float]:
+    """Inputs per second: plain inference, all N copies (``entropy``), and guarded prediction
+    (labels + early-exit flags, :meth:`Strip.predict`) on benign and, if given, stamped inputs."""
+    plain = _per_second(lambda: predict(model, x), len(x))
+    full = _per_second(lambda: strip.entropy(x), len(x))
+    record = {"inputs_per_second": full, "plain_inputs_per_second": plain, "slowdown": plain / full,
+              "guarded_benign_inputs_per_second": _per_second(lambda: strip.predict(x), len(x))}
+    if stamped is not None:
+        record["guarded_trojaned_inputs_per_second"] = _per_second(lambda: strip.predict(stamped),
+                                                                  len(stamped))
+    return record
+
+
+@dataclass
+class StripRun:
+    """What :func:`strip_rates` measured: the inputs, their entropies and the error rates."""
+
+    benign: torch.Tensor
+    h_benign: torch.Tensor
+    stamped: torch.Tensor | None
+    h_trojan: torch.Tensor | None
+    rates: dict[str, Any]
 
 
 def strip_rates(strip: Strip, dataset: Dataset, trigger: Trigger | None, *, samples: int = 2000,
-                calibration_samples: int = 2000, seed: int = 0
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+                calibration_samples: int = 2000, seed: int = 0) -> StripRun:
     """Calibrate ``strip`` on training images, then measure FRR on ``samples`` clean test images
-    and (with a trigger) FAR on as many stamped ones of other labels. Returns the benign inputs,
-    both entropy vectors and the rates."""
+    and (with a trigger) FAR on as many stamped ones of other labels."""
     strip.calibrate(_train_subset(dataset, calibration_samples, seed))
     g = torch.Generator().manual_seed(seed + 2)
     benign = dataset.x_test[torch.randperm(len(dataset.x_test), generator=g)[:samples]]
     h_benign = strip.entropy(benign)
     if trigger is None:  # a clean model: only the false rejections can be measured
-        return benign, h_benign, None, far_frr(h_benign < strip.boundary_, torch.zeros(0))
+        return StripRun(benign, h_benign, None, None,
+                        far_frr(h_benign < strip.boundary_, torch.zeros(0)))
     others = dataset.x_test[dataset.y_test != trigger.target]
     stamped = trigger.apply(others[torch.randperm(len(others), generator=g)[:samples]])
     h_trojan = strip.entropy(stamped)
-    return benign, h_benign, h_trojan, far_frr(h_benign < strip.boundary_, h_trojan < strip.boundary_)
+    return StripRun(benign, h_benign, stamped, h_trojan,
+                    far_frr(h_benign < strip.boundary_, h_trojan < strip.boundary_))
 
 
 def strip_evaluate(model: nn.Module | str | os.PathLike, data: Dataset | str | os.PathLike,
@@ -367,6 +408,7 @@ def strip_evaluate(model: nn.Module | str | os.PathLike, data: Dataset | str | o
                    frr: float = 0.01, samples: int = 2000, calibration_samples: int = 2000,
                    blend: str = "add", boundary: str = "normal", seed: int = 0,
                    arch: str | None = None, throughput_inputs: int = 500,
+                   temperature: float | str = 1.0,
                    out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """FRR on clean test images and FAR on trigger-stamped ones, with throughput for N=10, 20, 100."""
     module, model_sha, dataset, path = _resolve(model, data, arch)
@@ -376,18 +418,23 @@ def strip_evaluate(model: nn.Module | str | os.PathLike, data: Dataset | str | o
         raise TrojanscanError("strip evaluate needs the trigger (--trigger FILE) to stamp inputs")
     trig = trigger if isinstance(trigger, Trigger) else Trigger.load(trigger)
     trig.check_compatible(dataset.input_shape, dataset.num_classes, "trigger")
-    strip = Strip(module, n=n, frr=frr, blend=blend, boundary=boundary, seed=seed)
-    benign, h_benign, h_trojan, rates = strip_rates(strip, dataset, trig, samples=samples,
-                                                    calibration_samples=calibration_samples,
-                                                    seed=seed)
+    strip = Strip(module, n=n, frr=frr, blend=blend, boundary=boundary, seed=seed,
+                  temperature=temperature)
+    run = strip_rates(strip, dataset, trig, samples=samples, calibration_samples=calibration_samples,
+                      seed=seed)
+    benign, h_benign, h_trojan, rates = run.benign, run.h_benign, run.h_trojan, run.rates
     speed = {}
-    for copies in (10, 20, 100):
-        probe = Strip(module, n=copies, blend=blend, seed=seed)
-        probe.overlays_ = strip.overlays_  # the same pool; only the copy count differs
-        speed[f"n{copies}"] = _throughput(probe, module, benign[:throughput_inputs])
+    calibration = _train_subset(dataset, calibration_samples, seed)
+    for copies in (10, 20, 100):  # each N gets its own boundary, which sets where screening stops
+        probe = Strip(module, n=copies, frr=frr, blend=blend, boundary=boundary, seed=seed,
+                      temperature=strip.temperature_)
+        probe.calibrate(calibration[:throughput_inputs], overlay_pool=strip.overlays_)
+        speed[f"n{copies}"] = _throughput(probe, module, benign[:throughput_inputs],
+                                          run.stamped[:throughput_inputs])
     record = {
         "command": "strip evaluate", "frr": rates["frr"], "far": rates["far"], "target_frr": frr,
         "n": n, "blend": blend, "boundary_method": boundary, "boundary": strip.boundary_,
+        "temperature": strip.temperature, "temperature_used": strip.temperature_,
         "benign_entropy": {"mean": float(h_benign.mean()), "std": float(h_benign.std())},
         "trojaned_entropy": {"mean": float(h_trojan.mean()), "std": float(h_trojan.std())},
         "calibration": {"samples": strip.n_calibration_, "mean": strip.entropy_mean_,
@@ -403,6 +450,9 @@ def strip_evaluate(model: nn.Module | str | os.PathLike, data: Dataset | str | o
         "boundary (bits)": f"{strip.boundary_:.4f}",
         "inputs/s, N=10": f"{speed['n10']['inputs_per_second']:.0f}",
         "inputs/s, N=100": f"{speed['n100']['inputs_per_second']:.0f}",
+        "guarded benign inputs/s, N=20 (early exit)":
+            f"{speed['n20']['guarded_benign_inputs_per_second']:.0f}",
+        "softmax temperature": f"{strip.temperature_:g}",
         "plain inference inputs/s": f"{speed['n10']['plain_inputs_per_second']:.0f}",
     }
     if out_dir is not None:

@@ -434,15 +434,18 @@ def strip_calibrate_cmd(
     samples: int = typer.Option(2000, "--samples", min=1, help="benign calibration images"),
     blend: str = typer.Option("add", "--blend", help="add (the authors') or alpha"),
     boundary: str = typer.Option("normal", "--boundary", help="normal (the authors') or quantile"),
+    temperature: str = typer.Option("1", "--temperature",
+                                    help="softmax temperature (1 = the paper), or auto: the one that "
+                                         "makes benign entropies most symmetric"),
     seed: int = typer.Option(0, "--seed"),
     arch: str = typer.Option(None, "--arch"),
 ) -> None:
     """Fit the entropy boundary on benign inputs for a target FRR."""
     strip = strip_calibrate(model, data, n=n, frr=frr, samples=samples, blend=blend,
-                            boundary=boundary, seed=seed, arch=arch, out=out)
+                            boundary=boundary, seed=seed, arch=arch, temperature=temperature, out=out)
     console.print(f"calibrated on {strip.n_calibration_} benign images: entropy "
                   f"{strip.entropy_mean_:.3f} ± {strip.entropy_std_:.3f} bits, boundary "
-                  f"{strip.boundary_:.4f} (FRR {frr:.1%}, N={n}) → {out}")
+                  f"{strip.boundary_:.4f} (FRR {frr:.1%}, N={n}, temperature {strip.temperature_:g}) → {out}")
 
 
 @strip_app.command("check")
@@ -452,14 +455,18 @@ def strip_check_cmd(
     calibration: Path = typer.Option(..., "--calibration", help="file from strip calibrate"),
     inputs: str = typer.Option(..., "--inputs", help=".npz with x, or a dataset (its test split)"),
     json_path: Path = typer.Option(None, "--json"),
+    full_entropy: bool = typer.Option(False, "--full-entropy",
+                                      help="run all N copies of every input (default: stop each "
+                                           "input once its verdict is certain)"),
     arch: str = typer.Option(None, "--arch"),
 ) -> None:
     """Predict each input and flag the trojaned ones."""
-    record = strip_check(model, calibration, inputs, arch=arch)
+    record = strip_check(model, calibration, inputs, arch=arch, full_entropy=full_entropy)
     if json_path is not None:
         write_json(json_path, record)
     console.print(f"{record['trojaned']} of {record['count']} inputs flagged as trojaned "
-                  f"({record['inputs_per_second']:.0f} inputs/s, N={record['n']})")
+                  f"({record['inputs_per_second']:.0f} inputs/s, N={record['n']}, "
+                  f"{record['mean_copies']:.1f} copies per input on average)")
 
 
 @strip_app.command("evaluate")
@@ -473,14 +480,18 @@ def strip_evaluate_cmd(
     samples: int = typer.Option(2000, "--samples", min=1, help="benign and trojaned test inputs each"),
     blend: str = typer.Option("add", "--blend"),
     boundary: str = typer.Option("normal", "--boundary"),
+    temperature: str = typer.Option("1", "--temperature",
+                                    help="softmax temperature (1 = the paper), or auto: the one that "
+                                         "makes benign entropies most symmetric"),
     seed: int = typer.Option(0, "--seed"),
     arch: str = typer.Option(None, "--arch"),
     out: Path = typer.Option(None, "--out", help="folder for strip.json and report.html"),
     json_path: Path = typer.Option(None, "--json"),
 ) -> None:
-    """FRR on clean and FAR on trigger-stamped test images, and throughput for N=10 and 100."""
+    """FRR on clean and FAR on trigger-stamped test images, and throughput for N=10, 20 and 100."""
     record = strip_evaluate(model, data, trigger, n=n, frr=frr, samples=samples, blend=blend,
-                            boundary=boundary, seed=seed, arch=arch, out_dir=out)
+                            boundary=boundary, seed=seed, arch=arch, temperature=temperature,
+                            out_dir=out)
     if json_path is not None:
         write_json(json_path, record)
     table = Table(title=f"STRIP on {model} (N={n})")

@@ -217,8 +217,8 @@ def _strip_row(model_path: Path, model_sha256: str, data: Dataset, out: Path, se
     trigger = Trigger.load(trigger_path_for(model_path)) if trigger_path_for(model_path).is_file() else None
     start = time.perf_counter()
     strip = Strip(module, n=n, frr=0.01, seed=seed)
-    _, _, _, rates = strip_rates(strip, data, trigger, samples=samples,
-                                 calibration_samples=samples, seed=seed)
+    rates = strip_rates(strip, data, trigger, samples=samples, calibration_samples=samples,
+                        seed=seed).rates
     row = {"seed": seed, "n": n, "frr": rates["frr"], "far": rates["far"],
            "boundary": strip.boundary_, "seconds": time.perf_counter() - start,
            "model_sha256": model_sha256}

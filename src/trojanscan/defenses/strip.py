@@ -5,6 +5,11 @@ predictions scatter (high entropy); a stamped input keeps predicting the attack'
 trigger survives the overlay (low entropy). Inputs whose mean entropy falls below a boundary fitted on
 benign inputs for a chosen false rejection rate (FRR) are flagged as trojaned.
 
+Two additions to the paper: a softmax ``temperature`` (``"auto"`` picks the one that makes the benign
+entropies most symmetric, so the paper's normal fit holds on over-confident models), and exact early
+exit in :meth:`Strip.detect`: per-copy entropies are never negative, so once an input's partial sum
+passes ``boundary · N`` it is benign whatever its remaining copies give, and it stops being copied.
+
 Example::
 
     strip = Strip(model, n=100).calibrate(clean_images)
@@ -17,6 +22,7 @@ import io
 import math
 import os
 import statistics
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +36,8 @@ from trojanscan.train import predict as predict_labels
 MIN_CALIBRATION_SAMPLES = 20
 BLENDS = ("add", "alpha")
 BOUNDARY_METHODS = ("normal", "quantile")
-FILE_FORMAT_VERSION = 1
+FILE_FORMAT_VERSION = 2  # 2 added the temperature; version 1 files load with temperature 1
+TEMPERATURE_GRID = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
 _LN2 = math.log(2.0)
 
 
@@ -44,8 +51,31 @@ def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
     """
     if probs.dim() < 2:
         raise TrojanscanError(f"probabilities must be (..., N, K), got shape {tuple(probs.shape)}")
-    per_copy = -torch.special.xlogy(probs, probs).sum(-1) / _LN2  # xlogy(0, 0) == 0
-    return per_copy.mean(-1)
+    return copy_entropies(probs).mean(-1)
+
+
+def copy_entropies(probs: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy in bits over the last axis (one value per copy), never below 0."""
+    return (-torch.special.xlogy(probs, probs).sum(-1) / _LN2).clamp_(min=0.0)  # xlogy(0, 0) == 0
+
+
+def skewness(values: torch.Tensor) -> float:
+    """Sample skewness (third standardised moment); 0 for a symmetric sample, NaN if constant."""
+    h = torch.as_tensor(values, dtype=torch.float64).flatten()
+    sd = float(h.std(unbiased=False))
+    return float(((h - h.mean()) / sd).pow(3).mean()) if sd > 0 else float("nan")
+
+
+def pick_temperature(entropies_by_t: dict[float, torch.Tensor]) -> float:
+    """The temperature whose benign entropies are the most symmetric (|skewness| smallest).
+
+    The paper's boundary assumes normal benign entropies; an over-confident model piles them up
+    near 0 (strong right skew) and the fitted 1% point falls below zero, flagging nothing.
+    """
+    scored = [(abs(s), t) for t, h in entropies_by_t.items() if math.isfinite(s := skewness(h))]
+    if not scored:
+        return min(entropies_by_t)
+    return min(scored)[1]
 
 
 def detection_boundary(entropies: torch.Tensor, frr: float, method: str = "normal") -> float:
@@ -80,6 +110,21 @@ def far_frr(benign_flags: torch.Tensor, trojan_flags: torch.Tensor) -> dict[str,
 def _check_frr(frr: float) -> None:
     if not isinstance(frr, (int, float)) or not 0 < frr < 1:
         raise TrojanscanError(f"frr must be a fraction strictly between 0 and 1 (e.g. 0.01), got {frr!r}")
+
+
+def parse_temperature(value: float | str) -> float | str:
+    """A positive finite softmax temperature, or ``"auto"``; a number given as text is converted."""
+    if isinstance(value, str):
+        if value.strip().lower() == "auto":
+            return "auto"
+        try:
+            value = float(value)
+        except ValueError:
+            raise TrojanscanError(f"temperature must be a positive number or 'auto', got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value <= 0:
+        raise TrojanscanError(f"temperature must be a positive number or 'auto', got {value!r}")
+    return float(value)
 
 
 def _check_images(x: torch.Tensor, name: str, shape: tuple[int, ...] | None = None) -> None:
@@ -118,12 +163,15 @@ class Strip:
         alpha: overlay weight for ``blend="alpha"``.
         frr: target false rejection rate of benign inputs, which sets the boundary.
         boundary: ``"normal"`` (the paper) or ``"quantile"`` (empirical); see :func:`detection_boundary`.
+        temperature: divides the logits before the softmax; 1 is the paper. ``"auto"`` picks one
+            from :data:`TEMPERATURE_GRID` at calibration (see :func:`pick_temperature`).
         batch_size: about how many perturbed images go to the model in one call.
         seed: seeds the choice of overlays, so the same inputs in the same order give the same entropies.
     """
 
     def __init__(self, model: nn.Module, n: int = 100, blend: str = "add", alpha: float = 0.5,
-                 frr: float = 0.01, boundary: str = "normal", batch_size: int = 512, seed: int = 0):
+                 frr: float = 0.01, boundary: str = "normal", batch_size: int = 512, seed: int = 0,
+                 temperature: float | str = 1.0):
         if not isinstance(model, nn.Module):
             raise TrojanscanError(f"model must be a torch nn.Module, got {type(model).__name__}")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -146,14 +194,17 @@ class Strip:
         self.boundary = boundary
         self.batch_size = batch_size
         self.seed = int(seed)
+        self.temperature = parse_temperature(temperature)
+        if self.temperature != "auto":
+            self.temperature_ = self.temperature
 
     # -- calibration ------------------------------------------------------------------------------
 
     def calibrate(self, x_benign: torch.Tensor, overlay_pool: torch.Tensor | None = None) -> Strip:
         """Fit the entropy boundary on benign inputs; overlays come from ``overlay_pool`` (default: them).
 
-        Returns ``self``, with ``overlays_``, ``entropy_mean_``, ``entropy_std_``, ``boundary_``,
-        ``calibration_entropies_``, ``calibration_sha256_`` and ``n_calibration_`` set.
+        Returns ``self``, with ``overlays_``, ``temperature_``, ``entropy_mean_``, ``entropy_std_``,
+        ``boundary_``, ``calibration_entropies_``, ``calibration_sha256_`` and ``n_calibration_`` set.
         """
         _check_images(x_benign, "benign calibration images")
         if len(x_benign) < MIN_CALIBRATION_SAMPLES:
@@ -168,7 +219,10 @@ class Strip:
                                   f"are {tuple(x_benign.shape[1:])}; use images of the same size")
         self.overlays_ = pool.detach().to("cpu", torch.float32).contiguous().clone()
         self._check_model_runs()
-        h = self.entropy(x_benign)
+        grid = TEMPERATURE_GRID if self.temperature == "auto" else (self.temperature,)
+        by_t = self._entropies(x_benign, grid)
+        self.temperature_ = pick_temperature(dict(zip(grid, by_t.T, strict=True)))
+        h = by_t[:, grid.index(self.temperature_)].contiguous()
         self.calibration_entropies_ = h
         self.entropy_mean_ = float(h.double().mean())
         self.entropy_std_ = float(h.double().std())
@@ -208,41 +262,89 @@ class Strip:
             return (x + overlays).clamp_(0.0, 1.0)
         return (1 - self.alpha) * x + self.alpha * overlays
 
-    def entropy(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised entropy (bits) of each input's N perturbed copies; low means likely trojaned.
-
-        All M×N copies are classified in chunks of about ``batch_size`` images. Overlay indices for
-        every input are drawn up front from a generator seeded by ``seed``, so the result does not
-        depend on ``batch_size``.
-        """
+    def _overlay_indices(self, m: int) -> torch.Tensor:
+        """m×N overlay indices, drawn up front from ``seed`` so results do not depend on batching."""
         if not hasattr(self, "overlays_"):
             self._require_calibrated()
-        _check_images(x, "input images", tuple(self.overlays_.shape[1:]))
-        m = len(x)
         gen = torch.Generator().manual_seed(self.seed)
-        idx = torch.randint(len(self.overlays_), (m, self.n), generator=gen)
+        return torch.randint(len(self.overlays_), (m, self.n), generator=gen)
+
+    def _copy_logits(self, x: torch.Tensor, idx: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(start, logits)`` for inputs ``x`` superimposed with ``overlays_[idx]``.
+
+        ``idx`` is m×k; each chunk of about ``batch_size`` copies gives logits (chunk, k, classes).
+        The model is in eval mode while the generator runs.
+        """
+        k = idx.shape[1]
         device = _model_device(self.model)
-        inputs_per_call = max(1, self.batch_size // self.n)
-        out = []
+        step = max(1, self.batch_size // k)
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
-                for i in range(0, m, inputs_per_call):
-                    xb = x[i:i + inputs_per_call].to(device, torch.float32).unsqueeze(1)
-                    ob = self.overlays_[idx[i:i + inputs_per_call]].to(device)
-                    copies = self._superimpose(xb, ob)
-                    logits = self.model(copies.flatten(0, 1))
-                    probs = torch.softmax(logits.float(), dim=1).view(len(xb), self.n, -1)
-                    out.append(normalized_entropy(probs).cpu())
+                for i in range(0, len(x), step):
+                    xb = x[i:i + step].to(device, torch.float32).unsqueeze(1)
+                    copies = self._superimpose(xb, self.overlays_[idx[i:i + step]].to(device))
+                    yield i, self.model(copies.flatten(0, 1)).float().view(len(xb), k, -1)
         finally:
             self.model.train(was_training)
-        return torch.cat(out) if out else torch.empty(0)
+
+    def _entropies(self, x: torch.Tensor, temperatures: tuple[float, ...]) -> torch.Tensor:
+        """(m, len(temperatures)) normalised entropies of all N copies, one column per temperature."""
+        _check_images(x, "input images", tuple(self.overlays_.shape[1:]))
+        out = [torch.stack([copy_entropies(torch.softmax(logits / t, -1)).mean(-1) for t in temperatures],
+                           dim=1).cpu()
+               for _, logits in self._copy_logits(x, self._overlay_indices(len(x)))]
+        return torch.cat(out) if out else torch.empty(0, len(temperatures))
+
+    def entropy(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised entropy (bits) of each input's N perturbed copies; low means likely trojaned.
+
+        All M×N copies are classified in chunks of about ``batch_size`` images; the result does not
+        depend on ``batch_size``.
+        """
+        self._require_calibrated()
+        return self._entropies(x, (self.temperature_,))[:, 0].contiguous()
+
+    def screen(self, x: torch.Tensor, rounds: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flags equal to ``entropy(x) < boundary_``, copying each input only until its verdict is sure.
+
+        Copies go in ``rounds`` rounds of about N/rounds. After each, an input whose entropy sum
+        already reaches ``boundary_ · N`` is benign (entropies are ≥ 0), and one that stays below
+        even if every remaining copy had the maximum entropy is trojaned; both stop there.
+
+        Returns ``(flags, entropy_sum, copies_used)``: the sum over the copies used, so an input
+        that used all N copies has entropy ``entropy_sum / N``.
+        """
+        self._require_calibrated()
+        _check_images(x, "input images", tuple(self.overlays_.shape[1:]))
+        m = len(x)
+        idx = self._overlay_indices(m)
+        total = torch.zeros(m, dtype=torch.float64)
+        used = torch.zeros(m, dtype=torch.int64)
+        need = self.boundary_ * self.n
+        tol = 1e-6 * max(1.0, abs(need))
+        step = max(1, math.ceil(self.n / max(1, rounds)))
+        active = torch.arange(m)
+        done = 0
+        while len(active) and done < self.n:
+            k = min(step, self.n - done)
+            h_max = 0.0
+            for start, logits in self._copy_logits(x[active], idx[active, done:done + k]):
+                rows = active[start:start + len(logits)]
+                probs = torch.softmax(logits / self.temperature_, -1)
+                total[rows] += copy_entropies(probs).sum(-1).double().cpu()
+                h_max = math.log2(logits.shape[-1])
+            done += k
+            used[active] = done
+            left = (self.n - done) * h_max
+            sure = (total[active] >= need + tol) | (total[active] + left < need - tol)
+            active = active[~sure]
+        return total < need, total, used
 
     def detect(self, x: torch.Tensor) -> torch.Tensor:
         """Boolean flags, True where an input is called trojaned (entropy below ``boundary_``)."""
-        self._require_calibrated()
-        return self.entropy(x) < self.boundary_
+        return self.screen(x)[0]
 
     def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's labels for the unperturbed inputs and STRIP's trojaned flags."""
@@ -262,6 +364,8 @@ class Strip:
                  boundary_value=np.float64(self.boundary_), boundary=np.array(self.boundary),
                  n=np.int64(self.n), blend=np.array(self.blend), alpha=np.float64(self.alpha),
                  seed=np.int64(self.seed), frr=np.float64(self.frr),
+                 temperature=np.float64(self.temperature_),
+                 temperature_request=np.array(str(self.temperature)),
                  n_calibration=np.int64(self.n_calibration_),
                  calibration_sha256=np.array(self.calibration_sha256_),
                  model_sha256=np.array(self.model_sha256_))
@@ -287,9 +391,12 @@ class Strip:
         if missing:
             raise TrojanscanError(
                 f"{path}: not a STRIP calibration file (missing {', '.join(sorted(missing))})")
-        if int(fields["format_version"]) != FILE_FORMAT_VERSION:
-            raise TrojanscanError(f"{path}: STRIP file format {int(fields['format_version'])} is not "
+        version = int(fields["format_version"])
+        if version not in (1, FILE_FORMAT_VERSION):
+            raise TrojanscanError(f"{path}: STRIP file format {version} is not "
                                   f"supported (expected {FILE_FORMAT_VERSION}); recalibrate")
+        if version >= 2 and not {"temperature", "temperature_request"} <= set(fields):
+            raise TrojanscanError(f"{path}: not a STRIP calibration file (missing temperature)")
         overlays = torch.from_numpy(np.ascontiguousarray(fields["overlays"], dtype=np.float32))
         try:
             _check_images(overlays, f"{path}: overlays")
@@ -301,7 +408,7 @@ class Strip:
         try:
             strip = cls(model, n=int(fields["n"]), blend=str(fields["blend"]), alpha=float(fields["alpha"]),
                         frr=float(fields["frr"]), boundary=str(fields["boundary"]), batch_size=batch_size,
-                        seed=int(fields["seed"]))
+                        seed=int(fields["seed"]), temperature=float(fields.get("temperature", 1.0)))
         except TrojanscanError as e:
             raise TrojanscanError(f"{path}: {e}") from None
         numbers = {k: float(fields[k]) for k in ("entropy_mean", "entropy_std", "boundary_value")}
@@ -312,6 +419,8 @@ class Strip:
             raise TrojanscanError(f"{path}: calibrated for a different model (weights differ); "
                                   "recalibrate STRIP on this model")
         strip.overlays_ = overlays
+        if version >= 2:
+            strip.temperature = parse_temperature(str(fields["temperature_request"]))
         strip.entropy_mean_ = numbers["entropy_mean"]
         strip.entropy_std_ = numbers["entropy_std"]
         strip.boundary_ = numbers["boundary_value"]
