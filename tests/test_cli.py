@@ -184,6 +184,7 @@ def test_strip_calibrate_check_and_evaluate(trained, tmp_path):
     assert early and all(("entropy_at_least" in r) != r["trojaned"] for r in early)
     r = runner.invoke(app, ["strip", "check", str(model), "--calibration", str(cal), "--inputs",
                             str(inputs), "--full-entropy", "--json", str(tmp_path / "full.json")])
+    assert r.exit_code == 0, r.output
     full = json.loads((tmp_path / "full.json").read_text())
     assert [r["trojaned"] for r in full["results"]] == flagged
     assert all(r["copies"] == 10 and "entropy" in r for r in full["results"])

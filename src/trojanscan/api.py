@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from trojanscan.data.triggers import Trigger, trigger_path_for
 from trojanscan.defenses.neural_cleanse import NeuralCleanse
 from trojanscan.defenses.repeats import RepeatedScan, combine_runs
 from trojanscan.defenses.scan_result import ScanResult
-from trojanscan.defenses.strip import Strip, far_frr
+from trojanscan.defenses.strip import MIN_CALIBRATION_SAMPLES, Strip, far_frr
 from trojanscan.defenses.tabor import Tabor, TaborWeights
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import sha256_file, tensor_sha256, write_json
@@ -418,6 +419,9 @@ def strip_evaluate(model: nn.Module | str | os.PathLike, data: Dataset | str | o
         raise TrojanscanError("strip evaluate needs the trigger (--trigger FILE) to stamp inputs")
     trig = trigger if isinstance(trigger, Trigger) else Trigger.load(trigger)
     trig.check_compatible(dataset.input_shape, dataset.num_classes, "trigger")
+    if throughput_inputs < MIN_CALIBRATION_SAMPLES:
+        raise TrojanscanError(f"throughput_inputs must be at least {MIN_CALIBRATION_SAMPLES} (each N is "
+                              f"calibrated on that many images), got {throughput_inputs}")
     strip = Strip(module, n=n, frr=frr, blend=blend, boundary=boundary, seed=seed,
                   temperature=temperature)
     run = strip_rates(strip, dataset, trig, samples=samples, calibration_samples=calibration_samples,
@@ -428,9 +432,12 @@ def strip_evaluate(model: nn.Module | str | os.PathLike, data: Dataset | str | o
     for copies in (10, 20, 100):  # each N gets its own boundary, which sets where screening stops
         probe = Strip(module, n=copies, frr=frr, blend=blend, boundary=boundary, seed=seed,
                       temperature=strip.temperature_)
-        probe.calibrate(calibration[:throughput_inputs], overlay_pool=strip.overlays_)
+        with warnings.catch_warnings():  # recorded below instead
+            warnings.simplefilter("ignore", UserWarning)
+            probe.calibrate(calibration[:throughput_inputs], overlay_pool=strip.overlays_)
         speed[f"n{copies}"] = _throughput(probe, module, benign[:throughput_inputs],
                                           run.stamped[:throughput_inputs])
+        speed[f"n{copies}"]["boundary"] = probe.boundary_  # at or below 0 nothing can be flagged
     record = {
         "command": "strip evaluate", "frr": rates["frr"], "far": rates["far"], "target_frr": frr,
         "n": n, "blend": blend, "boundary_method": boundary, "boundary": strip.boundary_,

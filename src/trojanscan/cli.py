@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -441,11 +442,16 @@ def strip_calibrate_cmd(
     arch: str = typer.Option(None, "--arch"),
 ) -> None:
     """Fit the entropy boundary on benign inputs for a target FRR."""
-    strip = strip_calibrate(model, data, n=n, frr=frr, samples=samples, blend=blend,
-                            boundary=boundary, seed=seed, arch=arch, temperature=temperature, out=out)
+    with warnings.catch_warnings():  # a useless boundary is reported below, in one line
+        warnings.simplefilter("ignore", UserWarning)
+        strip = strip_calibrate(model, data, n=n, frr=frr, samples=samples, blend=blend,
+                                boundary=boundary, seed=seed, arch=arch, temperature=temperature,
+                                out=out)
     console.print(f"calibrated on {strip.n_calibration_} benign images: entropy "
                   f"{strip.entropy_mean_:.3f} ± {strip.entropy_std_:.3f} bits, boundary "
                   f"{strip.boundary_:.4f} (FRR {frr:.1%}, N={n}, temperature {strip.temperature_:g}) → {out}")
+    if strip.boundary_ <= 0:
+        console.print(f"[yellow]warning:[/] {strip.degenerate_message()}")
 
 
 @strip_app.command("check")

@@ -22,6 +22,7 @@ import io
 import math
 import os
 import statistics
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -144,6 +145,29 @@ def _check_images(x: torch.Tensor, name: str, shape: tuple[int, ...] | None = No
         raise TrojanscanError(f"{name} must be in [0, 1]; put normalisation inside the model")
 
 
+class _ScalarReader:
+    """Typed scalar fields of a loaded ``.npz``; a damaged one is a one-line error, not a crash."""
+
+    def __init__(self, fields: dict[str, np.ndarray], path: Path) -> None:
+        self.fields, self.path = fields, path
+
+    def _get(self, key: str, kinds: str) -> np.ndarray:
+        value = np.asarray(self.fields[key])
+        if value.ndim != 0 or value.dtype.kind not in kinds:
+            raise TrojanscanError(f"{self.path}: field {key} is damaged (a {value.dtype} array of shape "
+                                  f"{value.shape}); recalibrate")
+        return value
+
+    def int(self, key: str) -> int:
+        return int(self._get(key, "iu"))
+
+    def float(self, key: str) -> float:
+        return float(self._get(key, "iuf"))
+
+    def text(self, key: str) -> str:
+        return str(self._get(key, "U"))
+
+
 def _model_device(model: nn.Module) -> torch.device:
     for t in model.parameters():
         return t.device
@@ -227,10 +251,18 @@ class Strip:
         self.entropy_mean_ = float(h.double().mean())
         self.entropy_std_ = float(h.double().std())
         self.boundary_ = detection_boundary(h, self.frr, self.boundary)
+        if self.boundary_ <= 0:
+            warnings.warn(self.degenerate_message(), stacklevel=2)
         self.n_calibration_ = len(x_benign)
         self.calibration_sha256_ = tensor_sha256(x_benign.detach().to("cpu", torch.float32), self.overlays_)
         self.model_sha256_ = module_sha256(self.model)
         return self
+
+    def degenerate_message(self) -> str:
+        """Why a boundary at or below 0 bits is useless, and what to try."""
+        return (f"STRIP boundary {self.boundary_:.4f} bits is not above 0, so no input can be flagged: "
+                f"benign entropies are too low or too skewed for the {self.boundary} fit; try "
+                "temperature 'auto', the quantile boundary or more copies")
 
     def _check_model_runs(self) -> None:
         """One probe so that a model unfit for these images fails with one clear line."""
@@ -307,7 +339,8 @@ class Strip:
         return self._entropies(x, (self.temperature_,))[:, 0].contiguous()
 
     def screen(self, x: torch.Tensor, rounds: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Flags equal to ``entropy(x) < boundary_``, copying each input only until its verdict is sure.
+        """The flags of ``entropy(x) < boundary_`` (up to float rounding within ~1e-7 of the boundary),
+        copying each input only until its verdict is sure.
 
         Copies go in ``rounds`` rounds of about N/rounds. After each, an input whose entropy sum
         already reaches ``boundary_ · N`` is benign (entropies are ≥ 0), and one that stays below
@@ -391,7 +424,8 @@ class Strip:
         if missing:
             raise TrojanscanError(
                 f"{path}: not a STRIP calibration file (missing {', '.join(sorted(missing))})")
-        version = int(fields["format_version"])
+        num = _ScalarReader(fields, path)
+        version = num.int("format_version")
         if version not in (1, FILE_FORMAT_VERSION):
             raise TrojanscanError(f"{path}: STRIP file format {version} is not "
                                   f"supported (expected {FILE_FORMAT_VERSION}); recalibrate")
@@ -402,30 +436,34 @@ class Strip:
             _check_images(overlays, f"{path}: overlays")
         except TrojanscanError as e:
             raise TrojanscanError(f"{e}; the file is damaged, recalibrate") from None
-        if len(overlays) == 0 or tensor_sha256(overlays) != str(fields["overlays_sha256"]):
+        if len(overlays) == 0 or tensor_sha256(overlays) != num.text("overlays_sha256"):
             raise TrojanscanError(f"{path}: overlays do not match their checksum; the file is damaged, "
                                   "recalibrate")
+        temperature = num.float("temperature") if version >= 2 else 1.0
         try:
-            strip = cls(model, n=int(fields["n"]), blend=str(fields["blend"]), alpha=float(fields["alpha"]),
-                        frr=float(fields["frr"]), boundary=str(fields["boundary"]), batch_size=batch_size,
-                        seed=int(fields["seed"]), temperature=float(fields.get("temperature", 1.0)))
+            strip = cls(model, n=num.int("n"), blend=num.text("blend"), alpha=num.float("alpha"),
+                        frr=num.float("frr"), boundary=num.text("boundary"), batch_size=batch_size,
+                        seed=num.int("seed"), temperature=temperature)
+            if version >= 2:
+                strip.temperature = parse_temperature(num.text("temperature_request"))
         except TrojanscanError as e:
             raise TrojanscanError(f"{path}: {e}") from None
-        numbers = {k: float(fields[k]) for k in ("entropy_mean", "entropy_std", "boundary_value")}
+        if strip.temperature not in ("auto", temperature):
+            raise TrojanscanError(f"{path}: temperature {temperature:g} contradicts the requested "
+                                  f"{strip.temperature}; the file is damaged, recalibrate")
+        numbers = {k: num.float(k) for k in ("entropy_mean", "entropy_std", "boundary_value")}
         bad = [k for k, v in numbers.items() if not math.isfinite(v)]
         if bad:
             raise TrojanscanError(f"{path}: {', '.join(bad)} not finite; the file is damaged, recalibrate")
-        if module_sha256(model) != str(fields["model_sha256"]):
+        if module_sha256(model) != num.text("model_sha256"):
             raise TrojanscanError(f"{path}: calibrated for a different model (weights differ); "
                                   "recalibrate STRIP on this model")
         strip.overlays_ = overlays
-        if version >= 2:
-            strip.temperature = parse_temperature(str(fields["temperature_request"]))
         strip.entropy_mean_ = numbers["entropy_mean"]
         strip.entropy_std_ = numbers["entropy_std"]
         strip.boundary_ = numbers["boundary_value"]
-        strip.n_calibration_ = int(fields["n_calibration"])
-        strip.calibration_sha256_ = str(fields["calibration_sha256"])
-        strip.model_sha256_ = str(fields["model_sha256"])
+        strip.n_calibration_ = num.int("n_calibration")
+        strip.calibration_sha256_ = num.text("calibration_sha256")
+        strip.model_sha256_ = num.text("model_sha256")
         strip._check_model_runs()
         return strip
