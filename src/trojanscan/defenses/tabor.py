@@ -102,10 +102,6 @@ class TaborRegularizer:
                              device=mask.device)
         return scale * sum(terms.values())
 
-    def size_penalty(self, mask: torch.Tensor, l1: torch.Tensor) -> torch.Tensor:
-        """Neural Cleanse's ‖m‖₁, kept beside R1 (TrojanZoo's reading)."""
-        return l1
-
     def end_step(self, label: int, asr: float) -> None:
         s = self.schedule
         if asr >= s.asr_threshold:

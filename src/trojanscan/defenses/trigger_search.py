@@ -99,10 +99,6 @@ class Regularizer(Protocol):
         """Called after each step of ``label`` with the step's attack success rate."""
         ...
 
-    def size_penalty(self, mask: torch.Tensor, l1: torch.Tensor) -> torch.Tensor:
-        """The (A,) size term that λ multiplies and the kept trigger minimises (NC: ``l1``)."""
-        ...
-
 
 class BatchStream:
     """Reproducible mini-batches: batch g depends only on (seed, g), not on which labels run."""
@@ -273,8 +269,6 @@ def _search_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, lab
             targets = targets_all[idx].repeat_interleave(len(xb))
             ce = F.cross_entropy(logits, targets, reduction="none").view(len(active), -1).mean(1)
             l1 = mask.sum(dim=(1, 2, 3))
-            if regularizer is not None:
-                l1 = regularizer.size_penalty(mask[:, 0], l1)
             costs = torch.tensor([states[i].cost for i in active])
             loss = ce + costs * l1
             if regularizer is not None:
