@@ -36,6 +36,10 @@ ZOO = {
     "gtsrb-blend": ("gtsrb", "gtsrb-cnn", 6, "blend",
                     {"target": 7, "poison_rate": 0.1, "alpha": 0.2},
                     {"clean_accuracy": 0.95, "attack_success_rate": 0.97}, {}),
+    # a stronger blend, to tell whether STRIP fails on the α = 0.2 blend because the trigger is faint
+    "gtsrb-blend3": ("gtsrb", "gtsrb-cnn", 6, "blend",
+                     {"target": 7, "poison_rate": 0.1, "alpha": 0.3},
+                     {"clean_accuracy": 0.95, "attack_success_rate": 0.97}, {}),
     "gtsrb-clean": ("gtsrb", "gtsrb-cnn", 6, None, {}, {"clean_accuracy": 0.95},
                     {"clean_accuracy": 0.9683}),
     # a white square is invisible on the 3.5% of test images whose corner is already white (this
