@@ -428,7 +428,7 @@ def strip_evaluate(model: nn.Module | str | os.PathLike, data: Dataset | str | o
                       seed=seed)
     benign, h_benign, h_trojan, rates = run.benign, run.h_benign, run.h_trojan, run.rates
     speed = {}
-    calibration = _train_subset(dataset, calibration_samples, seed)
+    calibration = strip.overlays_  # strip_rates calibrated on these images, also the overlay pool
     for copies in (10, 20, 100):  # each N gets its own boundary, which sets where screening stops
         probe = Strip(module, n=copies, frr=frr, blend=blend, boundary=boundary, seed=seed,
                       temperature=strip.temperature_)
