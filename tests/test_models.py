@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from trojanscan import TrojanscanError, build_model, load_model, save_model
 from trojanscan.models import ARCHITECTURES
+from trojanscan.models.inference import frozen_for_inference
 
 
 @pytest.mark.parametrize("arch,shape,k", [("mnist-cnn", (1, 28, 28), 10),
@@ -127,3 +128,38 @@ def test_safetensors_weights_must_fit_the_architecture(tmp_path):
 
 def test_all_architectures_are_listed():
     assert set(ARCHITECTURES) == {"mnist-cnn", "gtsrb-cnn", "cifar-cnn"}
+
+
+# --- frozen copies for fast inference ---------------------------------------------------------------
+
+
+class _Branchy(torch.nn.Module):
+    """Data-dependent control flow: a trace of one batch would be wrong for others."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) if x.mean() > 0.5 else -self.fc(x)
+
+
+@pytest.mark.parametrize("arch,shape,k", [("mnist-cnn", (1, 28, 28), 10), ("gtsrb-cnn", (3, 32, 32), 43)])
+def test_frozen_copy_gives_the_same_logits(arch, shape, k):
+    model = build_model(arch, k, shape).train()
+    fast = frozen_for_inference(model, torch.rand(8, *shape))
+    assert fast is not None and model.training  # the model itself is left as it was
+    x = torch.rand(37, *shape)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model.eval()(x), atol=1e-4, rtol=1e-4)
+
+
+def test_frozen_copy_refuses_what_tracing_could_get_wrong():
+    branchy = _Branchy()
+    assert frozen_for_inference(branchy, torch.rand(4, 4)) is None  # unknown layer: run it eagerly
+    scripted = frozen_for_inference(torch.jit.script(branchy), torch.rand(4, 4))
+    assert scripted is not None  # scripting keeps the branch
+    for x in (torch.zeros(2, 4), torch.ones(2, 4)):
+        with torch.no_grad():
+            torch.testing.assert_close(scripted(x), branchy(x))
+    assert frozen_for_inference(build_model("mnist-cnn", 10, (1, 28, 28)), torch.rand(8, 1, 16, 16)) is None

@@ -96,6 +96,20 @@ def test_batched_entropy_equals_unbatched(trojaned_digits, digits):
     assert one_call.boundary_ == pytest.approx(tiny.boundary_, abs=1e-5)
 
 
+def test_accelerated_copies_match_the_eager_model_and_follow_its_weights(trojaned_digits, digits):
+    model = copy.deepcopy(trojaned_digits.model)
+    pool, x = digits.x_test[:60], digits.x_test[60:100]
+    fast = Strip(model, n=10, boundary="quantile").calibrate(pool)
+    eager = Strip(model, n=10, boundary="quantile", accelerate=False).calibrate(pool)
+    assert isinstance(fast._classifier(), torch.jit.ScriptModule) and eager._classifier() is model
+    torch.testing.assert_close(fast.entropy(x), eager.entropy(x), atol=1e-5, rtol=1e-5)
+    assert torch.equal(fast.predict(x)[0], eager.predict(x)[0])
+    with torch.no_grad():  # weights changed in place: the frozen copy must be rebuilt
+        model.features[0].weight.mul_(-1.0)
+    torch.testing.assert_close(fast.entropy(x), eager.entropy(x), atol=1e-5, rtol=1e-5)
+    assert torch.equal(fast.predict(x)[0], eager.predict(x)[0])
+
+
 def test_temperature_divides_the_logits(trojaned_digits, digits):
     pool, x = digits.x_test[:60], digits.x_test[60:70]
     hot = Strip(trojaned_digits.model, n=5, temperature=4.0).calibrate(pool)

@@ -32,7 +32,7 @@ from torch import nn
 
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import atomic_write_bytes, module_sha256, tensor_sha256
-from trojanscan.train import predict as predict_labels
+from trojanscan.models.inference import frozen_for_inference
 
 MIN_CALIBRATION_SAMPLES = 20
 BLENDS = ("add", "alpha")
@@ -190,12 +190,15 @@ class Strip:
         temperature: divides the logits before the softmax; 1 is the paper. ``"auto"`` picks one
             from :data:`TEMPERATURE_GRID` at calibration (see :func:`pick_temperature`).
         batch_size: about how many perturbed images go to the model in one call.
+        accelerate: on CPU, classify the copies with a frozen oneDNN copy of the model (2-3× faster
+            on the reference nets; same logits to ~1e-6) where that is safe; see
+            :func:`~trojanscan.models.inference.frozen_for_inference`. Other models run as they are.
         seed: seeds the choice of overlays, so the same inputs in the same order give the same entropies.
     """
 
     def __init__(self, model: nn.Module, n: int = 100, blend: str = "add", alpha: float = 0.5,
-                 frr: float = 0.01, boundary: str = "normal", batch_size: int = 512, seed: int = 0,
-                 temperature: float | str = 1.0):
+                 frr: float = 0.01, boundary: str = "normal", batch_size: int = 256, seed: int = 0,
+                 temperature: float | str = 1.0, accelerate: bool = True):
         if not isinstance(model, nn.Module):
             raise TrojanscanError(f"model must be a torch nn.Module, got {type(model).__name__}")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -217,6 +220,8 @@ class Strip:
         self.frr = float(frr)
         self.boundary = boundary
         self.batch_size = batch_size
+        self.accelerate = bool(accelerate)
+        self._fast: tuple[tuple, nn.Module] | None = None
         self.seed = int(seed)
         self.temperature = parse_temperature(temperature)
         if self.temperature != "auto":
@@ -301,6 +306,18 @@ class Strip:
         gen = torch.Generator().manual_seed(self.seed)
         return torch.randint(len(self.overlays_), (m, self.n), generator=gen)
 
+    def _classifier(self) -> nn.Module:
+        """The module that classifies the copies: the model, or its frozen copy (rebuilt whenever the
+        model's weights change)."""
+        if not self.accelerate:
+            return self.model
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        key = (id(self.model), tuple((t.data_ptr(), t._version) for t in tensors))
+        if self._fast is None or self._fast[0] != key:
+            fast = frozen_for_inference(self.model, self.overlays_[:8])
+            self._fast = (key, fast if fast is not None else self.model)
+        return self._fast[1]
+
     def _copy_logits(self, x: torch.Tensor, idx: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield ``(start, logits)`` for inputs ``x`` superimposed with ``overlays_[idx]``.
 
@@ -312,12 +329,13 @@ class Strip:
         step = max(1, self.batch_size // k)
         was_training = self.model.training
         self.model.eval()
+        classify = self._classifier()
         try:
             with torch.no_grad():
                 for i in range(0, len(x), step):
                     xb = x[i:i + step].to(device, torch.float32).unsqueeze(1)
                     copies = self._superimpose(xb, self.overlays_[idx[i:i + step]].to(device))
-                    yield i, self.model(copies.flatten(0, 1)).float().view(len(xb), k, -1)
+                    yield i, classify(copies.flatten(0, 1)).float().view(len(xb), k, -1)
         finally:
             self.model.train(was_training)
 
@@ -382,8 +400,16 @@ class Strip:
     def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's labels for the unperturbed inputs and STRIP's trojaned flags."""
         flags = self.detect(x)
-        labels = predict_labels(self.model, x.to(_model_device(self.model)), batch_size=self.batch_size)
-        return labels.cpu(), flags
+        was_training = self.model.training
+        self.model.eval()
+        classify = self._classifier()
+        try:
+            with torch.no_grad():
+                labels = [classify(x[i:i + self.batch_size].to(_model_device(self.model))).argmax(1).cpu()
+                          for i in range(0, len(x), self.batch_size)]
+        finally:
+            self.model.train(was_training)
+        return (torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)), flags
 
     # -- persistence ------------------------------------------------------------------------------
 
@@ -405,7 +431,8 @@ class Strip:
         atomic_write_bytes(path, buf.getvalue())
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: nn.Module, batch_size: int = 512) -> Strip:
+    def load(cls, path: str | os.PathLike, model: nn.Module, batch_size: int = 256,
+             accelerate: bool = True) -> Strip:
         """Read a detector saved by :meth:`save` for the same ``model``; never unpickles."""
         path = Path(path)
         if not path.is_file():
@@ -443,7 +470,7 @@ class Strip:
         try:
             strip = cls(model, n=num.int("n"), blend=num.text("blend"), alpha=num.float("alpha"),
                         frr=num.float("frr"), boundary=num.text("boundary"), batch_size=batch_size,
-                        seed=num.int("seed"), temperature=temperature)
+                        seed=num.int("seed"), temperature=temperature, accelerate=accelerate)
             if version >= 2:
                 strip.temperature = parse_temperature(num.text("temperature_request"))
         except TrojanscanError as e:

@@ -1,0 +1,68 @@
+"""Faster CPU inference for repeated forward passes (STRIP classifies N copies of every input).
+
+:func:`frozen_for_inference` returns a frozen TorchScript copy of a model with its convolution
+weights pre-packed for oneDNN, which runs our reference nets 2-3× faster on CPU than eager mode.
+It is only made where it cannot change what the model computes: a scripted model (control flow
+kept), or a module built only from layers whose ``forward`` has no data-dependent branches, which is
+what tracing needs. Anything else, a tracing failure, or outputs that differ from eager mode give
+``None``, and the caller runs the model as it is.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from trojanscan.models.architectures import Normalize, ReferenceNet
+from trojanscan.models.wrappers import NormalizedInput
+
+# Layers whose forward is the same sequence of tensor operations for every input, so a trace of
+# one batch is the model for all batches.
+TRACEABLE_LAYERS: tuple[type[nn.Module], ...] = (
+    ReferenceNet, Normalize, NormalizedInput, nn.Sequential, nn.Conv2d, nn.Linear, nn.ReLU,
+    nn.LeakyReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.BatchNorm1d, nn.BatchNorm2d,
+    nn.Dropout, nn.Flatten, nn.Identity, nn.Tanh, nn.Sigmoid, nn.Softmax)
+_TOLERANCE = 1e-4  # relative to the logits' scale; float reassociation gives ~1e-6
+
+
+def _traceable(model: nn.Module) -> bool:
+    return all(type(m) in TRACEABLE_LAYERS for m in model.modules())
+
+
+def _on_cpu(model: nn.Module) -> bool:
+    return all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
+
+
+def frozen_for_inference(model: nn.Module, example: torch.Tensor) -> nn.Module | None:
+    """A frozen, oneDNN-optimised copy of ``model`` in eval mode that gives the same logits on
+    ``example`` (and on its first 3 rows, to check another batch size), or ``None``.
+
+    ``model`` itself is not changed. The copy holds the weights as constants: rebuild it when the
+    weights change.
+    """
+    if not _on_cpu(model) or len(example) < 2:
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit's deprecation and tracer warnings
+            if isinstance(model, torch.jit.ScriptModule):
+                scripted = model
+            elif _traceable(model):
+                scripted = torch.jit.trace(model, example, check_trace=False)
+            else:
+                return None
+            fast = torch.jit.optimize_for_inference(torch.jit.freeze(scripted.eval()))
+            for batch in (example, example[:3]):
+                want, got = model(batch), fast(batch)
+                if not isinstance(got, torch.Tensor) or got.shape != want.shape or not torch.allclose(
+                        got, want, rtol=_TOLERANCE, atol=_TOLERANCE * (1 + float(want.abs().max()))):
+                    return None
+            return fast
+    except Exception:  # any failure of the optional speed-up: run the model eagerly instead
+        return None
+    finally:
+        model.train(was_training)
