@@ -17,6 +17,7 @@ from trojanscan.cli import app
 from trojanscan.defenses.outliers import mad_anomaly_index, size_ratio
 from trojanscan.defenses.repeats import combine_runs
 from trojanscan.defenses.scan_result import LabelResult, ScanResult
+from trojanscan.defenses.strip import TEMPERATURE_GRID
 from trojanscan.errors import TrojanscanError
 from trojanscan.metrics import roc_auc, roc_curve
 
@@ -185,6 +186,14 @@ def test_tiny_zoo_resumes_after_interruption_and_reuses_its_cache(tmp_path, monk
     zoo.run_zoo(tmp_path, zoo.ZooOptions(**{**TINY, "clean_samples": 200}, methods=["neural-cleanse"]),
                 log=lambda line: None)
     assert searched
+    # other STRIP settings are measured afresh and recorded with the result
+    measured.clear()
+    tuned = zoo.run_zoo(tmp_path, zoo.ZooOptions(**TINY, methods=["strip"], strip_temperature="auto",
+                                                 strip_boundary="quantile"), log=lambda line: None)
+    assert measured == [1] * 4
+    rows = [m["strip"] for m in tuned["models"]]
+    assert {(r["temperature_request"], r["boundary_method"]) for r in rows} == {("auto", "quantile")}
+    assert all(r["temperature"] in TEMPERATURE_GRID for r in rows)
 
 
 def _without_seconds(summary):
@@ -201,6 +210,11 @@ def test_bench_zoo_command_refuses_bad_options_in_one_line(tmp_path):
     result = runner.invoke(app, ["bench", "zoo", "--data", "digits", "--size", "1",
                                  "--out", str(tmp_path)])
     assert result.exit_code == 2 and "--size must be >= 2" in result.output
+    for option, value, message in (("--strip-boundary", "median", "unknown STRIP boundary"),
+                                   ("--strip-temperature", "-2", "temperature must be a positive")):
+        result = runner.invoke(app, ["bench", "zoo", "--data", "digits", option, value,
+                                     "--out", str(tmp_path)])
+        assert result.exit_code == 2 and message in result.output, result.output
 
 
 def test_attack_drawn_for_small_images_fits():

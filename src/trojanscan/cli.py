@@ -419,6 +419,8 @@ def repair_cmd(
     console.print(f"{record['seconds']:.1f} s → {out}")
 
 
+TEMPERATURE_HELP = ("softmax temperature (1 = the paper), or auto: the one that makes benign entropies "
+                    "most symmetric")
 strip_app = typer.Typer(no_args_is_help=True,
                         help="STRIP: flag trojaned inputs at run time by the entropy of superimposed copies.")
 app.add_typer(strip_app, name="strip")
@@ -435,9 +437,7 @@ def strip_calibrate_cmd(
     samples: int = typer.Option(2000, "--samples", min=1, help="benign calibration images"),
     blend: str = typer.Option("add", "--blend", help="add (the authors') or alpha"),
     boundary: str = typer.Option("normal", "--boundary", help="normal (the authors') or quantile"),
-    temperature: str = typer.Option("1", "--temperature",
-                                    help="softmax temperature (1 = the paper), or auto: the one that "
-                                         "makes benign entropies most symmetric"),
+    temperature: str = typer.Option("1", "--temperature", help=TEMPERATURE_HELP),
     seed: int = typer.Option(0, "--seed"),
     arch: str = typer.Option(None, "--arch"),
 ) -> None:
@@ -486,9 +486,7 @@ def strip_evaluate_cmd(
     samples: int = typer.Option(2000, "--samples", min=1, help="benign and trojaned test inputs each"),
     blend: str = typer.Option("add", "--blend"),
     boundary: str = typer.Option("normal", "--boundary"),
-    temperature: str = typer.Option("1", "--temperature",
-                                    help="softmax temperature (1 = the paper), or auto: the one that "
-                                         "makes benign entropies most symmetric"),
+    temperature: str = typer.Option("1", "--temperature", help=TEMPERATURE_HELP),
     seed: int = typer.Option(0, "--seed"),
     arch: str = typer.Option(None, "--arch"),
     out: Path = typer.Option(None, "--out", help="folder for strip.json and report.html"),
@@ -531,6 +529,9 @@ def bench_zoo_cmd(
     steps: int = typer.Option(None, "--steps", help="maximum steps per label"),
     strip_n: int = typer.Option(100, "--strip-n", help="STRIP copies per input"),
     strip_samples: int = typer.Option(500, "--strip-samples", help="STRIP benign/trojaned inputs"),
+    strip_temperature: str = typer.Option("1", "--strip-temperature", help="STRIP " + TEMPERATURE_HELP),
+    strip_boundary: str = typer.Option("normal", "--strip-boundary",
+                                       help="STRIP boundary: normal (the authors') or quantile"),
     seed: int = typer.Option(0, "--seed", help="seed of the zoo specification and the scans"),
 ) -> None:
     """Build a seeded zoo of clean and trojaned models (cached; rerun to resume), scan each, and
@@ -539,7 +540,8 @@ def bench_zoo_cmd(
                          seed=seed, methods=[m.strip() for m in methods.split(",") if m.strip()],
                          repeats=repeats, epochs=epochs, train_samples=train_samples,
                          clean_samples=clean_samples, schedule=schedule, steps=steps,
-                         strip_n=strip_n, strip_samples=strip_samples)
+                         strip_n=strip_n, strip_samples=strip_samples,
+                         strip_temperature=strip_temperature, strip_boundary=strip_boundary)
     results = run_zoo(out, options, log=lambda line: console.print(line, highlight=False))
     console.print((out / "summary.md").read_text().split("\n\n| model")[0])
     console.print(f"→ {out / 'results.json'}, {out / 'summary.md'}, {out / 'report.html'}")

@@ -34,7 +34,7 @@ from trojanscan.defenses.neural_cleanse import SCHEDULES
 from trojanscan.defenses.outliers import SIZE_RATIO_THRESHOLD, mad_anomaly_index
 from trojanscan.defenses.repeats import combine_runs
 from trojanscan.defenses.scan_result import ScanResult
-from trojanscan.defenses.strip import Strip
+from trojanscan.defenses.strip import BOUNDARY_METHODS, Strip, parse_temperature
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import sha256_file, write_json
 from trojanscan.metrics import roc_auc, roc_curve
@@ -204,7 +204,7 @@ def _tag(options: dict[str, Any]) -> str:
 
 
 def _strip_row(model_path: Path, model_sha256: str, data: Dataset, out: Path, seed: int, n: int,
-               samples: int) -> dict[str, Any]:
+               samples: int, temperature: float | str = 1.0, boundary: str = "normal") -> dict[str, Any]:
     if out.is_file():
         try:
             row = json.loads(out.read_text())
@@ -216,11 +216,12 @@ def _strip_row(model_path: Path, model_sha256: str, data: Dataset, out: Path, se
     module = load_model(model_path, input_shape=data.input_shape).module
     trigger = Trigger.load(trigger_path_for(model_path)) if trigger_path_for(model_path).is_file() else None
     start = time.perf_counter()
-    strip = Strip(module, n=n, frr=0.01, seed=seed)
+    strip = Strip(module, n=n, frr=0.01, seed=seed, temperature=temperature, boundary=boundary)
     rates = strip_rates(strip, data, trigger, samples=samples, calibration_samples=samples,
                         seed=seed).rates
     row = {"seed": seed, "n": n, "frr": rates["frr"], "far": rates["far"],
-           "boundary": strip.boundary_, "seconds": time.perf_counter() - start,
+           "boundary": strip.boundary_, "boundary_method": boundary, "temperature": strip.temperature_,
+           "temperature_request": str(temperature), "seconds": time.perf_counter() - start,
            "model_sha256": model_sha256}
     write_json(out, row)
     return row
@@ -322,6 +323,8 @@ class ZooOptions:
     steps: int | None = None
     strip_n: int = 100
     strip_samples: int = 500
+    strip_temperature: float | str = 1.0
+    strip_boundary: str = "normal"
 
     def check(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -329,6 +332,10 @@ class ZooOptions:
             raise TrojanscanError(("no method given" if not self.methods else
                                    f"unknown zoo method(s) {', '.join(unknown)}")
                                   + f"; choose from {', '.join(METHODS)}")
+        self.strip_temperature = parse_temperature(self.strip_temperature)
+        if self.strip_boundary not in BOUNDARY_METHODS:
+            raise TrojanscanError(f"unknown STRIP boundary {self.strip_boundary!r}; choose one of "
+                                  f"{', '.join(BOUNDARY_METHODS)}")
         if self.schedule not in SCHEDULES:
             raise TrojanscanError(f"unknown schedule {self.schedule!r}; choose one of "
                                   f"{', '.join(SCHEDULES)}")
@@ -393,11 +400,14 @@ def run_zoo(out_dir: str | Path, options: ZooOptions | None = None,
                 + f"; flagged {rows[0]['flagged_labels']}"
                 + (f"; true target {record['target']}" if record["trojaned"] else ""))
         if "strip" in opts.methods:
-            tag = _tag({"n": opts.strip_n, "samples": opts.strip_samples})
+            settings: dict[str, Any] = {"n": opts.strip_n, "samples": opts.strip_samples}
+            if (opts.strip_temperature, opts.strip_boundary) != (1.0, "normal"):  # old caches stay valid
+                settings.update(temperature=opts.strip_temperature, boundary=opts.strip_boundary)
             record["strip"] = _strip_row(model_path, record["model_sha256"], dataset,
                                          out / "scans" / record["key"] /
-                                         f"strip-seed{opts.seed}-{tag}.json", opts.seed,
-                                         opts.strip_n, opts.strip_samples)
+                                         f"strip-seed{opts.seed}-{_tag(settings)}.json", opts.seed,
+                                         opts.strip_n, opts.strip_samples, opts.strip_temperature,
+                                         opts.strip_boundary)
             log(f"    strip: FRR {record['strip']['frr']:.3f}"
                 + (f" FAR {record['strip']['far']:.3f}" if record["trojaned"] else ""))
         results["models"].append(record)

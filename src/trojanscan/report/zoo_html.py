@@ -128,7 +128,10 @@ def zoo_markdown(results: dict[str, Any]) -> str:
                     lines.append(f"- {title}, {what}: {', '.join(s[key])}")
     strip = results.get("summary", {}).get("strip")
     if strip:
-        lines.append(f"- STRIP at 1% target FRR: mean FRR {_fmt(strip['mean_frr'], 'pct')}, "
+        opts = results.get("options", {})
+        setting = (f"N={opts.get('strip_n', '?')}, temperature {opts.get('strip_temperature', 1)}, "
+                   f"{opts.get('strip_boundary', 'normal')} boundary")
+        lines.append(f"- STRIP ({setting}) at 1% target FRR: mean FRR {_fmt(strip['mean_frr'], 'pct')}, "
                      f"mean FAR on trojaned models {_fmt(strip['mean_far'], 'pct')}")
     if results.get("failed_attacks"):
         lines.append(f"- attacks that did not take (ASR < 50%, left out of the scores): "
