@@ -7,7 +7,8 @@ Both detectors are calibrated on the same 1,000 benign MNIST training images and
 same 1,000 clean and 1,000 trigger-stamped test images (labels plus a trojaned flag each). ART is
 given the model with a softmax on top (its entropy needs probabilities). Without ART installed the
 script measures trojanscan alone and says so. trojanscan runs three settings: the paper's (T = 1,
-normal fit), T = 1 with the empirical quantile, and the automatic temperature with the normal fit.
+normal fit), T = 1 with the empirical quantile, and the automatic temperature with the normal fit,
+all with the frozen copy of the model (``accelerate``), and T = 1 quantile once more without it.
 """
 
 from __future__ import annotations
@@ -53,10 +54,10 @@ def _art(model: torch.nn.Module, shape: tuple[int, ...], classes: int, n: int, c
     return record
 
 
-def _ours(model: torch.nn.Module, n: int, temperature: float | str, boundary: str, cal: torch.Tensor,
-          inputs: dict[str, torch.Tensor]) -> dict[str, float]:
-    seconds, strip = _timed(lambda: Strip(model, n=n, temperature=temperature,
-                                          boundary=boundary).calibrate(cal))
+def _ours(model: torch.nn.Module, n: int, temperature: float | str, boundary: str, accelerate: bool,
+          cal: torch.Tensor, inputs: dict[str, torch.Tensor]) -> dict[str, float]:
+    seconds, strip = _timed(lambda: Strip(model, n=n, temperature=temperature, boundary=boundary,
+                                          accelerate=accelerate).calibrate(cal))
     record = {"calibrate_seconds": seconds, "temperature_used": strip.temperature_,
               "boundary": strip.boundary_}
     for name, x in inputs.items():
@@ -83,9 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     inputs = {"clean": clean, "stamped": stamped}
     record: dict[str, object] = {"benchmark": "strip-vs-art", "model": str(args.model), "n": args.n,
                                  "inputs": args.inputs, "threads": torch.get_num_threads()}
-    for temperature, boundary in ((1.0, "normal"), (1.0, "quantile"), ("auto", "normal")):
-        key = f"trojanscan_T={temperature}_{boundary}"
-        record[key] = _ours(model, args.n, temperature, boundary, cal, inputs)
+    for temperature, boundary, accelerate in ((1.0, "normal", True), (1.0, "quantile", True),
+                                              ("auto", "normal", True), (1.0, "quantile", False)):
+        key = f"trojanscan_T={temperature}_{boundary}" + ("" if accelerate else "_eager")
+        record[key] = _ours(model, args.n, temperature, boundary, accelerate, cal, inputs)
         print(json.dumps({key: record[key]}), flush=True)
     if importlib.util.find_spec("art") is None:
         record["art"] = "not installed (pip install adversarial-robustness-toolbox)"
