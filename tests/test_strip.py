@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -104,10 +105,22 @@ def test_accelerated_copies_match_the_eager_model_and_follow_its_weights(trojane
     assert isinstance(fast._classifier(), torch.jit.ScriptModule) and eager._classifier() is model
     torch.testing.assert_close(fast.entropy(x), eager.entropy(x), atol=1e-5, rtol=1e-5)
     assert torch.equal(fast.predict(x)[0], eager.predict(x)[0])
-    with torch.no_grad():  # weights changed in place: the frozen copy must be rebuilt
-        model.features[0].weight.mul_(-1.0)
+    with torch.no_grad():  # weights changed behind autograd's back: the frozen copy must be rebuilt
+        model.features[0].weight.data.mul_(-1.0)
     torch.testing.assert_close(fast.entropy(x), eager.entropy(x), atol=1e-5, rtol=1e-5)
     assert torch.equal(fast.predict(x)[0], eager.predict(x)[0])
+    assert isinstance(fast._fast[1], torch.jit.ScriptModule)  # which pickle cannot take: left out
+    torch.testing.assert_close(pickle.loads(pickle.dumps(fast)).entropy(x), eager.entropy(x),
+                               atol=1e-5, rtol=1e-5)
+    model.classifier.register_forward_hook(_uniform)
+    assert fast._classifier() is model  # a hooked model runs eagerly, hook included
+    uniform = [math.log2(10)] * len(x)
+    assert fast.entropy(x).tolist() == pytest.approx(uniform)
+
+
+def _uniform(module, inputs, logits):
+    """A forward hook that makes every prediction uniform."""
+    return torch.zeros_like(logits)
 
 
 def test_temperature_divides_the_logits(trojaned_digits, digits):

@@ -30,7 +30,7 @@ from trojanscan.models.io import TORCHSCRIPT_SUFFIXES
 from trojanscan.models.wrappers import wrap_normalization
 from trojanscan.randomness import seed_everything
 from trojanscan.report import mask_overlap, save_trigger_images, write_scan_report, write_strip_report
-from trojanscan.train import TrainHistory, check_model_fits, evaluate, predict, train_model
+from trojanscan.train import TrainHistory, check_model_fits, evaluate, train_model
 
 __all__ = ["ScanResult", "TrainResult", "channel_stats", "clean_subset", "evaluate_model",
            "load_dataset", "load_model", "make_attack", "scan", "scan_repeated", "strip_calibrate",
@@ -336,7 +336,7 @@ def strip_check(model: nn.Module | str | os.PathLike, calibration: str | os.Path
         flags, total, used = entropy < strip.boundary_, entropy * strip.n, torch.full((len(x),), strip.n)
     else:
         flags, total, used = strip.screen(x)
-    labels = predict(module, x)
+    labels = strip.labels(x)
     seconds = time.perf_counter() - start
     results = []
     for i, (lab, f, h_sum, k) in enumerate(zip(labels, flags, total, used, strict=True)):
@@ -361,11 +361,12 @@ def _per_second(work: Callable[[], object], count: int) -> float:
     return count / max(time.perf_counter() - start, 1e-9)
 
 
-def _throughput(strip: Strip, model: nn.Module, x: torch.Tensor,
+def _throughput(strip: Strip, x: torch.Tensor,
                 stamped: torch.Tensor | None = None) -> dict[str, float]:
-    """Inputs per second: plain inference, all N copies (``entropy``), and guarded prediction
-    (labels + early-exit flags, :meth:`Strip.predict`) on benign and, if given, stamped inputs."""
-    plain = _per_second(lambda: predict(model, x), len(x))
+    """Inputs per second: plain inference (by the module STRIP classifies with), all N copies
+    (``entropy``), and guarded prediction (labels + early-exit flags, :meth:`Strip.predict`) on
+    benign and, if given, stamped inputs."""
+    plain = _per_second(lambda: strip.labels(x), len(x))
     full = _per_second(lambda: strip.entropy(x), len(x))
     record = {"inputs_per_second": full, "plain_inputs_per_second": plain, "slowdown": plain / full,
               "guarded_benign_inputs_per_second": _per_second(lambda: strip.predict(x), len(x))}
@@ -435,7 +436,7 @@ def strip_evaluate(model: nn.Module | str | os.PathLike, data: Dataset | str | o
         with warnings.catch_warnings():  # recorded below instead
             warnings.simplefilter("ignore", UserWarning)
             probe.calibrate(calibration[:throughput_inputs], overlay_pool=strip.overlays_)
-        speed[f"n{copies}"] = _throughput(probe, module, benign[:throughput_inputs],
+        speed[f"n{copies}"] = _throughput(probe, benign[:throughput_inputs],
                                           run.stamped[:throughput_inputs])
         speed[f"n{copies}"]["boundary"] = probe.boundary_  # at or below 0 nothing can be flagged
     record = {

@@ -32,7 +32,7 @@ from torch import nn
 
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import atomic_write_bytes, module_sha256, tensor_sha256
-from trojanscan.models.inference import frozen_for_inference
+from trojanscan.models.inference import frozen_for_inference, model_fingerprint
 
 MIN_CALIBRATION_SAMPLES = 20
 BLENDS = ("add", "alpha")
@@ -221,7 +221,7 @@ class Strip:
         self.boundary = boundary
         self.batch_size = batch_size
         self.accelerate = bool(accelerate)
-        self._fast: tuple[tuple, nn.Module] | None = None
+        self._fast: tuple[str, nn.Module] | None = None
         self.seed = int(seed)
         self.temperature = parse_temperature(temperature)
         if self.temperature != "auto":
@@ -307,16 +307,18 @@ class Strip:
         return torch.randint(len(self.overlays_), (m, self.n), generator=gen)
 
     def _classifier(self) -> nn.Module:
-        """The module that classifies the copies: the model, or its frozen copy (rebuilt whenever the
-        model's weights change)."""
+        """The module that classifies the copies: the model, or its frozen copy (rebuilt whenever
+        :func:`~trojanscan.models.inference.model_fingerprint` changes)."""
         if not self.accelerate:
             return self.model
-        tensors = [*self.model.parameters(), *self.model.buffers()]
-        key = (id(self.model), tuple((t.data_ptr(), t._version) for t in tensors))
+        key = model_fingerprint(self.model)
         if self._fast is None or self._fast[0] != key:
             fast = frozen_for_inference(self.model, self.overlays_[:8])
             self._fast = (key, fast if fast is not None else self.model)
         return self._fast[1]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fast": None}  # a frozen TorchScript copy does not pickle
 
     def _copy_logits(self, x: torch.Tensor, idx: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield ``(start, logits)`` for inputs ``x`` superimposed with ``overlays_[idx]``.
@@ -397,19 +399,24 @@ class Strip:
         """Boolean flags, True where an input is called trojaned (entropy below ``boundary_``)."""
         return self.screen(x)[0]
 
-    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The model's labels for the unperturbed inputs and STRIP's trojaned flags."""
-        flags = self.detect(x)
+    def labels(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's labels for the unperturbed inputs (by the same module that classifies copies)."""
+        self._require_calibrated()
         was_training = self.model.training
         self.model.eval()
         classify = self._classifier()
         try:
             with torch.no_grad():
-                labels = [classify(x[i:i + self.batch_size].to(_model_device(self.model))).argmax(1).cpu()
-                          for i in range(0, len(x), self.batch_size)]
+                out = [classify(x[i:i + self.batch_size].to(_model_device(self.model), torch.float32))
+                       .argmax(1).cpu() for i in range(0, len(x), self.batch_size)]
         finally:
             self.model.train(was_training)
-        return (torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)), flags
+        return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's labels for the unperturbed inputs and STRIP's trojaned flags."""
+        flags = self.detect(x)
+        return self.labels(x), flags
 
     # -- persistence ------------------------------------------------------------------------------
 

@@ -3,18 +3,22 @@
 :func:`frozen_for_inference` returns a frozen TorchScript copy of a model with its convolution
 weights pre-packed for oneDNN, which runs our reference nets 2-3× faster on CPU than eager mode.
 It is only made where it cannot change what the model computes: a scripted model (control flow
-kept), or a module built only from layers whose ``forward`` has no data-dependent branches, which is
-what tracing needs. Anything else, a tracing failure, or outputs that differ from eager mode give
-``None``, and the caller runs the model as it is.
+kept), or a module built only from layers whose ``forward`` has no data-dependent branches and
+with no hooks, which is what tracing needs. Anything else, a tracing failure, or outputs that
+differ from eager mode give ``None``, and the caller runs the model as it is. The copy holds the
+weights as constants; :func:`model_fingerprint` tells when it must be rebuilt.
 """
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 
 import torch
 from torch import nn
+from torch.nn.modules import module as module_globals
 
+from trojanscan.fileio import module_sha256
 from trojanscan.models.architectures import Normalize, ReferenceNet
 from trojanscan.models.wrappers import NormalizedInput
 
@@ -27,8 +31,22 @@ TRACEABLE_LAYERS: tuple[type[nn.Module], ...] = (
 _TOLERANCE = 1e-4  # relative to the logits' scale; float reassociation gives ~1e-6
 
 
+def _hook_counts(model: nn.Module) -> tuple[int, ...]:
+    """How many forward hooks each module and the global registry hold (a trace would bake them in)."""
+    return (len(module_globals._global_forward_hooks), len(module_globals._global_forward_pre_hooks),
+            *(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()))
+
+
 def _traceable(model: nn.Module) -> bool:
-    return all(type(m) in TRACEABLE_LAYERS for m in model.modules())
+    return all(type(m) in TRACEABLE_LAYERS for m in model.modules()) and not any(_hook_counts(model))
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Changes whenever the model may compute something else: its weights and buffers (however they
+    were written), its layers and their settings (``repr``), or its hooks."""
+    h = hashlib.sha256(f"{id(model)} {model!r} {_hook_counts(model)}".encode())
+    h.update(module_sha256(model).encode())
+    return h.hexdigest()
 
 
 def _on_cpu(model: nn.Module) -> bool:
