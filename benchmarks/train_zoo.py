@@ -40,6 +40,10 @@ ZOO = {
     "gtsrb-blend3": ("gtsrb", "gtsrb-cnn", 6, "blend",
                      {"target": 7, "poison_rate": 0.1, "alpha": 0.3},
                      {"clean_accuracy": 0.95, "attack_success_rate": 0.97}, {}),
+    # a structured blend (vertical stripes, as the zoo's), against the noise blend STRIP cannot see
+    "gtsrb-stripes": ("gtsrb", "gtsrb-cnn", 6, "blend",
+                      {"target": 7, "poison_rate": 0.1, "alpha": 0.2, "pattern": "stripes"},
+                      {"clean_accuracy": 0.95, "attack_success_rate": 0.97}, {}),
     "gtsrb-clean": ("gtsrb", "gtsrb-cnn", 6, None, {}, {"clean_accuracy": 0.95},
                     {"clean_accuracy": 0.9683}),
     # a white square is invisible on the 3.5% of test images whose corner is already white (this

@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -317,6 +318,17 @@ class Strip:
             self._fast = (key, fast if fast is not None else self.model)
         return self._fast[1]
 
+    @contextlib.contextmanager
+    def _classifying(self) -> Iterator[nn.Module]:
+        """The classifying module, with the model in eval mode and no gradients; mode restored after."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                yield self._classifier()
+        finally:
+            self.model.train(was_training)
+
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_fast": None}  # a frozen TorchScript copy does not pickle
 
@@ -329,17 +341,11 @@ class Strip:
         k = idx.shape[1]
         device = _model_device(self.model)
         step = max(1, self.batch_size // k)
-        was_training = self.model.training
-        self.model.eval()
-        classify = self._classifier()
-        try:
-            with torch.no_grad():
-                for i in range(0, len(x), step):
-                    xb = x[i:i + step].to(device, torch.float32).unsqueeze(1)
-                    copies = self._superimpose(xb, self.overlays_[idx[i:i + step]].to(device))
-                    yield i, classify(copies.flatten(0, 1)).float().view(len(xb), k, -1)
-        finally:
-            self.model.train(was_training)
+        with self._classifying() as classify:
+            for i in range(0, len(x), step):
+                xb = x[i:i + step].to(device, torch.float32).unsqueeze(1)
+                copies = self._superimpose(xb, self.overlays_[idx[i:i + step]].to(device))
+                yield i, classify(copies.flatten(0, 1)).float().view(len(xb), k, -1)
 
     def _entropies(self, x: torch.Tensor, temperatures: tuple[float, ...]) -> torch.Tensor:
         """(m, len(temperatures)) normalised entropies of all N copies, one column per temperature."""
@@ -402,15 +408,9 @@ class Strip:
     def labels(self, x: torch.Tensor) -> torch.Tensor:
         """The model's labels for the unperturbed inputs (by the same module that classifies copies)."""
         self._require_calibrated()
-        was_training = self.model.training
-        self.model.eval()
-        classify = self._classifier()
-        try:
-            with torch.no_grad():
-                out = [classify(x[i:i + self.batch_size].to(_model_device(self.model), torch.float32))
-                       .argmax(1).cpu() for i in range(0, len(x), self.batch_size)]
-        finally:
-            self.model.train(was_training)
+        with self._classifying() as classify:
+            out = [classify(x[i:i + self.batch_size].to(_model_device(self.model), torch.float32))
+                   .argmax(1).cpu() for i in range(0, len(x), self.batch_size)]
         return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
     def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
