@@ -332,27 +332,28 @@ class Strip:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_fast": None}  # a frozen TorchScript copy does not pickle
 
-    def _copy_logits(self, x: torch.Tensor, idx: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    def _copy_logits(self, classify: nn.Module, x: torch.Tensor,
+                     idx: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield ``(start, logits)`` for inputs ``x`` superimposed with ``overlays_[idx]``.
 
-        ``idx`` is m×k; each chunk of about ``batch_size`` copies gives logits (chunk, k, classes).
-        The model is in eval mode while the generator runs.
+        ``classify`` comes from :meth:`_classifying`; ``idx`` is m×k; each chunk of about
+        ``batch_size`` copies gives logits (chunk, k, classes).
         """
         k = idx.shape[1]
         device = _model_device(self.model)
         step = max(1, self.batch_size // k)
-        with self._classifying() as classify:
-            for i in range(0, len(x), step):
-                xb = x[i:i + step].to(device, torch.float32).unsqueeze(1)
-                copies = self._superimpose(xb, self.overlays_[idx[i:i + step]].to(device))
-                yield i, classify(copies.flatten(0, 1)).float().view(len(xb), k, -1)
+        for i in range(0, len(x), step):
+            xb = x[i:i + step].to(device, torch.float32).unsqueeze(1)
+            copies = self._superimpose(xb, self.overlays_[idx[i:i + step]].to(device))
+            yield i, classify(copies.flatten(0, 1)).float().view(len(xb), k, -1)
 
     def _entropies(self, x: torch.Tensor, temperatures: tuple[float, ...]) -> torch.Tensor:
         """(m, len(temperatures)) normalised entropies of all N copies, one column per temperature."""
         _check_images(x, "input images", tuple(self.overlays_.shape[1:]))
-        out = [torch.stack([copy_entropies(torch.softmax(logits / t, -1)).mean(-1) for t in temperatures],
-                           dim=1).cpu()
-               for _, logits in self._copy_logits(x, self._overlay_indices(len(x)))]
+        with self._classifying() as classify:
+            out = [torch.stack([copy_entropies(torch.softmax(logits / t, -1)).mean(-1)
+                                for t in temperatures], dim=1).cpu()
+                   for _, logits in self._copy_logits(classify, x, self._overlay_indices(len(x)))]
         return torch.cat(out) if out else torch.empty(0, len(temperatures))
 
     def entropy(self, x: torch.Tensor) -> torch.Tensor:
@@ -386,19 +387,20 @@ class Strip:
         step = max(1, math.ceil(self.n / max(1, rounds)))
         active = torch.arange(m)
         done = 0
-        while len(active) and done < self.n:
-            k = min(step, self.n - done)
-            h_max = 0.0
-            for start, logits in self._copy_logits(x[active], idx[active, done:done + k]):
-                rows = active[start:start + len(logits)]
-                probs = torch.softmax(logits / self.temperature_, -1)
-                total[rows] += copy_entropies(probs).sum(-1).double().cpu()
-                h_max = math.log2(logits.shape[-1])
-            done += k
-            used[active] = done
-            left = (self.n - done) * h_max
-            sure = (total[active] >= need + tol) | (total[active] + left < need - tol)
-            active = active[~sure]
+        with self._classifying() as classify:
+            while len(active) and done < self.n:
+                k = min(step, self.n - done)
+                h_max = 0.0
+                for start, logits in self._copy_logits(classify, x[active], idx[active, done:done + k]):
+                    rows = active[start:start + len(logits)]
+                    probs = torch.softmax(logits / self.temperature_, -1)
+                    total[rows] += copy_entropies(probs).sum(-1).double().cpu()
+                    h_max = math.log2(logits.shape[-1])
+                done += k
+                used[active] = done
+                left = (self.n - done) * h_max
+                sure = (total[active] >= need + tol) | (total[active] + left < need - tol)
+                active = active[~sure]
         return total < need, total, used
 
     def detect(self, x: torch.Tensor) -> torch.Tensor:
