@@ -183,9 +183,10 @@ def test_strip_calibrate_check_and_evaluate(trained, tmp_path):
     early = [r for r in check["results"] if r["copies"] < 10]
     assert early and all(("entropy_at_least" in r) != r["trojaned"] for r in early)
     r = runner.invoke(app, ["strip", "check", str(model), "--calibration", str(cal), "--inputs",
-                            str(inputs), "--full-entropy", "--json", str(tmp_path / "full.json")])
+                            str(inputs), "--full-entropy", "--eager", "--json", str(tmp_path / "full.json")])
     assert r.exit_code == 0, r.output
     full = json.loads((tmp_path / "full.json").read_text())
+    assert check["accelerated"] is True and full["accelerated"] is False  # the model as it is
     assert [r["trojaned"] for r in full["results"]] == flagged
     assert all(r["copies"] == 10 and "entropy" in r for r in full["results"])
     r = runner.invoke(app, ["strip", "evaluate", str(model), "--data", "digits", "--n", "20",

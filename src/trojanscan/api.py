@@ -277,11 +277,12 @@ def _train_subset(data: Dataset, n: int, seed: int) -> torch.Tensor:
 def strip_calibrate(model: nn.Module | str | os.PathLike, data: Dataset | str | os.PathLike, *,
                     n: int = 100, frr: float = 0.01, samples: int = 2000, blend: str = "add",
                     boundary: str = "normal", seed: int = 0, arch: str | None = None,
-                    temperature: float | str = 1.0, out: str | os.PathLike | None = None) -> Strip:
+                    temperature: float | str = 1.0, out: str | os.PathLike | None = None,
+                    accelerate: bool = True) -> Strip:
     """Fit STRIP's boundary on ``samples`` benign training images (also the overlay pool)."""
     module, _, dataset, _ = _resolve(model, data, arch)
     strip = Strip(module, n=n, frr=frr, blend=blend, boundary=boundary, seed=seed,
-                  temperature=temperature)
+                  temperature=temperature, accelerate=accelerate)
     strip.calibrate(_train_subset(dataset, samples, seed))
     if out is not None:
         strip.save(out)
@@ -321,7 +322,7 @@ def model_and_inputs(model: nn.Module | str | os.PathLike, inputs: str | os.Path
 
 def strip_check(model: nn.Module | str | os.PathLike, calibration: str | os.PathLike,
                 inputs: str | os.PathLike, *, arch: str | None = None,
-                full_entropy: bool = False) -> dict[str, Any]:
+                full_entropy: bool = False, accelerate: bool = True) -> dict[str, Any]:
     """Predict and flag each input with a saved calibration.
 
     By default each input is copied only until its verdict is certain (:meth:`Strip.screen`), so
@@ -329,7 +330,7 @@ def strip_check(model: nn.Module | str | os.PathLike, calibration: str | os.Path
     of ``entropy``; ``full_entropy`` runs all N copies for every input.
     """
     module, x = model_and_inputs(model, inputs, arch)
-    strip = Strip.load(calibration, module)
+    strip = Strip.load(calibration, module, accelerate=accelerate)
     start = time.perf_counter()
     if full_entropy:
         entropy = strip.entropy(x)
@@ -350,7 +351,8 @@ def strip_check(model: nn.Module | str | os.PathLike, calibration: str | os.Path
         results.append(row)
     return {"command": "strip check", "inputs": str(inputs), "count": len(x),
             "trojaned": int(flags.sum()), "boundary": strip.boundary_, "n": strip.n,
-            "temperature": strip.temperature_, "mean_copies": float(used.double().mean()) if len(x) else 0.0,
+            "temperature": strip.temperature_, "accelerated": strip.accelerated,
+            "mean_copies": float(used.double().mean()) if len(x) else 0.0,
             "seconds": seconds, "inputs_per_second": len(x) / seconds if seconds else None,
             "results": results}
 
@@ -410,8 +412,8 @@ def strip_evaluate(model: nn.Module | str | os.PathLike, data: Dataset | str | o
                    frr: float = 0.01, samples: int = 2000, calibration_samples: int = 2000,
                    blend: str = "add", boundary: str = "normal", seed: int = 0,
                    arch: str | None = None, throughput_inputs: int = 500,
-                   temperature: float | str = 1.0,
-                   out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+                   temperature: float | str = 1.0, out_dir: str | os.PathLike | None = None,
+                   accelerate: bool = True) -> dict[str, Any]:
     """FRR on clean test images and FAR on trigger-stamped ones, with throughput for N=10, 20, 100."""
     module, model_sha, dataset, path = _resolve(model, data, arch)
     if trigger is None and path is not None and trigger_path_for(path).is_file():
@@ -424,7 +426,7 @@ def strip_evaluate(model: nn.Module | str | os.PathLike, data: Dataset | str | o
         raise TrojanscanError(f"throughput_inputs must be at least {MIN_CALIBRATION_SAMPLES} (each N is "
                               f"calibrated on that many images), got {throughput_inputs}")
     strip = Strip(module, n=n, frr=frr, blend=blend, boundary=boundary, seed=seed,
-                  temperature=temperature)
+                  temperature=temperature, accelerate=accelerate)
     run = strip_rates(strip, dataset, trig, samples=samples, calibration_samples=calibration_samples,
                       seed=seed)
     benign, h_benign, h_trojan, rates = run.benign, run.h_benign, run.h_trojan, run.rates
@@ -432,7 +434,7 @@ def strip_evaluate(model: nn.Module | str | os.PathLike, data: Dataset | str | o
     calibration = strip.overlays_  # strip_rates calibrated on these images, also the overlay pool
     for copies in (10, 20, 100):  # each N gets its own boundary, which sets where screening stops
         probe = Strip(module, n=copies, frr=frr, blend=blend, boundary=boundary, seed=seed,
-                      temperature=strip.temperature_)
+                      temperature=strip.temperature_, accelerate=accelerate)
         with warnings.catch_warnings():  # recorded below instead
             warnings.simplefilter("ignore", UserWarning)
             probe.calibrate(calibration[:throughput_inputs], overlay_pool=strip.overlays_)
@@ -443,6 +445,7 @@ def strip_evaluate(model: nn.Module | str | os.PathLike, data: Dataset | str | o
         "command": "strip evaluate", "frr": rates["frr"], "far": rates["far"], "target_frr": frr,
         "n": n, "blend": blend, "boundary_method": boundary, "boundary": strip.boundary_,
         "temperature": strip.temperature, "temperature_used": strip.temperature_,
+        "accelerated": strip.accelerated,
         "benign_entropy": {"mean": float(h_benign.mean()), "std": float(h_benign.std())},
         "trojaned_entropy": {"mean": float(h_trojan.mean()), "std": float(h_trojan.std())},
         "calibration": {"samples": strip.n_calibration_, "mean": strip.entropy_mean_,

@@ -421,6 +421,7 @@ def repair_cmd(
 
 TEMPERATURE_HELP = ("softmax temperature (1 = the paper), or auto: the one that makes benign entropies "
                     "most symmetric")
+EAGER_HELP = "run the model as it is, without the frozen oneDNN copy (slower; for comparison)"
 strip_app = typer.Typer(no_args_is_help=True,
                         help="STRIP: flag trojaned inputs at run time by the entropy of superimposed copies.")
 app.add_typer(strip_app, name="strip")
@@ -440,13 +441,14 @@ def strip_calibrate_cmd(
     temperature: str = typer.Option("1", "--temperature", help=TEMPERATURE_HELP),
     seed: int = typer.Option(0, "--seed"),
     arch: str = typer.Option(None, "--arch"),
+    eager: bool = typer.Option(False, "--eager", help=EAGER_HELP),
 ) -> None:
     """Fit the entropy boundary on benign inputs for a target FRR."""
     with warnings.catch_warnings():  # a useless boundary is reported below, in one line
         warnings.simplefilter("ignore", UserWarning)
         strip = strip_calibrate(model, data, n=n, frr=frr, samples=samples, blend=blend,
                                 boundary=boundary, seed=seed, arch=arch, temperature=temperature,
-                                out=out)
+                                out=out, accelerate=not eager)
     console.print(f"calibrated on {strip.n_calibration_} benign images: entropy "
                   f"{strip.entropy_mean_:.3f} ± {strip.entropy_std_:.3f} bits, boundary "
                   f"{strip.boundary_:.4f} (FRR {frr:.1%}, N={n}, temperature {strip.temperature_:g}) → {out}")
@@ -465,9 +467,11 @@ def strip_check_cmd(
                                       help="run all N copies of every input (default: stop each "
                                            "input once its verdict is certain)"),
     arch: str = typer.Option(None, "--arch"),
+    eager: bool = typer.Option(False, "--eager", help=EAGER_HELP),
 ) -> None:
     """Predict each input and flag the trojaned ones."""
-    record = strip_check(model, calibration, inputs, arch=arch, full_entropy=full_entropy)
+    record = strip_check(model, calibration, inputs, arch=arch, full_entropy=full_entropy,
+                         accelerate=not eager)
     if json_path is not None:
         write_json(json_path, record)
     console.print(f"{record['trojaned']} of {record['count']} inputs flagged as trojaned "
@@ -491,11 +495,12 @@ def strip_evaluate_cmd(
     arch: str = typer.Option(None, "--arch"),
     out: Path = typer.Option(None, "--out", help="folder for strip.json and report.html"),
     json_path: Path = typer.Option(None, "--json"),
+    eager: bool = typer.Option(False, "--eager", help=EAGER_HELP),
 ) -> None:
     """FRR on clean and FAR on trigger-stamped test images, and throughput for N=10, 20 and 100."""
     record = strip_evaluate(model, data, trigger, n=n, frr=frr, samples=samples, blend=blend,
                             boundary=boundary, seed=seed, arch=arch, temperature=temperature,
-                            out_dir=out)
+                            out_dir=out, accelerate=not eager)
     if json_path is not None:
         write_json(json_path, record)
     table = Table(title=f"STRIP on {model} (N={n})")

@@ -318,6 +318,11 @@ class Strip:
             self._fast = (key, fast if fast is not None else self.model)
         return self._fast[1]
 
+    @property
+    def accelerated(self) -> bool:
+        """Whether the copies went through a frozen copy of the model in the last call."""
+        return self._fast is not None and self._fast[1] is not self.model
+
     @contextlib.contextmanager
     def _classifying(self) -> Iterator[nn.Module]:
         """The classifying module, with the model in eval mode and no gradients; mode restored after."""
