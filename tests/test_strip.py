@@ -102,7 +102,7 @@ def test_accelerated_copies_match_the_eager_model_and_follow_its_weights(trojane
     pool, x = digits.x_test[:60], digits.x_test[60:100]
     fast = Strip(model, n=10, boundary="quantile").calibrate(pool)
     eager = Strip(model, n=10, boundary="quantile", accelerate=False).calibrate(pool)
-    assert isinstance(fast._classifier(), torch.jit.ScriptModule) and eager._classifier() is model
+    assert fast.accelerated and not eager.accelerated
     torch.testing.assert_close(fast.entropy(x), eager.entropy(x), atol=1e-5, rtol=1e-5)
     assert torch.equal(fast.predict(x)[0], eager.predict(x)[0])
     with torch.no_grad():  # weights changed behind autograd's back: the frozen copy must be rebuilt
@@ -113,9 +113,37 @@ def test_accelerated_copies_match_the_eager_model_and_follow_its_weights(trojane
     torch.testing.assert_close(pickle.loads(pickle.dumps(fast)).entropy(x), eager.entropy(x),
                                atol=1e-5, rtol=1e-5)
     model.classifier.register_forward_hook(_uniform)
-    assert fast._classifier() is model  # a hooked model runs eagerly, hook included
     uniform = [math.log2(10)] * len(x)
     assert fast.entropy(x).tolist() == pytest.approx(uniform)
+    assert not fast.accelerated  # a hooked model runs eagerly, hook included
+
+
+class _Scaled(torch.nn.Module):
+    """A linear classifier whose logits are multiplied by a plain attribute."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(features, 10)
+        self.scale = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1)) * self.scale
+
+
+def test_a_frozen_scripted_model_follows_its_attributes(digits):
+    torch.manual_seed(0)
+    model = torch.jit.script(_Scaled(digits.x_test[0].numel()))
+    pool, x = digits.x_test[:60], digits.x_test[60:80]
+    fast = Strip(model, n=5, boundary="quantile").calibrate(pool)
+    before = fast.entropy(x)
+    assert fast.accelerated
+    model.scale = 5.0  # invisible to the fingerprint; the copy's spot check must notice
+    eager = Strip(model, n=5, boundary="quantile", accelerate=False).calibrate(pool)
+    torch.testing.assert_close(fast.entropy(x), eager.entropy(x), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(fast.entropy(x), before, atol=1e-3)
+    model.train()
+    fast.entropy(x)
+    assert model.training  # the caller's mode is restored
 
 
 def _uniform(module, inputs, logits):

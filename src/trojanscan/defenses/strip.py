@@ -33,7 +33,7 @@ from torch import nn
 
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import atomic_write_bytes, module_sha256, tensor_sha256
-from trojanscan.models.inference import frozen_for_inference, model_fingerprint
+from trojanscan.models.inference import frozen_for_inference, model_fingerprint, on_cpu, same_logits
 
 MIN_CALIBRATION_SAMPLES = 20
 BLENDS = ("add", "alpha")
@@ -308,12 +308,17 @@ class Strip:
         return torch.randint(len(self.overlays_), (m, self.n), generator=gen)
 
     def _classifier(self) -> nn.Module:
-        """The module that classifies the copies: the model, or its frozen copy (rebuilt whenever
-        :func:`~trojanscan.models.inference.model_fingerprint` changes)."""
-        if not self.accelerate:
+        """The module that classifies the copies: the model, or its frozen copy. The copy is rebuilt
+        whenever :func:`~trojanscan.models.inference.model_fingerprint` changes or it stops giving
+        the model's logits on two overlays (e.g. an attribute of a scripted model was changed).
+        Call with the model in eval mode and no gradients."""
+        if not self.accelerate or not on_cpu(self.model):
+            self._fast = None
             return self.model
         key = model_fingerprint(self.model)
-        if self._fast is None or self._fast[0] != key:
+        probe = self.overlays_[:2]
+        if self._fast is None or self._fast[0] != key or (
+                self._fast[1] is not self.model and not same_logits(self._fast[1], self.model, probe)):
             fast = frozen_for_inference(self.model, self.overlays_[:8])
             self._fast = (key, fast if fast is not None else self.model)
         return self._fast[1]
@@ -321,7 +326,7 @@ class Strip:
     @property
     def accelerated(self) -> bool:
         """Whether the copies went through a frozen copy of the model in the last call."""
-        return self._fast is not None and self._fast[1] is not self.model
+        return self.accelerate and self._fast is not None and self._fast[1] is not self.model
 
     @contextlib.contextmanager
     def _classifying(self) -> Iterator[nn.Module]:

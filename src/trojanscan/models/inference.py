@@ -49,8 +49,17 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _on_cpu(model: nn.Module) -> bool:
+def on_cpu(model: nn.Module) -> bool:
+    """Whether every weight and buffer of ``model`` is on the CPU (where the frozen copy helps)."""
     return all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
+
+
+def same_logits(fast: nn.Module, model: nn.Module, batch: torch.Tensor) -> bool:
+    """Whether ``fast`` gives ``model``'s logits on ``batch`` up to float reassociation (both in eval
+    mode, no gradients)."""
+    want, got = model(batch), fast(batch)
+    return isinstance(got, torch.Tensor) and got.shape == want.shape and torch.allclose(
+        got, want, rtol=_TOLERANCE, atol=_TOLERANCE * (1 + float(want.abs().max())))
 
 
 def frozen_for_inference(model: nn.Module, example: torch.Tensor) -> nn.Module | None:
@@ -60,7 +69,7 @@ def frozen_for_inference(model: nn.Module, example: torch.Tensor) -> nn.Module |
     ``model`` itself is not changed. The copy holds the weights as constants: rebuild it when the
     weights change.
     """
-    if not _on_cpu(model) or len(example) < 2:
+    if not on_cpu(model) or len(example) < 2:
         return None
     was_training = model.training
     model.eval()
@@ -74,12 +83,7 @@ def frozen_for_inference(model: nn.Module, example: torch.Tensor) -> nn.Module |
             else:
                 return None
             fast = torch.jit.optimize_for_inference(torch.jit.freeze(scripted.eval()))
-            for batch in (example, example[:3]):
-                want, got = model(batch), fast(batch)
-                if not isinstance(got, torch.Tensor) or got.shape != want.shape or not torch.allclose(
-                        got, want, rtol=_TOLERANCE, atol=_TOLERANCE * (1 + float(want.abs().max()))):
-                    return None
-            return fast
+            return fast if all(same_logits(fast, model, b) for b in (example, example[:3])) else None
     except Exception:  # any failure of the optional speed-up: run the model eagerly instead
         return None
     finally:
