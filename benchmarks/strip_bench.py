@@ -26,7 +26,8 @@ from trojanscan.fileio import write_json
 MODELS = {"mnist-badnets": ("mnist", 0.02), "gtsrb-badnets": ("gtsrb", 0.01),
           "gtsrb-blend": ("gtsrb", 0.01), "gtsrb-badnets-white": ("gtsrb", 0.01),
           "gtsrb-badnets8": ("gtsrb", 0.01), "gtsrb-center": ("gtsrb", 0.01),
-          "gtsrb-blend3": ("gtsrb", 0.01), "gtsrb-stripes": ("gtsrb", 0.01)}
+          "gtsrb-blend3": ("gtsrb", 0.01), "gtsrb-stripes": ("gtsrb", 0.01),
+          "gtsrb-stripes5": ("gtsrb", 0.01)}
 REQUIRED = ["mnist-badnets", "gtsrb-badnets", "gtsrb-blend"]  # the three; name → (data, FAR goal)
 
 

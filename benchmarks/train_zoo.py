@@ -44,6 +44,10 @@ ZOO = {
     "gtsrb-stripes": ("gtsrb", "gtsrb-cnn", 6, "blend",
                       {"target": 7, "poison_rate": 0.1, "alpha": 0.2, "pattern": "stripes"},
                       {"clean_accuracy": 0.95, "attack_success_rate": 0.97}, {}),
+    # the same stripes, clearly visible: does STRIP catch a GTSRB blend once it is strong?
+    "gtsrb-stripes5": ("gtsrb", "gtsrb-cnn", 6, "blend",
+                       {"target": 7, "poison_rate": 0.1, "alpha": 0.5, "pattern": "stripes"},
+                       {"clean_accuracy": 0.95, "attack_success_rate": 0.97}, {}),
     "gtsrb-clean": ("gtsrb", "gtsrb-cnn", 6, None, {}, {"clean_accuracy": 0.95},
                     {"clean_accuracy": 0.9683}),
     # a white square is invisible on the 3.5% of test images whose corner is already white (this
