@@ -223,6 +223,7 @@ class Strip:
         self.batch_size = batch_size
         self.accelerate = bool(accelerate)
         self._fast: tuple[str, nn.Module] | None = None
+        self._current: nn.Module | None = None  # set while a _classifying block runs
         self.seed = int(seed)
         self.temperature = parse_temperature(temperature)
         if self.temperature != "auto":
@@ -330,17 +331,26 @@ class Strip:
 
     @contextlib.contextmanager
     def _classifying(self) -> Iterator[nn.Module]:
-        """The classifying module, with the model in eval mode and no gradients; mode restored after."""
+        """The classifying module, with the model in eval mode and no gradients; mode restored after.
+
+        Nested uses (``predict`` = ``screen`` + ``labels``) share the outer one, so the model's
+        weights are fingerprinted once per public call.
+        """
+        if self._current is not None:
+            yield self._current
+            return
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
-                yield self._classifier()
+                self._current = self._classifier()
+                yield self._current
         finally:
+            self._current = None
             self.model.train(was_training)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_fast": None}  # a frozen TorchScript copy does not pickle
+        return {**self.__dict__, "_fast": None, "_current": None}  # TorchScript copies do not pickle
 
     def _copy_logits(self, classify: nn.Module, x: torch.Tensor,
                      idx: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
@@ -427,8 +437,9 @@ class Strip:
 
     def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's labels for the unperturbed inputs and STRIP's trojaned flags."""
-        flags = self.detect(x)
-        return self.labels(x), flags
+        with self._classifying():
+            flags = self.detect(x)
+            return self.labels(x), flags
 
     # -- persistence ------------------------------------------------------------------------------
 
