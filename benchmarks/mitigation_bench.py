@@ -21,9 +21,8 @@ from pathlib import Path
 
 import torch
 
-from trojanscan.api import scan
+from trojanscan.api import build_filter, repair, scan
 from trojanscan.fileio import write_json
-from trojanscan.repair import build_filter, repair
 
 MODELS = {"mnist-badnets": ("mnist", 1.0), "gtsrb-badnets": ("gtsrb", 3.0)}  # → (data, max CA drop)
 
@@ -39,13 +38,13 @@ def bench_model(name: str, dataset: str, max_drop: float, models_dir: Path, scan
                 out_dir: Path) -> dict:
     model = models_dir / f"{name}.safetensors"
     scan_dir = _scan_dir(scans, name, dataset, model)
-    _, filt = build_filter(model, scan_dir, dataset, out=out_dir / f"{name}.filter.npz")
+    filt = build_filter(model, scan_dir, dataset, out=out_dir / f"{name}.filter.npz")[1].to_dict()
     prune_default = repair(model, scan_dir, dataset, method="prune", progress=False,
-                           out=out_dir / f"{name}.pruned.safetensors")
+                           out=out_dir / f"{name}.pruned.safetensors").to_dict()
     prune_strict = repair(model, scan_dir, dataset, method="prune", asr_threshold=0.001, progress=False,
-                          publish=False)
+                          publish=False).to_dict()
     unl = repair(model, scan_dir, dataset, method="unlearn", baselines=True, progress=False,
-                 out=out_dir / f"{name}.unlearned.safetensors")
+                 out=out_dir / f"{name}.unlearned.safetensors").to_dict()
     drop = 100 * (unl["before"]["clean_accuracy"] - unl["after"]["clean_accuracy"])
     goals = {
         "filter_fnr_real_below_2pct": filt["filter"]["fnr_real"] < 0.02,

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             key = f"{name}@T={temperature}" + ("" if boundary == "normal" else f",{boundary}")
             record = strip_evaluate(path, dataset, n=args.n, samples=args.samples,
                                     calibration_samples=2000, frr=0.01, temperature=temperature,
-                                    boundary=boundary, out_dir=args.out.parent / "strip" / key)
+                                    boundary=boundary, out_dir=args.out.parent / "strip" / key).to_dict()
             record["far_goal"] = goal
             record["meets_goal"] = record["far"] <= goal
             results[key] = record

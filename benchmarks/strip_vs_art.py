@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trojanscan.api import _resolve, _train_subset
+from trojanscan.api import held_out, resolve
 from trojanscan.data.triggers import Trigger, trigger_path_for
 from trojanscan.defenses.strip import Strip
 from trojanscan.fileio import write_json
@@ -76,9 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("bench_out/strip_vs_art.json"))
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    model, _, data, path = _resolve(args.model, args.data, None)
+    resolved = resolve(args.model, args.data)
+    model, data, path = resolved.module, resolved.dataset, resolved.path
     trigger = Trigger.load(trigger_path_for(path))
-    cal = _train_subset(data, args.inputs, 0)
+    cal = held_out(data, "calibration", args.inputs, 0)[0]
     clean = data.x_test[: args.inputs]
     stamped = trigger.apply(data.x_test[data.y_test != trigger.target][: args.inputs])
     inputs = {"clean": clean, "stamped": stamped}

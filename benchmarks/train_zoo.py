@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         record = train_and_save(dataset, args.models_dir / f"{name}.safetensors", arch=arch,
                               epochs=epochs, attack=attack, attack_options=options,
                               batch_size=128, lr=1e-3, seed=args.seed,
-                              json_path=args.models_dir / f"{name}.json", quiet=True)
+                              json_path=args.models_dir / f"{name}.json", quiet=True).to_dict()
         record["goals"] = goals
         record["paper"] = paper
         record["meets_goals"] = all((record[k] or 0) >= v for k, v in goals.items())

@@ -7,7 +7,8 @@ import torch
 
 from trojanscan import TrojanscanError, build_model, evaluate_model, train_classifier
 from trojanscan.metrics import attack_success_rate, clean_accuracy
-from trojanscan.train import check_model_fits, train_model
+from trojanscan.train import train_model
+from trojanscan.validation import check_model_fits
 
 
 def test_asr_leaves_out_images_already_of_the_target():

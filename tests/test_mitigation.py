@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from trojanscan import TrojanscanError, load_model, save_model, scan
+from trojanscan.api import repair, reversed_triggers
 from trojanscan.defenses.input_filter import InputFilter
-from trojanscan.defenses.neurons import activations, find_layer, prune_weights, rank_neurons, silenced
 from trojanscan.defenses.pruning import prune
 from trojanscan.defenses.unlearning import unlearn
-from trojanscan.repair import repair, reversed_triggers
+from trojanscan.models.taps import activations, find_layer, prune_weights, rank_neurons, silenced
 from trojanscan.train import evaluate
 
 

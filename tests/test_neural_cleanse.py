@@ -184,7 +184,7 @@ def test_normalised_third_party_model_is_scanned_in_pixel_space(trojaned_digits,
 
 
 def test_probing_a_model_does_not_touch_its_batch_norm_statistics():
-    from trojanscan.train import check_model_fits
+    from trojanscan.validation import check_model_fits
 
     model = build_model("gtsrb-cnn", 43, (3, 32, 32)).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}

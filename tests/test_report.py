@@ -17,7 +17,8 @@ from PIL import Image
 from trojanscan.data.triggers import Trigger
 from trojanscan.defenses.scan_result import LabelResult, ScanResult
 from trojanscan.errors import TrojanscanError
-from trojanscan.report import mask_overlap, save_trigger_images, trigger_pngs, write_scan_report
+from trojanscan.metrics import mask_overlap
+from trojanscan.report import save_trigger_images, trigger_pngs, write_scan_report
 from trojanscan.report.html import chart_png
 from trojanscan.report.images import to_png_bytes
 

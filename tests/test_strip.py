@@ -14,13 +14,13 @@ from trojanscan.defenses.strip import (
     TEMPERATURE_GRID,
     Strip,
     detection_boundary,
-    far_frr,
     normalized_entropy,
     parse_temperature,
     pick_temperature,
     skewness,
 )
 from trojanscan.errors import TrojanscanError
+from trojanscan.metrics import far_frr
 
 # --- entropy maths --------------------------------------------------------------------------------
 

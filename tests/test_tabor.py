@@ -126,4 +126,4 @@ def test_cli_scan_method_tabor(trojaned_digits, tmp_path):
     assert "quality" in saved and "TABOR quality" in (tmp_path / "s" / "report.html").read_text()
     bad = subprocess.run([*run[:-2], "--out", str(tmp_path / "t"), "--tabor-weights", "size=1"],
                          capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "unknown weight 'size'" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "no option 'size'" in bad.stderr and "Traceback" not in bad.stderr

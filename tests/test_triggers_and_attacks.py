@@ -109,7 +109,7 @@ def test_trigger_file_never_unpickles(tmp_path):
     path = tmp_path / "evil.trigger.npz"
     np.savez(path, mask=np.zeros((4, 4)), pattern=np.array([object()], dtype=object),
              target=np.int64(0))
-    with pytest.raises(TrojanscanError, match="unreadable trigger file"):
+    with pytest.raises(TrojanscanError, match="not a trigger file"):
         Trigger.load(path)
 
 

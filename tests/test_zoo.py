@@ -11,8 +11,9 @@ import torch
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
+import trojanscan.bench.zoo as zoo
+import trojanscan.bench.zoo_scores as zoo_scores
 import trojanscan.defenses.scan as scan_module
-import trojanscan.zoo as zoo
 from trojanscan.cli import app
 from trojanscan.defenses.outliers import mad_anomaly_index, size_ratio
 from trojanscan.defenses.repeats import combine_runs
@@ -248,5 +249,6 @@ def test_combined_runs_survive_infinite_and_missing_indices():
     assert np.isnan(few.spread()["std"])
     json.dumps(few.to_dict(), default=str)
     # the zoo's row keeps the infinite index even where the stored one was lost (JSON null → NaN)
-    row = zoo._scan_row(_fake_scan(flat, index=float("nan")))
-    assert row["anomaly_index"] == float("inf") and zoo._verdict(row, "anomaly_index")[0] == float("inf")
+    row = zoo_scores.scan_row(_fake_scan(flat, index=float("nan")))
+    assert row["anomaly_index"] == float("inf")
+    assert zoo_scores.verdict(row, "anomaly_index")[0] == float("inf")

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+import math
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -17,10 +16,11 @@ from rich.table import Table
 
 from trojanscan.api import (
     ScanResult,
-    environment,
-    evaluate_model,
-    load_dataset,
-    load_model,
+    attack_model,
+    build_filter,
+    evaluate_file,
+    filter_check,
+    repair,
     scan,
     scan_repeated,
     strip_calibrate,
@@ -28,14 +28,13 @@ from trojanscan.api import (
     strip_evaluate,
     train_and_save,
 )
-from trojanscan.data.triggers import Trigger, trigger_path_for
+from trojanscan.attacks import ModelAttack, PoisoningAttack, attacks_of_kind
+from trojanscan.bench.zoo import DEFAULT_DATASETS, ZooOptions, run_zoo
+from trojanscan.bench.zoo import METHODS as ZOO_METHODS
 from trojanscan.defenses.outliers import SIZE_RATIO_THRESHOLD
-from trojanscan.defenses.tabor import TaborWeights
+from trojanscan.defenses.registry import REVERSERS, reverser
 from trojanscan.errors import TrojanscanError
-from trojanscan.fileio import write_json
-from trojanscan.repair import build_filter, filter_check, repair
-from trojanscan.zoo import DEFAULT_DATASETS, ZooOptions, run_zoo
-from trojanscan.zoo import METHODS as ZOO_METHODS
+from trojanscan.options import describe_options, option_fields, parse_options
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Audit neural networks for backdoors (trojans) and repair them.")
@@ -66,14 +65,43 @@ def friendly_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _position(text: str) -> str | tuple[int, int]:
-    if "," in text:
-        try:
-            row, col = (int(v) for v in text.split(","))
-        except ValueError:
-            raise TrojanscanError(f"--trigger-position {text!r}: expected ROW,COL or a name") from None
-        return row, col
-    return text
+MEAN_HELP = "the model expects (x-mean)/std inputs: e.g. 0.1307 or 0.485,0.456,0.406"
+STD_HELP = "… with this std, e.g. 0.3081 or 0.229,0.224,0.225"
+OPTION_HELP = "a method option KEY=VALUE (repeatable); see the method's options in the error for a bad key"
+
+
+def parse_floats(text: str | None, option: str) -> list[float] | None:
+    """``"0.5"`` or ``"0.485,0.456,0.406"`` → floats; a clear error names the option."""
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise TrojanscanError(f"{option} {text!r}: expected numbers separated by commas") from None
+    if not all(math.isfinite(v) for v in values):
+        raise TrojanscanError(f"{option} {text!r}: expected finite numbers")
+    return values
+
+
+def _convention(mean: str | None, std: str | None) -> dict[str, list[float] | None]:
+    """The model's input convention from --mean/--std, as keyword arguments of a workflow."""
+    return {"mean": parse_floats(mean, "--mean"), "std": parse_floats(std, "--std")}
+
+
+def _method_options(cls: type, pairs: list[str] | None, given: dict[str, Any], what: str) -> dict[str, Any]:
+    """A method's options: the shortcut flags the user gave (``given``, None = not given) that the
+    method has, then each ``--option KEY=VALUE``; a shortcut it lacks is a one-line error."""
+    fields = option_fields(cls.options_type)
+    options: dict[str, Any] = {}
+    for key, value in given.items():
+        if value is None:
+            continue
+        if key not in fields:
+            raise TrojanscanError(f"--{key.replace('_', '-')} does not apply to {what} {cls.name}; its "
+                                  f"options are: {', '.join(describe_options(cls.options_type))}")
+        options[key] = value
+    options.update(parse_options(cls.options_type, pairs or [], what=f"{what} {cls.name}"))
+    return options
 
 
 def _fmt(v: float | None) -> str:
@@ -89,6 +117,14 @@ def _scores_table(title: str, scores: dict[str, Any]) -> Table:
     return table
 
 
+POISONING = attacks_of_kind(PoisoningAttack)
+MODEL_ATTACKS = attacks_of_kind(ModelAttack)
+# shortcut flags of `train` → the attack option each one sets (only for attacks that have it)
+ATTACK_FLAGS = {"target": "target", "poison_rate": "poison_rate", "trigger_size": "size",
+                "trigger_position": "position", "trigger_color": "color", "alpha": "alpha",
+                "pixels": "pixels"}
+
+
 @app.command()
 @friendly_errors
 def train(
@@ -96,7 +132,7 @@ def train(
     out: Path = typer.Option(..., "--out", help="model file: .safetensors or .pt (TorchScript)"),
     arch: str = typer.Option(None, "--arch", help="mnist-cnn, gtsrb-cnn or cifar-cnn (default: by data)"),
     epochs: int = typer.Option(5, "--epochs", min=1),
-    attack: str = typer.Option(None, "--attack", help="badnets, blend or scatter (default: a clean model)"),
+    attack: str = typer.Option(None, "--attack", help=", ".join(POISONING) + " (default: a clean model)"),
     target: int = typer.Option(0, "--target", help="the attack's target label"),
     trigger_size: int = typer.Option(4, "--trigger-size", help="badnets patch side in pixels"),
     trigger_position: str = typer.Option("bottom-right", "--trigger-position",
@@ -106,26 +142,64 @@ def train(
     alpha: float = typer.Option(0.2, "--alpha", help="blend opacity"),
     pixels: int = typer.Option(16, "--pixels", help="scatter: number of trigger pixels"),
     poison_rate: float = typer.Option(0.1, "--poison-rate"),
+    option: list[str] = typer.Option(None, "--option", help="an attack option KEY=VALUE (repeatable)"),
     batch_size: int = typer.Option(128, "--batch-size", min=1),
     lr: float = typer.Option(1e-3, "--lr"),
     seed: int = typer.Option(0, "--seed"),
     json_path: Path = typer.Option(None, "--json", help="write the result here"),
 ) -> None:
-    """Train a model on a dataset, optionally planting a backdoor."""
+    """Train a model on a dataset, optionally planting a backdoor by poisoning its training data."""
     options: dict[str, Any] = {}
-    if attack == "badnets":
-        options = {"target": target, "poison_rate": poison_rate, "size": trigger_size,
-                   "position": _position(trigger_position), "color": trigger_color}
-    elif attack == "blend":
-        options = {"target": target, "poison_rate": poison_rate, "alpha": alpha}
-    elif attack == "scatter":
-        options = {"target": target, "poison_rate": poison_rate, "pixels": pixels, "color": trigger_color}
+    if attack is not None:
+        if attack not in POISONING:
+            kind = " (a model attack: run trojanscan attack)" if attack in MODEL_ATTACKS else ""
+            raise TrojanscanError(f"unknown attack {attack!r}{kind}; choose one of {', '.join(POISONING)}")
+        cls = POISONING[attack]
+        flags = {"target": target, "poison_rate": poison_rate, "trigger_size": trigger_size,
+                 "trigger_position": trigger_position, "trigger_color": trigger_color, "alpha": alpha,
+                 "pixels": pixels}
+        fields = option_fields(cls.options_type)
+        options = {ATTACK_FLAGS[k]: v for k, v in flags.items() if ATTACK_FLAGS[k] in fields}
+        options.update(parse_options(cls.options_type, option or [], what=f"attack {attack}"))
+    elif option:
+        raise TrojanscanError("--option needs --attack")
     record = train_and_save(data, out, arch=arch, epochs=epochs, attack=attack,
-                          attack_options=options, batch_size=batch_size, lr=lr, seed=seed,
-                          json_path=json_path)
-    console.print(_scores_table(f"{out}", record))
-    if record["trigger"]:
-        console.print(f"trigger saved to {record['trigger']['file']}")
+                            attack_options=options, batch_size=batch_size, lr=lr, seed=seed,
+                            json_path=json_path)
+    console.print(_scores_table(f"{out}", record.to_dict()))
+    if record.trigger:
+        console.print(f"trigger saved to {record.trigger['file']}")
+
+
+@app.command("attack")
+@friendly_errors
+def attack_cmd(
+    name: str = typer.Argument(..., help="the model attack: " + ", ".join(MODEL_ATTACKS)),
+    model: Path = typer.Option(..., "--model", help="the trained model to attack"),
+    data: str = typer.Option(..., "--data", help="the attacker's data (its training split is used)"),
+    out: Path = typer.Option(..., "--out", help="the attacked model (.safetensors or .pt)"),
+    target: int = typer.Option(None, "--target", help="the target label"),
+    option: list[str] = typer.Option(None, "--option", help=OPTION_HELP),
+    mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
+    std: str = typer.Option(None, "--std", help=STD_HELP),
+    arch: str = typer.Option(None, "--arch", help="architecture of a bare state_dict checkpoint"),
+    json_path: Path = typer.Option(None, "--json", help="write the result here"),
+) -> None:
+    """Attack a trained model (a model attack); the trigger is saved beside the attacked model."""
+    if name not in MODEL_ATTACKS:
+        kind = " (a poisoning attack: use trojanscan train --attack)" if name in POISONING else ""
+        raise TrojanscanError(f"unknown model attack {name!r}{kind}; choose one of "
+                              f"{', '.join(MODEL_ATTACKS)}")
+    options = _method_options(MODEL_ATTACKS[name], option, {"target": target}, "attack")
+    record = attack_model(name, model, data, out, options=options, arch=arch, json_path=json_path,
+                          **_convention(mean, std))
+    table = Table(title=f"{name} on {model}")
+    for col in ("model", "clean accuracy", "ASR"):
+        table.add_column(col, justify="right")
+    for row, scores in (("before", record.before), ("after", record.after)):
+        table.add_row(row, _fmt(scores["clean_accuracy"]), _fmt(scores["attack_success_rate"]))
+    console.print(table)
+    console.print(f"{record.seconds:.1f} s → {out}; trigger saved to {record.trigger['file']}")
 
 
 @app.command("evaluate")
@@ -135,27 +209,18 @@ def evaluate_cmd(
     data: str = typer.Option(..., "--data"),
     trigger: Path = typer.Option(None, "--trigger",
                                  help="trigger .npz (default: the model's own, if saved beside it)"),
+    mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
+    std: str = typer.Option(None, "--std", help=STD_HELP),
     arch: str = typer.Option(None, "--arch", help="architecture of a bare state_dict checkpoint"),
     json_path: Path = typer.Option(None, "--json"),
 ) -> None:
     """Clean accuracy and, with a trigger, attack success rate of a model on a dataset."""
-    dataset = load_dataset(data)
-    loaded = load_model(model, arch=arch, input_shape=dataset.input_shape)
-    if trigger is None and trigger_path_for(model).is_file():
-        trigger = trigger_path_for(model)
-        console.print(f"using the trigger saved beside the model: {trigger}")
-    trig = Trigger.load(trigger) if trigger is not None else None
-    start = time.perf_counter()
-    scores = evaluate_model(loaded.module, dataset, trig)
-    record = {"command": "evaluate", **scores,
-              "model": {"file": str(model), "sha256": loaded.sha256, "format": loaded.format},
-              "data": {"source": data, "name": dataset.name, "sha256": dataset.sha256},
-              "trigger": None if trig is None else {"file": str(trigger), "target": trig.target,
-                                                    "kind": trig.kind},
-              "seconds": time.perf_counter() - start, "environment": environment()}
+    record = evaluate_file(model, data, trigger, arch=arch, **_convention(mean, std))
+    if record.trigger_found_beside_model:
+        console.print(f"using the trigger saved beside the model: {record.trigger['file']}")
     if json_path is not None:
-        write_json(json_path, record)
-    console.print(_scores_table(f"{model} on {dataset.name}", scores))
+        record.write(json_path)
+    console.print(_scores_table(f"{model} on {record.data['name']}", record.to_dict()))
 
 
 @app.command()
@@ -173,8 +238,8 @@ def demo(
     record = train_and_save("digits", out / "model.safetensors", arch="mnist-cnn", epochs=epochs,
                           attack="badnets", attack_options=options, batch_size=64, lr=1e-3,
                           seed=seed, json_path=out / "train.json")
-    console.print(_scores_table("trojaned digits model", record))
-    console.print(f"({record['train_seconds']:.1f} s of training) — now scanning it with Neural "
+    console.print(_scores_table("trojaned digits model", record.to_dict()))
+    console.print(f"({record.train_seconds:.1f} s of training) — now scanning it with Neural "
                   "Cleanse, knowing nothing of the trigger…")
     result = scan(out / "model.safetensors", "digits", clean_samples=300, seed=seed,
                   out_dir=out / "scan")
@@ -185,19 +250,9 @@ def demo(
     console.print("repairing it by unlearning the reversed trigger (the real one is only measured)…")
     fixed = repair(out / "model.safetensors", out / "scan", "digits", method="unlearn", fraction=0.5,
                    epochs=3, seed=seed, out=out / "repaired.safetensors")
-    write_json(out / "repair.json", fixed)
-    console.print(_rates_table("unlearning", fixed))
+    fixed.write(out / "repair.json")
+    console.print(_rates_table("unlearning", fixed.to_dict()))
     console.print(f"repaired model: {out / 'repaired.safetensors'}; report: {out / 'scan' / 'report.html'}")
-
-
-def parse_floats(text: str | None, option: str) -> list[float] | None:
-    """``"0.5"`` or ``"0.485,0.456,0.406"`` → floats; a clear error names the option."""
-    if text is None:
-        return None
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise TrojanscanError(f"{option} {text!r}: expected numbers separated by commas") from None
 
 
 def _labels(text: str | None, option: str = "--labels") -> list[int] | None:
@@ -209,25 +264,6 @@ def _labels(text: str | None, option: str = "--labels") -> list[int] | None:
         raise TrojanscanError(f"{option} {text!r}: expected label numbers like 0,3,7") from None
 
 
-TABOR_WEIGHT_NAMES = tuple(f.name for f in dataclasses.fields(TaborWeights))
-
-
-def _tabor_weights(text: str | None) -> TaborWeights | None:
-    """``"mask_size=1e-5,alone=0.1"`` → TaborWeights with those λs changed."""
-    if text is None:
-        return None
-    changes = {}
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        name, _, value = item.partition("=")
-        if name.strip() not in TABOR_WEIGHT_NAMES:
-            raise TrojanscanError(f"--tabor-weights: unknown weight {name.strip()!r}; use "
-                                  f"{', '.join(TABOR_WEIGHT_NAMES)}")
-        try:
-            changes[name.strip()] = float(value)
-        except ValueError:
-            raise TrojanscanError(f"--tabor-weights: {item!r} needs a number, e.g. "
-                                  f"{name.strip()}=1e-5") from None
-    return TaborWeights(**changes)
 
 
 def print_size_ratio(ratio: float) -> None:
@@ -255,10 +291,11 @@ def print_scan_summary(result: ScanResult, out: Path | None) -> None:
         table.add_row(str(r.label), f"{r.l1_norm:.1f}", f"{r.anomaly_index:.2f}",
                       f"{100 * r.attack_success_rate:.1f}%", str(r.steps), f"{r.seconds:.1f}")
     console.print(table)
-    quality = result.extra.get("quality")
-    if quality and "anomaly_index" in quality:
-        console.print(f"TABOR trigger quality: outliers {quality['flagged_labels'] or 'none'}, anomaly index "
-                      f"{quality['anomaly_index']:.2f}")
+    cls = REVERSERS.get(result.method)
+    summary = result.extra.get(cls.outlier_summary) if cls and cls.outlier_summary else None
+    if summary and "anomaly_index" in summary:
+        console.print(f"{cls.title} {cls.outlier_summary} outliers: {summary['flagged_labels'] or 'none'}, "
+                      f"anomaly index {summary['anomaly_index']:.2f}")
     truth = result.extra.get("ground_truth")
     if truth and "overlap" in truth:
         console.print(f"real trigger: target {truth['target']}, area {truth['area']:.0f}; reversed L1 "
@@ -275,18 +312,19 @@ def scan_cmd(
     model: Path = typer.Argument(..., help="model file (TorchScript, safetensors, checkpoint)"),
     data: str = typer.Option(..., "--data", help="clean data: digits, mnist, gtsrb, a file or folder"),
     out: Path = typer.Option(..., "--out", help="folder for scan.json, triggers and report.html"),
+    method: str = typer.Option("neural-cleanse", "--method", help=", ".join(REVERSERS)),
+    option: list[str] = typer.Option(None, "--option", help=OPTION_HELP),
     labels: str = typer.Option(None, "--labels", help="only these labels, e.g. 0,3,7"),
-    chunk: int = typer.Option(10, "--chunk", min=1, help="labels optimised together in one pass"),
+    chunk: int = typer.Option(None, "--chunk", min=1, help="labels optimised together in one pass (10)"),
     steps: int = typer.Option(None, "--steps", min=1, help="maximum steps per label"),
     clean_samples: int = typer.Option(1000, "--clean-samples", min=1),
-    mean: str = typer.Option(None, "--mean", help="the model expects (x-mean)/std inputs: e.g. 0.1307"),
-    std: str = typer.Option(None, "--std", help="… with this std, e.g. 0.3081 or 0.229,0.224,0.225"),
-    schedule: str = typer.Option("default", "--schedule", help="default (fast) or paper (the authors')"),
-    method: str = typer.Option("neural-cleanse", "--method", help="neural-cleanse or tabor"),
-    tabor_weights: str = typer.Option(None, "--tabor-weights", help="TABOR λs to change, e.g. "
-                                      "mask_size=1e-5,alone=0.1 (names: "
-                                      + ", ".join(TABOR_WEIGHT_NAMES) + ")"),
-    threshold: float = typer.Option(2.0, "--threshold", help="anomaly index above which a label is flagged"),
+    mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
+    std: str = typer.Option(None, "--std", help=STD_HELP),
+    schedule: str = typer.Option(None, "--schedule", help="default (fast) or paper (the authors')"),
+    tabor_weights: str = typer.Option(None, "--tabor-weights", help="shorthand for --option "
+                                      "weights.NAME=VALUE, e.g. mask_size=1e-5,alone=0.1"),
+    threshold: float = typer.Option(None, "--threshold", help="anomaly index above which a label is "
+                                    "flagged (2)"),
     seed: int = typer.Option(0, "--seed"),
     repeats: int = typer.Option(1, "--repeats", min=1, help="scan with seeds SEED, SEED+1, … and "
                                 "flag outliers of the averaged trigger norms (each run in OUT/seed-N)"),
@@ -294,15 +332,20 @@ def scan_cmd(
     trigger: Path = typer.Option(None, "--trigger", help="the real trigger, to compare (default: "
                                  "the one saved beside the model)"),
 ) -> None:
-    """Detect a backdoor with Neural Cleanse: reverse-engineer a trigger per label, flag outliers."""
-    options = dict(method=method, tabor_weights=_tabor_weights(tabor_weights), schedule=schedule,
-                   steps=steps, labels=_labels(labels), chunk=chunk, clean_samples=clean_samples,
-                   threshold=threshold, seed=seed, mean=parse_floats(mean, "--mean"),
-                   std=parse_floats(std, "--std"), arch=arch, ground_truth=trigger, out_dir=out)
+    """Detect a backdoor: reverse-engineer a trigger per label (Neural Cleanse, TABOR), flag outliers."""
+    cls = reverser(method)
+    if tabor_weights is not None:
+        if "weights" not in option_fields(cls.options_type):
+            raise TrojanscanError("TABOR weights (--tabor-weights) need --method tabor")
+        option = [*(option or []), *(f"weights.{t.strip()}" for t in tabor_weights.split(",") if t.strip())]
+    options = _method_options(cls, option, {"schedule": schedule, "steps": steps, "chunk": chunk,
+                                            "threshold": threshold}, "method")
+    common = dict(method=method, labels=_labels(labels), clean_samples=clean_samples, arch=arch,
+                  ground_truth=trigger, out_dir=out, **_convention(mean, std), **options)
     if repeats == 1:
-        print_scan_summary(scan(model, data, **options), out)
+        print_scan_summary(scan(model, data, seed=seed, **common), out)
         return
-    combined = scan_repeated(model, data, repeats=repeats, **options)
+    combined = scan_repeated(model, data, repeats=repeats, seed=seed, **common)
     for run in combined.runs:
         console.print(f"seed {run.seed}: anomaly index {run.anomaly_index:.2f}, flagged "
                       f"{run.flagged_labels or 'none'} ({run.seconds:.1f} s)")
@@ -314,7 +357,7 @@ def scan_cmd(
     for w in sorted({w for run in combined.runs for w in run.warnings}):
         console.print(f"[yellow]warning:[/yellow] {w}")
     console.print(f"{verdict}; anomaly index of the mean norms over {repeats} seeds "
-                  f"{combined.anomaly_index:.2f} (threshold {threshold:g}); runs' spread "
+                  f"{combined.anomaly_index:.2f} (threshold {combined.threshold:g}); runs' spread "
                   f"{spread['min']:.2f}–{spread['max']:.2f} (std {spread['std']:.2f}) → "
                   f"{out / 'repeats.json'}")
 
@@ -325,7 +368,7 @@ def _rates_table(title: str, record: dict[str, Any]) -> Table:
     for col in ("model", "clean accuracy", "ASR reversed trigger", "ASR real trigger"):
         table.add_column(col, justify="right")
     rows = [("before", record["before"]), ("after", record["after"])]
-    rows += [(f"baseline: {k}", v) for k, v in record.get("baselines", {}).items()]
+    rows += [(f"baseline: {k}", v) for k, v in (record.get("baselines") or {}).items()]
     for name, r in rows:
         table.add_row(name, _fmt(r["clean_accuracy"]), _fmt(r["reversed_asr"]), _fmt(r["real_asr"]))
     return table
@@ -346,6 +389,8 @@ def filter_cmd(
     trigger: Path = typer.Option(None, "--trigger", help="the real trigger, to measure (default: beside "
                                  "the model)"),
     seed: int = typer.Option(0, "--seed"),
+    mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
+    std: str = typer.Option(None, "--std", help=STD_HELP),
     arch: str = typer.Option(None, "--arch"),
     json_path: Path = typer.Option(None, "--json"),
 ) -> None:
@@ -353,9 +398,9 @@ def filter_cmd(
     _, record = build_filter(model, scan_path, data, labels=_labels(labels, "--label"), layer=layer,
                              fpr=fpr,
                              top_fraction=top, samples=samples, trigger=trigger, seed=seed, arch=arch,
-                             out=out)
+                             out=out, **_convention(mean, std))
     if json_path is not None:
-        write_json(json_path, record)
+        record.write(json_path)
     f = record["filter"]
     console.print(f"filter on {len(f['neurons'])} of {f['units']} neurons ({record['layer']}) → {out}")
     console.print(f"clean test images rejected (FPR): {_fmt(f['fpr'])}; stamped images let through "
@@ -369,12 +414,14 @@ def filter_check_cmd(
     filter_path: Path = typer.Option(..., "--filter", help="file from trojanscan filter"),
     inputs: str = typer.Option(..., "--inputs", help=".npz with x, or a dataset (its test split)"),
     json_path: Path = typer.Option(None, "--json"),
+    mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
+    std: str = typer.Option(None, "--std", help=STD_HELP),
     arch: str = typer.Option(None, "--arch"),
 ) -> None:
     """Predict each input and reject those the input filter flags."""
-    record = filter_check(model, filter_path, inputs, arch=arch)
+    record = filter_check(model, filter_path, inputs, arch=arch, **_convention(mean, std))
     if json_path is not None:
-        write_json(json_path, record)
+        record.write(json_path)
     console.print(f"{record['rejected']} of {record['count']} inputs rejected by the filter")
 
 
@@ -401,16 +448,18 @@ def repair_cmd(
     baselines: bool = typer.Option(False, "--baselines", help="unlearn: also fine-tune on clean "
                                    "images only and with the real trigger, for comparison"),
     seed: int = typer.Option(0, "--seed"),
+    mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
+    std: str = typer.Option(None, "--std", help=STD_HELP),
     arch: str = typer.Option(None, "--arch"),
 ) -> None:
     """Remove the backdoor a scan found: unlearning (fine-tune) or neuron pruning."""
     record = repair(model, scan_path, data, method=method, out=out, labels=_labels(labels, "--label"),
                     trigger=trigger, layer=layer, samples=samples, asr_threshold=asr_threshold,
                     step=step, fraction=fraction, stamp_fraction=stamp_fraction, epochs=epochs, lr=lr,
-                    baselines=baselines, seed=seed, arch=arch)
+                    baselines=baselines, seed=seed, arch=arch, **_convention(mean, std))
     if json_path is not None:
-        write_json(json_path, record)
-    console.print(_rates_table(f"{method} of {model}", record))
+        record.write(json_path)
+    console.print(_rates_table(f"{method} of {model}", record.to_dict()))
     if "pruning" in record:
         p = record["pruning"]
         console.print(f"pruned {p['pruned']} of {p['units']} neurons ({p['fraction']:.1%}) of "
@@ -440,6 +489,8 @@ def strip_calibrate_cmd(
     boundary: str = typer.Option("normal", "--boundary", help="normal (the authors') or quantile"),
     temperature: str = typer.Option("1", "--temperature", help=TEMPERATURE_HELP),
     seed: int = typer.Option(0, "--seed"),
+    mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
+    std: str = typer.Option(None, "--std", help=STD_HELP),
     arch: str = typer.Option(None, "--arch"),
     eager: bool = typer.Option(False, "--eager", help=EAGER_HELP),
 ) -> None:
@@ -448,7 +499,7 @@ def strip_calibrate_cmd(
         warnings.simplefilter("ignore", UserWarning)
         strip = strip_calibrate(model, data, n=n, frr=frr, samples=samples, blend=blend,
                                 boundary=boundary, seed=seed, arch=arch, temperature=temperature,
-                                out=out, accelerate=not eager)
+                                out=out, accelerate=not eager, **_convention(mean, std))
     console.print(f"calibrated on {strip.n_calibration_} benign images: entropy "
                   f"{strip.entropy_mean_:.3f} ± {strip.entropy_std_:.3f} bits, boundary "
                   f"{strip.boundary_:.4f} (FRR {frr:.1%}, N={n}, temperature {strip.temperature_:g}) → {out}")
@@ -466,14 +517,16 @@ def strip_check_cmd(
     full_entropy: bool = typer.Option(False, "--full-entropy",
                                       help="run all N copies of every input (default: stop each "
                                            "input once its verdict is certain)"),
+    mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
+    std: str = typer.Option(None, "--std", help=STD_HELP),
     arch: str = typer.Option(None, "--arch"),
     eager: bool = typer.Option(False, "--eager", help=EAGER_HELP),
 ) -> None:
     """Predict each input and flag the trojaned ones."""
     record = strip_check(model, calibration, inputs, arch=arch, full_entropy=full_entropy,
-                         accelerate=not eager)
+                         accelerate=not eager, **_convention(mean, std))
     if json_path is not None:
-        write_json(json_path, record)
+        record.write(json_path)
     console.print(f"{record['trojaned']} of {record['count']} inputs flagged as trojaned "
                   f"({record['inputs_per_second']:.0f} inputs/s, N={record['n']}, "
                   f"{record['mean_copies']:.1f} copies per input on average)")
@@ -492,6 +545,8 @@ def strip_evaluate_cmd(
     boundary: str = typer.Option("normal", "--boundary"),
     temperature: str = typer.Option("1", "--temperature", help=TEMPERATURE_HELP),
     seed: int = typer.Option(0, "--seed"),
+    mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
+    std: str = typer.Option(None, "--std", help=STD_HELP),
     arch: str = typer.Option(None, "--arch"),
     out: Path = typer.Option(None, "--out", help="folder for strip.json and report.html"),
     json_path: Path = typer.Option(None, "--json"),
@@ -500,13 +555,13 @@ def strip_evaluate_cmd(
     """FRR on clean and FAR on trigger-stamped test images, and throughput for N=10, 20 and 100."""
     record = strip_evaluate(model, data, trigger, n=n, frr=frr, samples=samples, blend=blend,
                             boundary=boundary, seed=seed, arch=arch, temperature=temperature,
-                            out_dir=out, accelerate=not eager)
+                            out_dir=out, accelerate=not eager, **_convention(mean, std))
     if json_path is not None:
-        write_json(json_path, record)
+        record.write(json_path)
     table = Table(title=f"STRIP on {model} (N={n})")
     table.add_column("measure")
     table.add_column("value", justify="right")
-    for k, v in record["summary"].items():
+    for k, v in record.summary.items():
         table.add_row(k, v)
     console.print(table)
 

@@ -89,3 +89,48 @@ def tensor_sha256(*tensors: torch.Tensor) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+MAX_NPZ_MEMBER_BYTES = 1 << 30  # no trigger, calibration, filter or label file of ours comes near
+
+
+def save_npz_record(path: str | os.PathLike, arrays: dict[str, Any]) -> None:
+    """Write named plain arrays (numbers, strings, ndarrays; never objects) as an ``.npz``, atomically."""
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_npz_record(path: str | os.PathLike, what: str, required: Any = (), *,
+                    max_member_bytes: int = MAX_NPZ_MEMBER_BYTES, fix: str = "") -> dict[str, np.ndarray]:
+    """Read every member of one of our ``.npz`` records without unpickling anything.
+
+    ``what`` names the kind of file in errors ("trigger", "STRIP calibration" …); ``required`` are
+    the members it must hold; a member whose uncompressed size exceeds ``max_member_bytes`` is
+    refused before it is read. Every problem is a one-line :class:`TrojanscanError` ending in
+    ``fix`` (e.g. "; recalibrate").
+    """
+    from trojanscan.errors import TrojanscanError
+
+    path = Path(path)
+    if not path.is_file():
+        raise TrojanscanError(f"{path}: no such {what} file")
+    a_what = f"{'an' if what[:1].lower() in 'aeiou' else 'a'} {what}"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if not hasattr(z, "files"):
+                raise ValueError("a single array, not an .npz archive")
+            missing = sorted(set(required) - set(z.files))
+            if missing:
+                raise TrojanscanError(f"{path}: not {a_what} file (missing {', '.join(missing)}){fix}")
+            for key in z.files:
+                if z.zip.getinfo(f"{key}.npy").file_size > max_member_bytes:
+                    raise TrojanscanError(f"{path}: member {key} is implausibly large for {a_what} "
+                                          f"file{fix}")
+            return {k: z[k] for k in z.files}
+    except TrojanscanError:
+        raise
+    except Exception as e:  # numpy and zipfile raise many types for a file that is not a plain npz
+        raise TrojanscanError(f"{path}: not {a_what} file ({type(e).__name__}: {e}){fix}") from None

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
+
+from trojanscan.errors import TrojanscanError
 
 
 def clean_accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
@@ -63,3 +66,42 @@ def roc_curve(scores: Sequence[float],
         fpr.append(float((flagged & ~p).sum() / n_neg) if n_neg else float("nan"))
         thresholds.append(t)
     return fpr, tpr, thresholds
+
+
+def far_frr(benign_flags: torch.Tensor, trojan_flags: torch.Tensor) -> dict[str, float | int]:
+    """Error rates of a detector: FRR = benign inputs flagged, FAR = trojaned inputs not flagged."""
+    benign = torch.as_tensor(benign_flags, dtype=torch.bool).flatten()
+    trojan = torch.as_tensor(trojan_flags, dtype=torch.bool).flatten()
+    return {"frr": float(benign.float().mean()) if len(benign) else float("nan"),
+            "far": float((~trojan).float().mean()) if len(trojan) else float("nan"),
+            "n_benign": len(benign), "n_trojan": len(trojan)}
+
+
+def mask_overlap(reversed_mask: torch.Tensor, true_mask: torch.Tensor) -> dict[str, Any]:
+    """How well a reversed mask finds the real trigger: IoU and recall of its top-k pixels.
+
+    ``k`` is the number of real trigger pixels (``true_mask > 0.5``; for a blended trigger whose
+    constant mask is at most 0.5, every pixel with ``true_mask > 0``). The ``k`` pixels with the
+    largest reversed-mask values are compared with them. ``k == 0`` gives NaN scores.
+    """
+    rev = torch.as_tensor(reversed_mask, dtype=torch.float32).detach().cpu()
+    true = torch.as_tensor(true_mask, dtype=torch.float32).detach().cpu()
+    if rev.shape != true.shape:
+        raise TrojanscanError(f"reversed mask {tuple(rev.shape)} and real trigger mask "
+                              f"{tuple(true.shape)} differ in size")
+    rev_flat = torch.nan_to_num(rev.flatten(), nan=-1.0)
+    true_set = true.flatten() > 0.5
+    if not bool(true_set.any()):
+        true_set = true.flatten() > 0
+    k = int(true_set.sum())
+    out: dict[str, Any] = {"iou": float("nan"), "recall": float("nan"), "k": k,
+                           "reversed_l1": float(rev.sum()), "true_area": float(true.sum())}
+    if k == 0:
+        return out
+    top = torch.zeros_like(true_set)
+    top[torch.topk(rev_flat, k).indices] = True
+    inter = int((top & true_set).sum())
+    union = int((top | true_set).sum())
+    out["iou"] = inter / union
+    out["recall"] = inter / k
+    return out

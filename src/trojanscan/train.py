@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import io
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -14,6 +17,7 @@ from torch import nn
 from trojanscan.data.triggers import Trigger
 from trojanscan.errors import TrojanscanError
 from trojanscan.metrics import attack_success_rate, clean_accuracy
+from trojanscan.models.modes import evaluating
 
 
 @dataclass
@@ -23,6 +27,28 @@ class TrainHistory:
     loss: list[float] = field(default_factory=list)
     train_accuracy: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
+
+
+def trainable_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters are leaf tensors that require gradients, ready for an
+    optimiser; the original is untouched.
+
+    ``copy.deepcopy`` of a TorchScript module gives parameters that are not leaves ("can't optimize a
+    non-leaf Tensor"), so a scripted model is copied through TorchScript's own serialisation (of the
+    module already in memory: nothing is read from the user's file again).
+    """
+    if isinstance(model, torch.jit.ScriptModule):
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.jit.save(model, buf)
+            buf.seek(0)
+            fixed = torch.jit.load(buf, map_location="cpu")
+    else:
+        fixed = copy.deepcopy(model)
+    for p in fixed.parameters():
+        p.requires_grad_(True)
+    return fixed
 
 
 def make_progress(enabled: bool = True) -> Progress:
@@ -88,39 +114,14 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: i
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024,
             transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Predicted labels for ``x`` (optionally transformed batch by batch, e.g. stamped)."""
-    was_training = model.training
-    model.eval()
     out = []
-    for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size]
-        if transform is not None:
-            xb = transform(xb)
-        out.append(model(xb).argmax(1))
-    model.train(was_training)
+    with evaluating(model):
+        for i in range(0, len(x), batch_size):
+            xb = x[i:i + batch_size]
+            if transform is not None:
+                xb = transform(xb)
+            out.append(model(xb).argmax(1))
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
-
-
-def check_model_fits(model: nn.Module, input_shape: tuple[int, ...], num_classes: int,
-                     source: str = "model") -> None:
-    """Refuse a model that cannot take these images or whose outputs do not match the classes."""
-    was_training = model.training
-    model.eval()  # a probe must not touch batch-norm statistics
-    try:
-        with torch.no_grad():
-            out = model(torch.zeros(2, *input_shape))
-    except Exception as e:  # any shape error inside a foreign model
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TrojanscanError(
-            f"{source}: cannot run on images of shape {tuple(input_shape)} ({first})") from None
-    finally:
-        model.train(was_training)
-    if not isinstance(out, torch.Tensor):
-        raise TrojanscanError(f"{source}: model returns {type(out).__name__}, not a tensor of class "
-                              "scores; wrap it so that forward() returns logits")
-    if out.dim() != 2 or out.shape[1] != num_classes:
-        raise TrojanscanError(
-            f"{source}: model outputs {tuple(out.shape[1:])} scores per image but the data has "
-            f"{num_classes} classes; use data with the model's classes")
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,

@@ -1,10 +1,23 @@
-"""Attacks that plant backdoors, to evaluate the defences: BadNets patches, blended and scattered triggers."""
+"""Attacks that plant backdoors, to evaluate the defences.
+
+Poisoning attacks (BadNets patches, blended and scattered triggers) change training data; model
+attacks (fine-tuning injection) change a trained model. ``ATTACKS`` is the one registry: a new attack
+is one module plus one entry here.
+"""
 
 from trojanscan.attacks.badnets import BadNets
-from trojanscan.attacks.base import PoisonedData, PoisoningAttack
+from trojanscan.attacks.base import Attack, AttackedModel, ModelAttack, PoisonedData, PoisoningAttack
 from trojanscan.attacks.blend import Blend
+from trojanscan.attacks.finetune import FineTuneBackdoor
 from trojanscan.attacks.scatter import Scatter
 
-ATTACKS: dict[str, type[PoisoningAttack]] = {"badnets": BadNets, "blend": Blend, "scatter": Scatter}
+ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (BadNets, Blend, Scatter, FineTuneBackdoor)}
 
-__all__ = ["ATTACKS", "BadNets", "Blend", "PoisonedData", "PoisoningAttack", "Scatter"]
+
+def attacks_of_kind(kind: type[Attack]) -> dict[str, type[Attack]]:
+    """The registered attacks of one kind (``PoisoningAttack`` or ``ModelAttack``)."""
+    return {name: cls for name, cls in ATTACKS.items() if issubclass(cls, kind)}
+
+
+__all__ = ["ATTACKS", "Attack", "AttackedModel", "BadNets", "Blend", "FineTuneBackdoor", "ModelAttack",
+           "PoisonedData", "PoisoningAttack", "Scatter", "attacks_of_kind"]

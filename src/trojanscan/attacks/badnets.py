@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from trojanscan.attacks.base import PoisoningAttack
@@ -12,10 +14,28 @@ POSITIONS = ("bottom-right", "bottom-left", "top-right", "top-left", "center")
 COLORS = ("white", "black", "random", "checker")
 
 
+def parse_position(position: str | tuple[int, int] | list[int]) -> str | tuple[int, int]:
+    """A named place as it is, ``"ROW,COL"`` or a pair as ``(row, col)``."""
+    if isinstance(position, str) and "," in position:
+        try:
+            position = [int(v) for v in position.split(",")]
+        except ValueError:
+            raise TrojanscanError(f"trigger position {position!r}: expected ROW,COL or a name") from None
+    if isinstance(position, (tuple, list)):
+        if len(position) != 2 or not all(isinstance(v, int) for v in position):
+            raise TrojanscanError(f"trigger position {position!r}: expected ROW,COL")
+        return int(position[0]), int(position[1])
+    return position
+
+
 def patch_origin(position: str | tuple[int, int], size: int, height: int, width: int,
                  margin: int) -> tuple[int, int]:
-    """Top-left (row, col) of a ``size``×``size`` patch at a named corner or explicit place."""
+    """Top-left (row, col) of a ``size``×``size`` patch at a named corner or explicit place
+    (a ``(row, col)`` pair or the text ``"ROW,COL"``)."""
+    position = parse_position(position)
     if isinstance(position, tuple):
+        if len(position) != 2:
+            raise TrojanscanError(f"trigger position {position!r}: expected ROW,COL")
         row, col = position
     elif position == "bottom-right":
         row, col = height - margin - size, width - margin - size
@@ -36,10 +56,25 @@ def patch_origin(position: str | tuple[int, int], size: int, height: int, width:
     return int(row), int(col)
 
 
+@dataclass(frozen=True)
+class BadNetsOptions:
+    """BadNets' settings (the constructor's keywords)."""
+
+    target: int = 0
+    poison_rate: float = 0.1
+    size: int = 4  # patch side in pixels
+    position: str | tuple[int, int] = "bottom-right"  # a corner, "center" or "ROW,COL"
+    color: str = "white"  # white, black, random or checker
+    margin: int = 1  # pixels between a corner patch and the border
+    seed: int = 0
+
+
 class BadNets(PoisoningAttack):
     """Patch trigger: ``size``×``size`` pixels of a colour or a seeded random pattern."""
 
     name = "badnets"
+    title = "BadNets patch"
+    options_type = BadNetsOptions
 
     def __init__(self, target: int = 0, poison_rate: float = 0.1, size: int = 4,
                  position: str | tuple[int, int] = "bottom-right", color: str = "white",
@@ -49,7 +84,8 @@ class BadNets(PoisoningAttack):
             raise TrojanscanError(f"trigger size must be >= 1, got {size}")
         if color not in COLORS:
             raise TrojanscanError(f"unknown trigger colour {color!r}; use one of {', '.join(COLORS)}")
-        self.size, self.position, self.color, self.margin = int(size), position, color, int(margin)
+        self.size, self.color, self.margin = int(size), color, int(margin)
+        self.position = parse_position(position)
 
     def params(self) -> dict:
         return {**super().params(), "size": self.size, "position": self.position,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from trojanscan.attacks.base import PoisoningAttack
@@ -11,10 +13,23 @@ from trojanscan.errors import TrojanscanError
 PATTERNS = ("noise", "stripes")
 
 
+@dataclass(frozen=True)
+class BlendOptions:
+    """The blended trigger's settings (the constructor's keywords)."""
+
+    target: int = 0
+    poison_rate: float = 0.1
+    alpha: float = 0.2  # opacity of the pattern
+    pattern: str = "noise"  # noise or stripes
+    seed: int = 0
+
+
 class Blend(PoisoningAttack):
     """Whole-image pattern mixed in with opacity ``alpha``."""
 
     name = "blend"
+    title = "blended trigger"
+    options_type = BlendOptions
 
     def __init__(self, target: int = 0, poison_rate: float = 0.1, alpha: float = 0.2,
                  pattern: str = "noise", seed: int = 0) -> None:

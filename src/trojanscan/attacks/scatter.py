@@ -6,6 +6,8 @@ term targets; all-to-one like BadNets.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from trojanscan.attacks.base import PoisoningAttack
@@ -15,10 +17,23 @@ from trojanscan.errors import TrojanscanError
 COLORS = ("white", "black", "random")
 
 
+@dataclass(frozen=True)
+class ScatterOptions:
+    """The scattered-pixel trigger's settings (the constructor's keywords)."""
+
+    target: int = 0
+    poison_rate: float = 0.1
+    pixels: int = 16
+    color: str = "random"  # white, black or random
+    seed: int = 0
+
+
 class Scatter(PoisoningAttack):
     """``pixels`` isolated trigger pixels, white, black or a seeded random 0/1 per channel."""
 
     name = "scatter"
+    title = "scattered pixels"
+    options_type = ScatterOptions
 
     def __init__(self, target: int = 0, poison_rate: float = 0.1, pixels: int = 16, color: str = "random",
                  seed: int = 0) -> None:

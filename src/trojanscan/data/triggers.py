@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from trojanscan.errors import TrojanscanError
-from trojanscan.fileio import atomic_write_bytes
+from trojanscan.fileio import load_npz_record, save_npz_record
 
 TRIGGER_SUFFIX = ".trigger.npz"
 
@@ -77,38 +77,37 @@ class Trigger:
 
     def save(self, path: str | os.PathLike) -> None:
         """Save as an ``.npz`` of plain arrays (no pickles), atomically."""
-        import io
-
-        buf = io.BytesIO()
-        np.savez(buf, mask=self.mask.numpy(), pattern=self.pattern.numpy(),
-                 target=np.int64(self.target), kind=np.array(self.kind),
-                 params=np.array(json.dumps(self.params)))
-        atomic_write_bytes(path, buf.getvalue())
+        save_npz_record(path, {"mask": self.mask.numpy(), "pattern": self.pattern.numpy(),
+                               "target": np.int64(self.target), "kind": self.kind,
+                               "params": json.dumps(self.params)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Trigger:
         """Read a trigger saved by :meth:`save`; never unpickles."""
-        path = Path(path)
-        if not path.is_file():
-            raise TrojanscanError(f"{path}: no such trigger file")
+        z = load_npz_record(path, "trigger", ("mask", "pattern", "target"))
         try:
-            with np.load(path, allow_pickle=False) as z:
-                missing = {"mask", "pattern", "target"} - set(z.files)
-                if missing:
-                    raise TrojanscanError(
-                        f"{path}: not a trigger file (missing {', '.join(sorted(missing))})")
-                kind = str(z["kind"]) if "kind" in z.files else "patch"
-                params = json.loads(str(z["params"])) if "params" in z.files else {}
-                return cls(torch.from_numpy(z["mask"].astype(np.float32)),
-                           torch.from_numpy(z["pattern"].astype(np.float32)),
-                           int(z["target"]), kind, params)
+            kind = str(z["kind"]) if "kind" in z else "patch"
+            params = json.loads(str(z["params"])) if "params" in z else {}
+            return cls(torch.from_numpy(z["mask"].astype(np.float32)),
+                       torch.from_numpy(z["pattern"].astype(np.float32)),
+                       int(z["target"]), kind, params)
         except TrojanscanError:
             raise
-        except Exception as e:  # numpy raises many types for a file that is not an npz
-            raise TrojanscanError(f"{path}: unreadable trigger file ({type(e).__name__}: {e})") from None
+        except Exception as e:  # wrong dtypes or shapes in a damaged file
+            raise TrojanscanError(f"{path}: not a trigger file ({type(e).__name__}: {e})") from None
 
 
 def trigger_path_for(model_path: str | os.PathLike) -> Path:
     """Where the ground-truth trigger of a trained model lives: ``model.trigger.npz``."""
     p = Path(model_path)
     return p.with_name(p.stem + TRIGGER_SUFFIX)
+
+
+def stamp_each(x: torch.Tensor, triggers: list[Trigger]) -> torch.Tensor:
+    """Stamp image i with trigger ``i mod len(triggers)`` (several triggers share the images)."""
+    if not triggers:
+        raise TrojanscanError("no trigger to stamp")
+    out = x.clone()
+    for k, trig in enumerate(triggers):
+        out[k::len(triggers)] = trig.apply(x[k::len(triggers)])
+    return out

@@ -13,31 +13,37 @@ Example::
 
 from __future__ import annotations
 
-import io
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from trojanscan.data.triggers import Trigger
-from trojanscan.defenses.neurons import Layer, activations, find_layer, rank_neurons, stamp_each
+from trojanscan.data.triggers import Trigger, stamp_each
+from trojanscan.defenses.base import InputGuard
 from trojanscan.errors import TrojanscanError
-from trojanscan.fileio import atomic_write_bytes, module_sha256
+from trojanscan.fileio import load_npz_record, module_sha256, save_npz_record
+from trojanscan.models.taps import Layer, activations, find_layer, rank_neurons
 from trojanscan.train import predict as predict_labels
+from trojanscan.validation import check_fraction
 
 FILE_FORMAT_VERSION = 1
 MIN_CLEAN_IMAGES = 20
 
 
-def _check_fraction(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise TrojanscanError(f"{name} must be a fraction strictly between 0 and 1, got {value!r}")
+@dataclass(frozen=True)
+class InputFilterOptions:
+    """The input filter's settings (the constructor's keywords; see :class:`InputFilter`)."""
+
+    layer: str | None = None
+    top_fraction: float = 0.01
+    fpr: float = 0.05
 
 
-class InputFilter:
+class InputFilter(InputGuard):
     """Flags inputs whose watched-neuron activation exceeds a threshold set on clean data.
 
     Args:
@@ -47,17 +53,24 @@ class InputFilter:
         fpr: false positive rate on clean inputs that sets the threshold.
     """
 
+    name = "input-filter"
+    title = "Neural Cleanse input filter"
+    options_type = InputFilterOptions
+
     def __init__(self, model: nn.Module, layer: str | None = None, top_fraction: float = 0.01,
                  fpr: float = 0.05):
-        _check_fraction("top_fraction", top_fraction)
-        _check_fraction("fpr", fpr)
+        check_fraction("top_fraction", top_fraction)
+        check_fraction("fpr", fpr)
         self.model = model
         self.layer: Layer = find_layer(model, layer)  # refined by fit(), which sees images
         self._layer_name = layer
         self.top_fraction = float(top_fraction)
         self.fpr = float(fpr)
 
-    def fit(self, clean: torch.Tensor, triggers: list[Trigger]) -> InputFilter:
+    def options(self) -> InputFilterOptions:
+        return InputFilterOptions(self._layer_name, self.top_fraction, self.fpr)
+
+    def fit(self, clean: torch.Tensor, triggers: list[Trigger]) -> InputFilter:  # type: ignore[override]
         """Choose the neurons with ``triggers`` stamped on ``clean`` images, then the threshold."""
         if len(clean) < MIN_CLEAN_IMAGES:
             raise TrojanscanError(f"the filter needs at least {MIN_CLEAN_IMAGES} clean images, got "
@@ -101,27 +114,19 @@ class InputFilter:
     def save(self, path: str | os.PathLike) -> None:
         """Save as a plain-array ``.npz`` (no pickles), atomically."""
         self._require_fitted()
-        buf = io.BytesIO()
-        np.savez(buf, format_version=np.int64(FILE_FORMAT_VERSION), layer=np.array(self.layer.name),
-                 side=np.array(self.layer.side), neurons=self.neurons_.numpy(),
-                 threshold=np.float64(self.threshold_), fpr=np.float64(self.fpr),
-                 top_fraction=np.float64(self.top_fraction), units=np.int64(self.units_),
-                 model_sha256=np.array(module_sha256(self.model)))
-        atomic_write_bytes(path, buf.getvalue())
+        save_npz_record(path, {"format_version": np.int64(FILE_FORMAT_VERSION), "layer": self.layer.name,
+                               "side": self.layer.side, "neurons": self.neurons_.numpy(),
+                               "threshold": np.float64(self.threshold_), "fpr": np.float64(self.fpr),
+                               "top_fraction": np.float64(self.top_fraction),
+                               "units": np.int64(self.units_), "model_sha256": module_sha256(self.model)})
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module) -> InputFilter:
         """Read a filter saved by :meth:`save` for the same ``model``; never unpickles."""
         path = Path(path)
+        f = load_npz_record(path, "input-filter", _FIELDS, max_member_bytes=_MAX_MEMBER_BYTES,
+                            fix="; rebuild it")
         try:
-            with np.load(path, allow_pickle=False) as z:
-                missing = sorted(set(_FIELDS) - set(z.files))
-                if missing:
-                    raise ValueError(f"missing {', '.join(missing)}")
-                for key in _FIELDS:  # refuse oversized members before reading them
-                    if z.zip.getinfo(f"{key}.npy").file_size > _MAX_MEMBER_BYTES:
-                        raise ValueError(f"{key} is implausibly large")
-                f = {k: z[k] for k in _FIELDS}
             neurons_arr = f["neurons"]
             if neurons_arr.ndim != 1 or neurons_arr.dtype.kind not in "iu" or len(neurons_arr) == 0:
                 raise ValueError("neurons must be a non-empty 1-D integer array")
@@ -130,9 +135,7 @@ class InputFilter:
             neurons = torch.from_numpy(neurons_arr.astype(np.int64))
             threshold, fpr = float(f["threshold"]), float(f["fpr"])
             top, units, sha = float(f["top_fraction"]), int(f["units"]), str(f["model_sha256"])
-        except FileNotFoundError:
-            raise TrojanscanError(f"{path}: no such filter file") from None
-        except Exception as e:  # numpy/zipfile raise many types for a file that is not our npz
+        except Exception as e:  # wrong dtypes or shapes in a damaged file
             raise TrojanscanError(f"{path}: not an input-filter file ({type(e).__name__}: {e})") from None
         if version != FILE_FORMAT_VERSION:
             raise TrojanscanError(f"{path}: filter format {version} is not supported; rebuild it")

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from trojanscan.data.triggers import Trigger
-from trojanscan.defenses.neurons import (
+from trojanscan.data.triggers import Trigger, stamp_each
+from trojanscan.errors import TrojanscanError
+from trojanscan.metrics import attack_success_rate, clean_accuracy
+from trojanscan.models.taps import (
     Layer,
     activations,
     check_prunable,
@@ -25,10 +27,7 @@ from trojanscan.defenses.neurons import (
     prune_weights,
     rank_neurons,
     silenced,
-    stamp_each,
 )
-from trojanscan.errors import TrojanscanError
-from trojanscan.metrics import attack_success_rate, clean_accuracy
 from trojanscan.train import make_progress
 
 

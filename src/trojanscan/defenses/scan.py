@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
+from trojanscan.defenses.base import Provenance
 from trojanscan.defenses.outliers import mad_anomaly_index
 from trojanscan.defenses.scan_result import (
     LABELS_DIR,
@@ -32,31 +32,11 @@ from trojanscan.defenses.trigger_search import (
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import module_sha256, tensor_sha256
 from trojanscan.metrics import clean_accuracy
-from trojanscan.train import check_model_fits, predict
+from trojanscan.progress import ProgressCallback, ProgressEvent
+from trojanscan.train import predict
+from trojanscan.validation import check_clean_data, check_model_fits
 
-MIN_CLEAN_SAMPLES = 20
 ALGORITHM_VERSION = 1  # bump when a change makes saved per-label results stale
-
-
-def check_clean_data(x: torch.Tensor, y: torch.Tensor | None, num_classes: int) -> None:
-    """Refuse clean data a scan cannot use: wrong shape, NaN, out of [0, 1], too few, bad labels."""
-    if x.dim() != 4:
-        raise TrojanscanError(f"clean images must be N×C×H×W, got shape {tuple(x.shape)}")
-    if x.dtype != torch.float32:
-        raise TrojanscanError(f"clean images must be float32 in [0, 1], got {x.dtype}")
-    if len(x) < MIN_CLEAN_SAMPLES:
-        raise TrojanscanError(f"a scan needs at least {MIN_CLEAN_SAMPLES} clean images, got "
-                              f"{len(x)}; pass more with --clean-samples")
-    if not torch.isfinite(x).all():
-        raise TrojanscanError("clean images contain NaN or infinity")
-    if float(x.min()) < 0 or float(x.max()) > 1:
-        raise TrojanscanError("clean images must be in [0, 1]; put normalisation in the model "
-                              "(--mean/--std)")
-    if y is not None:
-        if len(y) != len(x):
-            raise TrojanscanError(f"{len(x)} clean images but {len(y)} labels")
-        if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-            raise TrojanscanError(f"clean labels must be in 0..{num_classes - 1}")
 
 
 def _drop_stale_result(out: Path, fingerprint: str) -> None:
@@ -96,15 +76,48 @@ def _to_label_result(r: LabelSearch) -> LabelResult:
                        mask=r.mask, pattern=r.pattern)
 
 
+VERDICT_WARNINGS = ("fewer than 3 labels scanned", "never reached the ASR threshold")
+
+
+def conclude(result: ScanResult) -> ScanResult:
+    """Set the outlier verdict of ``result`` from its labels' trigger norms: each label's MAD anomaly
+    index, the flagged labels, the model's index; warn about too few labels and unconverged ones.
+    Merging the labels of several partial scans and concluding gives the verdict of one scan."""
+    results = result.labels
+    result.warnings = [w for w in result.warnings if not any(v in w for v in VERDICT_WARNINGS)]
+    if len(results) >= 3:
+        report = mad_anomaly_index([r.l1_norm for r in results], result.threshold)
+        for r, ai in zip(results, report.anomaly_index, strict=True):
+            r.anomaly_index = ai
+        result.flagged_labels = [results[i].label for i in report.flagged]
+        result.anomaly_index, result.median_l1, result.mad = (
+            report.model_anomaly_index, report.median, report.mad)
+    else:
+        result.warnings.append("fewer than 3 labels scanned: no outlier test, no verdict")
+        result.flagged_labels = []
+        result.anomaly_index = result.median_l1 = result.mad = float("nan")
+    result.infected = bool(result.flagged_labels)
+    not_converged = [r.label for r in results if not r.converged]
+    if not_converged:
+        result.warnings.append(f"labels {not_converged} never reached the ASR threshold: their trigger "
+                               "is the last one tried")
+    return result
+
+
 def run_scan(model: nn.Module, x_clean: torch.Tensor, y_clean: torch.Tensor | None,
              num_classes: int, *, method: str, schedule: SearchSchedule,
              regularizer: Regularizer | None = None, labels: list[int] | None = None,
              chunk: int = 10, threshold: float = 2.0, seed: int = 0,
-             out_dir: str | Path | None = None, progress: bool = True,
-             model_sha256: str | None = None, data_sha256: str | None = None,
-             input_convention: str = "[0, 1] pixels", method_params: dict[str, Any] | None = None,
+             out_dir: str | Path | None = None, on_progress: ProgressCallback | None = None,
+             provenance: Provenance | None = None, method_params: dict[str, Any] | None = None,
              ) -> ScanResult:
-    """Search a trigger for every label, flag outliers, and (with ``out_dir``) write resumably."""
+    """Search a trigger for every label, flag outliers, and (with ``out_dir``) write resumably.
+
+    ``on_progress`` receives a :class:`ProgressEvent` per label and step (``done`` when the label
+    finishes); nothing is drawn here.
+    """
+    provenance = provenance or Provenance()
+    input_convention = provenance.input_convention
     check_clean_data(x_clean, y_clean, num_classes)
     check_model_fits(model, tuple(x_clean.shape[1:]), num_classes)
     labels = list(range(num_classes)) if labels is None else sorted({int(v) for v in labels})
@@ -124,8 +137,8 @@ def run_scan(model: nn.Module, x_clean: torch.Tensor, y_clean: torch.Tensor | No
         if accuracy < 0.8:
             warnings.append(f"clean accuracy is only {accuracy:.1%}: check the data and the "
                             "input convention before trusting the verdict")
-    model_sha256 = model_sha256 or module_sha256(model)
-    data_sha256 = data_sha256 or tensor_sha256(x_clean)
+    model_sha256 = provenance.model_sha256 or module_sha256(model)
+    data_sha256 = provenance.data_sha256 or tensor_sha256(x_clean)
     params = {"method": method, "schedule": schedule.to_dict(), "chunk": chunk,
               "threshold": threshold, "clean_samples": len(x_clean), "labels": labels,
               **(method_params or {})}
@@ -146,54 +159,37 @@ def run_scan(model: nn.Module, x_clean: torch.Tensor, y_clean: torch.Tensor | No
                 done[v] = r
     todo = [v for v in labels if v not in done]
     start = time.perf_counter()
-    with Progress(TextColumn("label {task.fields[label]:>3}"), BarColumn(),
-                  TextColumn("step {task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
-                  TimeElapsedColumn(), disable=not progress, transient=True) as bar:
-        tasks: dict[int, Any] = {}
 
-        def on_step(label: int, step: int, stats: dict[str, float]) -> None:
-            if label not in tasks:
-                tasks[label] = bar.add_task("", total=schedule.steps, label=label, info="")
+    def on_step(label: int, step: int, stats: dict[str, float]) -> None:
+        if on_progress is not None:
             best = stats["best_l1"]
-            bar.update(tasks[label], completed=step,
-                       info=f"ASR {stats['asr']:.2f} L1 {stats['l1']:.1f} best "
-                            f"{'—' if best == float('inf') else f'{best:.1f}'} λ {stats['cost']:.2g}")
+            on_progress(ProgressEvent(
+                f"label {label:>3}", step, schedule.steps,
+                f"ASR {stats['asr']:.2f} L1 {stats['l1']:.1f} best "
+                f"{'—' if best == float('inf') else f'{best:.1f}'} λ {stats['cost']:.2g}",
+                done=bool(stats["done"])))
 
-        def on_label_done(r: LabelSearch) -> None:
-            res = _to_label_result(r)
-            done[r.label] = res
-            if out is not None:
-                save_label(out, res, fingerprint)
-            if r.label in tasks:
-                bar.remove_task(tasks.pop(r.label))
+    def on_label_done(r: LabelSearch) -> None:
+        res = _to_label_result(r)
+        done[r.label] = res
+        if out is not None:
+            save_label(out, res, fingerprint)
 
-        search_triggers(model, x_clean, todo, schedule, chunk=chunk, seed=seed, regularizer=regularizer,
-                        y_clean=y_clean, on_step=on_step, on_label_done=on_label_done)
+    search_triggers(model, x_clean, todo, schedule, chunk=chunk, seed=seed, regularizer=regularizer,
+                    y_clean=y_clean, on_step=on_step, on_label_done=on_label_done)
     results = [done[v] for v in labels]
     bad = [r.label for r in results if not math.isfinite(r.l1_norm)]
     if bad:
         raise TrojanscanError(f"the trigger search diverged (non-finite mask norm) for labels {bad}; "
                               "the model may produce NaN on [0, 1] inputs")
     _measure_kept_triggers(model, x_clean, y_clean, [r for r in results if r.label in set(todo)])
-    if len(results) >= 3:
-        report = mad_anomaly_index([r.l1_norm for r in results], threshold)
-        for r, ai in zip(results, report.anomaly_index, strict=True):
-            r.anomaly_index = ai
-        flagged = [results[i].label for i in report.flagged]
-        model_index, median, mad = report.model_anomaly_index, report.median, report.mad
-    else:
-        warnings.append("fewer than 3 labels scanned: no outlier test, no verdict")
-        flagged, model_index, median, mad = [], float("nan"), float("nan"), float("nan")
-    not_converged = [r.label for r in results if not r.converged]
-    if not_converged:
-        warnings.append(f"labels {not_converged} never reached the ASR threshold: their trigger "
-                        "is the last one tried")
     result = ScanResult(
-        method=method, labels=results, flagged_labels=flagged, infected=bool(flagged),
-        anomaly_index=model_index, threshold=threshold, median_l1=median, mad=mad,
+        method=method, labels=results, flagged_labels=[], infected=False,
+        anomaly_index=float("nan"), threshold=threshold, median_l1=float("nan"), mad=float("nan"),
         parameters=params, seed=seed, model_sha256=model_sha256, data_sha256=data_sha256,
         seconds=time.perf_counter() - start + sum(done[v].seconds for v in labels if v not in todo),
         input_convention=input_convention, clean_accuracy=accuracy, warnings=warnings)
+    conclude(result)
     if out is not None:
         result.save(out)
     return result

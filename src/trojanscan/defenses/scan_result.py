@@ -8,7 +8,6 @@ Layout of a scan folder::
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -21,7 +20,7 @@ import torch
 from trojanscan.data.triggers import Trigger
 from trojanscan.defenses.outliers import size_ratio
 from trojanscan.errors import TrojanscanError
-from trojanscan.fileio import atomic_write_bytes, to_jsonable, write_json
+from trojanscan.fileio import load_npz_record, save_npz_record, to_jsonable, write_json
 
 LABELS_DIR = "labels"
 SCAN_JSON = "scan.json"
@@ -68,20 +67,19 @@ def label_file(out_dir: Path, label: int) -> Path:
 
 def save_label(out_dir: Path, result: LabelResult, fingerprint: str) -> None:
     """Write one finished label atomically, tagged with the scan's fingerprint."""
-    buf = io.BytesIO()
     record = {**result.record(), "extra": result.extra, "fingerprint": fingerprint}
-    np.savez(buf, mask=result.mask.numpy(), pattern=result.pattern.numpy(),
-             record=np.array(json.dumps(to_jsonable(record))))
-    atomic_write_bytes(label_file(out_dir, result.label), buf.getvalue())
+    save_npz_record(label_file(out_dir, result.label), {
+        "mask": result.mask.numpy(), "pattern": result.pattern.numpy(),
+        "record": json.dumps(to_jsonable(record))})
 
 
 def load_label(path: Path, fingerprint: str | None = None) -> LabelResult | None:
     """Read one saved label; ``None`` if it belongs to a scan with other settings or is damaged."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            record = json.loads(str(z["record"]))
-            mask = torch.from_numpy(z["mask"].astype(np.float32))
-            pattern = torch.from_numpy(z["pattern"].astype(np.float32))
+        z = load_npz_record(path, "label result", ("record", "mask", "pattern"))
+        record = json.loads(str(z["record"]))
+        mask = torch.from_numpy(z["mask"].astype(np.float32))
+        pattern = torch.from_numpy(z["pattern"].astype(np.float32))
     except Exception:  # a damaged resume file only means the label is not done
         return None
     if not isinstance(record, dict):

@@ -19,21 +19,24 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 import os
 import statistics
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from trojanscan.defenses.base import InputGuard
 from trojanscan.errors import TrojanscanError
-from trojanscan.fileio import atomic_write_bytes, module_sha256, tensor_sha256
+from trojanscan.fileio import load_npz_record, module_sha256, save_npz_record, tensor_sha256
 from trojanscan.models.inference import frozen_for_inference, model_fingerprint, on_cpu, same_logits
+from trojanscan.models.modes import evaluating
+from trojanscan.validation import check_choice, check_fraction, check_images
 
 MIN_CALIBRATION_SAMPLES = 20
 BLENDS = ("add", "alpha")
@@ -86,9 +89,8 @@ def detection_boundary(entropies: torch.Tensor, frr: float, method: str = "norma
     ``"normal"`` fits N(mu, sigma) to the benign entropies and takes ``mu + sigma · Φ⁻¹(frr)`` (the
     paper's choice); ``"quantile"`` takes the empirical ``frr``-quantile (TrojanZoo's choice).
     """
-    _check_frr(frr)
-    if method not in BOUNDARY_METHODS:
-        raise TrojanscanError(f"unknown boundary method {method!r}; use one of {', '.join(BOUNDARY_METHODS)}")
+    check_fraction("frr", frr)
+    check_choice("boundary method", method, BOUNDARY_METHODS)
     h = torch.as_tensor(entropies, dtype=torch.float64).flatten()
     if len(h) < 2:
         raise TrojanscanError(f"a boundary needs at least 2 benign entropies, got {len(h)}")
@@ -98,20 +100,6 @@ def detection_boundary(entropies: torch.Tensor, frr: float, method: str = "norma
         return float(torch.quantile(h, frr))
     mu, sigma = float(h.mean()), float(h.std())
     return mu + sigma * statistics.NormalDist().inv_cdf(frr)
-
-
-def far_frr(benign_flags: torch.Tensor, trojan_flags: torch.Tensor) -> dict[str, float | int]:
-    """Error rates of a detector: FRR = benign inputs flagged, FAR = trojaned inputs not flagged."""
-    benign = torch.as_tensor(benign_flags, dtype=torch.bool).flatten()
-    trojan = torch.as_tensor(trojan_flags, dtype=torch.bool).flatten()
-    return {"frr": float(benign.float().mean()) if len(benign) else float("nan"),
-            "far": float((~trojan).float().mean()) if len(trojan) else float("nan"),
-            "n_benign": len(benign), "n_trojan": len(trojan)}
-
-
-def _check_frr(frr: float) -> None:
-    if not isinstance(frr, (int, float)) or not 0 < frr < 1:
-        raise TrojanscanError(f"frr must be a fraction strictly between 0 and 1 (e.g. 0.01), got {frr!r}")
 
 
 def parse_temperature(value: float | str) -> float | str:
@@ -127,23 +115,6 @@ def parse_temperature(value: float | str) -> float | str:
             or value <= 0:
         raise TrojanscanError(f"temperature must be a positive number or 'auto', got {value!r}")
     return float(value)
-
-
-def _check_images(x: torch.Tensor, name: str, shape: tuple[int, ...] | None = None) -> None:
-    """Refuse images STRIP cannot use: not N×C×H×W, wrong size, not float, NaN, outside [0, 1]."""
-    if not isinstance(x, torch.Tensor):
-        raise TrojanscanError(f"{name} must be a torch tensor N×C×H×W, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise TrojanscanError(f"{name} must be N×C×H×W, got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TrojanscanError(f"{name} must be float images in [0, 1], got {x.dtype}")
-    if shape is not None and tuple(x.shape[1:]) != tuple(shape):
-        raise TrojanscanError(f"{name} are images {tuple(x.shape[1:])} but the overlays are {tuple(shape)}; "
-                              "pass images of the size the detector was calibrated on")
-    if x.numel() and not torch.isfinite(x).all():
-        raise TrojanscanError(f"{name} contain NaN or infinity")
-    if x.numel() and (float(x.min()) < 0 or float(x.max()) > 1):
-        raise TrojanscanError(f"{name} must be in [0, 1]; put normalisation inside the model")
 
 
 class _ScalarReader:
@@ -177,7 +148,22 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-class Strip:
+@dataclass(frozen=True)
+class StripOptions:
+    """STRIP's settings (the constructor's keywords; see :class:`Strip`)."""
+
+    n: int = 100
+    blend: str = "add"
+    alpha: float = 0.5
+    frr: float = 0.01
+    boundary: str = "normal"
+    batch_size: int = 256
+    seed: int = 0
+    temperature: float | str = 1.0
+    accelerate: bool = True
+
+
+class Strip(InputGuard):
     """Run-time trojaned-input detector: ``Strip(model).calibrate(clean)`` then ``.detect(x)``.
 
     Args:
@@ -197,6 +183,10 @@ class Strip:
         seed: seeds the choice of overlays, so the same inputs in the same order give the same entropies.
     """
 
+    name = "strip"
+    title = "STRIP"
+    options_type = StripOptions
+
     def __init__(self, model: nn.Module, n: int = 100, blend: str = "add", alpha: float = 0.5,
                  frr: float = 0.01, boundary: str = "normal", batch_size: int = 256, seed: int = 0,
                  temperature: float | str = 1.0, accelerate: bool = True):
@@ -204,14 +194,11 @@ class Strip:
             raise TrojanscanError(f"model must be a torch nn.Module, got {type(model).__name__}")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise TrojanscanError(f"n (perturbed copies per input) must be a positive integer, got {n!r}")
-        if blend not in BLENDS:
-            raise TrojanscanError(f"unknown blend {blend!r}; use one of {', '.join(BLENDS)}")
+        check_choice("blend", blend, BLENDS)
         if not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
             raise TrojanscanError(f"alpha must be in (0, 1], got {alpha!r}")
-        _check_frr(frr)
-        if boundary not in BOUNDARY_METHODS:
-            raise TrojanscanError(
-                f"unknown boundary method {boundary!r}; use one of {', '.join(BOUNDARY_METHODS)}")
+        check_fraction("frr", frr)
+        check_choice("boundary method", boundary, BOUNDARY_METHODS)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise TrojanscanError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.model = model
@@ -237,12 +224,12 @@ class Strip:
         Returns ``self``, with ``overlays_``, ``temperature_``, ``entropy_mean_``, ``entropy_std_``,
         ``boundary_``, ``calibration_entropies_``, ``calibration_sha256_`` and ``n_calibration_`` set.
         """
-        _check_images(x_benign, "benign calibration images")
+        check_images(x_benign, "benign calibration images")
         if len(x_benign) < MIN_CALIBRATION_SAMPLES:
             raise TrojanscanError(f"STRIP calibration needs at least {MIN_CALIBRATION_SAMPLES} benign "
                                   f"images, got {len(x_benign)}; pass more clean images")
         pool = x_benign if overlay_pool is None else overlay_pool
-        _check_images(pool, "overlay pool images")
+        check_images(pool, "overlay pool images")
         if len(pool) == 0:
             raise TrojanscanError("the overlay pool is empty; pass held-out clean images")
         if pool.shape[1:] != x_benign.shape[1:]:
@@ -265,6 +252,10 @@ class Strip:
         self.model_sha256_ = module_sha256(self.model)
         return self
 
+    def fit(self, x: torch.Tensor, overlay_pool: torch.Tensor | None = None) -> Strip:  # type: ignore[override]
+        """The guard contract's name for :meth:`calibrate`."""
+        return self.calibrate(x, overlay_pool)
+
     def degenerate_message(self) -> str:
         """Why a boundary at or below 0 bits is useless, and what to try."""
         return (f"STRIP boundary {self.boundary_:.4f} bits is not above 0, so no input can be flagged: "
@@ -273,17 +264,13 @@ class Strip:
 
     def _check_model_runs(self) -> None:
         """One probe so that a model unfit for these images fails with one clear line."""
-        was_training = self.model.training
-        self.model.eval()
         try:
-            with torch.no_grad():
+            with evaluating(self.model), torch.no_grad():
                 out = self.model(self.overlays_[:2].to(_model_device(self.model)))
         except Exception as e:  # any shape error inside a foreign model
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise TrojanscanError(
                 f"model cannot run on images of shape {tuple(self.overlays_.shape[1:])} ({first})") from None
-        finally:
-            self.model.train(was_training)
         if not isinstance(out, torch.Tensor) or out.dim() != 2:
             raise TrojanscanError("model must return a batch×classes tensor of logits; wrap it so that "
                                   "forward() does")
@@ -339,15 +326,12 @@ class Strip:
         if self._current is not None:
             yield self._current
             return
-        was_training = self.model.training
-        self.model.eval()
         try:
-            with torch.no_grad():
+            with evaluating(self.model), torch.no_grad():
                 self._current = self._classifier()
                 yield self._current
         finally:
             self._current = None
-            self.model.train(was_training)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_fast": None, "_current": None}  # TorchScript copies do not pickle
@@ -369,7 +353,7 @@ class Strip:
 
     def _entropies(self, x: torch.Tensor, temperatures: tuple[float, ...]) -> torch.Tensor:
         """(m, len(temperatures)) normalised entropies of all N copies, one column per temperature."""
-        _check_images(x, "input images", tuple(self.overlays_.shape[1:]))
+        check_images(x, "input images", tuple(self.overlays_.shape[1:]))
         with self._classifying() as classify:
             out = [torch.stack([copy_entropies(torch.softmax(logits / t, -1)).mean(-1)
                                 for t in temperatures], dim=1).cpu()
@@ -397,7 +381,7 @@ class Strip:
         that used all N copies has entropy ``entropy_sum / N``.
         """
         self._require_calibrated()
-        _check_images(x, "input images", tuple(self.overlays_.shape[1:]))
+        check_images(x, "input images", tuple(self.overlays_.shape[1:]))
         m = len(x)
         idx = self._overlay_indices(m)
         total = torch.zeros(m, dtype=torch.float64)
@@ -446,41 +430,26 @@ class Strip:
     def save(self, path: str | os.PathLike) -> None:
         """Save the calibration as an ``.npz`` of plain arrays (no pickles), atomically."""
         self._require_calibrated()
-        buf = io.BytesIO()
-        np.savez(buf, format_version=np.int64(FILE_FORMAT_VERSION), overlays=self.overlays_.numpy(),
-                 overlays_sha256=np.array(tensor_sha256(self.overlays_)),
-                 entropy_mean=np.float64(self.entropy_mean_), entropy_std=np.float64(self.entropy_std_),
-                 boundary_value=np.float64(self.boundary_), boundary=np.array(self.boundary),
-                 n=np.int64(self.n), blend=np.array(self.blend), alpha=np.float64(self.alpha),
-                 seed=np.int64(self.seed), frr=np.float64(self.frr),
-                 temperature=np.float64(self.temperature_),
-                 temperature_request=np.array(str(self.temperature)),
-                 n_calibration=np.int64(self.n_calibration_),
-                 calibration_sha256=np.array(self.calibration_sha256_),
-                 model_sha256=np.array(self.model_sha256_))
-        atomic_write_bytes(path, buf.getvalue())
+        save_npz_record(path, {
+            "format_version": np.int64(FILE_FORMAT_VERSION), "overlays": self.overlays_.numpy(),
+            "overlays_sha256": tensor_sha256(self.overlays_),
+            "entropy_mean": np.float64(self.entropy_mean_), "entropy_std": np.float64(self.entropy_std_),
+            "boundary_value": np.float64(self.boundary_), "boundary": self.boundary,
+            "n": np.int64(self.n), "blend": self.blend, "alpha": np.float64(self.alpha),
+            "seed": np.int64(self.seed), "frr": np.float64(self.frr),
+            "temperature": np.float64(self.temperature_), "temperature_request": str(self.temperature),
+            "n_calibration": np.int64(self.n_calibration_), "calibration_sha256": self.calibration_sha256_,
+            "model_sha256": self.model_sha256_})
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module, batch_size: int = 256,
              accelerate: bool = True) -> Strip:
         """Read a detector saved by :meth:`save` for the same ``model``; never unpickles."""
         path = Path(path)
-        if not path.is_file():
-            raise TrojanscanError(f"{path}: no such STRIP calibration file")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                fields = {k: z[k] for k in z.files}
-        except Exception as e:  # numpy raises many types for a file that is not a plain npz
-            raise TrojanscanError(
-                f"{path}: not a STRIP calibration .npz ({type(e).__name__}: {e}); "
-                "recreate it with Strip.save") from None
         required = {"format_version", "overlays", "overlays_sha256", "entropy_mean", "entropy_std",
                     "boundary_value", "boundary", "n", "blend", "alpha", "seed", "frr", "n_calibration",
                     "calibration_sha256", "model_sha256"}
-        missing = required - set(fields)
-        if missing:
-            raise TrojanscanError(
-                f"{path}: not a STRIP calibration file (missing {', '.join(sorted(missing))})")
+        fields = load_npz_record(path, "STRIP calibration", required, fix="; recalibrate")
         num = _ScalarReader(fields, path)
         version = num.int("format_version")
         if version not in (1, FILE_FORMAT_VERSION):
@@ -490,7 +459,7 @@ class Strip:
             raise TrojanscanError(f"{path}: not a STRIP calibration file (missing temperature)")
         overlays = torch.from_numpy(np.ascontiguousarray(fields["overlays"], dtype=np.float32))
         try:
-            _check_images(overlays, f"{path}: overlays")
+            check_images(overlays, f"{path}: overlays")
         except TrojanscanError as e:
             raise TrojanscanError(f"{e}; the file is damaged, recalibrate") from None
         if len(overlays) == 0 or tensor_sha256(overlays) != num.text("overlays_sha256"):

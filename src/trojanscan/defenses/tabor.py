@@ -19,18 +19,20 @@ engine's.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trojanscan.defenses.neural_cleanse import NeuralCleanse
+from trojanscan.defenses.base import LabelScore
+from trojanscan.defenses.neural_cleanse import NeuralCleanse, NeuralCleanseOptions
 from trojanscan.defenses.outliers import mad_anomaly_index
 from trojanscan.defenses.scan_result import ScanResult
 from trojanscan.defenses.trigger_search import SearchSchedule
 from trojanscan.errors import TrojanscanError
+from trojanscan.models.modes import evaluating
 from trojanscan.train import predict
 
 SCALE_LIMITS = (1e-3, 1e5)  # hyperparameter augmentation never moves the λs further than this
@@ -141,12 +143,8 @@ def trigger_quality(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, m
     stamped = (1 - mask) * others + mask * pattern
     acc_att = float((predict(model, stamped) == target).float().mean()) if len(others) else 0.0
     acc_crop = float((predict(model, (1 - footprint) * x) == labels).float().mean())
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         acc_exp = float(torch.softmax(model((mask * pattern).unsqueeze(0)), 1)[0, target])
-    finally:
-        model.train(was_training)
     floor = 1e-3
     size = float(footprint.sum()) / d2
     scatter = max(float(smoothness(footprint.unsqueeze(0))[0]), 1.0) / (d * (d - 1))
@@ -154,6 +152,13 @@ def trigger_quality(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, m
              - math.log(max(acc_crop, floor)) - math.log(max(acc_exp, floor)))
     return {"quality": score, "footprint": float(footprint.sum()), "acc_att": acc_att,
             "acc_crop": acc_crop, "acc_exp": acc_exp}
+
+
+@dataclass(frozen=True)
+class TaborOptions(NeuralCleanseOptions):
+    """Neural Cleanse's settings plus TABOR's λs."""
+
+    weights: TaborWeights = field(default_factory=TaborWeights)
 
 
 class Tabor(NeuralCleanse):
@@ -165,15 +170,22 @@ class Tabor(NeuralCleanse):
         print(result.flagged_labels, result.extra["quality"]["flagged_labels"])
     """
 
-    method = "tabor"
+    name = "tabor"
+    title = "TABOR"
+    options_type = TaborOptions
+    label_scores = (LabelScore("quality", "TABOR quality"),
+                    LabelScore("quality_anomaly_index", "quality anomaly index"))
+    outlier_summary = "quality"
 
     def __init__(self, schedule: str | SearchSchedule = "default", *, weights: TaborWeights | None = None,
                  **options: Any) -> None:
         super().__init__(schedule, **options)
         self.weights = weights or TaborWeights()
+        if not isinstance(self.weights, TaborWeights):
+            raise TrojanscanError(f"weights must be TaborWeights, got {type(self.weights).__name__}")
 
     def _regularizer(self) -> TaborRegularizer:
-        return TaborRegularizer(self.weights, self.schedule)
+        return TaborRegularizer(self.weights, self.search_schedule())
 
     def _method_params(self) -> dict[str, Any]:
         return {**super()._method_params(), "weights": asdict(self.weights)}
@@ -181,13 +193,18 @@ class Tabor(NeuralCleanse):
     def _after(self, result: ScanResult, model: nn.Module, x: torch.Tensor,
                y: torch.Tensor | None) -> None:
         """Score every label's trigger and flag the quality outliers beside the L1 verdict."""
-        scores = [trigger_quality(model, x, y, r.mask, r.pattern, r.label) for r in result.labels]
-        for r, q in zip(result.labels, scores, strict=True):
-            r.extra.update(q)
-        values = {str(r.label): q["quality"] for r, q in zip(result.labels, scores, strict=True)}
+        for r in result.labels:
+            r.extra.update(trigger_quality(model, x, y, r.mask, r.pattern, r.label))
+        self.summarise(result)
+
+    @classmethod
+    def summarise(cls, result: ScanResult) -> None:
+        """The quality outliers over all labels, from each label's stored quality score."""
+        scores = [r.extra["quality"] for r in result.labels]
+        values = {str(r.label): q for r, q in zip(result.labels, scores, strict=True)}
         summary: dict[str, Any] = {"values": values}
         if len(scores) >= 3:
-            report = mad_anomaly_index([q["quality"] for q in scores], result.threshold)
+            report = mad_anomaly_index(scores, result.threshold)
             for r, ai in zip(result.labels, report.anomaly_index, strict=True):
                 r.extra["quality_anomaly_index"] = ai
             summary.update({"flagged_labels": [result.labels[i].label for i in report.flagged],

@@ -6,16 +6,14 @@ Paper settings (the defaults): 10% of the training data, the trigger stamped on 
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from trojanscan.data.triggers import Trigger
-from trojanscan.defenses.neurons import stamp_each
+from trojanscan.data.triggers import Trigger, stamp_each
 from trojanscan.errors import TrojanscanError
-from trojanscan.train import TrainHistory, train_model
+from trojanscan.train import TrainHistory, train_model, trainable_copy
 
 
 @dataclass
@@ -50,9 +48,7 @@ def unlearn(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, trig
     n_stamped = round(stamp_fraction * n) if triggers else 0
     if n_stamped:
         x[:n_stamped] = stamp_each(x[:n_stamped], triggers)
-    fixed = copy.deepcopy(model)
-    for p in fixed.parameters():
-        p.requires_grad_(True)
+    fixed = trainable_copy(model)
     history = train_model(fixed, x, y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                           progress=progress, lr_schedule=lr_schedule)
     return UnlearnResult(model=fixed, images=n, stamped=n_stamped, history=history)

@@ -20,6 +20,7 @@ from torch.nn.modules import module as module_globals
 
 from trojanscan.fileio import module_sha256
 from trojanscan.models.architectures import Normalize, ReferenceNet
+from trojanscan.models.modes import evaluating
 from trojanscan.models.wrappers import NormalizedInput
 
 # Layers whose forward is the same sequence of tensor operations for every input, so a trace of
@@ -71,10 +72,8 @@ def frozen_for_inference(model: nn.Module, example: torch.Tensor) -> nn.Module |
     """
     if not on_cpu(model) or len(example) < 2:
         return None
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with evaluating(model), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.jit's deprecation and tracer warnings
             if isinstance(model, torch.jit.ScriptModule):
                 scripted = model
@@ -86,5 +85,3 @@ def frozen_for_inference(model: nn.Module, example: torch.Tensor) -> nn.Module |
             return fast if all(same_logits(fast, model, b) for b in (example, example[:3])) else None
     except Exception:  # any failure of the optional speed-up: run the model eagerly instead
         return None
-    finally:
-        model.train(was_training)

@@ -12,10 +12,12 @@ from typing import Any
 
 from trojanscan.data.triggers import Trigger
 from trojanscan.defenses.outliers import SIZE_RATIO_THRESHOLD
+from trojanscan.defenses.registry import REVERSERS
 from trojanscan.defenses.scan_result import LabelResult, ScanResult
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import atomic_write_bytes, to_jsonable
-from trojanscan.report.images import mask_overlap, trigger_pngs
+from trojanscan.metrics import mask_overlap
+from trojanscan.report.images import trigger_pngs
 
 FLAG_RED = "#c62828"
 CLEAN_GREEN = "#2e7d32"
@@ -206,19 +208,21 @@ def _chart(result: ScanResult) -> str:
 
 def _table(result: ScanResult, rows: list[LabelResult]) -> str:
     flagged = set(result.flagged_labels)
-    quality = "quality" in result.extra  # TABOR: its trigger-quality score beside the L1 verdict
-    q_flagged = set(result.extra.get("quality", {}).get("flagged_labels", []))
-    q_head = "<th>TABOR quality</th><th>quality anomaly index</th>" if quality else ""
+    method = REVERSERS.get(result.method)  # the method's own per-label scores beside the L1 verdict
+    scores = [sc for sc in (method.label_scores if method else ())
+              if any(sc.key in r.extra for r in rows)]
+    summary_key = method.outlier_summary if method else None
+    q_flagged = set((result.extra.get(summary_key) or {}).get("flagged_labels", [])) if summary_key else set()
+    q_head = "".join(f"<th>{escape(sc.title)}</th>" for sc in scores)
     head = ("<tr><th>label</th><th>L1 norm</th><th>anomaly index</th>" + q_head + "<th>trigger ASR</th>"
             '<th class="l">converged</th><th>steps</th><th class="l">flagged</th></tr>')
     body = []
     for r in rows:
         is_flag = r.label in flagged
         row_cls = ' class="flag"' if is_flag else ""
-        marks = (["● backdoor target"] if is_flag else []) + (["quality outlier"] if r.label in q_flagged
-                                                               else [])
-        q_cells = (f"<td>{_num(r.extra.get('quality'))}</td><td>{_num(r.extra.get('quality_anomaly_index'))}"
-                   "</td>" if quality else "")
+        marks = (["● backdoor target"] if is_flag else []) + (
+            [f"{summary_key} outlier"] if r.label in q_flagged else [])
+        q_cells = "".join(f"<td>{_num(r.extra.get(sc.key))}</td>" for sc in scores)
         body.append(
             f'<tr{row_cls}><td>{r.label}</td><td>{_num(r.l1_norm, 1)}</td>'
             f"<td>{_num(r.anomaly_index)}</td>{q_cells}<td>{_pct(r.attack_success_rate)}</td>"

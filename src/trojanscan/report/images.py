@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -86,33 +85,3 @@ def save_trigger_images(result: ScanResult, out_dir: Path) -> list[Path]:
             atomic_write_bytes(path, pngs[kind])
             written.append(path)
     return written
-
-
-def mask_overlap(reversed_mask: torch.Tensor, true_mask: torch.Tensor) -> dict[str, Any]:
-    """How well a reversed mask finds the real trigger: IoU and recall of its top-k pixels.
-
-    ``k`` is the number of real trigger pixels (``true_mask > 0.5``; for a blended trigger whose
-    constant mask is at most 0.5, every pixel with ``true_mask > 0``). The ``k`` pixels with the
-    largest reversed-mask values are compared with them. ``k == 0`` gives NaN scores.
-    """
-    rev = torch.as_tensor(reversed_mask, dtype=torch.float32).detach().cpu()
-    true = torch.as_tensor(true_mask, dtype=torch.float32).detach().cpu()
-    if rev.shape != true.shape:
-        raise TrojanscanError(f"reversed mask {tuple(rev.shape)} and real trigger mask "
-                              f"{tuple(true.shape)} differ in size")
-    rev_flat = torch.nan_to_num(rev.flatten(), nan=-1.0)
-    true_set = true.flatten() > 0.5
-    if not bool(true_set.any()):
-        true_set = true.flatten() > 0
-    k = int(true_set.sum())
-    out: dict[str, Any] = {"iou": float("nan"), "recall": float("nan"), "k": k,
-                           "reversed_l1": float(rev.sum()), "true_area": float(true.sum())}
-    if k == 0:
-        return out
-    top = torch.zeros_like(true_set)
-    top[torch.topk(rev_flat, k).indices] = True
-    inter = int((top & true_set).sum())
-    union = int((top | true_set).sum())
-    out["iou"] = inter / union
-    out["recall"] = inter / k
-    return out

@@ -1,4 +1,6 @@
-"""Neurons of one layer: where to read them, their mean activations, and which ones a trigger drives.
+"""Layer taps: where to read one layer's neurons, their mean activations, which ones a stimulus
+drives, and how to silence or remove them. Defences (filter, pruning) and attacks (neuron-driven
+triggers) share them.
 
 Neural Cleanse's filter and pruning both look at the second-to-last layer: the input of the model's
 last ``nn.Linear`` (by default), or the output of a module the user names. A convolutional layer's
@@ -14,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from trojanscan.data.triggers import Trigger
 from trojanscan.errors import TrojanscanError
+from trojanscan.models.modes import evaluating
 
 PENULTIMATE = "penultimate"
 
@@ -63,12 +65,10 @@ def _call_order(model: nn.Module, candidates: dict[str, nn.Module], probe: torch
     order: list[str] = []
     handles = [m.register_forward_pre_hook(lambda _m, _a, n=name: order.append(n))
                for name, m in candidates.items()]
-    was_training = model.training
-    model.eval()
     try:
-        model(probe[:2])
+        with evaluating(model):
+            model(probe[:2])
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return list(dict.fromkeys(order))
@@ -101,27 +101,12 @@ def _tap(layer: Layer, sink: list[torch.Tensor]) -> Iterator[None]:
 def activations(model: nn.Module, layer: Layer, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """N×U activations of ``layer`` for images ``x`` (model in eval mode, restored after)."""
     sink: list[torch.Tensor] = []
-    was_training = model.training
-    model.eval()
-    try:
-        with _tap(layer, sink):
-            for i in range(0, len(x), batch_size):
-                model(x[i:i + batch_size])
-    finally:
-        model.train(was_training)
+    with evaluating(model), _tap(layer, sink):
+        for i in range(0, len(x), batch_size):
+            model(x[i:i + batch_size])
     if not sink:
         raise TrojanscanError("no images to measure activations on")
     return torch.cat(sink).float()
-
-
-def stamp_each(x: torch.Tensor, triggers: list[Trigger]) -> torch.Tensor:
-    """Stamp image i with trigger ``i mod len(triggers)`` (several flagged labels share the images)."""
-    if not triggers:
-        raise TrojanscanError("no trigger to stamp")
-    out = x.clone()
-    for k, trig in enumerate(triggers):
-        out[k::len(triggers)] = trig.apply(x[k::len(triggers)])
-    return out
 
 
 def rank_neurons(clean: torch.Tensor, stamped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import random
 import statistics
 import time
@@ -26,28 +25,30 @@ from typing import Any
 
 import torch
 
-from trojanscan.api import environment, load_dataset, make_attack, scan, strip_rates, train_classifier
 from trojanscan.attacks.blend import PATTERNS
-from trojanscan.data import Dataset
+from trojanscan.bench.zoo_scores import SCORES, attack_took, mean_finite, scan_row, summarise, summarise_strip
+from trojanscan.data import Dataset, load_dataset
 from trojanscan.data.triggers import Trigger, trigger_path_for
 from trojanscan.defenses.neural_cleanse import SCHEDULES
-from trojanscan.defenses.outliers import SIZE_RATIO_THRESHOLD, mad_anomaly_index
+from trojanscan.defenses.registry import REVERSERS
 from trojanscan.defenses.repeats import combine_runs
 from trojanscan.defenses.scan_result import ScanResult
 from trojanscan.defenses.strip import BOUNDARY_METHODS, Strip, parse_temperature
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import sha256_file, write_json
-from trojanscan.metrics import roc_auc, roc_curve
 from trojanscan.models import load_model, save_model
 from trojanscan.report.zoo_html import write_zoo_report
+from trojanscan.runners import ScanJob, run_jobs
+from trojanscan.workflows.guarding import strip_rates
+from trojanscan.workflows.records import environment
+from trojanscan.workflows.training import make_attack, train_classifier
 
 ZOO_FORMAT = 1  # part of every cache key: bump when training changes meaning
-SCAN_METHODS = ("neural-cleanse", "tabor")
+SCAN_METHODS = tuple(REVERSERS)  # every registered trigger reverser
 METHODS = (*SCAN_METHODS, "strip")
 DEFAULT_DATASETS = ("mnist", "fashion-mnist")
 CORNERS = ("bottom-right", "bottom-left", "top-right", "top-left")
 PATCH_COLOURS = ("white", "random", "checker")  # black is invisible on MNIST's black background
-MIN_ASR = 0.5  # a "trojaned" model whose attack did not take is left out of the scores
 
 
 @dataclass
@@ -174,30 +175,6 @@ def train_entry(entry: ZooEntry, data: Dataset, models_dir: Path) -> dict[str, A
     return {**record, "cached": False}
 
 
-def _scan_row(result: ScanResult) -> dict[str, Any]:
-    truth = result.extra.get("ground_truth") or {}
-    norms = [r.l1_norm for r in result.labels]
-    # from the norms, not the stored index: JSON keeps no infinity (a MAD of zero) for a reload
-    index = mad_anomaly_index(norms).model_anomaly_index if len(norms) >= 3 else float("nan")
-    return {"seed": result.seed, "anomaly_index": index,
-            "size_ratio": result.size_ratio,
-            "flagged_labels": result.flagged_labels, "infected": result.infected,
-            "predicted_target": min(result.labels, key=lambda r: r.l1_norm).label,
-            "target_flagged": truth.get("target_flagged"),
-            "iou": (truth.get("overlap") or {}).get("iou"), "seconds": result.seconds}
-
-
-def _mean_finite(values: Any) -> float | None:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    return statistics.fmean(finite) if finite else None
-
-
-def _attack_took(m: dict[str, Any]) -> bool:
-    """A clean model, or a trojaned one whose attack reached ``MIN_ASR``."""
-    asr = m["attack_success_rate"]
-    return not m["trojaned"] or (asr is not None and math.isfinite(asr) and asr >= MIN_ASR)
-
-
 def _tag(options: dict[str, Any]) -> str:
     """A short hash of the settings, so that a cached result is only reused for the same ones."""
     return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:8]
@@ -225,86 +202,6 @@ def _strip_row(model_path: Path, model_sha256: str, data: Dataset, out: Path, se
            "model_sha256": model_sha256}
     write_json(out, row)
     return row
-
-
-SCORES = ("anomaly_index", "size_ratio")
-
-
-def _verdict(row: dict[str, Any], score: str) -> tuple[float, bool]:
-    """(score, flagged) of a scan row under ``score``: the MAD anomaly index (higher is worse),
-    or the size ratio (lower is worse; negated)."""
-    if score == "anomaly_index":
-        value = row["anomaly_index"]
-        return (0.0 if math.isnan(value) else value), row["infected"]
-    ratio = row["size_ratio"]
-    return (-1.0 if math.isnan(ratio) else -ratio), bool(ratio < SIZE_RATIO_THRESHOLD)
-
-
-def summarise(models: list[dict[str, Any]], method: str, which: str = "runs",
-              score: str = "anomaly_index") -> dict[str, Any]:
-    """The field's scores of ``method`` over the zoo: ``which`` is "runs" (each model's first
-    seed), "combined" (norms averaged over the seeds) or "seed-K" (the K-th seed's runs);
-    ``score`` is "anomaly_index" (the paper's MAD test) or "size_ratio" (smallest / median norm,
-    flagged below ``SIZE_RATIO_THRESHOLD``)."""
-    rows, usable = [], []
-    for m in models:
-        scans = m.get("scans", {}).get(method)
-        if not scans:
-            continue
-        if which == "combined":
-            row = scans.get("combined")
-        else:
-            k = int(which.split("-")[1]) if which.startswith("seed-") else 0
-            row = scans["runs"][k] if k < len(scans["runs"]) else None
-        if row is None:
-            continue
-        if not _attack_took(m):
-            continue
-        rows.append(row)
-        usable.append(m)
-    if not rows:
-        return {"models": 0}
-    trojaned = [m["trojaned"] for m in usable]
-    verdicts = [_verdict(r, score) for r in rows]
-    scores = [v[0] for v in verdicts]
-    bad = [(m, r, v) for m, r, v in zip(usable, rows, verdicts, strict=True) if m["trojaned"]]
-    good = [(m, r, v) for m, r, v in zip(usable, rows, verdicts, strict=True) if not m["trojaned"]]
-    ious = [r["iou"] for m, r, _ in bad if m["trigger_kind"] == "patch" and r.get("iou") is not None
-            and math.isfinite(r["iou"])]
-    fpr, tpr, _ = roc_curve(scores, trojaned)
-
-    def rate(triples: list[tuple[dict, dict, tuple]], test: Callable[..., bool]) -> float | None:
-        return sum(bool(test(*t)) for t in triples) / len(triples) if triples else None
-
-    def hit(m: dict, r: dict, v: tuple) -> bool:  # flagged, and the flagged label is the target
-        if score == "anomaly_index":
-            return v[1] and m["target"] in r["flagged_labels"]
-        return v[1] and r["predicted_target"] == m["target"]
-
-    return {
-        "score": score, "models": len(rows), "trojaned": len(bad), "clean": len(good),
-        "auroc": roc_auc(scores, trojaned),
-        "detection_rate": rate(bad, lambda m, r, v: v[1]),
-        "false_positive_rate": rate(good, lambda m, r, v: v[1]),
-        "target_accuracy": rate(bad, lambda m, r, v: r["predicted_target"] == m["target"]),
-        "detected_with_target": rate(bad, hit),
-        "mean_iou_patch": statistics.fmean(ious) if ious else None,
-        "mean_scan_seconds": statistics.fmean(r["seconds"] for r in rows),
-        "missed": [m["name"] for m, r, v in bad if not v[1]],
-        "wrong_target": [m["name"] for m, r, v in bad if r["predicted_target"] != m["target"]],
-        "false_positives": [m["name"] for m, r, v in good if v[1]],
-        "roc": {"fpr": fpr, "tpr": tpr},
-    }
-
-
-def summarise_strip(models: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean FRR over all models and FAR over the trojaned ones, at the 1% FRR boundary."""
-    rows = [(m, m["strip"]) for m in models if m.get("strip")]
-    bad = [(m, r) for m, r in rows if m["trojaned"] and _attack_took(m)]
-    return {"models": len(rows),
-            "mean_frr": statistics.fmean(r["frr"] for _, r in rows) if rows else None,
-            "mean_far": statistics.fmean(r["far"] for _, r in bad) if bad else None,
-            "far_above_2pct": [m["name"] for m, r in bad if r["far"] > 0.02]}
 
 
 @dataclass
@@ -379,12 +276,19 @@ def run_zoo(out_dir: str | Path, options: ZooOptions | None = None,
         record["scans"] = {}
         for method in (m for m in opts.methods if m in SCAN_METHODS):
             folder = out / "scans" / record["key"]
-            # scan() resumes in its folder: labels finished with the same model, data, settings
+            # each scan resumes in its folder: labels finished with the same model, data, settings
             # and algorithm version are reused by its fingerprint check, others searched again
-            runs = [scan(model_path, dataset, method=method, seed=s, progress=False,
-                         out_dir=folder / f"{method}-seed{s}-{_tag(scan_options)}", **scan_options)
+            jobs = [ScanJob(str(model_path), entry.dataset,
+                            str(folder / f"{method}-seed{s}-{_tag(scan_options)}"), method,
+                            {"schedule": opts.schedule, "steps": opts.steps, "seed": s},
+                            clean_samples=opts.clean_samples)
                     for s in range(opts.seed, opts.seed + opts.repeats)]
-            rows = [_scan_row(r) for r in runs]
+            done = run_jobs(jobs)
+            failed = [j.error for j in done if not j.ok]
+            if failed:
+                raise TrojanscanError(f"{entry.name}: {failed[0]}")
+            runs = [ScanResult.load(j.out_dir) for j in jobs]
+            rows = [scan_row(r) for r in runs]
             entry_scans: dict[str, Any] = {"runs": rows, "combined": None}
             if len(runs) > 1:
                 combined = combine_runs(runs)
@@ -392,7 +296,7 @@ def run_zoo(out_dir: str | Path, options: ZooOptions | None = None,
                     "anomaly_index": combined.anomaly_index, "infected": combined.infected,
                     "size_ratio": combined.size_ratio,
                     "flagged_labels": combined.flagged_labels,
-                    "predicted_target": combined.predicted_target, "iou": _mean_finite(
+                    "predicted_target": combined.predicted_target, "iou": mean_finite(
                         r["iou"] for r in rows),
                     "seconds": sum(r["seconds"] for r in rows), "spread": combined.spread()}
             record["scans"][method] = entry_scans
@@ -426,7 +330,7 @@ def run_zoo(out_dir: str | Path, options: ZooOptions | None = None,
                 m["scans"][method]["combined"]["spread"]["std"] for m in results["models"])
     if "strip" in opts.methods:
         results["summary"]["strip"] = summarise_strip(results["models"])
-    results["failed_attacks"] = [m["name"] for m in results["models"] if not _attack_took(m)]
+    results["failed_attacks"] = [m["name"] for m in results["models"] if not attack_took(m)]
     results["complete"] = True
     results["wall_seconds"] = time.perf_counter() - start
     write_json(out / "results.json", results)

@@ -1,0 +1,1 @@
+"""Benchmarks that run inside the package: the model zoo (spec -> jobs -> scores)."""

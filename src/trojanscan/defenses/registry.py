@@ -1,0 +1,27 @@
+"""The one registry of defences: a new method is one module plus one line here.
+
+The CLI (``--method``, ``--option``), the zoo benchmark and the HTML report read these tables
+instead of naming methods.
+"""
+
+from __future__ import annotations
+
+from trojanscan.defenses.base import InputGuard, TriggerReverser
+from trojanscan.defenses.input_filter import InputFilter
+from trojanscan.defenses.neural_cleanse import NeuralCleanse
+from trojanscan.defenses.strip import Strip
+from trojanscan.defenses.tabor import Tabor
+from trojanscan.validation import check_choice
+
+REVERSERS: dict[str, type[TriggerReverser]] = {cls.name: cls for cls in (NeuralCleanse, Tabor)}
+GUARDS: dict[str, type[InputGuard]] = {cls.name: cls for cls in (Strip, InputFilter)}
+
+
+def reverser(name: str) -> type[TriggerReverser]:
+    """The trigger reverser registered as ``name``; a one-line error lists the others."""
+    return REVERSERS[check_choice("scan method", name, REVERSERS)]
+
+
+def guard(name: str) -> type[InputGuard]:
+    """The input guard registered as ``name``."""
+    return GUARDS[check_choice("input guard", name, GUARDS)]

@@ -1,0 +1,264 @@
+"""Guarding a deployed model input by input: calibrating STRIP, checking inputs with it or with the
+input filter, and measuring a guard's FRR, FAR and speed."""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trojanscan.data import Dataset
+from trojanscan.data.triggers import Trigger
+from trojanscan.defenses.input_filter import InputFilter
+from trojanscan.defenses.strip import MIN_CALIBRATION_SAMPLES, Strip
+from trojanscan.errors import TrojanscanError
+from trojanscan.metrics import far_frr
+from trojanscan.report import write_strip_report
+from trojanscan.train import predict
+from trojanscan.workflows.inputs import (
+    DataLike,
+    ModelLike,
+    held_out,
+    held_out_generator,
+    known_trigger,
+    model_and_inputs,
+    resolve,
+)
+from trojanscan.workflows.records import Record, environment
+
+
+def strip_calibrate(model: ModelLike, data: DataLike, *, n: int = 100, frr: float = 0.01,
+                    samples: int = 2000, blend: str = "add", boundary: str = "normal", seed: int = 0,
+                    arch: str | None = None, temperature: float | str = 1.0,
+                    out: str | os.PathLike | None = None, accelerate: bool = True,
+                    mean: list[float] | None = None, std: list[float] | None = None) -> Strip:
+    """Fit STRIP's boundary on ``samples`` benign training images (also the overlay pool)."""
+    resolved = resolve(model, data, arch=arch, mean=mean, std=std)
+    strip = Strip(resolved.module, n=n, frr=frr, blend=blend, boundary=boundary, seed=seed,
+                  temperature=temperature, accelerate=accelerate)
+    strip.calibrate(held_out(resolved.dataset, "calibration", samples, seed)[0])
+    if out is not None:
+        strip.save(out)
+    return strip
+
+
+@dataclass
+class CheckRecord(Record):
+    """A guard's verdict on each input of a batch."""
+
+    command: str
+    inputs: str
+    count: int
+    flagged: int
+    seconds: float
+    settings: dict[str, Any]
+    results: list[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:  # the flat layout of earlier releases
+        d = super().to_dict()
+        return {k: v for k, v in d.items() if k != "settings"} | d["settings"]
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+
+def strip_check(model: ModelLike, calibration: str | os.PathLike, inputs: str | os.PathLike, *,
+                arch: str | None = None, full_entropy: bool = False, accelerate: bool = True,
+                mean: list[float] | None = None, std: list[float] | None = None) -> CheckRecord:
+    """Predict and flag each input with a saved calibration.
+
+    By default each input is copied only until its verdict is certain (:meth:`Strip.screen`), so
+    an input decided early gets ``entropy_at_least`` (benign) or ``entropy_below`` (trojaned) instead
+    of ``entropy``; ``full_entropy`` runs all N copies for every input.
+    """
+    module, x = model_and_inputs(model, inputs, arch, mean, std)
+    strip = Strip.load(calibration, module, accelerate=accelerate)
+    start = time.perf_counter()
+    if full_entropy:
+        entropy = strip.entropy(x)
+        flags, total, used = entropy < strip.boundary_, entropy * strip.n, torch.full((len(x),), strip.n)
+    else:
+        flags, total, used = strip.screen(x)
+    labels = strip.labels(x)
+    seconds = time.perf_counter() - start
+    results = []
+    for i, (lab, f, h_sum, k) in enumerate(zip(labels, flags, total, used, strict=True)):
+        row: dict[str, Any] = {"index": i, "label": int(lab), "trojaned": bool(f), "copies": int(k)}
+        if k == strip.n:
+            row["entropy"] = float(h_sum) / strip.n
+        elif f:  # stopped early: too low to reach the boundary even with maximal remaining copies
+            row["entropy_below"] = strip.boundary_
+        else:  # stopped early: the copies so far already pass the boundary
+            row["entropy_at_least"] = float(h_sum) / strip.n
+        results.append(row)
+    return CheckRecord(
+        command="strip check", inputs=str(inputs), count=len(x), flagged=int(flags.sum()),
+        seconds=seconds, results=results,
+        settings={"trojaned": int(flags.sum()), "boundary": strip.boundary_, "n": strip.n,
+                  "temperature": strip.temperature_, "accelerated": strip.accelerated,
+                  "mean_copies": float(used.double().mean()) if len(x) else 0.0,
+                  "inputs_per_second": len(x) / seconds if seconds else None})
+
+
+def filter_check(model: ModelLike, filter_path: str | os.PathLike, inputs: str | os.PathLike, *,
+                 arch: str | None = None, mean: list[float] | None = None,
+                 std: list[float] | None = None) -> CheckRecord:
+    """Predict each input with a saved input filter in front: label, score, rejected."""
+    module, x = model_and_inputs(model, inputs, arch, mean, std)
+    filt = InputFilter.load(filter_path, module)
+    start = time.perf_counter()
+    scores, labels = filt.score(x), predict(module, x)
+    rejected = scores > filt.threshold_
+    seconds = time.perf_counter() - start
+    return CheckRecord(
+        command="filter check", inputs=str(inputs), count=len(x), flagged=int(rejected.sum()),
+        seconds=seconds, settings={"rejected": int(rejected.sum()), "threshold": filt.threshold_},
+        results=[{"index": i, "label": int(lab), "score": float(sc), "rejected": bool(r)}
+                 for i, (lab, sc, r) in enumerate(zip(labels, scores, rejected, strict=True))])
+
+
+def _per_second(work: Callable[[], object], count: int) -> float:
+    start = time.perf_counter()
+    work()
+    return count / max(time.perf_counter() - start, 1e-9)
+
+
+def _throughput(strip: Strip, x: torch.Tensor,
+                stamped: torch.Tensor | None = None) -> dict[str, float]:
+    """Inputs per second: plain inference (by the module STRIP classifies with), all N copies
+    (``entropy``), and guarded prediction (labels + early-exit flags, :meth:`Strip.predict`) on
+    benign and, if given, stamped inputs."""
+    plain = _per_second(lambda: strip.labels(x), len(x))
+    full = _per_second(lambda: strip.entropy(x), len(x))
+    record = {"inputs_per_second": full, "plain_inputs_per_second": plain, "slowdown": plain / full,
+              "guarded_benign_inputs_per_second": _per_second(lambda: strip.predict(x), len(x))}
+    if stamped is not None:
+        record["guarded_trojaned_inputs_per_second"] = _per_second(lambda: strip.predict(stamped),
+                                                                  len(stamped))
+    return record
+
+
+@dataclass
+class StripRun:
+    """What :func:`strip_rates` measured: the inputs, their entropies and the error rates."""
+
+    benign: torch.Tensor
+    h_benign: torch.Tensor
+    stamped: torch.Tensor | None
+    h_trojan: torch.Tensor | None
+    rates: dict[str, Any]
+
+
+def strip_rates(strip: Strip, dataset: Dataset, trigger: Trigger | None, *, samples: int = 2000,
+                calibration_samples: int = 2000, seed: int = 0) -> StripRun:
+    """Calibrate ``strip`` on training images, then measure FRR on ``samples`` clean test images
+    and (with a trigger) FAR on as many stamped ones of other labels."""
+    strip.calibrate(held_out(dataset, "calibration", calibration_samples, seed)[0])
+    g = held_out_generator("evaluation", seed)
+    benign = dataset.x_test[torch.randperm(len(dataset.x_test), generator=g)[:samples]]
+    h_benign = strip.entropy(benign)
+    if trigger is None:  # a clean model: only the false rejections can be measured
+        return StripRun(benign, h_benign, None, None,
+                        far_frr(h_benign < strip.boundary_, torch.zeros(0)))
+    others = dataset.x_test[dataset.y_test != trigger.target]
+    stamped = trigger.apply(others[torch.randperm(len(others), generator=g)[:samples]])
+    h_trojan = strip.entropy(stamped)
+    return StripRun(benign, h_benign, stamped, h_trojan,
+                    far_frr(h_benign < strip.boundary_, h_trojan < strip.boundary_))
+
+
+@dataclass
+class StripEvaluation(Record):
+    """STRIP's FRR and FAR on one model, with its throughput for N = 10, 20 and 100."""
+
+    frr: float
+    far: float
+    target_frr: float
+    n: int
+    blend: str
+    boundary_method: str
+    boundary: float
+    temperature: float | str
+    temperature_used: float
+    accelerated: bool
+    benign_entropy: dict[str, float]
+    trojaned_entropy: dict[str, float]
+    calibration: dict[str, Any]
+    benign_inputs: int
+    trojaned_inputs: int
+    throughput: dict[str, dict[str, float]]
+    trigger: dict[str, Any]
+    seed: int
+    model_sha256: str | None
+    data: dict[str, Any]
+    environment: dict[str, str]
+    summary: dict[str, str]
+    command: str = "strip evaluate"
+
+
+def strip_evaluate(model: ModelLike, data: DataLike, trigger: Trigger | str | os.PathLike | None = None, *,
+                   n: int = 100, frr: float = 0.01, samples: int = 2000, calibration_samples: int = 2000,
+                   blend: str = "add", boundary: str = "normal", seed: int = 0,
+                   arch: str | None = None, throughput_inputs: int = 500,
+                   temperature: float | str = 1.0, out_dir: str | os.PathLike | None = None,
+                   accelerate: bool = True, mean: list[float] | None = None,
+                   std: list[float] | None = None) -> StripEvaluation:
+    """FRR on clean test images and FAR on trigger-stamped ones, with throughput for N=10, 20, 100."""
+    resolved = resolve(model, data, arch=arch, mean=mean, std=std)
+    module, dataset = resolved.module, resolved.dataset
+    trig = known_trigger(trigger, resolved)
+    if trig is None:
+        raise TrojanscanError("strip evaluate needs the trigger (--trigger FILE) to stamp inputs")
+    if throughput_inputs < MIN_CALIBRATION_SAMPLES:
+        raise TrojanscanError(f"throughput_inputs must be at least {MIN_CALIBRATION_SAMPLES} (each N is "
+                              f"calibrated on that many images), got {throughput_inputs}")
+    strip = Strip(module, n=n, frr=frr, blend=blend, boundary=boundary, seed=seed,
+                  temperature=temperature, accelerate=accelerate)
+    run = strip_rates(strip, dataset, trig, samples=samples, calibration_samples=calibration_samples,
+                      seed=seed)
+    benign, h_benign, h_trojan, rates = run.benign, run.h_benign, run.h_trojan, run.rates
+    assert h_trojan is not None and run.stamped is not None  # a trigger was given
+    speed = {}
+    calibration = strip.overlays_  # strip_rates calibrated on these images, also the overlay pool
+    for copies in (10, 20, 100):  # each N gets its own boundary, which sets where screening stops
+        probe = Strip(module, n=copies, frr=frr, blend=blend, boundary=boundary, seed=seed,
+                      temperature=strip.temperature_, accelerate=accelerate)
+        with warnings.catch_warnings():  # recorded below instead
+            warnings.simplefilter("ignore", UserWarning)
+            probe.calibrate(calibration[:throughput_inputs], overlay_pool=strip.overlays_)
+        speed[f"n{copies}"] = _throughput(probe, benign[:throughput_inputs],
+                                          run.stamped[:throughput_inputs])
+        speed[f"n{copies}"]["boundary"] = probe.boundary_  # at or below 0 nothing can be flagged
+    record = StripEvaluation(
+        frr=rates["frr"], far=rates["far"], target_frr=frr, n=n, blend=blend, boundary_method=boundary,
+        boundary=strip.boundary_, temperature=strip.temperature, temperature_used=strip.temperature_,
+        accelerated=strip.accelerated,
+        benign_entropy={"mean": float(h_benign.mean()), "std": float(h_benign.std())},
+        trojaned_entropy={"mean": float(h_trojan.mean()), "std": float(h_trojan.std())},
+        calibration={"samples": strip.n_calibration_, "mean": strip.entropy_mean_,
+                     "std": strip.entropy_std_, "sha256": strip.calibration_sha256_},
+        benign_inputs=len(benign), trojaned_inputs=len(h_trojan), throughput=speed,
+        trigger={"target": trig.target, "kind": trig.kind}, seed=seed, model_sha256=resolved.sha256,
+        data={"name": dataset.name, "sha256": dataset.sha256}, environment=environment(),
+        summary={
+            "FRR (benign flagged)": f"{100 * rates['frr']:.2f}%",
+            "FAR (trojaned accepted)": f"{100 * rates['far']:.2f}%",
+            "boundary (bits)": f"{strip.boundary_:.4f}",
+            "inputs/s, N=10": f"{speed['n10']['inputs_per_second']:.0f}",
+            "inputs/s, N=100": f"{speed['n100']['inputs_per_second']:.0f}",
+            "guarded benign inputs/s, N=20 (early exit)":
+                f"{speed['n20']['guarded_benign_inputs_per_second']:.0f}",
+            "softmax temperature": f"{strip.temperature_:g}",
+            "plain inference inputs/s": f"{speed['n10']['plain_inputs_per_second']:.0f}",
+        })
+    if out_dir is not None:
+        out = Path(out_dir)
+        record.write(out / "strip.json")
+        write_strip_report(record.to_dict(), h_benign, h_trojan, out / "report.html")
+    return record

@@ -1,0 +1,275 @@
+"""Turn a scan into a fix: the input filter, neuron pruning and unlearning, measured before and after.
+
+Each entry point takes a model, the scan that found its backdoor (``DIR`` or ``DIR/scan.json``) and
+the clean data, uses the flagged labels' reversed triggers, and returns a JSON-able record: clean
+accuracy (CA) and attack success rate (ASR) of the reversed trigger, and of the real one when it is
+known, before and after. With the scan folder at hand the record is added to ``mitigation.json``
+there and the scan's ``report.html`` gains a mitigation section.
+
+Example::
+
+    record = repair("model.safetensors", "scan-out", "mnist", method="unlearn", out="fixed.safetensors")
+    print(record.before, record.after)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trojanscan.data import Dataset
+from trojanscan.data.triggers import Trigger
+from trojanscan.defenses.input_filter import InputFilter
+from trojanscan.defenses.pruning import prune
+from trojanscan.defenses.scan_result import SCAN_JSON, ScanResult
+from trojanscan.defenses.unlearning import unlearn
+from trojanscan.errors import TrojanscanError
+from trojanscan.fileio import module_sha256, write_json
+from trojanscan.metrics import attack_success_rate
+from trojanscan.models import ReferenceNet, save_model
+from trojanscan.models.wrappers import PLAIN_CONVENTION
+from trojanscan.report import mitigation_section, write_scan_report
+from trojanscan.train import evaluate, predict
+from trojanscan.validation import check_choice
+from trojanscan.workflows.inputs import DataLike, ModelLike, Resolved, held_out, known_trigger, resolve
+from trojanscan.workflows.records import Record, environment, internal
+from trojanscan.workflows.training import check_model_suffix
+
+REPAIR_METHODS = ("unlearn", "prune")
+MITIGATION_JSON = "mitigation.json"
+
+
+def reversed_triggers(scan: ScanResult | str | os.PathLike, labels: list[int] | None = None,
+                      model_hashes: set[str] | None = None,
+                      convention: str = PLAIN_CONVENTION) -> tuple[ScanResult, list[Trigger]]:
+    """The scan and the reversed triggers of its flagged labels (or of ``labels``); with
+    ``model_hashes`` (the model's file and weight hashes) the scan must be of that model, and it must
+    have seen the model in the same input ``convention`` (the same --mean/--std)."""
+    result = scan if isinstance(scan, ScanResult) else ScanResult.load(scan)
+    where = "the scan" if isinstance(scan, ScanResult) else str(scan)
+    if model_hashes and result.model_sha256 not in model_hashes:
+        raise TrojanscanError(f"{where} was made on a different model (its sha256 differs); scan this "
+                              "model first")
+    if result.input_convention != convention:
+        raise TrojanscanError(f"{where} saw the model as {result.input_convention!r} but this run as "
+                              f"{convention!r}; pass the same --mean/--std as the scan")
+    chosen = list(labels) if labels else list(result.flagged_labels)
+    if not chosen:
+        raise TrojanscanError(f"{where}: the scan flagged no label, so there is no reversed trigger to "
+                              "repair against (the model looks clean); pass --label K to use label K's "
+                              "trigger anyway")
+    return result, [result.trigger(k) for k in chosen]
+
+
+def _scores(model: nn.Module, data: Dataset, triggers: list[Trigger],
+            real: Trigger | None) -> dict[str, float | None]:
+    """CA on the test split, the worst reversed-trigger ASR and the real trigger's ASR."""
+    base = evaluate(model, data.x_test, data.y_test, real)
+    rev = max(attack_success_rate(predict(model, data.x_test, transform=t.apply), data.y_test, t.target)
+              for t in triggers)
+    return {"clean_accuracy": base["clean_accuracy"], "reversed_asr": rev,
+            "real_asr": base["attack_success_rate"]}
+
+
+def _mitigation_images(data: Dataset, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out training images that rank neurons and pick thresholds; the test split reports."""
+    if n < 20:
+        raise TrojanscanError(f"--samples must be at least 20 clean images, got {n}")
+    return held_out(data, "mitigation", n, seed)
+
+
+def _scan_dir(scan: ScanResult | str | os.PathLike) -> Path | None:
+    if isinstance(scan, ScanResult):
+        return None
+    p = Path(scan)
+    return p.parent if p.name == SCAN_JSON else p
+
+
+def _publish(record: MitigationRecord, scan: ScanResult | str | os.PathLike, result: ScanResult,
+             real: Trigger | None) -> None:
+    """Add the record to the scan folder's mitigation.json and redraw its report with the section."""
+    folder = _scan_dir(scan)
+    if folder is None:
+        return
+    path = folder / MITIGATION_JSON
+    try:
+        records = json.loads(path.read_text()) if path.is_file() else {}
+        if not isinstance(records, dict):
+            records = {}
+    except (OSError, ValueError):
+        records = {}  # a damaged file only held earlier summaries; the new record replaces it
+    fingerprint = result.parameters.get("fingerprint")
+    records = {k: v for k, v in records.items()  # drop records of an earlier scan in this folder
+               if isinstance(v, dict) and v.get("scan", {}).get("fingerprint") == fingerprint}
+    records[record.method] = record.to_dict()
+    write_json(path, records)
+    write_scan_report(result, folder / "report.html", ground_truth=real,
+                      extra_sections=[mitigation_section(records)])
+
+
+@dataclass
+class _Setup:
+    """What every mitigation starts from: the model and data, the scan, its triggers, the real one."""
+
+    resolved: Resolved
+    result: ScanResult
+    triggers: list[Trigger]
+    real: Trigger | None
+
+
+def _start(model: ModelLike, scan: ScanResult | str | os.PathLike, data: DataLike,
+           labels: list[int] | None, trigger: Any, arch: str | None, mean: list[float] | None,
+           std: list[float] | None) -> _Setup:
+    resolved = resolve(model, data, arch=arch, mean=mean, std=std)
+    # a scan of a file records the file's sha256, a scan of a module its weights' hash
+    hashes = {h for h in (resolved.sha256, module_sha256(resolved.module)) if h}
+    result, triggers = reversed_triggers(scan, labels, hashes, resolved.convention)
+    for t in triggers:
+        t.check_compatible(resolved.dataset.input_shape, resolved.dataset.num_classes, "reversed trigger")
+    return _Setup(resolved, result, triggers, known_trigger(trigger, resolved, "real trigger"))
+
+
+@dataclass
+class MitigationRecord(Record):
+    """What a mitigation measured: CA and ASR before and after (or the filter's rates)."""
+
+    command: str
+    method: str
+    labels: list[int]
+    parameters: dict[str, Any]
+    seed: int
+    seconds: float
+    model_sha256: str | None
+    scan: dict[str, Any]
+    data: dict[str, Any]
+    environment: dict[str, str]
+    before: dict[str, float | None] | None = None
+    after: dict[str, float | None] | None = None
+    layer: str | None = None
+    filter: dict[str, Any] | None = None
+    pruning: dict[str, Any] | None = None
+    unlearning: dict[str, Any] | None = None
+    baselines: dict[str, Any] | None = None
+    input_convention: str = PLAIN_CONVENTION
+    out: str | None = None
+    model: nn.Module | None = internal()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in super().to_dict().items() if v is not None}
+
+
+def _record(command: str, method: str, setup: _Setup, seed: int, start: float,
+            parameters: dict[str, Any], **parts: Any) -> MitigationRecord:
+    result, dataset = setup.result, setup.resolved.dataset
+    return MitigationRecord(
+        command=command, method=method, labels=[t.target for t in setup.triggers], parameters=parameters,
+        seed=seed, seconds=time.perf_counter() - start, model_sha256=setup.resolved.sha256,
+        scan={"model_sha256": result.model_sha256, "flagged_labels": result.flagged_labels,
+              "anomaly_index": result.anomaly_index, "method": result.method,
+              "fingerprint": result.parameters.get("fingerprint")},
+        data={"name": dataset.name, "sha256": dataset.sha256}, environment=environment(),
+        input_convention=setup.resolved.convention, **parts)
+
+
+def build_filter(model: ModelLike, scan: ScanResult | str | os.PathLike, data: DataLike, *,
+                 labels: list[int] | None = None, layer: str | None = None, fpr: float = 0.05,
+                 top_fraction: float = 0.01, samples: int = 2000,
+                 trigger: Trigger | str | os.PathLike | None = None, seed: int = 0,
+                 arch: str | None = None, out: str | os.PathLike | None = None, publish: bool = True,
+                 mean: list[float] | None = None, std: list[float] | None = None
+                 ) -> tuple[InputFilter, MitigationRecord]:
+    """Fit the input filter on held-out training images; report FPR on clean test images and FNR on
+    test images stamped with the reversed trigger (and the real one when known)."""
+    start = time.perf_counter()
+    setup = _start(model, scan, data, labels, trigger, arch, mean, std)
+    module, dataset = setup.resolved.module, setup.resolved.dataset
+    triggers, real = setup.triggers, setup.real
+    x_fit, _ = _mitigation_images(dataset, samples, seed)
+    filt = InputFilter(module, layer, top_fraction=top_fraction, fpr=fpr).fit(x_fit, triggers)
+    targets = {t.target for t in triggers} | ({real.target} if real else set())
+    others = dataset.x_test[~torch.isin(dataset.y_test, torch.tensor(sorted(targets)))]
+    fnr_rev = max(float((~filt.detect(t.apply(others))).float().mean()) for t in triggers)
+    fnr_real = None if real is None else float((~filt.detect(real.apply(others))).float().mean())
+    summary = filt.summary()
+    record = _record("filter", "filter", setup, seed, start,
+                     {"fpr": fpr, "top_fraction": top_fraction, "samples": samples, "layer": layer},
+                     layer=summary["layer"],
+                     filter={"target_fpr": fpr, "fpr": float(filt.detect(dataset.x_test).float().mean()),
+                             "fnr_reversed": fnr_rev, "fnr_real": fnr_real,
+                             "threshold": summary["threshold"], "neurons": summary["neurons"],
+                             "units": summary["units"]})
+    if out is not None:
+        filt.save(out)
+        record.out = str(out)
+    if publish:
+        _publish(record, scan, setup.result, real)
+    return filt, record
+
+
+def repair(model: ModelLike, scan: ScanResult | str | os.PathLike, data: DataLike, *,
+           method: str = "unlearn", out: str | os.PathLike | None = None, labels: list[int] | None = None,
+           trigger: Trigger | str | os.PathLike | None = None, layer: str | None = None,
+           samples: int = 2000, asr_threshold: float = 0.01, step: float = 0.01,
+           max_fraction: float = 0.9, fraction: float = 0.1, stamp_fraction: float = 0.2,
+           epochs: int = 1, lr: float = 2e-3, batch_size: int = 128, baselines: bool = False,
+           seed: int = 0, arch: str | None = None, progress: bool = True, publish: bool = True,
+           mean: list[float] | None = None, std: list[float] | None = None) -> MitigationRecord:
+    """Repair ``model`` by ``method`` ("unlearn" or "prune"), save it to ``out`` in the model's own
+    input convention, and return the record (the repaired module is ``record.model``)."""
+    check_choice("repair method", method, REPAIR_METHODS)
+    if out is not None:
+        check_model_suffix(out)
+    start = time.perf_counter()
+    setup = _start(model, scan, data, labels, trigger, arch, mean, std)
+    resolved, triggers, real = setup.resolved, setup.triggers, setup.real
+    module, dataset = resolved.module, resolved.dataset
+    if out is not None and Path(out).suffix == ".safetensors" and \
+            not isinstance(resolved.inner, ReferenceNet):
+        raise TrojanscanError(f"{out}: safetensors holds built-in architectures only; save this model "
+                              "as TorchScript (.pt)")
+    before = _scores(module, dataset, triggers, real)
+    parts: dict[str, Any] = {}
+    if method == "prune":
+        x, y = _mitigation_images(dataset, samples, seed)
+        pruned = prune(module, x, y, triggers, layer=layer, asr_threshold=asr_threshold, step=step,
+                       max_fraction=max_fraction, real_trigger=real, progress=progress)
+        fixed = pruned.model
+        parts["layer"] = pruned.layer
+        parts["pruning"] = {"pruned": len(pruned.pruned), "units": pruned.units,
+                            "fraction": pruned.fraction, "reached": pruned.reached,
+                            "asr_threshold": asr_threshold, "neurons": pruned.pruned,
+                            "curve": pruned.curve}
+        params = {"layer": layer, "samples": samples, "asr_threshold": asr_threshold, "step": step,
+                  "max_fraction": max_fraction}
+    else:
+        settings = {"fraction": fraction, "stamp_fraction": stamp_fraction, "epochs": epochs, "lr": lr,
+                    "batch_size": batch_size, "seed": seed}
+        done = unlearn(module, dataset.x_train, dataset.y_train, triggers, progress=progress, **settings)
+        fixed = done.model
+        parts["unlearning"] = {"images": done.images, "stamped": done.stamped, "loss": done.history.loss}
+        if baselines:
+            parts["baselines"] = {"clean-only": _scores(unlearn(
+                module, dataset.x_train, dataset.y_train, [], progress=progress, **settings).model,
+                dataset, triggers, real)}
+            if real is not None:
+                parts["baselines"]["real-trigger"] = _scores(unlearn(
+                    module, dataset.x_train, dataset.y_train, [real], progress=progress, **settings).model,
+                    dataset, triggers, real)
+        params = settings
+    record = _record("repair", method, setup, seed, start, params, before=before,
+                     after=_scores(fixed, dataset, triggers, real), model=resolved.unwrap(fixed), **parts)
+    if out is not None:
+        save_model(record.model, out, metadata={
+            "repaired_by": method, "repaired_from": resolved.sha256, "labels": record.labels,
+            "input_convention": resolved.convention})
+        record.out = str(out)
+    if publish:
+        _publish(record, scan, setup.result, real)
+    return record

@@ -1,0 +1,109 @@
+"""Scanning a model for backdoors with any registered trigger reverser, once or over several seeds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from trojanscan.data import Dataset
+from trojanscan.data.triggers import Trigger
+from trojanscan.defenses.base import Provenance
+from trojanscan.defenses.registry import reverser
+from trojanscan.defenses.repeats import RepeatedScan, combine_runs
+from trojanscan.defenses.scan_result import ScanResult
+from trojanscan.errors import TrojanscanError
+from trojanscan.fileio import tensor_sha256, write_json
+from trojanscan.metrics import mask_overlap
+from trojanscan.progress import ProgressCallback
+from trojanscan.report import save_trigger_images, write_scan_report
+from trojanscan.report.progress import progress_bars
+from trojanscan.workflows.inputs import DataLike, ModelLike, as_dataset, clean_subset, known_trigger, resolve
+from trojanscan.workflows.records import environment
+
+
+def _ground_truth_record(result: ScanResult, truth: Trigger) -> dict[str, Any]:
+    record: dict[str, Any] = {"target": truth.target, "kind": truth.kind, "area": truth.area,
+                              "target_flagged": truth.target in result.flagged_labels}
+    scanned = {r.label for r in result.labels}
+    if truth.target in scanned:
+        r = result.label(truth.target)
+        record.update({"reversed_l1": r.l1_norm, "target_anomaly_index": r.anomaly_index,
+                       "overlap": mask_overlap(r.mask, truth.mask)})
+    return record
+
+
+def scan(model: ModelLike, data: DataLike, *, method: str = "neural-cleanse",
+         labels: list[int] | None = None, clean_samples: int = 1000,
+         mean: list[float] | None = None, std: list[float] | None = None, arch: str | None = None,
+         ground_truth: Trigger | str | os.PathLike | None = None,
+         out_dir: str | os.PathLike | None = None, progress: bool | ProgressCallback = True,
+         **options: Any) -> ScanResult:
+    """Scan a model for backdoors with clean data by a registered ``method`` ("neural-cleanse",
+    "tabor"); ``options`` are the method's (``schedule``, ``steps``, ``chunk``, ``threshold``,
+    ``seed``, TABOR's ``weights`` …). With ``out_dir`` write scan.json, the trigger images and
+    ``report.html`` (resumable: rerun with the same folder to continue).
+
+    Example::
+
+        result = scan("model.safetensors", "mnist", out_dir="scan-out")
+        print(result.infected, result.flagged_labels, result.anomaly_index)
+    """
+    cls = reverser(method)
+    if "tabor_weights" in options:  # the keyword of earlier releases
+        weights = options.pop("tabor_weights")
+        if weights is not None:
+            if method != "tabor":
+                raise TrojanscanError("TABOR weights (--tabor-weights) need --method tabor")
+            options["weights"] = weights
+    try:
+        detector = cls(**options)
+    except TypeError as e:
+        raise TrojanscanError(f"{method}: {e}") from None
+    resolved = resolve(model, data, arch=arch, mean=mean, std=std)
+    dataset = resolved.dataset
+    truth = known_trigger(ground_truth, resolved, "ground-truth trigger")
+    seed = detector.options().seed
+    x, y = clean_subset(dataset, clean_samples, seed)
+    notes = []
+    if clean_samples > len(dataset.x_test):
+        notes.append(f"asked for {clean_samples} clean samples but the test split has only "
+                     f"{len(dataset.x_test)}: all of them were used")
+    with progress_bars(progress is True) as bars:
+        detector.on_progress = progress if callable(progress) else bars
+        result = detector.scan(resolved.module, x, y, num_classes=dataset.num_classes, labels=labels,
+                               out_dir=out_dir,
+                               provenance=Provenance(resolved.sha256, tensor_sha256(x, y),
+                                                     resolved.convention))
+    result.warnings.extend(notes)
+    result.extra["data"] = {"name": dataset.name, "sha256": dataset.sha256}
+    if truth is not None:
+        result.extra["ground_truth"] = _ground_truth_record(result, truth)
+    if out_dir is not None:
+        out = Path(out_dir)
+        result.save(out, write_labels=False)  # the labels were written as they finished
+        save_trigger_images(result, out)
+        write_scan_report(result, out / "report.html", ground_truth=truth)
+    return result
+
+
+def scan_repeated(model: nn.Module | str | os.PathLike, data: Dataset | str | os.PathLike, *,
+                  repeats: int = 3, seed: int = 0, threshold: float = 2.0,
+                  out_dir: str | os.PathLike | None = None, **options: Any) -> RepeatedScan:
+    """Scan ``repeats`` times with seeds ``seed, seed+1, …`` (each its own clean subset and start)
+    and flag outliers of the averaged trigger norms; with ``out_dir``, each run goes in
+    ``seed-N/`` and the combined verdict in ``repeats.json``. Other options are :func:`scan`'s."""
+    if repeats < 1:
+        raise TrojanscanError(f"--repeats must be >= 1, got {repeats}")
+    dataset = as_dataset(data)
+    runs = [scan(model, dataset, seed=s, threshold=threshold,
+                 out_dir=None if out_dir is None else Path(out_dir) / f"seed-{s}", **options)
+            for s in range(seed, seed + repeats)]
+    combined = combine_runs(runs, threshold)
+    if out_dir is not None:
+        write_json(Path(out_dir) / "repeats.json", {**combined.to_dict(),
+                                                    "runs": [f"seed-{r.seed}" for r in runs],
+                                                    "environment": environment()})
+    return combined
