@@ -21,3 +21,9 @@ def trojaned_digits(digits):
     attack = BadNets(target=0, poison_rate=0.1, size=3, seed=0)
     return train_classifier(digits, "mnist-cnn", epochs=15, batch_size=64, attack=attack, seed=0,
                             progress=False)
+
+
+@pytest.fixture(scope="session")
+def clean_digits(digits):
+    """A clean mnist-cnn on the digits, for attacks that start from a trained model."""
+    return train_classifier(digits, "mnist-cnn", epochs=15, batch_size=64, seed=1, progress=False)

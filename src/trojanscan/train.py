@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import copy
-import io
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -33,18 +31,11 @@ def trainable_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose parameters are leaf tensors that require gradients, ready for an
     optimiser; the original is untouched.
 
-    ``copy.deepcopy`` of a TorchScript module gives parameters that are not leaves ("can't optimize a
-    non-leaf Tensor"), so a scripted model is copied through TorchScript's own serialisation (of the
-    module already in memory: nothing is read from the user's file again).
+    The copy is made without autograd: ``copy.deepcopy`` of a TorchScript module (or of a module that
+    holds one) clones its parameters through autograd otherwise, and an optimiser then refuses them
+    ("can't optimize a non-leaf Tensor").
     """
-    if isinstance(model, torch.jit.ScriptModule):
-        buf = io.BytesIO()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.jit.save(model, buf)
-            buf.seek(0)
-            fixed = torch.jit.load(buf, map_location="cpu")
-    else:
+    with torch.no_grad():
         fixed = copy.deepcopy(model)
     for p in fixed.parameters():
         p.requires_grad_(True)

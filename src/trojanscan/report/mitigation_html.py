@@ -11,7 +11,8 @@ import math
 from html import escape
 from typing import Any
 
-from trojanscan.report.html import CLEAN_GREEN, FLAG_RED, _img, _num, _pct
+from trojanscan.report.html import CLEAN_GREEN, FLAG_RED, _num, _pct
+from trojanscan.report.page import img_tag as _img
 
 METHOD_ORDER = ("filter", "prune", "unlearn")
 BASELINE_NAMES = {"clean-only": "unlearn (clean images only)", "real-trigger": "unlearn (real trigger)"}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 from html import escape
@@ -13,7 +12,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from trojanscan.fileio import atomic_write_bytes
+from trojanscan.report.page import img_tag, write_page
 
 
 def entropy_histogram_png(benign: torch.Tensor, trojaned: torch.Tensor, boundary: float) -> bytes:
@@ -38,20 +37,14 @@ def entropy_histogram_png(benign: torch.Tensor, trojaned: torch.Tensor, boundary
 def write_strip_report(record: dict[str, Any], benign: torch.Tensor, trojaned: torch.Tensor,
                        out_path: Path) -> Path:
     """A self-contained HTML page for ``trojanscan strip evaluate``."""
-    png = base64.b64encode(entropy_histogram_png(benign, trojaned, record["boundary"])).decode()
-    rows = "".join(f"<tr><td>{escape(str(k))}</td><td>{escape(str(v))}</td></tr>"
+    png = entropy_histogram_png(benign, trojaned, record["boundary"])
+    rows = "".join(f'<tr><td class="l">{escape(str(k))}</td><td>{escape(str(v))}</td></tr>'
                    for k, v in record["summary"].items())
-    html = f"""<!doctype html><html><head><meta charset="utf-8"><title>STRIP evaluation</title>
-<style>body{{font-family:sans-serif;max-width:960px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse}}td{{border:1px solid #ccc;padding:4px 10px}}
-.big{{font-size:1.4em;font-weight:bold}}</style></head><body>
-<h1>STRIP evaluation</h1>
-<p class="big">FAR {100 * record['far']:.2f}% at FRR {100 * record['frr']:.2f}%
-(target FRR {100 * record['target_frr']:.1f}%, N = {record['n']})</p>
-<img alt="entropy histograms" src="data:image/png;base64,{png}">
-<h2>Summary</h2><table>{rows}</table>
-<details><summary>All parameters</summary>
-<pre>{escape(json.dumps(record, indent=2, default=str))}</pre></details>
-</body></html>"""
-    atomic_write_bytes(out_path, html.encode())
-    return out_path
+    return write_page(out_path, "STRIP evaluation", [
+        "<h1>STRIP evaluation</h1>",
+        f'<p class="big">FAR {100 * record["far"]:.2f}% at FRR {100 * record["frr"]:.2f}% '
+        f'(target FRR {100 * record["target_frr"]:.1f}%, N = {record["n"]})</p>',
+        img_tag(png, "entropy histograms"),
+        f"<h2>Summary</h2><table>{rows}</table>",
+        "<details><summary>All parameters</summary>"
+        f"<pre>{escape(json.dumps(record, indent=2, default=str))}</pre></details>"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import io
 import math
 from html import escape
@@ -14,6 +13,7 @@ from matplotlib.figure import Figure
 
 from trojanscan.defenses.outliers import SIZE_RATIO_THRESHOLD
 from trojanscan.fileio import atomic_write_bytes
+from trojanscan.report.page import img_tag, write_page
 
 SCORE_ROWS = (("auroc", "AUROC (trojaned vs clean)", "num"),
               ("detection_rate", "detection rate (trojaned flagged)", "pct"),
@@ -157,12 +157,8 @@ def write_zoo_report(results: dict[str, Any], out_dir: Path) -> None:
     table = ("<tr>" + "".join(f"<th>{escape(h)}</th>" for h in head) + "</tr>"
              + "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in r) + "</tr>" for r in rows))
     notes = "".join(f"<li>{escape(line[2:])}</li>" for line in md.splitlines() if line.startswith("- "))
-    html = f"""<!doctype html><html><head><meta charset="utf-8"><title>Model-zoo benchmark</title>
-<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:3px 8px;font-size:.9em}}
-</style></head><body><h1>Model-zoo benchmark: {len(results['models'])} models</h1>
-<table><tr><th>score</th>{''.join(f'<th>{escape(t)}</th>' for t, _ in cols)}</tr>{scores}</table>
-<ul>{notes}</ul>
-<img alt="ROC curves" src="data:image/png;base64,{base64.b64encode(png).decode()}">
-<h2>Models</h2><table>{table}</table></body></html>"""
-    atomic_write_bytes(out_dir / "report.html", html.encode())
+    write_page(out_dir / "report.html", "Model-zoo benchmark", [
+        f"<h1>Model-zoo benchmark: {len(results['models'])} models</h1>",
+        f"<table><tr><th>score</th>{''.join(f'<th>{escape(t)}</th>' for t, _ in cols)}</tr>{scores}</table>",
+        f"<ul>{notes}</ul>", img_tag(png, "ROC curves"),
+        f'<h2>Models</h2><div class="scroll"><table>{table}</table></div>'])

@@ -1,0 +1,123 @@
+"""Every registered defence and attack through the same checks, in the spirit of scikit-learn's
+common estimator checks: a planted digits backdoor is found or planted, results round-trip through
+their files, options round-trip through their dataclass, and bad input is a one-line error."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from trojanscan.attacks import ATTACKS, ModelAttack, PoisoningAttack
+from trojanscan.data.triggers import Trigger
+from trojanscan.defenses.base import InputGuard, TriggerReverser
+from trojanscan.defenses.registry import GUARDS, REVERSERS
+from trojanscan.defenses.scan_result import ScanResult
+from trojanscan.errors import TrojanscanError
+from trojanscan.options import option_fields
+from trojanscan.train import evaluate
+
+
+def _one_line(excinfo: pytest.ExceptionInfo) -> None:
+    assert "\n" not in str(excinfo.value) and str(excinfo.value)
+
+
+def _quick(cls: type) -> dict:
+    """Settings that keep a contract check to seconds, where the method has them."""
+    fields = option_fields(cls.options_type)
+    return {k: v for k, v in {"steps": 60, "seed": 0}.items() if k in fields}
+
+
+def test_registries_hold_what_the_contracts_promise():
+    assert {"neural-cleanse", "tabor"} <= set(REVERSERS) and {"strip", "input-filter"} <= set(GUARDS)
+    for table, base in ((REVERSERS, TriggerReverser), (GUARDS, InputGuard)):
+        for name, cls in table.items():
+            assert issubclass(cls, base) and cls.name == name and dataclasses.is_dataclass(cls.options_type)
+            assert cls.options_type.__dataclass_params__.frozen
+    for name, cls in ATTACKS.items():
+        assert cls.name == name and issubclass(cls, (PoisoningAttack, ModelAttack))
+        assert cls.options_type.__dataclass_params__.frozen
+
+
+@pytest.mark.parametrize("name", sorted(REVERSERS))
+def test_reverser_finds_the_planted_backdoor_and_round_trips(name, trojaned_digits, digits, tmp_path):
+    cls = REVERSERS[name]
+    detector = cls(**_quick(cls))
+    assert cls(**{f.name: getattr(detector.options(), f.name)
+                  for f in dataclasses.fields(cls.options_type)}).options() == detector.options()
+    x, y = digits.x_test[:300], digits.y_test[:300]
+    result = detector.scan(trojaned_digits.model, x, y, num_classes=10, out_dir=tmp_path)
+    assert result.method == name and result.flagged_labels == [trojaned_digits.trigger.target]
+    back = ScanResult.load(tmp_path)
+    assert back.flagged_labels == result.flagged_labels
+    assert [r.l1_norm for r in back.labels] == [r.l1_norm for r in result.labels]
+    for score in cls.label_scores:  # the scores the class declares are there, and survive the file
+        assert all(score.key in r.extra for r in back.labels)
+    with pytest.raises(TrojanscanError) as bad:
+        detector.scan(trojaned_digits.model, x * 2, y, num_classes=10)
+    _one_line(bad)
+    with pytest.raises(TrojanscanError) as bad:
+        detector.scan(trojaned_digits.model, x[:, :, :8], y, num_classes=10)
+    _one_line(bad)
+
+
+@pytest.mark.parametrize("name", sorted(GUARDS))
+def test_guard_flags_stamped_inputs_and_round_trips(name, trojaned_digits, digits, tmp_path):
+    cls = GUARDS[name]
+    model, trigger = trojaned_digits.model, trojaned_digits.trigger
+    guard = cls(model)
+    extra = ([trigger],) if "triggers" in cls.fit.__code__.co_varnames else ()
+    assert guard.fit(digits.x_train[:300], *extra) is guard
+    benign = digits.x_test[:200]
+    stamped = trigger.apply(digits.x_test[digits.y_test != trigger.target][:200])
+    frr, tpr = float(guard.detect(benign).float().mean()), float(guard.detect(stamped).float().mean())
+    assert frr <= 0.2 and tpr >= 0.8, (frr, tpr)
+    labels, flags = guard.predict(stamped)
+    assert len(labels) == len(flags) == len(stamped)
+    guard.save(tmp_path / "guard.npz")
+    again = cls.load(tmp_path / "guard.npz", model)
+    assert torch.equal(again.detect(stamped), guard.detect(stamped))
+    assert again.options() == guard.options()
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(TrojanscanError) as bad:
+        cls.load(tmp_path / "junk.npz", model)
+    _one_line(bad)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, c in ATTACKS.items() if issubclass(c, PoisoningAttack)))
+def test_poisoning_attack_plants_a_backdoor(name, digits, tmp_path):
+    from trojanscan import train_classifier
+
+    cls = ATTACKS[name]
+    attack = cls(target=2, poison_rate=0.1, seed=0)
+    assert cls(**dataclasses.asdict(attack.options())).params() == attack.params()
+    trigger = attack.make_trigger(digits.input_shape)
+    poisoned = attack.poison(digits.x_train, digits.y_train, 10, trigger)
+    assert len(poisoned.poisoned_indices) == round(0.1 * len(digits.x_train))
+    assert (poisoned.y[poisoned.poisoned_indices] == 2).all()
+    result = train_classifier(digits, "mnist-cnn", epochs=15, batch_size=64, attack=attack, progress=False)
+    assert result.attack_success_rate >= 0.8 and result.clean_accuracy >= 0.85, name
+    trigger.save(tmp_path / "t.npz")
+    back = Trigger.load(tmp_path / "t.npz")
+    assert torch.equal(back.mask, trigger.mask) and back.target == 2
+    with pytest.raises(TrojanscanError) as bad:
+        attack.poison(digits.x_train, digits.y_train, 2, trigger)  # target 2 is not a label of 2 classes
+    _one_line(bad)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, c in ATTACKS.items() if issubclass(c, ModelAttack)))
+def test_model_attack_plants_a_backdoor_in_a_trained_model(name, clean_digits, digits):
+    cls = ATTACKS[name]
+    attack = cls(target=3, seed=0)
+    model = clean_digits.model
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    attacked, trigger = attack.apply(model, digits)
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())  # original untouched
+    scores = evaluate(attacked, digits.x_test, digits.y_test, trigger)
+    assert trigger.target == 3 and scores["attack_success_rate"] >= 0.8
+    assert scores["clean_accuracy"] >= clean_digits.clean_accuracy - 0.1
+    assert attack.report_["after"] == scores
+    with pytest.raises(TrojanscanError) as bad:
+        cls(target=-1)
+    _one_line(bad)
