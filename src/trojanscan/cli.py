@@ -67,6 +67,8 @@ def friendly_errors(func: F) -> F:
 
 MEAN_HELP = "the model expects (x-mean)/std inputs: e.g. 0.1307 or 0.485,0.456,0.406"
 STD_HELP = "… with this std, e.g. 0.3081 or 0.229,0.224,0.225"
+TRUST_HELP = ("load a TorchScript model without checking its code (your own model only; results say "
+              "'trusted, unchecked')")
 OPTION_HELP = "a method option KEY=VALUE (repeatable); see the method's options in the error for a bad key"
 
 
@@ -83,9 +85,12 @@ def parse_floats(text: str | None, option: str) -> list[float] | None:
     return values
 
 
-def _convention(mean: str | None, std: str | None) -> dict[str, list[float] | None]:
-    """The model's input convention from --mean/--std, as keyword arguments of a workflow."""
-    return {"mean": parse_floats(mean, "--mean"), "std": parse_floats(std, "--std")}
+def _convention(mean: str | None, std: str | None, trusted: bool = False) -> dict[str, Any]:
+    """How to open and feed the model (--mean/--std, --trust-model), as keyword arguments of a workflow."""
+    if trusted:
+        err_console.print("[yellow]warning:[/yellow] --trust-model: the model file's code is not checked; "
+                          "use it only for a model you made yourself", highlight=False)
+    return {"mean": parse_floats(mean, "--mean"), "std": parse_floats(std, "--std"), "trusted": trusted}
 
 
 def _method_options(cls: type, pairs: list[str] | None, given: dict[str, Any], what: str) -> dict[str, Any]:
@@ -182,6 +187,7 @@ def attack_cmd(
     option: list[str] = typer.Option(None, "--option", help=OPTION_HELP),
     mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
     std: str = typer.Option(None, "--std", help=STD_HELP),
+    trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
     arch: str = typer.Option(None, "--arch", help="architecture of a bare state_dict checkpoint"),
     json_path: Path = typer.Option(None, "--json", help="write the result here"),
 ) -> None:
@@ -192,7 +198,7 @@ def attack_cmd(
                               f"{', '.join(MODEL_ATTACKS)}")
     options = _method_options(MODEL_ATTACKS[name], option, {"target": target}, "attack")
     record = attack_model(name, model, data, out, options=options, arch=arch, json_path=json_path,
-                          **_convention(mean, std))
+                          **_convention(mean, std, trust_model))
     table = Table(title=f"{name} on {model}")
     for col in ("model", "clean accuracy", "ASR"):
         table.add_column(col, justify="right")
@@ -211,11 +217,12 @@ def evaluate_cmd(
                                  help="trigger .npz (default: the model's own, if saved beside it)"),
     mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
     std: str = typer.Option(None, "--std", help=STD_HELP),
+    trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
     arch: str = typer.Option(None, "--arch", help="architecture of a bare state_dict checkpoint"),
     json_path: Path = typer.Option(None, "--json"),
 ) -> None:
     """Clean accuracy and, with a trigger, attack success rate of a model on a dataset."""
-    record = evaluate_file(model, data, trigger, arch=arch, **_convention(mean, std))
+    record = evaluate_file(model, data, trigger, arch=arch, **_convention(mean, std, trust_model))
     if record.trigger_found_beside_model:
         console.print(f"using the trigger saved beside the model: {record.trigger['file']}")
     if json_path is not None:
@@ -320,6 +327,7 @@ def scan_cmd(
     clean_samples: int = typer.Option(1000, "--clean-samples", min=1),
     mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
     std: str = typer.Option(None, "--std", help=STD_HELP),
+    trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
     schedule: str = typer.Option(None, "--schedule", help="default (fast) or paper (the authors')"),
     tabor_weights: str = typer.Option(None, "--tabor-weights", help="shorthand for --option "
                                       "weights.NAME=VALUE, e.g. mask_size=1e-5,alone=0.1"),
@@ -341,7 +349,7 @@ def scan_cmd(
     options = _method_options(cls, option, {"schedule": schedule, "steps": steps, "chunk": chunk,
                                             "threshold": threshold}, "method")
     common = dict(method=method, labels=_labels(labels), clean_samples=clean_samples, arch=arch,
-                  ground_truth=trigger, out_dir=out, **_convention(mean, std), **options)
+                  ground_truth=trigger, out_dir=out, **_convention(mean, std, trust_model), **options)
     if repeats == 1:
         print_scan_summary(scan(model, data, seed=seed, **common), out)
         return
@@ -391,6 +399,7 @@ def filter_cmd(
     seed: int = typer.Option(0, "--seed"),
     mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
     std: str = typer.Option(None, "--std", help=STD_HELP),
+    trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
     arch: str = typer.Option(None, "--arch"),
     json_path: Path = typer.Option(None, "--json"),
 ) -> None:
@@ -398,7 +407,7 @@ def filter_cmd(
     _, record = build_filter(model, scan_path, data, labels=_labels(labels, "--label"), layer=layer,
                              fpr=fpr,
                              top_fraction=top, samples=samples, trigger=trigger, seed=seed, arch=arch,
-                             out=out, **_convention(mean, std))
+                             out=out, **_convention(mean, std, trust_model))
     if json_path is not None:
         record.write(json_path)
     f = record["filter"]
@@ -416,10 +425,11 @@ def filter_check_cmd(
     json_path: Path = typer.Option(None, "--json"),
     mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
     std: str = typer.Option(None, "--std", help=STD_HELP),
+    trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
     arch: str = typer.Option(None, "--arch"),
 ) -> None:
     """Predict each input and reject those the input filter flags."""
-    record = filter_check(model, filter_path, inputs, arch=arch, **_convention(mean, std))
+    record = filter_check(model, filter_path, inputs, arch=arch, **_convention(mean, std, trust_model))
     if json_path is not None:
         record.write(json_path)
     console.print(f"{record['rejected']} of {record['count']} inputs rejected by the filter")
@@ -450,13 +460,14 @@ def repair_cmd(
     seed: int = typer.Option(0, "--seed"),
     mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
     std: str = typer.Option(None, "--std", help=STD_HELP),
+    trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
     arch: str = typer.Option(None, "--arch"),
 ) -> None:
     """Remove the backdoor a scan found: unlearning (fine-tune) or neuron pruning."""
     record = repair(model, scan_path, data, method=method, out=out, labels=_labels(labels, "--label"),
                     trigger=trigger, layer=layer, samples=samples, asr_threshold=asr_threshold,
                     step=step, fraction=fraction, stamp_fraction=stamp_fraction, epochs=epochs, lr=lr,
-                    baselines=baselines, seed=seed, arch=arch, **_convention(mean, std))
+                    baselines=baselines, seed=seed, arch=arch, **_convention(mean, std, trust_model))
     if json_path is not None:
         record.write(json_path)
     console.print(_rates_table(f"{method} of {model}", record.to_dict()))
@@ -491,6 +502,7 @@ def strip_calibrate_cmd(
     seed: int = typer.Option(0, "--seed"),
     mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
     std: str = typer.Option(None, "--std", help=STD_HELP),
+    trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
     arch: str = typer.Option(None, "--arch"),
     eager: bool = typer.Option(False, "--eager", help=EAGER_HELP),
 ) -> None:
@@ -499,7 +511,7 @@ def strip_calibrate_cmd(
         warnings.simplefilter("ignore", UserWarning)
         strip = strip_calibrate(model, data, n=n, frr=frr, samples=samples, blend=blend,
                                 boundary=boundary, seed=seed, arch=arch, temperature=temperature,
-                                out=out, accelerate=not eager, **_convention(mean, std))
+                                out=out, accelerate=not eager, **_convention(mean, std, trust_model))
     console.print(f"calibrated on {strip.n_calibration_} benign images: entropy "
                   f"{strip.entropy_mean_:.3f} ± {strip.entropy_std_:.3f} bits, boundary "
                   f"{strip.boundary_:.4f} (FRR {frr:.1%}, N={n}, temperature {strip.temperature_:g}) → {out}")
@@ -519,12 +531,13 @@ def strip_check_cmd(
                                            "input once its verdict is certain)"),
     mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
     std: str = typer.Option(None, "--std", help=STD_HELP),
+    trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
     arch: str = typer.Option(None, "--arch"),
     eager: bool = typer.Option(False, "--eager", help=EAGER_HELP),
 ) -> None:
     """Predict each input and flag the trojaned ones."""
     record = strip_check(model, calibration, inputs, arch=arch, full_entropy=full_entropy,
-                         accelerate=not eager, **_convention(mean, std))
+                         accelerate=not eager, **_convention(mean, std, trust_model))
     if json_path is not None:
         record.write(json_path)
     console.print(f"{record['trojaned']} of {record['count']} inputs flagged as trojaned "
@@ -547,6 +560,7 @@ def strip_evaluate_cmd(
     seed: int = typer.Option(0, "--seed"),
     mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
     std: str = typer.Option(None, "--std", help=STD_HELP),
+    trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
     arch: str = typer.Option(None, "--arch"),
     out: Path = typer.Option(None, "--out", help="folder for strip.json and report.html"),
     json_path: Path = typer.Option(None, "--json"),
@@ -555,7 +569,7 @@ def strip_evaluate_cmd(
     """FRR on clean and FAR on trigger-stamped test images, and throughput for N=10, 20 and 100."""
     record = strip_evaluate(model, data, trigger, n=n, frr=frr, samples=samples, blend=blend,
                             boundary=boundary, seed=seed, arch=arch, temperature=temperature,
-                            out_dir=out, accelerate=not eager, **_convention(mean, std))
+                            out_dir=out, accelerate=not eager, **_convention(mean, std, trust_model))
     if json_path is not None:
         record.write(json_path)
     table = Table(title=f"STRIP on {model} (N={n})")

@@ -39,6 +39,7 @@ from trojanscan.fileio import sha256_file, write_json
 from trojanscan.models import load_model, save_model
 from trojanscan.report.zoo_html import write_zoo_report
 from trojanscan.runners import ScanJob, run_jobs
+from trojanscan.validation import check_choice
 from trojanscan.workflows.guarding import strip_rates
 from trojanscan.workflows.records import environment
 from trojanscan.workflows.training import make_attack, train_classifier
@@ -230,12 +231,8 @@ class ZooOptions:
                                    f"unknown zoo method(s) {', '.join(unknown)}")
                                   + f"; choose from {', '.join(METHODS)}")
         self.strip_temperature = parse_temperature(self.strip_temperature)
-        if self.strip_boundary not in BOUNDARY_METHODS:
-            raise TrojanscanError(f"unknown STRIP boundary {self.strip_boundary!r}; choose one of "
-                                  f"{', '.join(BOUNDARY_METHODS)}")
-        if self.schedule not in SCHEDULES:
-            raise TrojanscanError(f"unknown schedule {self.schedule!r}; choose one of "
-                                  f"{', '.join(SCHEDULES)}")
+        check_choice("STRIP boundary", self.strip_boundary, BOUNDARY_METHODS)
+        check_choice("schedule", self.schedule, SCHEDULES)
         if self.train_samples is not None and self.train_samples < 10:
             raise TrojanscanError(f"--train-samples must be >= 10, got {self.train_samples}")
         if self.steps is not None and self.steps < 1:

@@ -14,6 +14,7 @@ from torch import nn
 from trojanscan.data.triggers import Trigger, stamp_each
 from trojanscan.errors import TrojanscanError
 from trojanscan.train import TrainHistory, train_model, trainable_copy
+from trojanscan.validation import check_fraction
 
 
 @dataclass
@@ -35,10 +36,8 @@ def unlearn(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, trig
     ``triggers`` are stamped round-robin on ``stamp_fraction`` of the chosen images (an empty list,
     or ``stamp_fraction=0``, gives the clean-data fine-tuning baseline).
     """
-    if isinstance(fraction, bool) or not 0 < fraction <= 1:
-        raise TrojanscanError(f"fraction of training data must be in (0, 1], got {fraction!r}")
-    if isinstance(stamp_fraction, bool) or not 0 <= stamp_fraction <= 1:
-        raise TrojanscanError(f"stamp fraction must be in [0, 1], got {stamp_fraction!r}")
+    check_fraction("fraction of training data", fraction, high_inclusive=True)
+    check_fraction("stamp fraction", stamp_fraction, low_inclusive=True, high_inclusive=True)
     if len(x_train) != len(y_train):
         raise TrojanscanError(f"{len(x_train)} training images but {len(y_train)} labels")
     n = max(1, round(fraction * len(x_train)))

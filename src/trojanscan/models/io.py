@@ -1,8 +1,12 @@
 """Safe saving and loading of models: TorchScript, safetensors bundles, weights-only checkpoints.
 
-A scanner is fed models from strangers, so nothing here unpickles arbitrary objects: TorchScript
-archives are read by TorchScript's own loader, safetensors holds only tensors and strings, and a
-pickle checkpoint is opened with ``torch.load(weights_only=True)`` or refused.
+A scanner is fed models from strangers, so every file is untrusted and goes through the policy in
+:mod:`trojanscan.models.trust` first: a TorchScript archive's code is inspected against an
+allow-list of side-effect-free operators and probed in a child process before TorchScript's own
+loader sees it, a safetensors header is bounded and checked before the safetensors library parses
+it, and a pickle checkpoint is opened with ``torch.load(weights_only=True)`` or refused.
+``load_model(path, trusted=True)`` skips the TorchScript inspection for a user's own model, and
+the result says so (:attr:`LoadedModel.trusted`, :attr:`LoadedModel.checked`).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import struct
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -23,6 +28,7 @@ from torch import nn
 
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import sha256_file
+from trojanscan.models import trust
 from trojanscan.models.architectures import ArchSpec, ReferenceNet, build_model
 
 FORMAT_VERSION = "1"
@@ -40,6 +46,24 @@ class LoadedModel:
     sha256: str
     spec: ArchSpec | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    trusted: bool = False  # the caller vouched for the file (load_model(..., trusted=True))
+    checked: bool = True  # its contents passed the trust policy's checks before it was loaded
+    inspection: dict[str, Any] | None = None  # what the TorchScript inspection saw, if it ran
+
+    @property
+    def trust_label(self) -> str:
+        """``"checked"``, ``"trusted, checked"`` or ``"trusted, unchecked"``: for results/reports."""
+        if not self.trusted:
+            return "checked"
+        return "trusted, checked" if self.checked else "trusted, unchecked"
+
+    def trust_record(self) -> dict[str, Any]:
+        """``{"trusted", "checked", "trust"}`` (and the inspection summary) for a result JSON."""
+        record: dict[str, Any] = {"trusted": self.trusted, "checked": self.checked,
+                                  "trust": self.trust_label}
+        if self.inspection is not None:
+            record["inspection"] = self.inspection
+        return record
 
     @property
     def num_classes(self) -> int | None:
@@ -119,14 +143,12 @@ def _build_and_fill(spec: ArchSpec, state: dict[str, torch.Tensor], path: Path) 
 
 
 def _load_safetensors(path: Path) -> tuple[nn.Module, ArchSpec, dict]:
-    from safetensors import safe_open
-
+    header = trust.check_safetensors(path)  # bounded header, dtypes, offsets: before the library
+    raw = (header.get("__metadata__") or {}).get("trojanscan")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("trojanscan")
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise TrojanscanError(f"{path}: corrupt safetensors file ({e})") from None
+        raise TrojanscanError(f"{path}: corrupt safetensors file ({trust._shown(e, 160)})") from None
     if raw is None:
         raise TrojanscanError(
             f"{path}: safetensors file has no trojanscan metadata (architecture name); "
@@ -136,24 +158,55 @@ def _load_safetensors(path: Path) -> tuple[nn.Module, ArchSpec, dict]:
     return _build_and_fill(spec, state, path), spec, meta
 
 
-def _load_torchscript(path: Path) -> tuple[nn.Module, dict]:
-    extra = {META_FILE: ""}
+def _jit_load(path: Path, shown: Path) -> torch.jit.ScriptModule:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+            return torch.jit.load(str(path), map_location="cpu")
     except Exception as e:  # TorchScript raises many types for a bad archive
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TrojanscanError(f"{path}: not a loadable TorchScript archive ({msg})") from None
-    meta = _parse_meta(extra[META_FILE], path) if extra[META_FILE] else {}
-    return module, meta
+        raise TrojanscanError(f"{shown}: not a loadable TorchScript archive "
+                              f"({trust._shown(msg, 160)})") from None
+
+
+def _probe_shape(input_shape: tuple[int, ...] | None, meta: dict[str, Any]) -> tuple[int, ...] | None:
+    """The shape to probe the model with: the caller's data's, else the one the file states."""
+    shape = input_shape if input_shape is not None else meta.get("input_shape")
+    if (isinstance(shape, (list, tuple)) and 1 <= len(shape) <= 4
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 4096 for v in shape)):
+        return tuple(shape)
+    return None
+
+
+def _load_torchscript(path: Path, input_shape: tuple[int, ...] | None,
+                      trusted: bool) -> tuple[nn.Module, dict, str, dict[str, Any] | None]:
+    """Inspect (unless trusted), probe in a child process, then load a private copy.
+
+    Returns the module, its trojanscan metadata, the sha256 of the bytes loaded and the
+    inspection summary (None when trusted).
+    """
+    if trusted:
+        with trust.private_copy(path) as copy:
+            try:
+                with trust.open_zip(copy, path) as zf:
+                    info = next((i for i in zf.infolist()
+                                 if i.filename.endswith(f"/extra/{META_FILE}")), None)
+                    raw = trust.read_entry(zf, info, trust.MAX_EXTRA_BYTES, path) if info else b""
+            except TrojanscanError:
+                raw = b""  # trusted: the metadata is a convenience, the loader decides
+            module = _jit_load(copy, path)
+            meta = _parse_meta(raw, path) if raw else {}
+            return module, meta, sha256_file(copy), None
+    with trust.private_copy(path) as copy:  # what is checked is exactly what is loaded
+        inspection = trust.inspect_torchscript(copy, path, META_FILE)
+        meta = _parse_meta(inspection.metadata, path) if inspection.metadata else {}
+        trust.probe_torchscript(copy, _probe_shape(input_shape, meta), path)
+        module = _jit_load(copy, path)
+        return module, meta, sha256_file(copy), inspection.to_dict()
 
 
 def _parse_meta(raw: str | bytes, path: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads(raw)
-    except ValueError:
-        raise TrojanscanError(f"{path}: its trojanscan metadata is not valid JSON") from None
+    meta = trust.parse_json(raw, path, "trojanscan metadata")
     if not isinstance(meta, dict):
         raise TrojanscanError(f"{path}: its trojanscan metadata is not a JSON object")
     return meta
@@ -161,6 +214,7 @@ def _parse_meta(raw: str | bytes, path: Path) -> dict[str, Any]:
 
 def _load_checkpoint(path: Path, arch: str | None,
                      input_shape: tuple[int, ...] | None) -> tuple[nn.Module, ArchSpec, dict]:
+    trust.check_checkpoint(path)  # size; for the zip format the archive limits
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "pickle protocol 4" chatter
@@ -170,11 +224,12 @@ def _load_checkpoint(path: Path, arch: str | None,
         detail = next((ln.strip() for ln in reason if "GLOBAL" in ln or "Unsupported" in ln),
                       reason[0] if reason else "")
         raise TrojanscanError(
-            f"{path}: refused: this pickle checkpoint needs arbitrary code to load ({detail}); "
-            "ask for TorchScript or safetensors, or load it yourself only if you trust its author"
-        ) from None
+            f"{path}: refused: this pickle checkpoint needs arbitrary code to load "
+            f"({trust._shown(detail, 160)}); ask for TorchScript or safetensors, or load it "
+            "yourself only if you trust its author") from None
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
-        raise TrojanscanError(f"{path}: corrupt or unknown checkpoint ({e})") from None
+        raise TrojanscanError(f"{path}: corrupt or unknown checkpoint "
+                              f"({trust._shown(e, 160)})") from None
     meta: dict[str, Any] = {}
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         meta = {k: v for k, v in obj.items() if k != "state_dict"}
@@ -211,9 +266,16 @@ def sniff_model_format(path: Path) -> str:
         return "safetensors"
     if head.startswith(b"PK\x03\x04"):
         try:
+            entries, cd_size, _ = trust.zip_directory_stats(path)  # before building the directory
+            if entries > trust.MAX_ZIP_ENTRIES or cd_size > trust.MAX_CENTRAL_DIRECTORY_BYTES:
+                raise trust.refused(path, f"the archive has {entries} entries in a {cd_size}-byte "
+                                          f"directory (limits {trust.MAX_ZIP_ENTRIES} entries, "
+                                          f"{trust.MAX_CENTRAL_DIRECTORY_BYTES} bytes)")
             with zipfile.ZipFile(path) as z:
                 names = z.namelist()
-        except zipfile.BadZipFile:
+        except TrojanscanError:
+            raise
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error):
             return "corrupt"
         if any("/code/" in n or n.endswith("constants.pkl") for n in names):
             return "torchscript"
@@ -226,30 +288,53 @@ def sniff_model_format(path: Path) -> str:
 
 
 def load_model(path: str | os.PathLike, *, arch: str | None = None,
-               input_shape: tuple[int, ...] | None = None) -> LoadedModel:
+               input_shape: tuple[int, ...] | None = None, trusted: bool = False) -> LoadedModel:
     """Load a model file safely, in eval mode.
 
     ``arch`` (and ``input_shape``, usually the data's) describe a bare state_dict checkpoint of a
-    reference net; its classes and normalisation are read from the weights.
+    reference net; its classes and normalisation are read from the weights. ``input_shape`` is
+    also the shape a TorchScript model is probed with in a child process before it is loaded.
+
+    Every file is untrusted (:mod:`trojanscan.models.trust`): a TorchScript archive is inspected
+    and probed before it is loaded, and refused in one line if its code could act on the machine
+    or tell a scan from deployment. ``trusted=True`` is for a user's own model: it loads a
+    TorchScript archive unchecked and the result says so (``trusted``, ``checked`` False);
+    safetensors and pickle checkpoints are checked either way (pickles are never unpickled
+    beyond ``weights_only``).
     """
     path = Path(path)
     if not path.is_file():
         raise TrojanscanError(f"{path}: no such model file")
+    size = path.stat().st_size
+    if size > trust.MAX_MODEL_BYTES:
+        raise trust.refused(path, f"the file is {size} bytes (limit {trust.MAX_MODEL_BYTES})")
     fmt = sniff_model_format(path)
+    if path.suffix == ".safetensors" and fmt != "safetensors":
+        what = {"checkpoint": "a pickle", "torchscript": "a TorchScript archive",
+                "onnx": "an ONNX model", "corrupt": "a corrupt zip archive"}.get(fmt, "something else")
+        raise trust.refused(path, f"it is named .safetensors but holds {what}; a safetensors file "
+                                  "starts with an 8-byte header length and a JSON header")
     spec: ArchSpec | None = None
+    checked = True
+    inspection: dict[str, Any] | None = None
+    sha: str | None = None
     if fmt == "safetensors":
         module, spec, meta = _load_safetensors(path)
     elif fmt == "torchscript":
-        module, meta = _load_torchscript(path)
+        module, meta, sha, inspection = _load_torchscript(path, input_shape, trusted)
+        checked = not trusted
         if "arch" in meta:
             spec = _spec_from_meta(meta, path)
     elif fmt == "checkpoint":
         module, spec, meta = _load_checkpoint(path, arch, input_shape)
     elif fmt == "onnx":
         raise TrojanscanError(f"{path}: ONNX models are not supported yet; export to TorchScript")
+    elif fmt == "corrupt":
+        raise TrojanscanError(f"{path}: corrupt zip archive; not a model file trojanscan can read")
     else:
         raise TrojanscanError(
             f"{path}: not a model file trojanscan can read (TorchScript, safetensors, or a "
             "weights-only PyTorch checkpoint)")
     module.eval()
-    return LoadedModel(module, path, fmt, sha256_file(path), spec, meta)
+    return LoadedModel(module, path, fmt, sha or sha256_file(path), spec, meta, trusted=trusted,
+                       checked=checked, inspection=inspection)

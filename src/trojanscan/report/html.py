@@ -143,6 +143,7 @@ def _verdict(result: ScanResult) -> str:
         ("Method", escape(str(result.method))),
         ("Clean accuracy on scan data", _pct(result.clean_accuracy)),
         ("Input convention", escape(str(result.input_convention))),
+        ("Model file", escape(str((result.extra.get("model_trust") or {}).get("trust", "—")))),
         ("Scan time", f"{_num(result.seconds, 1)} s"),
         ("Image passes", f"{result.image_passes:,}"),
         ("Labels scanned", str(len(result.labels))),

@@ -37,14 +37,14 @@ class AttackRecord(Record):
 
 def attack_model(name: str, model: ModelLike, data: DataLike, out: str | os.PathLike, *,
                  options: dict[str, Any] | None = None, arch: str | None = None,
-                 mean: list[float] | None = None, std: list[float] | None = None,
+                 mean: list[float] | None = None, std: list[float] | None = None, trusted: bool = False,
                  json_path: str | os.PathLike | None = None) -> AttackRecord:
     """Apply the registered model attack ``name`` (with its ``options``) to ``model`` with the
     attacker's ``data``; save the attacked model to ``out`` in the model's own input convention and
     its trigger beside it; return (and with ``json_path`` write) the record."""
     out = check_model_suffix(out)
     attack: ModelAttack = make_attack(name, ModelAttack, **(options or {}))
-    resolved = resolve(model, data, arch=arch, mean=mean, std=std)
+    resolved = resolve(model, data, arch=arch, mean=mean, std=std, trusted=trusted)
     start = time.perf_counter()
     attacked, trigger = attack.apply(resolved.module, resolved.dataset)
     seconds = time.perf_counter() - start

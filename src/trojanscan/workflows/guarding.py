@@ -37,9 +37,10 @@ def strip_calibrate(model: ModelLike, data: DataLike, *, n: int = 100, frr: floa
                     samples: int = 2000, blend: str = "add", boundary: str = "normal", seed: int = 0,
                     arch: str | None = None, temperature: float | str = 1.0,
                     out: str | os.PathLike | None = None, accelerate: bool = True,
-                    mean: list[float] | None = None, std: list[float] | None = None) -> Strip:
+                    mean: list[float] | None = None, std: list[float] | None = None,
+                    trusted: bool = False) -> Strip:
     """Fit STRIP's boundary on ``samples`` benign training images (also the overlay pool)."""
-    resolved = resolve(model, data, arch=arch, mean=mean, std=std)
+    resolved = resolve(model, data, arch=arch, mean=mean, std=std, trusted=trusted)
     strip = Strip(resolved.module, n=n, frr=frr, blend=blend, boundary=boundary, seed=seed,
                   temperature=temperature, accelerate=accelerate)
     strip.calibrate(held_out(resolved.dataset, "calibration", samples, seed)[0])
@@ -70,14 +71,15 @@ class CheckRecord(Record):
 
 def strip_check(model: ModelLike, calibration: str | os.PathLike, inputs: str | os.PathLike, *,
                 arch: str | None = None, full_entropy: bool = False, accelerate: bool = True,
-                mean: list[float] | None = None, std: list[float] | None = None) -> CheckRecord:
+                mean: list[float] | None = None, std: list[float] | None = None,
+                trusted: bool = False) -> CheckRecord:
     """Predict and flag each input with a saved calibration.
 
     By default each input is copied only until its verdict is certain (:meth:`Strip.screen`), so
     an input decided early gets ``entropy_at_least`` (benign) or ``entropy_below`` (trojaned) instead
     of ``entropy``; ``full_entropy`` runs all N copies for every input.
     """
-    module, x = model_and_inputs(model, inputs, arch, mean, std)
+    module, x = model_and_inputs(model, inputs, arch, mean, std, trusted)
     strip = Strip.load(calibration, module, accelerate=accelerate)
     start = time.perf_counter()
     if full_entropy:
@@ -103,14 +105,14 @@ def strip_check(model: ModelLike, calibration: str | os.PathLike, inputs: str | 
         settings={"trojaned": int(flags.sum()), "boundary": strip.boundary_, "n": strip.n,
                   "temperature": strip.temperature_, "accelerated": strip.accelerated,
                   "mean_copies": float(used.double().mean()) if len(x) else 0.0,
-                  "inputs_per_second": len(x) / seconds if seconds else None})
+                  "inputs_per_second": len(x) / seconds if seconds else None, "model_trusted": trusted})
 
 
 def filter_check(model: ModelLike, filter_path: str | os.PathLike, inputs: str | os.PathLike, *,
                  arch: str | None = None, mean: list[float] | None = None,
-                 std: list[float] | None = None) -> CheckRecord:
+                 std: list[float] | None = None, trusted: bool = False) -> CheckRecord:
     """Predict each input with a saved input filter in front: label, score, rejected."""
-    module, x = model_and_inputs(model, inputs, arch, mean, std)
+    module, x = model_and_inputs(model, inputs, arch, mean, std, trusted)
     filt = InputFilter.load(filter_path, module)
     start = time.perf_counter()
     scores, labels = filt.score(x), predict(module, x)
@@ -118,7 +120,8 @@ def filter_check(model: ModelLike, filter_path: str | os.PathLike, inputs: str |
     seconds = time.perf_counter() - start
     return CheckRecord(
         command="filter check", inputs=str(inputs), count=len(x), flagged=int(rejected.sum()),
-        seconds=seconds, settings={"rejected": int(rejected.sum()), "threshold": filt.threshold_},
+        seconds=seconds, settings={"rejected": int(rejected.sum()), "threshold": filt.threshold_,
+                                   "model_trusted": trusted},
         results=[{"index": i, "label": int(lab), "score": float(sc), "rejected": bool(r)}
                  for i, (lab, sc, r) in enumerate(zip(labels, scores, rejected, strict=True))])
 
@@ -196,6 +199,7 @@ class StripEvaluation(Record):
     trigger: dict[str, Any]
     seed: int
     model_sha256: str | None
+    model_trust: dict[str, Any]
     data: dict[str, Any]
     environment: dict[str, str]
     summary: dict[str, str]
@@ -208,9 +212,9 @@ def strip_evaluate(model: ModelLike, data: DataLike, trigger: Trigger | str | os
                    arch: str | None = None, throughput_inputs: int = 500,
                    temperature: float | str = 1.0, out_dir: str | os.PathLike | None = None,
                    accelerate: bool = True, mean: list[float] | None = None,
-                   std: list[float] | None = None) -> StripEvaluation:
+                   std: list[float] | None = None, trusted: bool = False) -> StripEvaluation:
     """FRR on clean test images and FAR on trigger-stamped ones, with throughput for N=10, 20, 100."""
-    resolved = resolve(model, data, arch=arch, mean=mean, std=std)
+    resolved = resolve(model, data, arch=arch, mean=mean, std=std, trusted=trusted)
     module, dataset = resolved.module, resolved.dataset
     trig = known_trigger(trigger, resolved)
     if trig is None:
@@ -245,6 +249,7 @@ def strip_evaluate(model: ModelLike, data: DataLike, trigger: Trigger | str | os
                      "std": strip.entropy_std_, "sha256": strip.calibration_sha256_},
         benign_inputs=len(benign), trojaned_inputs=len(h_trojan), throughput=speed,
         trigger={"target": trig.target, "kind": trig.kind}, seed=seed, model_sha256=resolved.sha256,
+        model_trust=resolved.trust_record(),
         data={"name": dataset.name, "sha256": dataset.sha256}, environment=environment(),
         summary={
             "FRR (benign flagged)": f"{100 * rates['frr']:.2f}%",

@@ -96,17 +96,24 @@ class Resolved:
         return None
 
     def model_record(self) -> dict[str, Any]:
-        """The model's part of a result file."""
+        """The model's part of a result file, with how far its file was checked."""
         return {"file": None if self.path is None else str(self.path), "sha256": self.sha256,
                 "format": None if self.loaded is None else self.loaded.format,
-                "input_convention": self.convention}
+                "input_convention": self.convention, **self.trust_record()}
+
+    def trust_record(self) -> dict[str, Any]:
+        """``trusted``/``checked``/``trust`` of a model file (a module in memory: the caller's own)."""
+        if self.loaded is None:
+            return {"trusted": True, "checked": False, "trust": "module given in Python"}
+        return self.loaded.trust_record()
 
 
-def load_module(model: ModelLike, input_shape: tuple[int, ...] | None, arch: str | None = None
-                ) -> tuple[nn.Module, LoadedModel | None]:
-    """A module as it is, or the one a model file holds (safely; see ``models.io``)."""
+def load_module(model: ModelLike, input_shape: tuple[int, ...] | None, arch: str | None = None,
+                trusted: bool = False) -> tuple[nn.Module, LoadedModel | None]:
+    """A module as it is, or the one a model file holds (checked unless ``trusted``; see
+    ``models.trust``)."""
     if isinstance(model, (str, os.PathLike)):
-        loaded = load_model(model, arch=arch, input_shape=input_shape)
+        loaded = load_model(model, arch=arch, input_shape=input_shape, trusted=trusted)
         return loaded.module, loaded
     if not isinstance(model, nn.Module):
         raise TrojanscanError(f"model must be a torch nn.Module or a model file, got {type(model).__name__}")
@@ -114,11 +121,12 @@ def load_module(model: ModelLike, input_shape: tuple[int, ...] | None, arch: str
 
 
 def resolve(model: ModelLike, data: DataLike, *, arch: str | None = None,
-            mean: list[float] | None = None, std: list[float] | None = None) -> Resolved:
-    """Load the data, then the model (a file's shape comes from the data), wrap it in its input
-    convention, and check they fit."""
+            mean: list[float] | None = None, std: list[float] | None = None,
+            trusted: bool = False) -> Resolved:
+    """Load the data, then the model (a file's shape comes from the data; checked unless
+    ``trusted``), wrap it in its input convention, and check they fit."""
     dataset = as_dataset(data)
-    module, loaded = load_module(model, dataset.input_shape, arch)
+    module, loaded = load_module(model, dataset.input_shape, arch, trusted)
     wrapped, convention = wrap_normalization(module, mean, std, dataset.input_shape[0])
     check_model_fits(wrapped, dataset.input_shape, dataset.num_classes)
     return Resolved(wrapped, dataset, loaded.sha256 if loaded else None,
@@ -160,10 +168,10 @@ def load_inputs(source: str | os.PathLike) -> torch.Tensor:
 
 
 def model_and_inputs(model: ModelLike, inputs: str | os.PathLike, arch: str | None = None,
-                     mean: list[float] | None = None, std: list[float] | None = None
-                     ) -> tuple[nn.Module, torch.Tensor]:
+                     mean: list[float] | None = None, std: list[float] | None = None,
+                     trusted: bool = False) -> tuple[nn.Module, torch.Tensor]:
     """The images to check, and the model (a file's input shape comes from them) in [0, 1] space."""
     x = load_inputs(inputs)
-    module, _ = load_module(model, tuple(x.shape[1:]), arch)
+    module, _ = load_module(model, tuple(x.shape[1:]), arch, trusted)
     wrapped, _ = wrap_normalization(module, mean, std, int(x.shape[1]))
     return wrapped, x

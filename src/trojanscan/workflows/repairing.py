@@ -126,8 +126,8 @@ class _Setup:
 
 def _start(model: ModelLike, scan: ScanResult | str | os.PathLike, data: DataLike,
            labels: list[int] | None, trigger: Any, arch: str | None, mean: list[float] | None,
-           std: list[float] | None) -> _Setup:
-    resolved = resolve(model, data, arch=arch, mean=mean, std=std)
+           std: list[float] | None, trusted: bool = False) -> _Setup:
+    resolved = resolve(model, data, arch=arch, mean=mean, std=std, trusted=trusted)
     # a scan of a file records the file's sha256, a scan of a module its weights' hash
     hashes = {h for h in (resolved.sha256, module_sha256(resolved.module)) if h}
     result, triggers = reversed_triggers(scan, labels, hashes, resolved.convention)
@@ -158,6 +158,7 @@ class MitigationRecord(Record):
     unlearning: dict[str, Any] | None = None
     baselines: dict[str, Any] | None = None
     input_convention: str = PLAIN_CONVENTION
+    model_trust: dict[str, Any] | None = None
     out: str | None = None
     model: nn.Module | None = internal()
 
@@ -175,7 +176,7 @@ def _record(command: str, method: str, setup: _Setup, seed: int, start: float,
               "anomaly_index": result.anomaly_index, "method": result.method,
               "fingerprint": result.parameters.get("fingerprint")},
         data={"name": dataset.name, "sha256": dataset.sha256}, environment=environment(),
-        input_convention=setup.resolved.convention, **parts)
+        input_convention=setup.resolved.convention, model_trust=setup.resolved.trust_record(), **parts)
 
 
 def build_filter(model: ModelLike, scan: ScanResult | str | os.PathLike, data: DataLike, *,
@@ -183,12 +184,12 @@ def build_filter(model: ModelLike, scan: ScanResult | str | os.PathLike, data: D
                  top_fraction: float = 0.01, samples: int = 2000,
                  trigger: Trigger | str | os.PathLike | None = None, seed: int = 0,
                  arch: str | None = None, out: str | os.PathLike | None = None, publish: bool = True,
-                 mean: list[float] | None = None, std: list[float] | None = None
+                 mean: list[float] | None = None, std: list[float] | None = None, trusted: bool = False
                  ) -> tuple[InputFilter, MitigationRecord]:
     """Fit the input filter on held-out training images; report FPR on clean test images and FNR on
     test images stamped with the reversed trigger (and the real one when known)."""
     start = time.perf_counter()
-    setup = _start(model, scan, data, labels, trigger, arch, mean, std)
+    setup = _start(model, scan, data, labels, trigger, arch, mean, std, trusted)
     module, dataset = setup.resolved.module, setup.resolved.dataset
     triggers, real = setup.triggers, setup.real
     x_fit, _ = _mitigation_images(dataset, samples, seed)
@@ -220,14 +221,15 @@ def repair(model: ModelLike, scan: ScanResult | str | os.PathLike, data: DataLik
            max_fraction: float = 0.9, fraction: float = 0.1, stamp_fraction: float = 0.2,
            epochs: int = 1, lr: float = 2e-3, batch_size: int = 128, baselines: bool = False,
            seed: int = 0, arch: str | None = None, progress: bool = True, publish: bool = True,
-           mean: list[float] | None = None, std: list[float] | None = None) -> MitigationRecord:
+           mean: list[float] | None = None, std: list[float] | None = None,
+           trusted: bool = False) -> MitigationRecord:
     """Repair ``model`` by ``method`` ("unlearn" or "prune"), save it to ``out`` in the model's own
     input convention, and return the record (the repaired module is ``record.model``)."""
     check_choice("repair method", method, REPAIR_METHODS)
     if out is not None:
         check_model_suffix(out)
     start = time.perf_counter()
-    setup = _start(model, scan, data, labels, trigger, arch, mean, std)
+    setup = _start(model, scan, data, labels, trigger, arch, mean, std, trusted)
     resolved, triggers, real = setup.resolved, setup.triggers, setup.real
     module, dataset = resolved.module, resolved.dataset
     if out is not None and Path(out).suffix == ".safetensors" and \

@@ -37,7 +37,8 @@ def _ground_truth_record(result: ScanResult, truth: Trigger) -> dict[str, Any]:
 
 def scan(model: ModelLike, data: DataLike, *, method: str = "neural-cleanse",
          labels: list[int] | None = None, clean_samples: int = 1000,
-         mean: list[float] | None = None, std: list[float] | None = None, arch: str | None = None,
+         mean: list[float] | None = None, std: list[float] | None = None,
+         trusted: bool = False, arch: str | None = None,
          ground_truth: Trigger | str | os.PathLike | None = None,
          out_dir: str | os.PathLike | None = None, progress: bool | ProgressCallback = True,
          **options: Any) -> ScanResult:
@@ -62,7 +63,7 @@ def scan(model: ModelLike, data: DataLike, *, method: str = "neural-cleanse",
         detector = cls(**options)
     except TypeError as e:
         raise TrojanscanError(f"{method}: {e}") from None
-    resolved = resolve(model, data, arch=arch, mean=mean, std=std)
+    resolved = resolve(model, data, arch=arch, mean=mean, std=std, trusted=trusted)
     dataset = resolved.dataset
     truth = known_trigger(ground_truth, resolved, "ground-truth trigger")
     seed = detector.options().seed
@@ -77,8 +78,13 @@ def scan(model: ModelLike, data: DataLike, *, method: str = "neural-cleanse",
                                out_dir=out_dir,
                                provenance=Provenance(resolved.sha256, tensor_sha256(x, y),
                                                      resolved.convention))
+    trust = resolved.trust_record()
+    if trust["trusted"] and not trust["checked"] and resolved.loaded is not None:
+        notes.append("the model file was loaded with --trust-model: its TorchScript code was NOT "
+                     "checked, so the model may behave differently outside this scan")
     result.warnings.extend(notes)
     result.extra["data"] = {"name": dataset.name, "sha256": dataset.sha256}
+    result.extra["model_trust"] = trust
     if truth is not None:
         result.extra["ground_truth"] = _ground_truth_record(result, truth)
     if out_dir is not None:

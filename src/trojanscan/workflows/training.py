@@ -192,9 +192,9 @@ class EvaluationRecord(Record):
 
 def evaluate_file(model: ModelLike, data: DataLike, trigger: Trigger | str | os.PathLike | None = None,
                   *, arch: str | None = None, mean: list[float] | None = None,
-                  std: list[float] | None = None) -> EvaluationRecord:
+                  std: list[float] | None = None, trusted: bool = False) -> EvaluationRecord:
     """CA and (with a trigger, by default the one saved beside the model) ASR of a model."""
-    resolved = resolve(model, data, arch=arch, mean=mean, std=std)
+    resolved = resolve(model, data, arch=arch, mean=mean, std=std, trusted=trusted)
     beside = trigger is None and resolved.trigger_beside() is not None
     trig = known_trigger(trigger, resolved)
     start = time.perf_counter()
