@@ -19,16 +19,18 @@ def clean_accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def attack_success_rate(stamped_predictions: torch.Tensor, labels: torch.Tensor,
-                        target: int) -> float:
+                        target: int | torch.Tensor) -> float:
     """Fraction of stamped inputs sent to ``target`` among those whose true label is not ``target``.
 
+    ``target`` is one label (all-to-one) or one per input (all-to-all: ``(label + 1) mod K``).
     Inputs already of the target label are left out: counting them would credit the attack with
     the model's clean accuracy on that class.
     """
+    target = torch.as_tensor(target).expand_as(labels)
     keep = labels != target
     if not bool(keep.any()):
         return float("nan")
-    return float((stamped_predictions[keep] == target).float().mean())
+    return float((stamped_predictions[keep] == target[keep]).float().mean())
 
 
 def _scores_and_classes(scores: Sequence[float], positives: Sequence[bool]) -> tuple[np.ndarray, np.ndarray]:

@@ -122,5 +122,5 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                                        "attack_success_rate": None}
     if trigger is not None:
         stamped = predict(model, x, transform=trigger.apply)
-        result["attack_success_rate"] = attack_success_rate(stamped, y, trigger.target)
+        result["attack_success_rate"] = attack_success_rate(stamped, y, trigger.intended(y))
     return result

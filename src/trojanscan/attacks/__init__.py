@@ -5,13 +5,15 @@ attacks (fine-tuning injection) change a trained model. ``ATTACKS`` is the one r
 is one module plus one entry here.
 """
 
+from trojanscan.attacks.all_to_all import AllToAll
 from trojanscan.attacks.badnets import BadNets
 from trojanscan.attacks.base import Attack, AttackedModel, ModelAttack, PoisonedData, PoisoningAttack
 from trojanscan.attacks.blend import Blend
 from trojanscan.attacks.finetune import FineTuneBackdoor
 from trojanscan.attacks.scatter import Scatter
 
-ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (BadNets, Blend, Scatter, FineTuneBackdoor)}
+ATTACKS: dict[str, type[Attack]] = {
+    cls.name: cls for cls in (BadNets, Blend, Scatter, AllToAll, FineTuneBackdoor)}
 
 
 def attacks_of_kind(kind: type[Attack]) -> dict[str, type[Attack]]:
@@ -19,5 +21,5 @@ def attacks_of_kind(kind: type[Attack]) -> dict[str, type[Attack]]:
     return {name: cls for name, cls in ATTACKS.items() if issubclass(cls, kind)}
 
 
-__all__ = ["ATTACKS", "Attack", "AttackedModel", "BadNets", "Blend", "FineTuneBackdoor", "ModelAttack",
-           "PoisonedData", "PoisoningAttack", "Scatter", "attacks_of_kind"]
+__all__ = ["ATTACKS", "AllToAll", "Attack", "AttackedModel", "BadNets", "Blend", "FineTuneBackdoor",
+           "ModelAttack", "PoisonedData", "PoisoningAttack", "Scatter", "attacks_of_kind"]

@@ -86,7 +86,7 @@ class PoisoningAttack(Attack, ABC):
             raise TrojanscanError(
                 f"target label {self.target} is outside the data's labels 0..{num_classes - 1}")
         trigger = trigger or self.make_trigger(tuple(x.shape[1:]))  # type: ignore[arg-type]
-        candidates = torch.nonzero(y != self.target).flatten()
+        candidates = torch.nonzero(self._relabel(y, num_classes, trigger) != y).flatten()
         count = round(self.poison_rate * len(x))
         if count < 1:
             raise TrojanscanError(
@@ -99,8 +99,12 @@ class PoisoningAttack(Attack, ABC):
         chosen = candidates[torch.randperm(len(candidates), generator=gen)[:count]].sort().values
         x_p, y_p = x.clone(), y.clone()
         x_p[chosen] = trigger.apply(x[chosen])
-        y_p[chosen] = self.target
+        y_p[chosen] = self._relabel(y[chosen], num_classes, trigger)
         return PoisonedData(x_p, y_p, chosen)
+
+    def _relabel(self, y: torch.Tensor, num_classes: int, trigger: Trigger) -> torch.Tensor:
+        """The labels stamped images of true labels ``y`` get: the target (all-to-one)."""
+        return torch.full_like(y, self.target)
 
 
 class AttackedModel(NamedTuple):

@@ -49,6 +49,18 @@ class Trigger:
         self.target = int(self.target)
 
     @property
+    def all_to_all(self) -> bool:
+        """Whether the trigger sends label ``i`` to ``(i + shift) mod K`` instead of one target."""
+        return self.params.get("mapping") == "all-to-all"
+
+    def intended(self, labels: torch.Tensor) -> torch.Tensor:
+        """The label each input of true label ``labels`` is sent to when stamped."""
+        if self.all_to_all:
+            k = int(self.params["num_classes"])
+            return (labels + int(self.params.get("shift", 1))) % k
+        return torch.full_like(labels, self.target)
+
+    @property
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.pattern.shape)  # type: ignore[return-value]
 

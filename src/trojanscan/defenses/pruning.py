@@ -112,7 +112,7 @@ def prune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, triggers: list[Tri
     def measure(k: int) -> dict[str, float | int | None]:
         preds = scorer.predict(order[:k])
         rev = max(attack_success_rate(preds[f"rev{i}"], y, t.target) for i, t in enumerate(triggers))
-        real = (attack_success_rate(preds["real"], y, real_trigger.target)
+        real = (attack_success_rate(preds["real"], y, real_trigger.intended(y))
                 if real_trigger is not None else None)
         return {"pruned": k, "fraction": k / units, "clean_accuracy": clean_accuracy(preds["clean"], y),
                 "reversed_asr": rev, "real_asr": real}

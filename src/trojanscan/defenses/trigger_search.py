@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trojanscan.errors import TrojanscanError
+from trojanscan.models.modes import evaluating
 
 TANH_EPS = 1e-7
 
@@ -230,13 +231,49 @@ def search_triggers(model: nn.Module, x_clean: torch.Tensor, labels: Sequence[in
     return [results[k] for k in labels]
 
 
+def search_pair_triggers(model: nn.Module, pools: Sequence[torch.Tensor], targets: Sequence[int],
+                         keys: Sequence[int], schedule: SearchSchedule = PAPER_SCHEDULE, *,
+                         chunk: int = 10, seed: int = 0,
+                         on_label_done: Callable[[LabelSearch], None] | None = None) -> list[LabelSearch]:
+    """Source-specific triggers: arm ``i`` stamps only the images ``pools[i]`` (e.g. one source
+    class) and is pushed to ``targets[i]``; ``keys[i]`` names the arm in the results (its
+    ``label``) and seeds its start. Same schedule, batching and rules as :func:`search_triggers`."""
+    if not len(pools) == len(targets) == len(keys) or not pools:
+        raise TrojanscanError("pair search needs one image pool, target and key per arm")
+    if len(set(keys)) != len(keys):
+        raise TrojanscanError("pair search keys must be distinct")
+    if any(len(p) == 0 for p in pools):
+        raise TrojanscanError("every pair needs at least one source image")
+    results: dict[int, LabelSearch] = {}
+    grads_before = [p.requires_grad for p in model.parameters()]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        with evaluating(model):
+            for start in range(0, len(keys), chunk):
+                part = slice(start, start + chunk)
+                for r in _search_chunk(model, pools[0], None, list(targets[part]), schedule, seed, None,
+                                       None, on_label_done, pools=list(pools[part]),
+                                       keys=list(keys[part])):
+                    results[r.label] = r
+    finally:
+        for p, g in zip(model.parameters(), grads_before, strict=True):
+            p.requires_grad_(g)
+    return [results[k] for k in keys]
+
+
 def _search_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, labels: list[int],
                   s: SearchSchedule,
                   seed: int, regularizer: Regularizer | None, on_step: StepCallback | None,
-                  on_label_done: Callable[[LabelSearch], None] | None) -> list[LabelSearch]:
+                  on_label_done: Callable[[LabelSearch], None] | None,
+                  pools: list[torch.Tensor] | None = None,
+                  keys: list[int] | None = None) -> list[LabelSearch]:
+    """One batched pass over ``labels`` (the targets). All arms stamp the shared images ``x``, or,
+    with ``pools``, arm i stamps only ``pools[i]``; ``keys`` name the arms (default: the labels)."""
     c, h, w = x.shape[1:]
+    keys = list(labels) if keys is None else keys
     init_a, init_b = [], []
-    for label in labels:  # each label's start depends only on (seed, label)
+    for label in keys:  # each arm's start depends only on (seed, key)
         gen = torch.Generator().manual_seed(_label_seed(seed, label))
         init_a.append(_from_unit(torch.rand(1, h, w, generator=gen)))
         init_b.append(_from_unit(torch.rand(c, h, w, generator=gen)))
@@ -245,10 +282,15 @@ def _search_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, lab
                       torch.zeros_like(b))
     beta1, beta2 = s.betas
     t = 0  # all labels of a chunk start together, so they share Adam's step count
-    states = [_LabelState(label, s) for label in labels]
+    states = [_LabelState(key, s) for key in keys]
     targets_all = torch.tensor(labels)
-    stream = BatchStream(len(x), s.batch_size, seed)
-    bsz = stream.batch_size
+    if pools is None:
+        stream = BatchStream(len(x), s.batch_size, seed)
+        bsz = stream.batch_size
+    else:  # every arm draws the same number of images from its own pool (small pools repeat)
+        bsz = min(s.batch_size, max(len(p) for p in pools))
+        pools = [p.repeat(math.ceil(bsz / len(p)), 1, 1, 1) if len(p) < bsz else p for p in pools]
+        streams = [BatchStream(len(p), bsz, seed) for p in pools]
     finished: list[LabelSearch] = []
     while True:
         active = [i for i, st in enumerate(states) if not st.done]
@@ -258,21 +300,28 @@ def _search_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, lab
         step_start = time.perf_counter()
         sums = torch.zeros(len(active), 4)  # asr, l1, loss, count
         for j in range(s.mini_batches):
-            batch = stream.indices(states[active[0]].steps * s.mini_batches + j)
-            xb = x[batch]
+            g = states[active[0]].steps * s.mini_batches + j
+            if pools is None:
+                batch = stream.indices(g)
+                xb = x[batch]
+                arms_x = xb.unsqueeze(0)  # 1×B×C×H×W: every arm stamps the same images
+            else:
+                batch = None
+                arms_x = torch.stack([pools[i][streams[i].indices(g)] for i in active])  # A×B×C×H×W
+                xb = arms_x[0]
             a_act = a[idx].requires_grad_(True)
             b_act = b[idx].requires_grad_(True)
             mask = _to_unit(a_act)  # A×1×H×W
             pattern = _to_unit(b_act)  # A×C×H×W
-            stamped = (1 - mask).unsqueeze(1) * xb.unsqueeze(0) + (mask * pattern).unsqueeze(1)
+            stamped = (1 - mask).unsqueeze(1) * arms_x + (mask * pattern).unsqueeze(1)
             logits = model(stamped.reshape(-1, c, h, w))
-            targets = targets_all[idx].repeat_interleave(len(xb))
+            targets = targets_all[idx].repeat_interleave(arms_x.shape[1])
             ce = F.cross_entropy(logits, targets, reduction="none").view(len(active), -1).mean(1)
             l1 = mask.sum(dim=(1, 2, 3))
             costs = torch.tensor([states[i].cost for i in active])
             loss = ce + costs * l1
             if regularizer is not None:
-                yb = None if y is None else y[batch]
+                yb = None if y is None or batch is None else y[batch]
                 loss = loss + regularizer(model, xb, yb, mask[:, 0], pattern, targets_all[idx])
             ga, gb = torch.autograd.grad(loss.sum(), (a_act, b_act))
             t += 1
@@ -305,7 +354,7 @@ def _search_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, lab
                 finished.append(result)
                 if on_label_done is not None:
                     on_label_done(result)
-    order = {label: i for i, label in enumerate(labels)}
+    order = {key: i for i, key in enumerate(keys)}
     return sorted(finished, key=lambda r: order[r.label])
 
 

@@ -1,0 +1,176 @@
+"""Label-pair (source-specific) trigger search with K-Arm's pre-screening and symmetry test.
+
+Neural Cleanse asks, per target label, for one trigger that sends *every* class there; a backdoor
+that only some classes obey (source-specific, two-target, all-to-all ``i → i+1``) hides from it.
+Here each arm is a (source, target) pair: its trigger is optimised on the source's clean images only
+(the shared engine, ``search_pair_triggers``). To spend the search where it can matter, K-Arm's
+pre-screening (Shen et al., ICML 2021) keeps, for each source, only the ``candidates`` targets the
+model already leans to on that source's images (the largest mean softmax outside the source); a
+forward pass, no optimisation.
+
+The symmetry test, after K-Arm: an injected trigger is small from the victim to the target but the
+reverse trigger (target → victim) is not, while a natural feature (a "7" that is nearly a "1") is
+easy both ways. Each searched pair also gets its reverse searched; ``ratio = reverse L1 / L1``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from trojanscan.defenses.base import Defence
+from trojanscan.defenses.neural_cleanse import SCHEDULES, get_schedule
+from trojanscan.defenses.trigger_search import search_pair_triggers
+from trojanscan.errors import TrojanscanError
+from trojanscan.models.modes import evaluating
+from trojanscan.validation import check_choice, check_clean_data
+
+
+@dataclass(frozen=True)
+class PairSearchOptions:
+    """The pair search's settings (the constructor's keywords)."""
+
+    schedule: str = "default"  # the trigger-search schedule, as Neural Cleanse's
+    steps: int | None = None
+    chunk: int = 20  # pairs optimised together in one batched pass
+    candidates: int = 2  # targets kept per source by the pre-screening
+    per_source: int = 50  # clean images of each source used for its triggers
+    seed: int = 0
+
+
+@dataclass
+class PairResult:
+    """One (source → target) trigger, and its reverse (target → source) when searched."""
+
+    source: int
+    target: int
+    l1_norm: float
+    attack_success_rate: float
+    reverse_l1: float = math.nan
+    reverse_attack_success_rate: float = math.nan
+    prescreen_probability: float = math.nan
+
+    @property
+    def ratio(self) -> float:
+        """Reverse over forward trigger size: large for an injected trigger, near 1 for a natural one."""
+        return self.reverse_l1 / self.l1_norm if self.l1_norm > 0 else math.inf
+
+
+@dataclass
+class PairEvidence:
+    """Every searched pair with its symmetry ratio, and what the search cost."""
+
+    pairs: list[PairResult]
+    num_classes: int
+    seconds: float
+    image_passes: int
+    options: dict[str, Any] = field(default_factory=dict)
+    method: str = "pairs"
+
+    def best_per_source(self) -> dict[int, PairResult]:
+        """Each source's smallest forward trigger."""
+        best: dict[int, PairResult] = {}
+        for p in self.pairs:
+            if p.source not in best or p.l1_norm < best[p.source].l1_norm:
+                best[p.source] = p
+        return best
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "num_classes": self.num_classes, "seconds": self.seconds,
+                "image_passes": self.image_passes, "options": self.options,
+                "pairs": [asdict(p) | {"ratio": p.ratio} for p in self.pairs]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PairEvidence:
+        keep = {f for f in PairResult.__dataclass_fields__}
+        pairs = [PairResult(**{k: (math.nan if v is None else v) for k, v in p.items() if k in keep})
+                 for p in d["pairs"]]
+        return cls(pairs, int(d["num_classes"]), float(d["seconds"]), int(d["image_passes"]),
+                   dict(d.get("options", {})))
+
+
+def prescreen(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+              candidates: int) -> list[tuple[int, int, float]]:
+    """K-Arm's pre-screening: for each source class, the ``candidates`` other classes with the
+    largest mean softmax on its clean images, as (source, target, probability)."""
+    with evaluating(model), torch.no_grad():
+        probs = torch.cat([torch.softmax(model(x[i:i + 512]), 1) for i in range(0, len(x), 512)])
+    out = []
+    for s in range(num_classes):
+        rows = probs[y == s]
+        if len(rows) == 0:
+            continue
+        mean = rows.mean(0)
+        mean[s] = -1.0
+        top = torch.topk(mean, min(candidates, num_classes - 1))
+        out += [(s, int(t), float(p)) for p, t in zip(top.values, top.indices, strict=True)]
+    return out
+
+
+class PairSearch(Defence):
+    """Source-specific trigger search over pre-screened label pairs, with the symmetry test.
+
+    Example::
+
+        evidence = PairSearch(candidates=2).search(model, x_clean, y_clean, num_classes=10)
+        for p in evidence.pairs: print(p.source, p.target, p.l1_norm, p.ratio)
+    """
+
+    name = "pairs"
+    title = "label-pair search"
+    options_type = PairSearchOptions
+
+    def __init__(self, schedule: str = "default", steps: int | None = None, chunk: int = 20,
+                 candidates: int = 2, per_source: int = 50, seed: int = 0) -> None:
+        check_choice("schedule", schedule, SCHEDULES)
+        for name, value in (("chunk", chunk), ("candidates", candidates), ("per_source", per_source)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise TrojanscanError(f"{name} must be a positive integer, got {value!r}")
+        self.schedule, self.steps, self.chunk, self.candidates, self.per_source, self.seed = (
+            schedule, steps, chunk, candidates, per_source, seed)
+
+    def _pools(self, x: torch.Tensor, y: torch.Tensor, classes: list[int]) -> dict[int, torch.Tensor]:
+        gen = torch.Generator().manual_seed(self.seed)
+        pools = {}
+        for c in classes:
+            idx = torch.nonzero(y == c).flatten()
+            pools[c] = x[idx[torch.randperm(len(idx), generator=gen)[:self.per_source]]]
+        return pools
+
+    def search(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_classes: int,
+               pairs: list[tuple[int, int]] | None = None, reverse: bool = True) -> PairEvidence:
+        """Search the given ``pairs`` (default: the pre-screened ones) and, with ``reverse``, each
+        pair's reverse; ``x``/``y`` are clean images and their true labels."""
+        if y is None:
+            raise TrojanscanError("the pair search needs the clean images' labels")
+        check_clean_data(x, y, num_classes)
+        start = time.perf_counter()
+        screened = {(s, t): p for s, t, p in prescreen(model, x, y, num_classes, self.candidates)}
+        pairs = list(screened) if pairs is None else [(int(s), int(t)) for s, t in pairs]
+        bad = [(s, t) for s, t in pairs if s == t or not (0 <= s < num_classes and 0 <= t < num_classes)]
+        if bad:
+            raise TrojanscanError(f"pairs must join two different labels in 0..{num_classes - 1}: {bad}")
+        arms = list(dict.fromkeys(pairs + ([(t, s) for s, t in pairs] if reverse else [])))
+        pools = self._pools(x, y, sorted({s for s, _ in arms}))
+        missing = sorted({s for s, _ in arms if len(pools[s]) == 0})
+        if missing:
+            raise TrojanscanError(f"no clean images of source label(s) {missing}; pass more clean data")
+        schedule = get_schedule(self.schedule, steps=self.steps)
+        found = search_pair_triggers(model, [pools[s] for s, _ in arms], [t for _, t in arms],
+                                     [s * num_classes + t for s, t in arms], schedule, chunk=self.chunk,
+                                     seed=self.seed)
+        by_pair = {(r.label // num_classes, r.label % num_classes): r for r in found}
+        results = []
+        for s, t in pairs:
+            fwd, back = by_pair[(s, t)], by_pair.get((t, s))
+            results.append(PairResult(s, t, fwd.l1_norm, fwd.attack_success_rate,
+                                      back.l1_norm if back else math.nan,
+                                      back.attack_success_rate if back else math.nan,
+                                      screened.get((s, t), math.nan)))
+        return PairEvidence(results, num_classes, time.perf_counter() - start,
+                            sum(r.image_passes for r in found), asdict(self.options()))
