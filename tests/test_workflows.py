@@ -135,3 +135,16 @@ def test_options_are_read_against_the_dataclass():
                            (["weights.size=1"], "no option 'size'")):
         with pytest.raises(TrojanscanError, match=message):
             parse_options(TaborOptions, pairs)
+
+
+def test_scan_options_from_flags_and_option_agree_or_fail(trojaned_digits, tmp_path):
+    model = tmp_path / "m.safetensors"
+    save_model(trojaned_digits.model, model)
+    base = ["scan", str(model), "--data", "digits", "--clean-samples", "60", "--labels", "0,1,2"]
+    _ok([*base, "--option", "seed=3", "--option", "steps=3", "--out", str(tmp_path / "s")])
+    assert json.loads((tmp_path / "s" / "scan.json").read_text())["seed"] == 3
+    for extra, message in ((["--seed", "1", "--option", "seed=3"], "contradicts"),
+                           (["--chunk", "3", "--option", "chunk=5"], "contradicts"),
+                           (["--tabor-weights", "alone=0.1"], "need --method tabor")):
+        bad = runner.invoke(app, [*base, *extra, "--out", str(tmp_path / "x")])
+        assert bad.exit_code == 2 and message in bad.output, bad.output

@@ -64,7 +64,7 @@ def test_zoo_specification_is_deterministic_balanced_and_buildable():
         for e in zoo.make_zoo(SHAPES, 24, seed=seed):
             if e.trojaned:
                 shape, classes = SHAPES[e.dataset]
-                trigger = zoo._attack_for(e).make_trigger(shape)
+                trigger = zoo.attack_for(e).make_trigger(shape)
                 assert 0 <= trigger.target < classes and 0.05 <= e.attack_options["poison_rate"] <= 0.15
                 kinds.add(e.attack)
                 targets.add(trigger.target)
@@ -221,7 +221,7 @@ def test_bench_zoo_command_refuses_bad_options_in_one_line(tmp_path):
 def test_attack_drawn_for_small_images_fits():
     for e in zoo.make_zoo({"digits": ((1, 8, 8), 10)}, 40, seed=1):
         if e.trojaned:
-            trigger = zoo._attack_for(e).make_trigger((1, 8, 8))
+            trigger = zoo.attack_for(e).make_trigger((1, 8, 8))
             assert trigger.mask.shape == (8, 8) and trigger.mask.sum() > 0
 
 

@@ -1,5 +1,6 @@
 """trojanscan: audit neural networks for backdoors (trojans) and repair them."""
 
+from trojanscan._version import __version__
 from trojanscan.api import (
     Dataset,
     ScanResult,
@@ -23,8 +24,6 @@ from trojanscan.defenses.strip import Strip
 from trojanscan.defenses.tabor import Tabor
 from trojanscan.errors import TrojanscanError
 from trojanscan.models import build_model, save_model
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BadNets", "Blend", "Dataset", "FineTuneBackdoor", "InputFilter", "InputGuard", "ModelAttack",

@@ -105,7 +105,11 @@ def _method_options(cls: type, pairs: list[str] | None, given: dict[str, Any], w
             raise TrojanscanError(f"--{key.replace('_', '-')} does not apply to {what} {cls.name}; its "
                                   f"options are: {', '.join(describe_options(cls.options_type))}")
         options[key] = value
-    options.update(parse_options(cls.options_type, pairs or [], what=f"{what} {cls.name}"))
+    for key, value in parse_options(cls.options_type, pairs or [], what=f"{what} {cls.name}").items():
+        if key in options and options[key] != value:
+            raise TrojanscanError(f"--option {key}={value} contradicts --{key.replace('_', '-')} "
+                                  f"{options[key]}; give it once")
+        options[key] = value
     return options
 
 
@@ -273,6 +277,11 @@ def _labels(text: str | None, option: str = "--labels") -> list[int] | None:
 
 
 
+def _weights(text: str | None) -> list[str] | None:
+    """``--tabor-weights "mask_size=1e-5,alone=0.1"`` as the method's ``weights.NAME=VALUE`` options."""
+    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+
+
 def print_size_ratio(ratio: float) -> None:
     """The second opinion beside the MAD verdict: how small the smallest trigger is."""
     if ratio == ratio:  # not NaN
@@ -333,7 +342,7 @@ def scan_cmd(
                                       "weights.NAME=VALUE, e.g. mask_size=1e-5,alone=0.1"),
     threshold: float = typer.Option(None, "--threshold", help="anomaly index above which a label is "
                                     "flagged (2)"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(None, "--seed", help="seed of the clean subset and the search (0)"),
     repeats: int = typer.Option(1, "--repeats", min=1, help="scan with seeds SEED, SEED+1, … and "
                                 "flag outliers of the averaged trigger norms (each run in OUT/seed-N)"),
     arch: str = typer.Option(None, "--arch", help="architecture of a bare state_dict checkpoint"),
@@ -342,14 +351,12 @@ def scan_cmd(
 ) -> None:
     """Detect a backdoor: reverse-engineer a trigger per label (Neural Cleanse, TABOR), flag outliers."""
     cls = reverser(method)
-    if tabor_weights is not None:
-        if "weights" not in option_fields(cls.options_type):
-            raise TrojanscanError("TABOR weights (--tabor-weights) need --method tabor")
-        option = [*(option or []), *(f"weights.{t.strip()}" for t in tabor_weights.split(",") if t.strip())]
     options = _method_options(cls, option, {"schedule": schedule, "steps": steps, "chunk": chunk,
-                                            "threshold": threshold}, "method")
+                                            "threshold": threshold, "seed": seed}, "method")
+    seed = options.pop("seed", 0)
     common = dict(method=method, labels=_labels(labels), clean_samples=clean_samples, arch=arch,
-                  ground_truth=trigger, out_dir=out, **_convention(mean, std, trust_model), **options)
+                  ground_truth=trigger, out_dir=out, tabor_weights=_weights(tabor_weights),
+                  **_convention(mean, std, trust_model), **options)
     if repeats == 1:
         print_scan_summary(scan(model, data, seed=seed, **common), out)
         return
@@ -607,6 +614,9 @@ def bench_zoo_cmd(
     strip_boundary: str = typer.Option("normal", "--strip-boundary",
                                        help="STRIP boundary: normal (the authors') or quantile"),
     seed: int = typer.Option(0, "--seed", help="seed of the zoo specification and the scans"),
+    preset: str = typer.Option("classic", "--preset", help="classic (the paper's CNN, patches and "
+                               "blends) or world (4 architecture families, normalised-input models, "
+                               "more attack kinds)"),
 ) -> None:
     """Build a seeded zoo of clean and trojaned models (cached; rerun to resume), scan each, and
     report AUROC, detection and false-positive rates, target accuracy, trigger IoU and seconds."""
@@ -615,7 +625,8 @@ def bench_zoo_cmd(
                          repeats=repeats, epochs=epochs, train_samples=train_samples,
                          clean_samples=clean_samples, schedule=schedule, steps=steps,
                          strip_n=strip_n, strip_samples=strip_samples,
-                         strip_temperature=strip_temperature, strip_boundary=strip_boundary)
+                         strip_temperature=strip_temperature, strip_boundary=strip_boundary,
+                         preset=preset)
     results = run_zoo(out, options, log=lambda line: console.print(line, highlight=False))
     console.print((out / "summary.md").read_text().split("\n\n| model")[0])
     console.print(f"→ {out / 'results.json'}, {out / 'summary.md'}, {out / 'report.html'}")

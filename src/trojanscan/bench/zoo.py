@@ -15,21 +15,36 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from trojanscan.attacks.blend import PATTERNS
-from trojanscan.bench.zoo_scores import SCORES, attack_took, mean_finite, scan_row, summarise, summarise_strip
+from trojanscan.bench.zoo_scores import (
+    SCORES,
+    attack_took,
+    evidence_summary,
+    mean_finite,
+    scan_row,
+    summarise,
+    summarise_strip,
+)
+from trojanscan.bench.zoo_spec import (
+    DEFAULT_DATASETS,
+    PRESETS,
+    ZooEntry,
+    attack_for,
+    make_zoo,
+)
 from trojanscan.data import Dataset, load_dataset
 from trojanscan.data.triggers import Trigger, trigger_path_for
+from trojanscan.defenses.mmbd import MMBD
 from trojanscan.defenses.neural_cleanse import SCHEDULES
+from trojanscan.defenses.pairs import PairSearch
 from trojanscan.defenses.registry import REVERSERS
 from trojanscan.defenses.repeats import combine_runs
 from trojanscan.defenses.scan_result import ScanResult
@@ -37,109 +52,38 @@ from trojanscan.defenses.strip import BOUNDARY_METHODS, Strip, parse_temperature
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import sha256_file, write_json
 from trojanscan.models import load_model, save_model
+from trojanscan.models.wrappers import ExpectsNormalised, wrap_normalization
 from trojanscan.report.zoo_html import write_zoo_report
 from trojanscan.runners import ScanJob, run_jobs
 from trojanscan.validation import check_choice
 from trojanscan.workflows.guarding import strip_rates
+from trojanscan.workflows.inputs import clean_subset
 from trojanscan.workflows.records import environment
-from trojanscan.workflows.training import make_attack, train_classifier
+from trojanscan.workflows.training import train_classifier
 
-ZOO_FORMAT = 1  # part of every cache key: bump when training changes meaning
 SCAN_METHODS = tuple(REVERSERS)  # every registered trigger reverser
-METHODS = (*SCAN_METHODS, "strip")
-DEFAULT_DATASETS = ("mnist", "fashion-mnist")
-CORNERS = ("bottom-right", "bottom-left", "top-right", "top-left")
-PATCH_COLOURS = ("white", "random", "checker")  # black is invisible on MNIST's black background
+EVIDENCE_METHODS = ("mm-bd", "pairs")  # data-free and label-pair evidence for the verdict
+METHODS = (*SCAN_METHODS, "strip", *EVIDENCE_METHODS)
 
 
-@dataclass
-class ZooEntry:
-    """One model of the zoo: its data, training and (for a trojaned one) attack settings."""
-
-    index: int
-    dataset: str
-    seed: int
-    epochs: int
-    train_samples: int | None = None
-    attack: str | None = None
-    attack_options: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return f"{self.index:03d}-{Path(self.dataset).stem}-{self.attack or 'clean'}"
-
-    @property
-    def trojaned(self) -> bool:
-        return self.attack is not None
-
-    def spec(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def key(self, data_sha256: str) -> str:
-        """Content address: the training settings and the data's hash, not the entry's place."""
-        spec = {k: v for k, v in self.spec().items() if k != "index"}
-        blob = json.dumps({**spec, "data_sha256": data_sha256, "format": ZOO_FORMAT}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _draw_attack(rng: random.Random, shape: tuple[int, int, int], num_classes: int
-                 ) -> tuple[str, dict[str, Any]]:
-    """A random BadNets patch (two times in three) or blended trigger for images of ``shape``."""
-    _, h, w = shape
-    options: dict[str, Any] = {"target": rng.randrange(num_classes),
-                               "poison_rate": rng.choice((0.05, 0.1, 0.15))}
-    if rng.random() >= 2 / 3:
-        return "blend", {**options, "alpha": rng.choice((0.1, 0.15, 0.2)),
-                         "pattern": rng.choice(PATTERNS)}
-    side = min(h, w)
-    lo = max(2, round(0.1 * side))
-    size = rng.randint(lo, max(lo, round(0.2 * side)))
-    position: str | list[int] = rng.choice((*CORNERS, "anywhere"))
-    if position == "anywhere":  # a random place, possibly over the object
-        position = [rng.randint(1, h - 1 - size), rng.randint(1, w - 1 - size)]
-    return "badnets", {**options, "size": size, "position": position,
-                       "color": rng.choice(PATCH_COLOURS)}
-
-
-def make_zoo(datasets: dict[str, tuple[tuple[int, int, int], int]], size: int, seed: int = 0, *,
-             epochs: int = 2, train_samples: int | None = None) -> list[ZooEntry]:
-    """A deterministic zoo of ``size`` models: datasets in turn, two at a time, clean then trojaned.
-
-    ``datasets`` maps a data source to its (C, H, W) image shape and class count.
-    """
-    if size < 2:
-        raise TrojanscanError(f"a zoo needs at least 2 models (one clean, one trojaned), got {size}")
-    if not datasets:
-        raise TrojanscanError("a zoo needs at least one dataset")
-    rng = random.Random(seed)
-    names = list(datasets)
-    entries = []
-    for i in range(size):
-        source = names[(i // 2) % len(names)]
-        entry = ZooEntry(i, source, rng.randrange(2**31), epochs, train_samples)
-        if i % 2 == 1:
-            entry.attack, entry.attack_options = _draw_attack(rng, *datasets[source])
-        entries.append(entry)
-    return entries
-
-
-def _attack_for(entry: ZooEntry) -> Any:
-    if entry.attack is None:
-        return None
-    options = dict(entry.attack_options)
-    if isinstance(options.get("position"), list):
-        options["position"] = tuple(options["position"])
-    return make_attack(entry.attack, seed=entry.seed, **options)
+def model_file(models_dir: Path, record: dict[str, Any]) -> Path:
+    """Where a zoo model lives: ``KEY.safetensors``, or ``KEY.pt`` for one that expects normalised inputs."""
+    return models_dir / record.get("model_file", f"{record['key']}.safetensors")
 
 
 def _cached_model(models_dir: Path, key: str) -> dict[str, Any] | None:
     """The train record of a finished model whose file is intact, else ``None``."""
-    record_path, model_path = models_dir / f"{key}.json", models_dir / f"{key}.safetensors"
-    if not (record_path.is_file() and model_path.is_file()):
+    record_path = models_dir / f"{key}.json"
+    if not record_path.is_file():
         return None
     try:
         record = json.loads(record_path.read_text())
     except ValueError:
+        return None
+    if not isinstance(record, dict) or record.get("key") != key:
+        return None
+    model_path = model_file(models_dir, record)
+    if not model_path.is_file():
         return None
     if record.get("model_sha256") != sha256_file(model_path):
         return None
@@ -159,13 +103,19 @@ def train_entry(entry: ZooEntry, data: Dataset, models_dir: Path) -> dict[str, A
         g = torch.Generator().manual_seed(entry.seed)
         idx = torch.randperm(len(data.x_train), generator=g)[:entry.train_samples]
         train = dataclasses.replace(data, x_train=data.x_train[idx], y_train=data.y_train[idx])
-    result = train_classifier(train, epochs=entry.epochs, attack=_attack_for(entry), seed=entry.seed,
-                              progress=False)
-    model_path = models_dir / f"{key}.safetensors"
+    result = train_classifier(train, entry.arch, epochs=entry.epochs, attack=attack_for(entry),
+                              seed=entry.seed, progress=False)
+    model_path = models_dir / f"{key}{'.pt' if entry.normalised else '.safetensors'}"
     if result.trigger is not None:  # the trigger first: a model file alone is not a finished entry
         result.trigger.save(trigger_path_for(model_path))
-    save_model(result.model, model_path, metadata={"data_sha256": data.sha256})
+    model, extra = result.model, {}
+    if entry.normalised:  # the same net, exported to take (x - mean) / std as foreign models do
+        mean, std = model.normalize.mean.flatten().tolist(), model.normalize.std.flatten().tolist()
+        model, extra = ExpectsNormalised(model, mean, std), {"mean": mean, "std": std}
+    save_model(model, model_path, metadata={"data_sha256": data.sha256})
     record = {"name": entry.name, "key": key, "spec": entry.spec(), "trojaned": entry.trojaned,
+              "model_file": model_path.name, "arch": result.params["arch"], **extra,
+              "all_to_all": bool(result.trigger is not None and result.trigger.all_to_all),
               "target": result.trigger.target if result.trigger else None,
               "trigger_kind": result.trigger.kind if result.trigger else None,
               "clean_accuracy": result.clean_accuracy,
@@ -181,17 +131,51 @@ def _tag(options: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def _strip_row(model_path: Path, model_sha256: str, data: Dataset, out: Path, seed: int, n: int,
-               samples: int, temperature: float | str = 1.0, boundary: str = "normal") -> dict[str, Any]:
+def _cached_row(out: Path, model_sha256: str, keys: set[str]) -> dict[str, Any] | None:
+    """A measurement saved earlier for the same model, if it is intact."""
     if out.is_file():
         try:
             row = json.loads(out.read_text())
-            if isinstance(row, dict) and row.get("model_sha256") == model_sha256 and \
-                    {"frr", "far", "seconds"} <= set(row):
+            if isinstance(row, dict) and row.get("model_sha256") == model_sha256 and keys <= set(row):
                 return row
         except ValueError:
             pass  # damaged: measure again
+    return None
+
+
+def _module(model_path: Path, data: Dataset, record: dict[str, Any]) -> Any:
+    """A zoo model in [0, 1] pixel space (wrapped when it expects normalised inputs)."""
     module = load_model(model_path, input_shape=data.input_shape).module
+    return wrap_normalization(module, record.get("mean"), record.get("std"), data.input_shape[0])[0]
+
+
+def _evidence_row(method: str, model_path: Path, record: dict[str, Any], data: Dataset, out: Path,
+                  seed: int, clean_samples: int) -> dict[str, Any]:
+    """MM-BD's or the pair search's evidence on one zoo model (cached beside its scans)."""
+    cached = _cached_row(out, record["model_sha256"], {"evidence", "seconds"})
+    if cached is not None:
+        return cached
+    module = _module(model_path, data, record)
+    start = time.perf_counter()
+    if method == "mm-bd":
+        evidence = MMBD(seed=seed).inspect(module, num_classes=data.num_classes,
+                                           input_shape=data.input_shape).to_dict()
+    else:
+        x, y = clean_subset(data, clean_samples, seed)
+        evidence = PairSearch(seed=seed).search(module, x, y, num_classes=data.num_classes).to_dict()
+    row = {"method": method, "seed": seed, "evidence": evidence, "seconds": time.perf_counter() - start,
+           "model_sha256": record["model_sha256"]}
+    write_json(out, row)
+    return row
+
+
+def _strip_row(model_path: Path, record: dict[str, Any], data: Dataset, out: Path, seed: int, n: int,
+               samples: int, temperature: float | str = 1.0, boundary: str = "normal") -> dict[str, Any]:
+    model_sha256 = record["model_sha256"]
+    cached = _cached_row(out, model_sha256, {"frr", "far", "seconds"})
+    if cached is not None:
+        return cached
+    module = _module(model_path, data, record)
     trigger = Trigger.load(trigger_path_for(model_path)) if trigger_path_for(model_path).is_file() else None
     start = time.perf_counter()
     strip = Strip(module, n=n, frr=0.01, seed=seed, temperature=temperature, boundary=boundary)
@@ -223,6 +207,7 @@ class ZooOptions:
     strip_samples: int = 500
     strip_temperature: float | str = 1.0
     strip_boundary: str = "normal"
+    preset: str = "classic"  # classic (the README's zoos) or world (architectures, conventions, attacks)
 
     def check(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -233,6 +218,7 @@ class ZooOptions:
         self.strip_temperature = parse_temperature(self.strip_temperature)
         check_choice("STRIP boundary", self.strip_boundary, BOUNDARY_METHODS)
         check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("zoo preset", self.preset, PRESETS)
         if self.train_samples is not None and self.train_samples < 10:
             raise TrojanscanError(f"--train-samples must be >= 10, got {self.train_samples}")
         if self.steps is not None and self.steps < 1:
@@ -254,7 +240,7 @@ def run_zoo(out_dir: str | Path, options: ZooOptions | None = None,
     data = {source: load_dataset(source) for source in opts.datasets}
     shapes = {source: (d.input_shape, d.num_classes) for source, d in data.items()}
     entries = make_zoo(shapes, opts.size, opts.seed, epochs=opts.epochs,
-                       train_samples=opts.train_samples)
+                       train_samples=opts.train_samples, preset=opts.preset)
     scan_options = {"schedule": opts.schedule, "steps": opts.steps,
                     "clean_samples": opts.clean_samples}
     results: dict[str, Any] = {"benchmark": "zoo", "options": dataclasses.asdict(opts),
@@ -265,7 +251,8 @@ def run_zoo(out_dir: str | Path, options: ZooOptions | None = None,
     for entry in entries:
         dataset = data[entry.dataset]
         record = train_entry(entry, dataset, out / "models")
-        model_path = out / "models" / f"{record['key']}.safetensors"
+        model_path = model_file(out / "models", record)
+        convention = {"mean": record.get("mean"), "std": record.get("std")}
         asr = record["attack_success_rate"]
         log(f"[{entry.index + 1}/{len(entries)}] {entry.name}: CA {record['clean_accuracy']:.4f}"
             + (f" ASR {asr:.4f}" if asr is not None else "")
@@ -278,7 +265,9 @@ def run_zoo(out_dir: str | Path, options: ZooOptions | None = None,
             jobs = [ScanJob(str(model_path), entry.dataset,
                             str(folder / f"{method}-seed{s}-{_tag(scan_options)}"), method,
                             {"schedule": opts.schedule, "steps": opts.steps, "seed": s},
-                            clean_samples=opts.clean_samples)
+                            clean_samples=opts.clean_samples,
+                            mean=tuple(convention["mean"]) if convention["mean"] else None,
+                            std=tuple(convention["std"]) if convention["std"] else None)
                     for s in range(opts.seed, opts.seed + opts.repeats)]
             done = run_jobs(jobs)
             failed = [j.error for j in done if not j.ok]
@@ -304,13 +293,20 @@ def run_zoo(out_dir: str | Path, options: ZooOptions | None = None,
             settings: dict[str, Any] = {"n": opts.strip_n, "samples": opts.strip_samples}
             if (opts.strip_temperature, opts.strip_boundary) != (1.0, "normal"):  # old caches stay valid
                 settings.update(temperature=opts.strip_temperature, boundary=opts.strip_boundary)
-            record["strip"] = _strip_row(model_path, record["model_sha256"], dataset,
+            record["strip"] = _strip_row(model_path, record, dataset,
                                          out / "scans" / record["key"] /
                                          f"strip-seed{opts.seed}-{_tag(settings)}.json", opts.seed,
                                          opts.strip_n, opts.strip_samples, opts.strip_temperature,
                                          opts.strip_boundary)
             log(f"    strip: FRR {record['strip']['frr']:.3f}"
                 + (f" FAR {record['strip']['far']:.3f}" if record["trojaned"] else ""))
+        for method in (m for m in opts.methods if m in EVIDENCE_METHODS):
+            row = _evidence_row(method, model_path, record, dataset,
+                                out / "scans" / record["key"] / f"{method}-seed{opts.seed}-"
+                                f"{_tag({'clean_samples': opts.clean_samples})}.json",
+                                opts.seed, opts.clean_samples)
+            record.setdefault("evidence", {})[method] = row
+            log(f"    {method}: {evidence_summary(method, row['evidence'])} ({row['seconds']:.1f} s)")
         results["models"].append(record)
         write_json(out / "results.json", results)
     results["summary"] = {}

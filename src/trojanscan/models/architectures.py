@@ -104,10 +104,60 @@ def cifar_cnn(spec: ArchSpec) -> ReferenceNet:
     return ReferenceNet(spec, features, embed_dim=256, dropout=0.3)
 
 
+def mlp(spec: ArchSpec) -> ReferenceNet:
+    """A multilayer perceptron: no convolutions at all (flatten → 256 → 128 → K)."""
+    c, h, w = spec.input_shape
+    return ReferenceNet(spec, nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, 256), nn.ReLU()),
+                        embed_dim=128)
+
+
+class ResidualBlock(nn.Module):
+    """The basic residual block of a ResNet: two 3×3 conv + BN, and a shortcut (1×1 when it resizes)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
+                                  nn.ReLU(), nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(cout))
+        self.shortcut = (nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.body(x) + self.shortcut(x))
+
+
+def resnet_small(spec: ArchSpec) -> ReferenceNet:
+    """A small residual net: a 3×3 stem, three basic blocks (16, 32, 64 channels), global pooling."""
+    c = spec.input_shape[0]
+    features = nn.Sequential(nn.Conv2d(c, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                             ResidualBlock(16, 16), ResidualBlock(16, 32, 2), ResidualBlock(32, 64, 2),
+                             nn.AdaptiveAvgPool2d(1))
+    return ReferenceNet(spec, features, embed_dim=128)
+
+
+def _separable(cin: int, cout: int, stride: int) -> list[nn.Module]:
+    """MobileNet's depthwise-separable convolution: a per-channel 3×3 conv, then a 1×1 conv."""
+    return [nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), nn.BatchNorm2d(cin), nn.ReLU(),
+            nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+
+def mobilenet_small(spec: ArchSpec) -> ReferenceNet:
+    """A MobileNet-style net of depthwise-separable convolutions (32 → 64 → 128), global pooling."""
+    c = spec.input_shape[0]
+    features = nn.Sequential(nn.Conv2d(c, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                             *_separable(32, 64, 2), *_separable(64, 128, 2), *_separable(128, 128, 1),
+                             nn.AdaptiveAvgPool2d(1))
+    return ReferenceNet(spec, features, embed_dim=128)
+
+
 ARCHITECTURES: dict[str, Callable[[ArchSpec], ReferenceNet]] = {
     "mnist-cnn": mnist_cnn,
     "gtsrb-cnn": gtsrb_cnn,
     "cifar-cnn": cifar_cnn,
+    "mlp": mlp,
+    "resnet-small": resnet_small,
+    "mobilenet-small": mobilenet_small,
 }
 
 

@@ -19,14 +19,14 @@ from torch import nn
 from torch.nn.modules import module as module_globals
 
 from trojanscan.fileio import module_sha256
-from trojanscan.models.architectures import Normalize, ReferenceNet
+from trojanscan.models.architectures import Normalize, ReferenceNet, ResidualBlock
 from trojanscan.models.modes import evaluating
 from trojanscan.models.wrappers import NormalizedInput
 
 # Layers whose forward is the same sequence of tensor operations for every input, so a trace of
 # one batch is the model for all batches.
 TRACEABLE_LAYERS: tuple[type[nn.Module], ...] = (
-    ReferenceNet, Normalize, NormalizedInput, nn.Sequential, nn.Conv2d, nn.Linear, nn.ReLU,
+    ReferenceNet, Normalize, NormalizedInput, ResidualBlock, nn.Sequential, nn.Conv2d, nn.Linear, nn.ReLU,
     nn.LeakyReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.BatchNorm1d, nn.BatchNorm2d,
     nn.Dropout, nn.Flatten, nn.Identity, nn.Tanh, nn.Sigmoid, nn.Softmax)
 _TOLERANCE = 1e-4  # relative to the logits' scale; float reassociation gives ~1e-6

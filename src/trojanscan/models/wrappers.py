@@ -26,6 +26,20 @@ class NormalizedInput(nn.Module):
         return self.model(self.normalize(x))
 
 
+class ExpectsNormalised(nn.Module):
+    """The reverse of :class:`NormalizedInput`: a [0, 1] model made to take ``(x - mean) / std``, as
+    models from other training code often do (the zoo uses it to make such models)."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+        self.model = model
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model(z * self.std + self.mean)
+
+
 PLAIN_CONVENTION = "[0, 1] pixels (normalisation, if any, inside the model)"
 
 

@@ -9,6 +9,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from trojanscan._version import __version__
 from trojanscan.data.triggers import Trigger
 from trojanscan.defenses.outliers import SIZE_RATIO_THRESHOLD
 from trojanscan.defenses.registry import REVERSERS
@@ -56,15 +57,6 @@ def _sort_key(r: LabelResult) -> tuple[bool, float, int]:
     """Smallest L1 first; non-finite norms last."""
     v = float(r.l1_norm)
     return (not math.isfinite(v), v if math.isfinite(v) else 0.0, r.label)
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("trojanscan")
-    except Exception:  # the version is decoration only
-        return "?"
 
 
 # --- chart -----------------------------------------------------------------------------------
@@ -250,7 +242,7 @@ def _footer(result: ScanResult) -> str:
             f"<pre>{escape(params)}</pre></details>"
             f"<p>Model sha256 <code>{escape(str(result.model_sha256))}</code><br>"
             f"Data sha256 <code>{escape(str(result.data_sha256))}</code><br>"
-            f"Seed {escape(str(result.seed))} · trojanscan {escape(_version())}</p></footer>")
+            f"Seed {escape(str(result.seed))} · trojanscan {escape(__version__)}</p></footer>")
 
 
 def write_scan_report(result: ScanResult, out_path: Path, *, ground_truth: Trigger | None = None,

@@ -35,6 +35,7 @@ class ScanJob:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     arch: str | None = None
+    trusted: bool = False  # load the model file unchecked (--trust-model)
 
 
 @dataclass
@@ -56,7 +57,8 @@ def run_job(job: ScanJob) -> JobRecord:
     try:
         result = scan(job.model, job.data, method=job.method, labels=list(job.labels) if job.labels else None,
                       clean_samples=job.clean_samples, mean=list(job.mean) if job.mean else None,
-                      std=list(job.std) if job.std else None, arch=job.arch, out_dir=job.out_dir,
+                      std=list(job.std) if job.std else None, arch=job.arch, trusted=job.trusted,
+                      out_dir=job.out_dir,
                       progress=False, **job.options)
     except TrojanscanError as e:
         return JobRecord(job, False, time.perf_counter() - start, error=str(e))
@@ -67,7 +69,7 @@ def split_labels(job: ScanJob, num_classes: int, parts: int) -> list[ScanJob]:
     """``job`` as up to ``parts`` label jobs, each in its own sub-folder ``part-A-B``; the cuts fall on
     the method's chunk boundaries, so every label is optimised in the same batch as in one scan."""
     labels = list(job.labels) if job.labels else list(range(num_classes))
-    chunk = int(job.options.get("chunk", 10))
+    chunk = int(job.options.get("chunk", getattr(reverser(job.method).options_type(), "chunk", 1)))
     chunks = [labels[i:i + chunk] for i in range(0, len(labels), chunk)]
     per_part = max(1, math.ceil(len(chunks) / max(1, parts)))
     jobs = []

@@ -9,13 +9,12 @@ from typing import Any
 
 import torch
 
+from trojanscan._version import __version__
 from trojanscan.fileio import to_jsonable, write_json
 
 
 def environment() -> dict[str, str]:
     """Versions and threads, recorded in every result file."""
-    from trojanscan import __version__
-
     return {"trojanscan": __version__, "torch": torch.__version__,
             "python": platform.python_version(), "threads": str(torch.get_num_threads())}
 
@@ -42,6 +41,14 @@ class Record:
 
     def __contains__(self, key: object) -> bool:
         return any(f.name == key and getattr(self, f.name) is not None for f in dataclasses.fields(self))
+
+    def keys(self) -> list[str]:
+        """The JSON's keys (as a dict's)."""
+        return list(self.to_dict())
+
+    def items(self) -> list[tuple[str, Any]]:
+        """The JSON's items (as a dict's)."""
+        return list(self.to_dict().items())
 
     def write(self, path: str | os.PathLike) -> None:
         """Write :meth:`to_dict` as JSON, atomically."""

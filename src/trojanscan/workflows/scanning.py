@@ -17,6 +17,7 @@ from trojanscan.defenses.scan_result import ScanResult
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import tensor_sha256, write_json
 from trojanscan.metrics import mask_overlap
+from trojanscan.options import option_fields, parse_options
 from trojanscan.progress import ProgressCallback
 from trojanscan.report import save_trigger_images, write_scan_report
 from trojanscan.report.progress import progress_bars
@@ -53,12 +54,14 @@ def scan(model: ModelLike, data: DataLike, *, method: str = "neural-cleanse",
         print(result.infected, result.flagged_labels, result.anomaly_index)
     """
     cls = reverser(method)
-    if "tabor_weights" in options:  # the keyword of earlier releases
-        weights = options.pop("tabor_weights")
-        if weights is not None:
-            if method != "tabor":
-                raise TrojanscanError("TABOR weights (--tabor-weights) need --method tabor")
-            options["weights"] = weights
+    weights = options.pop("tabor_weights", None)  # the keyword of earlier releases
+    if weights is not None:
+        if "weights" not in option_fields(cls.options_type):
+            raise TrojanscanError("TABOR weights (--tabor-weights) need --method tabor")
+        if isinstance(weights, list):  # NAME=VALUE texts from the command line
+            weights = parse_options(cls.options_type, [f"weights.{w}" for w in weights],
+                                    what=f"method {method}")["weights"]
+        options["weights"] = weights
     try:
         detector = cls(**options)
     except TypeError as e:

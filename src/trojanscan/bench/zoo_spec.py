@@ -1,0 +1,155 @@
+"""What a model zoo holds: a seeded list of entries (data, architecture, training, attack), each
+trained once and cached under a content address.
+
+Two presets: ``classic`` (the paper's CNN on each dataset; BadNets patches and blends) reproduces
+the zoos behind the README's figures; ``world`` adds the variety of models users bring — four
+architecture families (the paper's CNN, an MLP, a small ResNet, a MobileNet-style net), models
+that expect normalised inputs, and more attack kinds (corner, centre and over-the-object patches,
+random-valued patches, single pixels and small pixel patterns, noise and stripe blends, all-to-all).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trojanscan.attacks.blend import PATTERNS
+from trojanscan.errors import TrojanscanError
+from trojanscan.workflows.training import make_attack
+
+ZOO_FORMAT = 1  # part of every cache key: bump when training changes meaning
+DEFAULT_DATASETS = ("mnist", "fashion-mnist")
+CORNERS = ("bottom-right", "bottom-left", "top-right", "top-left")
+PATCH_COLOURS = ("white", "random", "checker")  # black is invisible on MNIST's black background
+
+
+@dataclass
+class ZooEntry:
+    """One model of the zoo: its data, training and (for a trojaned one) attack settings."""
+
+    index: int
+    dataset: str
+    seed: int
+    epochs: int
+    train_samples: int | None = None
+    attack: str | None = None
+    attack_options: dict[str, Any] = field(default_factory=dict)
+    arch: str | None = None  # None: the reference net for the data
+    normalised: bool = False  # saved expecting (x - mean) / std inputs, scanned with --mean/--std
+
+    @property
+    def name(self) -> str:
+        arch = f"-{self.arch}" if self.arch else ""
+        norm = "-norm" if self.normalised else ""
+        return f"{self.index:03d}-{Path(self.dataset).stem}{arch}{norm}-{self.attack or 'clean'}"
+
+    @property
+    def trojaned(self) -> bool:
+        return self.attack is not None
+
+    def spec(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def key(self, data_sha256: str) -> str:
+        """Content address: the training settings and the data's hash, not the entry's place."""
+        # fields added after the first zoos count only when set, so those zoos keep their keys
+        spec = {k: v for k, v in self.spec().items()
+                if k != "index" and not (k in ("arch", "normalised") and not v)}
+        blob = json.dumps({**spec, "data_sha256": data_sha256, "format": ZOO_FORMAT}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _draw_attack(rng: random.Random, shape: tuple[int, int, int], num_classes: int
+                 ) -> tuple[str, dict[str, Any]]:
+    """A random BadNets patch (two times in three) or blended trigger for images of ``shape``."""
+    _, h, w = shape
+    options: dict[str, Any] = {"target": rng.randrange(num_classes),
+                               "poison_rate": rng.choice((0.05, 0.1, 0.15))}
+    if rng.random() >= 2 / 3:
+        return "blend", {**options, "alpha": rng.choice((0.1, 0.15, 0.2)),
+                         "pattern": rng.choice(PATTERNS)}
+    side = min(h, w)
+    lo = max(2, round(0.1 * side))
+    size = rng.randint(lo, max(lo, round(0.2 * side)))
+    position: str | list[int] = rng.choice((*CORNERS, "anywhere"))
+    if position == "anywhere":  # a random place, possibly over the object
+        position = [rng.randint(1, h - 1 - size), rng.randint(1, w - 1 - size)]
+    return "badnets", {**options, "size": size, "position": position,
+                       "color": rng.choice(PATCH_COLOURS)}
+
+
+WORLD_ARCHITECTURES = (None, "mlp", "resnet-small", "mobilenet-small")  # None: the paper's CNN
+WORLD_ATTACKS = ("patch-corner", "patch-center", "patch-anywhere", "patch-random", "pixel", "pixels",
+                 "blend-noise", "blend-stripes", "all-to-all")
+PRESETS = ("classic", "world")
+
+
+def _draw_world_attack(rng: random.Random, shape: tuple[int, int, int], num_classes: int
+                       ) -> tuple[str, dict[str, Any]]:
+    """One of :data:`WORLD_ATTACKS`, uniformly, with a random target, poison rate and look."""
+    _, h, w = shape
+    kind = rng.choice(WORLD_ATTACKS)
+    rate = rng.choice((0.05, 0.1, 0.15))
+    target = {"target": rng.randrange(num_classes), "poison_rate": rate}
+    side = min(h, w)
+    size = rng.randint(max(2, round(0.1 * side)), max(2, round(0.2 * side)))
+    if kind.startswith("blend"):
+        return "blend", {**target, "alpha": rng.choice((0.1, 0.15, 0.2)), "pattern": kind.split("-")[1]}
+    if kind in ("pixel", "pixels"):
+        return "scatter", {**target, "pixels": 1 if kind == "pixel" else rng.randint(4, 9),
+                           "color": "white"}
+    if kind == "all-to-all":
+        return "all-to-all", {"poison_rate": max(rate, 0.1), "size": size,
+                              "color": rng.choice(PATCH_COLOURS)}
+    color = "random" if kind == "patch-random" else rng.choice(("white", "checker"))
+    position: str | list[int] = {"patch-corner": rng.choice(CORNERS), "patch-center": "center"}.get(
+        kind, "anywhere")
+    if position == "anywhere":  # a random place, possibly over the object
+        position = [rng.randint(1, h - 1 - size), rng.randint(1, w - 1 - size)]
+    return "badnets", {**target, "size": size, "position": position, "color": color}
+
+
+def make_zoo(datasets: dict[str, tuple[tuple[int, int, int], int]], size: int, seed: int = 0, *,
+             epochs: int = 2, train_samples: int | None = None, preset: str = "classic") -> list[ZooEntry]:
+    """A deterministic zoo of ``size`` models: datasets in turn, two at a time, clean then trojaned.
+
+    ``datasets`` maps a data source to its (C, H, W) image shape and class count. The ``world``
+    preset also turns through :data:`WORLD_ARCHITECTURES` (a clean/trojaned pair shares data and
+    architecture) and makes about a third of the models expect normalised inputs.
+    """
+    if preset not in PRESETS:
+        raise TrojanscanError(f"unknown zoo preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if size < 2:
+        raise TrojanscanError(f"a zoo needs at least 2 models (one clean, one trojaned), got {size}")
+    if not datasets:
+        raise TrojanscanError("a zoo needs at least one dataset")
+    rng = random.Random(seed)
+    names = list(datasets)
+    entries = []
+    for i in range(size):
+        source = names[(i // 2) % len(names)]
+        entry = ZooEntry(i, source, rng.randrange(2**31), epochs, train_samples)
+        if preset == "world":
+            entry.arch = WORLD_ARCHITECTURES[(i // (2 * len(names))) % len(WORLD_ARCHITECTURES)]
+            entry.normalised = rng.random() < 1 / 3
+        if i % 2 == 1:
+            draw = _draw_world_attack if preset == "world" else _draw_attack
+            entry.attack, entry.attack_options = draw(rng, *datasets[source])
+        entries.append(entry)
+    return entries
+
+
+def attack_for(entry: ZooEntry) -> Any:
+    if entry.attack is None:
+        return None
+    options = dict(entry.attack_options)
+    if isinstance(options.get("position"), list):
+        options["position"] = tuple(options["position"])
+    return make_attack(entry.attack, seed=entry.seed, **options)
+
+
