@@ -27,7 +27,6 @@ import torch
 from trojanscan.bench.zoo_scores import (
     SCORES,
     attack_took,
-    evidence_summary,
     mean_finite,
     scan_row,
     summarise,
@@ -53,7 +52,7 @@ from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import sha256_file, write_json
 from trojanscan.models import load_model, save_model
 from trojanscan.models.wrappers import ExpectsNormalised, wrap_normalization
-from trojanscan.report.zoo_html import write_zoo_report
+from trojanscan.report.zoo_html import evidence_summary, write_zoo_report
 from trojanscan.runners import ScanJob, run_jobs
 from trojanscan.validation import check_choice
 from trojanscan.workflows.guarding import strip_rates

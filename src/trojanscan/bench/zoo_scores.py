@@ -117,18 +117,3 @@ def summarise_strip(models: list[dict[str, Any]]) -> dict[str, Any]:
             "mean_frr": statistics.fmean(r["frr"] for _, r in rows) if rows else None,
             "mean_far": statistics.fmean(r["far"] for _, r in bad) if bad else None,
             "far_above_2pct": [m["name"] for m, r in bad if r["far"] > 0.02]}
-
-
-def evidence_summary(method: str, evidence: dict[str, Any]) -> str:
-    """One line of MM-BD's or the pair search's evidence, for the zoo's log."""
-    if method == "mm-bd":
-        top = max(range(len(evidence["statistics"])), key=lambda k: evidence["statistics"][k])
-        return (f"p {evidence['p_value']:.3g}, largest margin at label {top}, "
-                f"flagged {evidence['flagged_labels']}")
-    best: dict[int, dict[str, Any]] = {}
-    for p in evidence["pairs"]:
-        if p["source"] not in best or p["l1_norm"] < best[p["source"]]["l1_norm"]:
-            best[p["source"]] = p
-    asym = sorted((p["source"], p["target"]) for p in best.values()
-                  if p["ratio"] is not None and p["ratio"] >= 2)
-    return f"{len(evidence['pairs'])} pairs; sources whose easiest pair is 2× asymmetric: {asym}"

@@ -12,6 +12,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from trojanscan.defenses.outliers import SIZE_RATIO_THRESHOLD
+from trojanscan.defenses.registry import REVERSERS
 from trojanscan.fileio import atomic_write_bytes
 from trojanscan.report.page import img_tag, write_page
 
@@ -82,16 +83,40 @@ def _attack_text(m: dict[str, Any]) -> str:
     if spec["attack"] == "badnets":
         where = o["position"] if isinstance(o["position"], str) else "at {},{}".format(*o["position"])
         return f"patch {o['size']}×{o['size']} {o['color']} {where}, rate {o['poison_rate']}"
-    return f"blend {o['pattern']} α={o['alpha']}, rate {o['poison_rate']}"
+    if spec["attack"] == "scatter":
+        return f"{o['pixels']} {o.get('color', 'random')} pixel(s), rate {o['poison_rate']}"
+    if spec["attack"] == "all-to-all":
+        return f"all-to-all patch {o['size']}×{o['size']} {o.get('color', 'white')}, rate {o['poison_rate']}"
+    if spec["attack"] == "blend":
+        return f"blend {o['pattern']} α={o['alpha']}, rate {o['poison_rate']}"
+    return f"{spec['attack']}, rate {o.get('poison_rate')}"
+
+
+def evidence_summary(method: str, evidence: dict[str, Any]) -> str:
+    """One line of MM-BD's or the pair search's evidence, for the zoo's log."""
+    if method == "mm-bd":
+        top = max(range(len(evidence["statistics"])), key=lambda k: evidence["statistics"][k])
+        return (f"p {evidence['p_value']:.3g}, largest margin at label {top}, "
+                f"flagged {evidence['flagged_labels']}")
+    best: dict[int, dict[str, Any]] = {}
+    for p in evidence["pairs"]:
+        if p["source"] not in best or p["l1_norm"] < best[p["source"]]["l1_norm"]:
+            best[p["source"]] = p
+    asym = sorted((p["source"], p["target"]) for p in best.values()
+                  if p["ratio"] is not None and p["ratio"] >= 2)
+    return f"{len(evidence['pairs'])} pairs; sources whose easiest pair is 2× asymmetric: {asym}"
 
 
 def _model_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    methods = [m for m in results["options"]["methods"] if m != "strip"]
+    methods = [m for m in results["options"]["methods"] if m in REVERSERS]
+    evidence = [m for m in results["options"]["methods"] if m in ("mm-bd", "pairs")]
     head = ["model", "attack", "target", "CA", "ASR"]
     seed = results["options"]["seed"]
     for method in methods:
         head += [f"{method} AI (per seed)", f"smallest / median (seed {seed})",
                  f"flagged (seed {seed})", f"patch IoU (seed {seed})"]
+    for e in evidence:
+        head.append("MM-BD p (flagged)" if e == "mm-bd" else "pairs (easiest per source)")
     if "strip" in results.get("summary", {}):
         head += ["STRIP FRR", "STRIP FAR"]
     rows = []
@@ -104,6 +129,9 @@ def _model_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             row += [", ".join(_fmt(r["anomaly_index"], "num") for r in runs),
                     _fmt(runs[0].get("size_ratio"), "num"), str(runs[0]["flagged_labels"]),
                     _fmt(runs[0]["iou"] if m["trigger_kind"] == "patch" else None, "num")]
+        for e in evidence:
+            row.append(evidence_summary(e, m["evidence"][e]["evidence"]) if e in m.get("evidence", {})
+                       else "—")
         if "strip" in results.get("summary", {}):
             s = m.get("strip") or {}
             row += [_fmt(s.get("frr"), "pct"), _fmt(s.get("far"), "pct") if m["trojaned"] else "—"]
