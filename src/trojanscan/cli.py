@@ -290,9 +290,29 @@ def print_size_ratio(ratio: float) -> None:
                       f"{SIZE_RATIO_THRESHOLD:g} that suggests a backdoor)")
 
 
+def print_verdict(verdict: dict[str, Any]) -> None:
+    """The combined verdict and every piece of evidence behind it."""
+    colour = {"backdoored": "bold red", "suspicious": "bold yellow",
+              "clean": "bold green"}[verdict["verdict"]]
+    what = (f" — target label(s) {', '.join(map(str, verdict['targets']))}" if verdict["targets"] else "")
+    kind = f" ({verdict['kind']})" if verdict.get("kind") else ""
+    console.print(f"[{colour}]{verdict['verdict'].upper()}[/{colour}]{what}{kind}; score "
+                  f"{verdict['score']:.3g} (chance bound for a clean model)")
+    for e in verdict["evidence"]:
+        p = e.get("p_value")
+        console.print(f"  {e['name']}: {e['says']} — value {e['value']:.3g} (threshold {e['threshold']:g})"
+                      + (f", p {p:.3g}" if p is not None and p == p else "")
+                      + (f"; {e['detail']}" if e.get("detail") else ""), highlight=False)
+
+
 def print_scan_summary(result: ScanResult, out: Path | None) -> None:
     """The verdict first, then the most anomalous labels."""
-    if result.infected:
+    if "verdict" in result.extra:
+        print_verdict(result.extra["verdict"])
+        paper = result.extra.get("paper", {})
+        console.print(f"paper's MAD test: flagged {paper.get('flagged_labels') or 'none'}, anomaly index "
+                      f"{result.anomaly_index:.2f} (threshold {result.threshold:g})")
+    elif result.infected:
         console.print(f"[bold red]BACKDOOR DETECTED[/bold red] — target label(s) "
                       f"{', '.join(map(str, result.flagged_labels))}; anomaly index "
                       f"{result.anomaly_index:.2f} (threshold {result.threshold:g})")
@@ -330,6 +350,9 @@ def scan_cmd(
     out: Path = typer.Option(..., "--out", help="folder for scan.json, triggers and report.html"),
     method: str = typer.Option("neural-cleanse", "--method", help=", ".join(REVERSERS)),
     option: list[str] = typer.Option(None, "--option", help=OPTION_HELP),
+    decision: str = typer.Option("paper", "--decision", help="paper (Neural Cleanse's MAD > threshold) "
+                                 "or verdict (also MM-BD and the label-pair search, one decision with "
+                                 "its evidence; provisional thresholds)"),
     labels: str = typer.Option(None, "--labels", help="only these labels, e.g. 0,3,7"),
     chunk: int = typer.Option(None, "--chunk", min=1, help="labels optimised together in one pass (10)"),
     steps: int = typer.Option(None, "--steps", min=1, help="maximum steps per label"),
@@ -354,7 +377,8 @@ def scan_cmd(
     options = _method_options(cls, option, {"schedule": schedule, "steps": steps, "chunk": chunk,
                                             "threshold": threshold, "seed": seed}, "method")
     seed = options.pop("seed", 0)
-    common = dict(method=method, labels=_labels(labels), clean_samples=clean_samples, arch=arch,
+    common = dict(method=method, decision=decision, labels=_labels(labels), clean_samples=clean_samples,
+                  arch=arch,
                   ground_truth=trigger, out_dir=out, tabor_weights=_weights(tabor_weights),
                   **_convention(mean, std, trust_model), **options)
     if repeats == 1:

@@ -130,6 +130,9 @@ def _verdict(result: ScanResult) -> str:
             headline += f" — target label{'s' if len(flagged) > 1 else ''} {which}"
     else:
         cls, headline = "good", "No backdoor found"
+    verdict = result.extra.get("verdict")
+    if verdict and verdict.get("verdict") == "suspicious":
+        cls, headline = "bad", "Suspicious — " + ", ".join(f"label {t}" for t in verdict["targets"])
     facts = [
         ("Anomaly index", f"{_num(result.anomaly_index)} (threshold {_num(result.threshold, 1)})"),
         ("Method", escape(str(result.method))),
@@ -150,6 +153,27 @@ def _verdict(result: ScanResult) -> str:
         lis = "".join(f"<li>{escape(str(w))}</li>" for w in result.warnings)
         out += f'<div class="warn"><b>⚠ Warnings</b><ul>{lis}</ul></div>'
     return out
+
+
+def _evidence(result: ScanResult) -> str:
+    """The combined verdict's evidence, one row per piece (when the scan used --decision verdict)."""
+    verdict = result.extra.get("verdict")
+    if not verdict:
+        return ""
+    rows = "".join(
+        f'<tr><td class="l">{escape(str(e["name"]))}</td><td class="l">{escape(str(e["says"]))}</td>'
+        f"<td>{_num(e['value'], 3)}</td><td>{_num(e['threshold'], 3)}</td>"
+        f"<td>{_num(e.get('p_value'), 3)}</td>"
+        f'<td class="l">{escape(", ".join(map(str, e.get("targets", []))))}</td>'
+        f'<td class="l">{escape(str(e.get("detail", "")))}</td></tr>' for e in verdict["evidence"])
+    paper = result.extra.get("paper", {})
+    return ("<h2>Verdict and its evidence</h2>"
+            f"<p><b>{escape(verdict['verdict'])}</b> — targets {escape(str(verdict['targets']))}, kind "
+            f"{escape(str(verdict.get('kind')))}, score {_num(verdict['score'], 3)} "
+            f"({escape(str(verdict.get('score_meaning', '')))}). The paper's MAD test alone flagged "
+            f"{escape(str(paper.get('flagged_labels')))}.</p>"
+            '<table><tr><th class="l">evidence</th><th class="l">says</th><th>value</th><th>threshold</th>'
+            f'<th>p-value</th><th class="l">targets</th><th class="l">detail</th></tr>{rows}</table>')
 
 
 def _chart(result: ScanResult) -> str:
@@ -258,6 +282,7 @@ def write_scan_report(result: ScanResult, out_path: Path, *, ground_truth: Trigg
     parts = [
         f"<h1>{escape(title)}</h1>",
         _verdict(result),
+        _evidence(result),
         _chart(result),
         _table(result, rows),
         _gallery(result, rows),

@@ -11,9 +11,12 @@ from torch import nn
 from trojanscan.data import Dataset
 from trojanscan.data.triggers import Trigger
 from trojanscan.defenses.base import Provenance
+from trojanscan.defenses.mmbd import MMBD
+from trojanscan.defenses.pairs import PairSearch
 from trojanscan.defenses.registry import reverser
 from trojanscan.defenses.repeats import RepeatedScan, combine_runs
 from trojanscan.defenses.scan_result import ScanResult
+from trojanscan.defenses.verdict import decide
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import tensor_sha256, write_json
 from trojanscan.metrics import mask_overlap
@@ -21,6 +24,7 @@ from trojanscan.options import option_fields, parse_options
 from trojanscan.progress import ProgressCallback
 from trojanscan.report import save_trigger_images, write_scan_report
 from trojanscan.report.progress import progress_bars
+from trojanscan.validation import check_choice
 from trojanscan.workflows.inputs import DataLike, ModelLike, as_dataset, clean_subset, known_trigger, resolve
 from trojanscan.workflows.records import environment
 
@@ -36,23 +40,45 @@ def _ground_truth_record(result: ScanResult, truth: Trigger) -> dict[str, Any]:
     return record
 
 
+DECISIONS = ("paper", "verdict")
+
+
+def _decide(result: ScanResult, model: nn.Module, x: Any, y: Any, num_classes: int, seed: int) -> None:
+    """Gather MM-BD's and the pair search's evidence and let the verdict set the scan's answer."""
+    mmbd = MMBD(seed=seed).inspect(model, num_classes=num_classes, input_shape=tuple(x.shape[1:]))
+    pairs = PairSearch(seed=seed).search(model, x, y, num_classes=num_classes)
+    verdict = decide(result, mmbd, pairs)
+    result.extra["paper"] = {"infected": result.infected, "flagged_labels": result.flagged_labels,
+                             "anomaly_index": result.anomaly_index, "threshold": result.threshold}
+    result.extra["verdict"] = verdict.to_dict()
+    result.extra["mm-bd"] = mmbd.to_dict()
+    result.extra["pairs"] = pairs.to_dict()
+    result.infected, result.flagged_labels = verdict.infected, verdict.targets if verdict.infected else []
+
+
 def scan(model: ModelLike, data: DataLike, *, method: str = "neural-cleanse",
          labels: list[int] | None = None, clean_samples: int = 1000,
          mean: list[float] | None = None, std: list[float] | None = None,
          trusted: bool = False, arch: str | None = None,
          ground_truth: Trigger | str | os.PathLike | None = None,
          out_dir: str | os.PathLike | None = None, progress: bool | ProgressCallback = True,
-         **options: Any) -> ScanResult:
+         decision: str = "paper", **options: Any) -> ScanResult:
     """Scan a model for backdoors with clean data by a registered ``method`` ("neural-cleanse",
     "tabor"); ``options`` are the method's (``schedule``, ``steps``, ``chunk``, ``threshold``,
     ``seed``, TABOR's ``weights`` …). With ``out_dir`` write scan.json, the trigger images and
     ``report.html`` (resumable: rerun with the same folder to continue).
+
+    ``decision`` "paper" flags the labels whose MAD anomaly index passes the threshold (Neural
+    Cleanse's test); "verdict" also runs MM-BD and the label-pair search and lets
+    :func:`~trojanscan.defenses.verdict.decide` set ``infected`` and ``flagged_labels`` (the
+    paper's answer stays in ``extra["paper"]``).
 
     Example::
 
         result = scan("model.safetensors", "mnist", out_dir="scan-out")
         print(result.infected, result.flagged_labels, result.anomaly_index)
     """
+    check_choice("decision", decision, DECISIONS)
     cls = reverser(method)
     weights = options.pop("tabor_weights", None)  # the keyword of earlier releases
     if weights is not None:
@@ -86,6 +112,8 @@ def scan(model: ModelLike, data: DataLike, *, method: str = "neural-cleanse",
         notes.append("the model file was loaded with --trust-model: its TorchScript code was NOT "
                      "checked, so the model may behave differently outside this scan")
     result.warnings.extend(notes)
+    if decision == "verdict":
+        _decide(result, resolved.module, x, y, dataset.num_classes, seed)
     result.extra["data"] = {"name": dataset.name, "sha256": dataset.sha256}
     result.extra["model_trust"] = trust
     if truth is not None:

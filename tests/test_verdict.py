@@ -1,0 +1,94 @@
+"""The combined verdict on hand-made evidence, its JSON, and --decision verdict end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+from typer.testing import CliRunner
+
+from trojanscan.cli import app
+from trojanscan.defenses.mmbd import MarginEvidence
+from trojanscan.defenses.pairs import PairEvidence, PairResult
+from trojanscan.defenses.scan_result import LabelResult, ScanResult
+from trojanscan.defenses.verdict import Verdict, decide, injected_pairs, size_ratio_p_value
+from trojanscan.fileio import to_jsonable
+from trojanscan.models import save_model
+
+
+def _scan(norms: list[float]) -> ScanResult:
+    labels = [LabelResult(k, n, 1.0, True, 10, 100, 0.1, "done", 1e-3, torch.zeros(8, 8),
+                          torch.zeros(1, 8, 8)) for k, n in enumerate(norms)]
+    return ScanResult("neural-cleanse", labels, [], False, math.nan, 2.0, math.nan, math.nan, {}, 0,
+                      "m", "d", 1.0, "[0, 1] pixels")
+
+
+def _margins(stats: list[float], p: float, flagged: list[int] | None = None) -> MarginEvidence:
+    return MarginEvidence(stats, p, flagged if flagged is not None else [], {})
+
+
+def _pairs(rows: list[tuple[int, int, float, float]], k: int = 10) -> PairEvidence:
+    return PairEvidence([PairResult(s, t, f, 1.0, b, 1.0) for s, t, f, b in rows], k, 1.0, 100)
+
+
+FLAT = [30.0, 31, 29, 33, 28, 32, 30, 31, 29, 30]
+
+
+def test_a_clean_model_is_clean():
+    v = decide(_scan(FLAT), _margins([40.0] * 9 + [41.0], 0.6),
+               _pairs([(s, (s + 1) % 10, 15.0, 14.0) for s in range(10)]))
+    assert (v.verdict, v.targets, v.kind) == ("clean", [], None) and not v.infected
+    assert v.score == 1.0
+
+
+def test_a_small_trigger_is_an_all_to_one_backdoor_with_its_target():
+    v = decide(_scan([6.0, *FLAT[1:]]), _margins([40.0] * 10, 0.5))
+    assert (v.verdict, v.targets, v.kind) == ("backdoored", [0], "all-to-one")
+    assert v.score == min(1.0, 2 * size_ratio_p_value(6.0 / 30.0))
+
+
+def test_two_small_triggers_are_a_multi_target_backdoor():
+    v = decide(_scan([6.0, 30, 7.0, *FLAT[3:]]))
+    assert (v.verdict, v.targets, v.kind) == ("backdoored", [0, 2], "multi-target")
+
+
+def test_a_large_margin_catches_what_the_trigger_size_misses():
+    v = decide(_scan(FLAT), _margins([30.0] * 9 + [90.0], 0.001, [9]))
+    assert (v.verdict, v.targets) == ("backdoored", [9])
+    weak = decide(_scan(FLAT), _margins([30.0] * 9 + [45.0], 0.1))
+    assert (weak.verdict, weak.targets) == ("suspicious", [9])
+
+
+def test_asymmetric_pairs_from_most_sources_are_all_to_all():
+    rows = [(s, (s + 1) % 10, 8.0, 25.0) for s in range(10)]  # small forward, 3× larger reverse
+    rows += [(s, (s + 5) % 10, 20.0, 21.0) for s in range(10)]  # the model's typical pairs
+    v = decide(_scan(FLAT), pairs=_pairs(rows))
+    assert v.verdict == "backdoored" and v.kind == "all-to-all" and v.targets == list(range(10))
+    assert len(injected_pairs(_pairs(rows))) == 10
+    symmetric = [(s, (s + 1) % 10, 8.0, 9.0) for s in range(10)] + rows[10:]
+    assert decide(_scan(FLAT), pairs=_pairs(symmetric)).verdict == "clean"  # natural: easy both ways
+    one = [rows[0], *rows[10:]]
+    lone = decide(_scan(FLAT), pairs=_pairs(one))
+    assert (lone.verdict, lone.kind, lone.targets) == ("suspicious", "source-specific", [1])
+
+
+def test_the_verdict_round_trips_through_json():
+    v = decide(_scan([6.0, *FLAT[1:]]), _margins([40.0] * 10, 0.5),
+               _pairs([(0, 1, 8.0, 25.0), (1, 2, 20.0, 21.0), (2, 3, 20.0, 20.0)]))
+    back = Verdict.from_dict(json.loads(json.dumps(to_jsonable(v.to_dict()))))
+    assert to_jsonable(back.to_dict()) == to_jsonable(v.to_dict())
+
+
+def test_decision_verdict_from_the_command_line(trojaned_digits, tmp_path):
+    model = tmp_path / "m.safetensors"
+    save_model(trojaned_digits.model, model)
+    result = CliRunner().invoke(app, ["scan", str(model), "--data", "digits", "--clean-samples", "300",
+                                      "--steps", "60", "--decision", "verdict", "--out", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    assert "BACKDOORED" in result.output and "maximum margin" in result.output
+    scan = json.loads((tmp_path / "s" / "scan.json").read_text())
+    assert scan["infected"] and scan["flagged_labels"] == [0] and scan["verdict"]["kind"] == "all-to-one"
+    assert scan["paper"]["flagged_labels"] == [0] and "p_value" in scan["mm-bd"]
+    assert ScanResult.load(tmp_path / "s").extra["verdict"]["targets"] == [0]
+    assert "Verdict and its evidence" in (tmp_path / "s" / "report.html").read_text()
