@@ -19,3 +19,9 @@ class ProgressEvent:
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
+
+
+def callback(progress: ProgressCallback | bool | None) -> ProgressCallback | None:
+    """The callback itself, or None for ``True``/``False``/``None``: engines never draw, so a plain
+    flag means nothing to them (the workflows turn ``True`` into rendered bars)."""
+    return progress if callable(progress) else None

@@ -28,7 +28,7 @@ from trojanscan.models.taps import (
     rank_neurons,
     silenced,
 )
-from trojanscan.train import make_progress
+from trojanscan.progress import ProgressCallback, ProgressEvent, callback
 
 
 @dataclass
@@ -85,7 +85,7 @@ class _Scorer:
 def prune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, triggers: list[Trigger], *,
           layer: str | None = None, asr_threshold: float = 0.01, step: float = 0.01,
           max_fraction: float = 0.9, real_trigger: Trigger | None = None,
-          progress: bool = False) -> PruneResult:
+          progress: ProgressCallback | bool | None = None) -> PruneResult:
     """Prune ``model`` (a copy; the original is untouched) against the reversed ``triggers``.
 
     ``x, y`` are clean images with labels, used to rank neurons and measure each step; the real
@@ -119,12 +119,13 @@ def prune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, triggers: list[Tri
 
     curve = [measure(0)]
     k = 0
-    with make_progress(progress) as bar:
-        task = bar.add_task("pruning", total=limit, info="")
-        while curve[-1]["reversed_asr"] >= asr_threshold and k < limit:
-            k = min(limit, k + per_step)
-            curve.append(measure(k))
-            bar.update(task, completed=k, info=f"ASR {100 * curve[-1]['reversed_asr']:.1f}%")
+    report = callback(progress)
+    while curve[-1]["reversed_asr"] >= asr_threshold and k < limit:
+        k = min(limit, k + per_step)
+        curve.append(measure(k))
+        if report is not None:
+            report(ProgressEvent("pruning", k, limit, f"ASR {100 * curve[-1]['reversed_asr']:.1f}%",
+                                 done=curve[-1]["reversed_asr"] < asr_threshold or k >= limit))
     reached = curve[-1]["reversed_asr"] < asr_threshold
     prune_weights(where, order[:k])
     return PruneResult(model=pruned_model, layer=where.label, units=units,

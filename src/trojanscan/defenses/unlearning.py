@@ -13,6 +13,7 @@ from torch import nn
 
 from trojanscan.data.triggers import Trigger, stamp_each
 from trojanscan.errors import TrojanscanError
+from trojanscan.progress import ProgressCallback
 from trojanscan.train import TrainHistory, train_model, trainable_copy
 from trojanscan.validation import check_fraction
 
@@ -30,7 +31,7 @@ class UnlearnResult:
 def unlearn(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, triggers: list[Trigger],
             *, fraction: float = 0.1, stamp_fraction: float = 0.2, epochs: int = 1, lr: float = 1e-3,
             batch_size: int = 64, lr_schedule: str = "onecycle", seed: int = 0,
-            progress: bool = False) -> UnlearnResult:
+            progress: ProgressCallback | bool | None = None) -> UnlearnResult:
     """Fine-tune a copy of ``model``; the original is untouched.
 
     ``triggers`` are stamped round-robin on ``stamp_fraction`` of the chosen images (an empty list,

@@ -36,6 +36,7 @@ from trojanscan.metrics import attack_success_rate
 from trojanscan.models import ReferenceNet, save_model
 from trojanscan.models.wrappers import PLAIN_CONVENTION
 from trojanscan.report import mitigation_section, write_scan_report
+from trojanscan.report.progress import progress_bars
 from trojanscan.train import evaluate, predict
 from trojanscan.validation import check_choice
 from trojanscan.workflows.inputs import DataLike, ModelLike, Resolved, held_out, known_trigger, resolve
@@ -238,33 +239,35 @@ def repair(model: ModelLike, scan: ScanResult | str | os.PathLike, data: DataLik
                               "as TorchScript (.pt)")
     before = _scores(module, dataset, triggers, real)
     parts: dict[str, Any] = {}
-    if method == "prune":
-        x, y = _mitigation_images(dataset, samples, seed)
-        pruned = prune(module, x, y, triggers, layer=layer, asr_threshold=asr_threshold, step=step,
-                       max_fraction=max_fraction, real_trigger=real, progress=progress)
-        fixed = pruned.model
-        parts["layer"] = pruned.layer
-        parts["pruning"] = {"pruned": len(pruned.pruned), "units": pruned.units,
-                            "fraction": pruned.fraction, "reached": pruned.reached,
-                            "asr_threshold": asr_threshold, "neurons": pruned.pruned,
-                            "curve": pruned.curve}
-        params = {"layer": layer, "samples": samples, "asr_threshold": asr_threshold, "step": step,
-                  "max_fraction": max_fraction}
-    else:
-        settings = {"fraction": fraction, "stamp_fraction": stamp_fraction, "epochs": epochs, "lr": lr,
-                    "batch_size": batch_size, "seed": seed}
-        done = unlearn(module, dataset.x_train, dataset.y_train, triggers, progress=progress, **settings)
-        fixed = done.model
-        parts["unlearning"] = {"images": done.images, "stamped": done.stamped, "loss": done.history.loss}
-        if baselines:
-            parts["baselines"] = {"clean-only": _scores(unlearn(
-                module, dataset.x_train, dataset.y_train, [], progress=progress, **settings).model,
-                dataset, triggers, real)}
-            if real is not None:
-                parts["baselines"]["real-trigger"] = _scores(unlearn(
-                    module, dataset.x_train, dataset.y_train, [real], progress=progress, **settings).model,
-                    dataset, triggers, real)
-        params = settings
+    with progress_bars(progress is True) as bars:
+        progress = progress if callable(progress) else bars
+        if method == "prune":
+            x, y = _mitigation_images(dataset, samples, seed)
+            pruned = prune(module, x, y, triggers, layer=layer, asr_threshold=asr_threshold, step=step,
+                           max_fraction=max_fraction, real_trigger=real, progress=progress)
+            fixed = pruned.model
+            parts["layer"] = pruned.layer
+            parts["pruning"] = {"pruned": len(pruned.pruned), "units": pruned.units,
+                                "fraction": pruned.fraction, "reached": pruned.reached,
+                                "asr_threshold": asr_threshold, "neurons": pruned.pruned,
+                                "curve": pruned.curve}
+            params = {"layer": layer, "samples": samples, "asr_threshold": asr_threshold, "step": step,
+                      "max_fraction": max_fraction}
+        else:
+            settings = {"fraction": fraction, "stamp_fraction": stamp_fraction, "epochs": epochs, "lr": lr,
+                        "batch_size": batch_size, "seed": seed}
+            done = unlearn(module, dataset.x_train, dataset.y_train, triggers, progress=progress, **settings)
+            fixed = done.model
+            parts["unlearning"] = {"images": done.images, "stamped": done.stamped, "loss": done.history.loss}
+            if baselines:
+                parts["baselines"] = {"clean-only": _scores(unlearn(
+                    module, dataset.x_train, dataset.y_train, [], progress=progress, **settings).model,
+                    dataset, triggers, real)}
+                if real is not None:
+                    parts["baselines"]["real-trigger"] = _scores(unlearn(
+                        module, dataset.x_train, dataset.y_train, [real], progress=progress,
+                        **settings).model, dataset, triggers, real)
+            params = settings
     record = _record("repair", method, setup, seed, start, params, before=before,
                      after=_scores(fixed, dataset, triggers, real), model=resolved.unwrap(fixed), **parts)
     if out is not None:

@@ -18,7 +18,9 @@ from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import sha256_file
 from trojanscan.models import build_model, default_arch, save_model
 from trojanscan.models.io import TORCHSCRIPT_SUFFIXES
+from trojanscan.progress import ProgressCallback
 from trojanscan.randomness import seed_everything
+from trojanscan.report.progress import progress_bars
 from trojanscan.train import TrainHistory, evaluate, train_model
 from trojanscan.validation import check_model_fits
 from trojanscan.workflows.inputs import DataLike, ModelLike, as_dataset, known_trigger, resolve
@@ -63,7 +65,7 @@ def make_attack(name: str, kind: type[Attack] = PoisoningAttack, **kwargs: Any) 
 def train_classifier(data: Dataset, arch: str | None = None, *, epochs: int = 5,
                      batch_size: int = 128, lr: float = 1e-3,
                      attack: PoisoningAttack | None = None, seed: int = 0,
-                     progress: bool = True) -> TrainResult:
+                     progress: bool | ProgressCallback = True) -> TrainResult:
     """Train a reference net on ``data``, poisoned by ``attack`` when one is given.
 
     Example::
@@ -82,8 +84,9 @@ def train_classifier(data: Dataset, arch: str | None = None, *, epochs: int = 5,
         p = attack.poison(x, y, data.num_classes, trigger)
         x, y, poisoned = p.x, p.y, len(p.poisoned_indices)
     start = time.perf_counter()
-    history = train_model(model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                          progress=progress)
+    with progress_bars(progress is True) as bars:
+        history = train_model(model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                              progress=progress if callable(progress) else bars)
     seconds = time.perf_counter() - start
     scores = evaluate(model, data.x_test, data.y_test, trigger)
     params = {"arch": arch, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
