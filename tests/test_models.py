@@ -127,7 +127,20 @@ def test_safetensors_weights_must_fit_the_architecture(tmp_path):
 
 
 def test_all_architectures_are_listed():
-    assert set(ARCHITECTURES) == {"mnist-cnn", "gtsrb-cnn", "cifar-cnn"}
+    assert set(ARCHITECTURES) == {"mnist-cnn", "gtsrb-cnn", "cifar-cnn", "mlp", "resnet-small",
+                                  "mobilenet-small"}
+
+
+@pytest.mark.parametrize("arch", ["mlp", "resnet-small", "mobilenet-small"])
+def test_new_families_round_trip_through_both_formats(arch, tmp_path):
+    from trojanscan import build_model, load_model, save_model
+
+    model = build_model(arch, 10, (1, 16, 16)).eval()
+    x = torch.rand(4, 1, 16, 16)
+    for suffix in (".safetensors", ".pt"):
+        path = save_model(model, tmp_path / f"m{suffix}")
+        loaded = load_model(path, input_shape=(1, 16, 16))
+        assert torch.allclose(loaded.module(x), model(x), atol=1e-5) and loaded.trust_label == "checked"
 
 
 # --- frozen copies for fast inference ---------------------------------------------------------------

@@ -4,14 +4,18 @@ Every payload would create ``pwned`` in the test's folder if it ran (or leak a f
 tell a scan from deployment). Each must be refused by ``load_model`` with a one-line
 TrojanscanError naming the file (and for code, the method and the operator), and by the CLI with
 exit status 2, one line on stderr and no traceback; the marker must never exist afterwards.
+The probe is also tested as a sandbox on its own (payloads the checker would refuse, run anyway):
+a victim file must come out of it intact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import pickle
 import struct
+import sys
 import time
 import warnings
 import zipfile
@@ -25,6 +29,7 @@ from torch import Tensor, nn
 from typer.testing import CliRunner
 
 from trojanscan import TrojanscanError, build_model, load_model, save_model
+from trojanscan.models import io as model_io
 from trojanscan.models import trust
 
 SHAPE = (1, 16, 16)  # the digits data's images
@@ -180,6 +185,136 @@ class NeverReturns(nn.Module):
         while x.size(0) > 2:
             x = x + 1
         return self.fc(x.flatten(1))
+
+
+@torch.jit.script
+class Counter:
+    """A scripted helper object: its state lives on between the model's calls."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def bump(self) -> int:
+        self.n += 1
+        return self.n
+
+
+class ScriptedHelperState(nn.Module):
+    """Counts its calls in a scripted helper object: clean for the scan, backdoored later."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counter = Counter()
+        self.fc = nn.Linear(256, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.fc(x.flatten(1))
+        if self.counter.bump() > 100000:
+            return out * 0.0 + 100.0
+        return out
+
+
+def _bump(t: Tensor) -> Tensor:
+    return t.add_(1.0)
+
+
+class HelperChangesBuffer(nn.Module):
+    """Hands its own buffer to a function that changes it in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(256, 10)
+        self.register_buffer("calls", torch.zeros(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        _bump(self.calls)
+        return self.fc(x.flatten(1)) + (self.calls > 100000).float() * 100.0
+
+
+class BatchNormStats(nn.Module):
+    """Uses batch_norm's running statistics, updated on every call, as a memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(256, 10)
+        self.register_buffer("seen_mean", torch.zeros(256))
+        self.register_buffer("seen_var", torch.ones(256))
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.flatten(1)
+        torch.batch_norm(flat, None, None, self.seen_mean, self.seen_var, True, 1.0, 1e-5, False)
+        return self.fc(flat) + self.seen_mean.mean()
+
+
+class AppendAliasState(nn.Module):
+    """Puts its own bias into a fresh list, then changes it through another name for the list."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(256, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        kept: list[Tensor] = []
+        alias = kept
+        alias.append(self.fc.bias)
+        kept[0].add_(1.0)
+        return self.fc(x.flatten(1))
+
+
+def _keep(items: list[Tensor], t: Tensor) -> None:
+    items.append(t)
+
+
+class StoreThroughHelper(nn.Module):
+    """A helper function puts its bias into a list; the list's item is then changed in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(256, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        kept: list[Tensor] = []
+        _keep(kept, self.fc.bias)
+        kept[0].add_(1.0)
+        return self.fc(x.flatten(1))
+
+
+class MmapWrite(nn.Module):
+    """Maps a file shared and writes into it: no write() call for RLIMIT_FSIZE to stop."""
+
+    def __init__(self, victim: str) -> None:
+        super().__init__()
+        self.fc = nn.Linear(256, 10)
+        self.victim = victim
+
+    def forward(self, x: Tensor) -> Tensor:
+        mapped = torch.from_file(self.victim, True, 8, dtype=torch.uint8)
+        mapped.fill_(88)
+        return self.fc(x.flatten(1)) + mapped.float().sum() * 0.0
+
+
+class HangsOnTwo(nn.Module):
+    """Never returns on a batch of exactly 2 (what check_model_fits tries first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(256, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        while x.size(0) == 2:
+            x = x + 1
+        return self.fc(x.flatten(1))
+
+
+class ImplicitSoftmax(nn.Module):
+    """Compiles torch's own softmax warning into the archive: the carrier for a forged message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(256, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.softmax(self.fc(x.flatten(1)))
 
 
 class Benign(nn.Module):
@@ -396,6 +531,16 @@ def _edit_code(src: Path, dst: Path, old: str, new: str) -> Path:
     return _rewrite(src, dst, edit)
 
 
+def _edit_entry(src: Path, dst: Path, suffix: str, old: str, new: str) -> Path:
+    def edit(name: str, data: bytes) -> bytes:
+        if name.endswith(suffix):
+            text = data.decode()
+            assert old in text, text
+            return text.replace(old, new).encode()
+        return data
+    return _rewrite(src, dst, edit)
+
+
 def _root(path: Path) -> str:
     with zipfile.ZipFile(path) as z:
         return z.namelist()[0].split("/", 1)[0]
@@ -450,6 +595,18 @@ def marker(tmp_path):
     assert not m.exists(), "a payload ran: the marker file exists"
 
 
+def _lying_metadata(path: Path, **claims: object) -> Path:
+    meta = {"arch": "mnist-cnn", "num_classes": 10, "input_shape": [1, 16, 16], "mean": [0.5],
+            "std": [0.5], "format_version": "1", **claims}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.zeros(1)}, str(path), metadata={"trojanscan": json.dumps(meta)})
+    else:
+        torch.save({"state_dict": {"w": torch.zeros(1)}, **meta}, path)
+    return path
+
+
 def _corpus(tmp: Path, marker: Path) -> dict[str, tuple[Path, tuple[str, ...]]]:
     """name → (file, substrings the one-line refusal must contain)."""
     m = str(marker)
@@ -489,8 +646,62 @@ def _corpus(tmp: Path, marker: Path) -> dict[str, tuple[Path, tuple[str, ...]]]:
                                    '    _1 = ops.profiler._record_function_enter("x", None)\n'
                                    + RETURN),
                         ("Benign.forward", "profiler::_record_function_enter", "profiler hook")),
+        # names TorchScript would read as its own, rebound later in the method (or in a
+        # comprehension) so that a per-method "is it local?" check is fooled
+        "late-torch-save": (_edit_code(benign, tmp / "late_torch.pt", RETURN,
+                                       "    if torch.eq(torch.size(x, 0), 2):\n"
+                                       "      f = torch.save\n      f(x, self.marker)\n"
+                                       "    torch = x\n" + RETURN),
+                            ("Benign.forward", "reserved name 'torch'")),
+        "late-print": (_edit_code(benign, tmp / "late_print.pt", RETURN,
+                                  '    print("pwned")\n    print = 1\n' + RETURN),
+                       ("Benign.forward", "reserved name 'print'")),
+        "comprehension-shadows-ops": (_edit_code(benign, tmp / "comp_ops.pt", RETURN,
+                                                 "    _9 = [0 for ops in [1]]\n"
+                                                 "    f = ops.aten.save\n    f(x, self.marker)\n"
+                                                 + RETURN),
+                                      ("Benign.forward", "reserved name 'ops'")),
+        # a method taken as a value, called later: the call is never checked by name
+        "bound-method": (_edit_code(benign, tmp / "bound_method.pt", RETURN,
+                                    "    f = x.as_strided\n    _9 = f([1], [1])\n" + RETURN),
+                         ("Benign.forward", "as_strided")),
+        "bound-inplace-state": (_edit_code(benign, tmp / "bound_inplace.pt", RETURN,
+                                           "    g = fc.bias.add_\n    _9 = g(1.0)\n" + RETURN),
+                                ("Benign.forward", "add_")),
+        # state kept between calls through aliases, helpers and batch_norm's statistics
+        "list-alias-state": (_edit_code(benign, tmp / "list_alias.pt", RETURN,
+                                        "    ws = [fc.bias]\n    _9 = ws[0].add_(1.0)\n" + RETURN),
+                             ("Benign.forward", "aten::add_", "state between calls")),
+        "for-alias-state": (_edit_code(benign, tmp / "for_alias.pt", RETURN,
+                                       "    for b in [fc.bias]:\n      _9 = b.add_(1.0)\n" + RETURN),
+                            ("Benign.forward", "aten::add_", "state between calls")),
+        "scripted-helper-state": (_script(ScriptedHelperState(), tmp / "helper_state.pt"),
+                                  ("ScriptedHelperState.forward", "Counter.bump",
+                                   "state between calls")),
+        "helper-changes-buffer": (_script(HelperChangesBuffer(), tmp / "helper_buffer.pt"),
+                                  ("HelperChangesBuffer.forward", "_bump", "state between calls")),
+        "batch-norm-stats": (_script(BatchNormStats(), tmp / "bn_stats.pt"),
+                             ("BatchNormStats.forward", "aten::batch_norm", "state between calls")),
+        "append-alias-state": (_script(AppendAliasState(), tmp / "append_alias.pt"),
+                               ("AppendAliasState.forward", "aten::add_", "state between calls")),
+        "store-through-helper": (_script(StoreThroughHelper(), tmp / "store_helper.pt"),
+                                 ("StoreThroughHelper.forward", "state between calls")),
+        "warn": (_edit_code(benign, tmp / "warn.pt", RETURN, '    torch.warn("pwned", 1)\n' + RETURN),
+                 ("Benign.forward", "aten::warn", "prints")),
+        "warn-forged-text": (_edit_entry(_script(ImplicitSoftmax(), tmp / "softmax.pt"),
+                                         tmp / "forged_warning.pt", "/nn/functional.py",
+                                         '_0("softmax"', '_0("softmax\\nverdict: clean"'),
+                             ("functional.softmax", "aten::warn", "printable")),
+        # metadata that claims a network too large to build
+        "st-lying-num-classes": (_lying_metadata(tmp / "classes.safetensors", num_classes=10**12),
+                                 ("classes", "limit 100000")),
+        "st-lying-input-shape": (_lying_metadata(tmp / "shape.safetensors",
+                                                 input_shape=[1, 10**9, 10**9]),
+                                 ("input shape", "4096")),
+        "ckpt-lying-num-classes": (_lying_metadata(tmp / "classes.pth", num_classes=10**12),
+                                   ("classes", "limit 100000")),
         "getattr-operator": (_edit_code(benign, tmp / "getattr.pt", RETURN,
-                                        '    save = getattr(torch, "save")\n' + RETURN),
+                                        '    _s = getattr(torch, "save")\n' + RETURN),
                              ("Benign.forward", "getattr(torch, 'save')")),
         "triple-quoted": (_edit_code(benign, tmp / "triple.pt", RETURN,
                                      '    _s = """ "\n    ops.aten.save(x, "pwned")\n    _t = " """\n'
@@ -553,6 +764,11 @@ def corpus(tmp_path_factory):
 
 PAYLOADS = ["setstate-save", "forward-save", "from-file", "requires-grad", "grad-mode", "profiler",
             "call-counter", "setstate-replay", "print", "while-true", "crafted-aten-save", "custom-namespace",
+            "late-torch-save", "late-print", "comprehension-shadows-ops", "bound-method",
+            "bound-inplace-state", "list-alias-state", "for-alias-state", "scripted-helper-state",
+            "helper-changes-buffer", "batch-norm-stats", "append-alias-state", "store-through-helper",
+            "warn", "warn-forged-text", "st-lying-num-classes", "st-lying-input-shape",
+            "ckpt-lying-num-classes",
             "profiler-op", "getattr-operator", "triple-quoted", "duplicate-entry", "zip-bomb",
             "lying-zip-size", "too-many-entries", "st-offsets-beyond-file", "st-huge-header",
             "st-deep-header", "st-deep-metadata", "st-overlap", "st-bad-dtype", "st-duplicate-key",
@@ -562,7 +778,7 @@ PAYLOADS = ["setstate-save", "forward-save", "from-file", "requires-grad", "grad
 
 def test_the_corpus_is_complete(corpus):
     files, _ = corpus
-    assert sorted(files) == sorted(PAYLOADS) and len(PAYLOADS) >= 40
+    assert sorted(files) == sorted(PAYLOADS) and len(PAYLOADS) >= 57
 
 
 @pytest.mark.parametrize("name", PAYLOADS)
@@ -589,14 +805,108 @@ def test_a_forward_that_never_returns_is_refused_within_the_budget(tmp_path, mar
     assert time.monotonic() - start < 3.0 + trust.PROBE_LOAD_BUDGET_S
 
 
-def test_the_probe_process_cannot_write_files(tmp_path, monkeypatch):
-    """Defence in depth: were a writer to slip past the inspection, the probe would be stopped by
-    its file-size limit (a zero-byte file at most) before the scanner ever loads the model."""
-    marker = tmp_path / "pwned"
-    path = _script(ForwardSave(str(marker)), tmp_path / "fwd.pt")
-    with pytest.raises(TrojanscanError, match="crashed a separate process.*write a file"):
+def test_a_forward_that_hangs_only_on_a_batch_of_two_is_refused(tmp_path, monkeypatch):
+    """check_model_fits runs a batch of 2 first: the probe tries that size too."""
+    monkeypatch.setattr(trust, "PROBE_CALL_BUDGET_S", 3.0)
+    path = _script(HangsOnTwo(), tmp_path / "hang2.pt")
+    with pytest.raises(TrojanscanError, match=r"hang2.pt: refused: its forward did not return "
+                                              r"within 3 s on a batch of 2"):
+        load_model(path, input_shape=SHAPE)
+
+
+def _confined(result: trust.ProbeResult) -> None:
+    if "chroot" not in result.confinements:
+        pytest.skip(f"the platform does not allow the probe's chroot ({result.not_applied})")
+
+
+def test_the_probe_is_a_sandbox_a_truncating_write_cannot_reach_a_file(tmp_path):
+    """Defence in depth: a writer that slipped past the inspection (here the check is skipped)
+    runs in a process that sees only an empty folder, so the victim is not even truncated
+    (RLIMIT_FSIZE alone lets open(O_TRUNC) through)."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    path = _script(ForwardSave(str(victim)), tmp_path / "fwd.pt")
+    result = None
+    with contextlib.suppress(TrojanscanError):
+        result = trust.probe_torchscript(path, SHAPE)
+    assert victim.read_text() == "precious"
+    if result is not None:
+        _confined(result)
+
+
+def test_the_probe_is_a_sandbox_a_shared_mapping_cannot_write_a_file(tmp_path):
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(b"abcdefgh")
+    path = _script(MmapWrite(str(victim)), tmp_path / "mmap.pt")
+    with pytest.raises(TrojanscanError, match="from_file"):
+        trust.inspect_torchscript(path)  # the checker refuses it; the probe is tried regardless
+    result = None
+    with contextlib.suppress(TrojanscanError):
+        result = trust.probe_torchscript(path, SHAPE)
+    assert victim.read_bytes() == b"abcdefgh"
+    if result is not None:
+        _confined(result)
+        assert result.outcome != "ok"  # the file is not there to map
+
+
+def test_the_probe_records_what_confined_it(tmp_path):
+    path = _script(Benign("unused"), tmp_path / "benign.pt")
+    result = trust.probe_torchscript(path, SHAPE)
+    assert result.outcome == "ok" and result.batches == list(trust.PROBE_BATCH_SIZES)
+    assert 2 in result.batches
+    if sys.platform.startswith("linux"):
+        assert {"RLIMIT_FSIZE", "RLIMIT_CORE", "RLIMIT_AS"} <= set(result.confinements)
+    assert not set(result.confinements) & set(result.not_applied)
+
+
+def test_a_probe_that_cannot_import_torch_is_a_setup_problem_not_the_files(tmp_path, monkeypatch):
+    path = _script(Benign("unused"), tmp_path / "benign.pt")
+    monkeypatch.setattr(sys, "path", ["/nonexistent-trojanscan-test"])
+    with pytest.raises(TrojanscanError) as caught:
         trust.probe_torchscript(path, SHAPE)
-    assert not marker.exists() or marker.stat().st_size == 0
+    monkeypatch.undo()
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{path}: ")
+    assert "setup" in message and "not a loadable" not in message, message
+
+
+def test_the_probe_keeps_the_loader_variables(monkeypatch):
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/cuda/lib64")
+    monkeypatch.setenv("VIRTUAL_ENV", "/opt/venv")
+    monkeypatch.setenv("SECRET_TOKEN", "hunter2")
+    env = trust._probe_env("/work")
+    assert env["LD_LIBRARY_PATH"] == "/opt/cuda/lib64" and env["VIRTUAL_ENV"] == "/opt/venv"
+    assert "SECRET_TOKEN" not in env and env["HOME"] == "/work"
+
+
+def test_an_empty_operator_registry_fails_closed(tmp_path, monkeypatch):
+    path = _script(Benign("unused"), tmp_path / "benign.pt")
+    monkeypatch.setattr(trust, "_registered_operator_names", lambda: frozenset())
+    with pytest.raises(TrojanscanError) as caught:
+        trust.inspect_torchscript(path)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{path}: ")
+    assert "does not support torch" in message
+
+
+def test_every_format_is_read_and_hashed_from_the_private_copy(tmp_path, monkeypatch):
+    """What is checked is what is loaded and hashed: never the user's path, which could change."""
+    read: list[str] = []
+    real_load_file, real_torch_load, real_sha = model_io.load_file, torch.load, model_io.sha256_file
+    monkeypatch.setattr(model_io, "load_file", lambda p, *a, **k: read.append(str(p))
+                        or real_load_file(p, *a, **k))
+    monkeypatch.setattr(torch, "load", lambda p, *a, **k: read.append(str(p))
+                        or real_torch_load(p, *a, **k))
+    monkeypatch.setattr(model_io, "sha256_file", lambda p: read.append(str(p)) or real_sha(p))
+    model = build_model("mnist-cnn", 10, SHAPE).eval()
+    st = save_model(model, tmp_path / "m.safetensors")
+    ckpt = tmp_path / "m.pth"
+    torch.save(model.state_dict(), ckpt)
+    for path, kwargs in ((st, {}), (ckpt, {"arch": "mnist-cnn", "input_shape": SHAPE})):
+        read.clear()
+        loaded = load_model(path, **kwargs)
+        assert len(read) == 2 and all(p != str(path) and "trojanscan-model-" in p for p in read), read
+        assert loaded.sha256 == real_sha(path)
 
 
 # --- what must still load -----------------------------------------------------------------------------
@@ -616,6 +926,8 @@ def test_reference_nets_load_unchanged(tmp_path, arch, shape, k):
     assert loaded.format == "torchscript" and loaded.spec.arch == arch
     assert loaded.checked and not loaded.trusted and loaded.trust_label == "checked"
     assert loaded.inspection["code_files"] > 0 and loaded.inspection["operators"] > 0
+    assert loaded.inspection["probe"]["outcome"] == "ok"
+    assert loaded.trust_record()["inspection"]["probe"]["confinements"]
     _same_logits(model, loaded.module, shape)
 
 
@@ -662,7 +974,8 @@ def test_allow_list_and_limits_are_documented_constants():
 # --- the command line --------------------------------------------------------------------------------
 
 CLI_PAYLOADS = ["setstate-save", "forward-save", "custom-namespace", "requires-grad", "pickle-2.pt",
-                "pickle-0.pth", "pickle-5.safetensors", "st-deep-metadata", "zip-bomb"]
+                "pickle-0.pth", "pickle-5.safetensors", "st-deep-metadata", "zip-bomb", "late-torch-save",
+                "st-lying-num-classes"]
 
 
 @pytest.mark.parametrize("command", ["evaluate", "scan"])
@@ -706,3 +1019,21 @@ def test_cli_trust_model_is_explicit_and_recorded(trojaned_digits, tmp_path):
     result = json.loads((tmp_path / "s" / "scan.json").read_text())
     assert result["model_trust"]["trust"] == "checked"
     assert "Model file:</dt> <dd>checked" in (tmp_path / "s" / "report.html").read_text()
+
+
+class OrdinaryNames(nn.Module):
+    """Builtin and attribute names as ordinary variables: not a payload."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(256, 10)
+
+    def forward(self, input: Tensor) -> Tensor:
+        data = input.flatten(1)
+        max = self.fc(data)
+        return torch.relu(max)
+
+
+def test_ordinary_variable_names_are_not_refused(tmp_path):
+    path = _script(OrdinaryNames(), tmp_path / "names.pt")
+    assert load_model(path, input_shape=SHAPE).trust_label == "checked"

@@ -32,6 +32,8 @@ from trojanscan.models import trust
 from trojanscan.models.architectures import ArchSpec, ReferenceNet, build_model
 
 FORMAT_VERSION = "1"
+MAX_NUM_CLASSES = 100_000  # what a file's metadata may claim
+MAX_INPUT_DIM = 4096  # each of C, H, W
 TORCHSCRIPT_SUFFIXES = (".pt", ".ts", ".torchscript", ".jit")
 META_FILE = "trojanscan.json"  # the metadata entry inside a TorchScript archive
 
@@ -48,7 +50,7 @@ class LoadedModel:
     metadata: dict[str, Any] = field(default_factory=dict)
     trusted: bool = False  # the caller vouched for the file (load_model(..., trusted=True))
     checked: bool = True  # its contents passed the trust policy's checks before it was loaded
-    inspection: dict[str, Any] | None = None  # what the TorchScript inspection saw, if it ran
+    inspection: dict[str, Any] | None = None  # what the TorchScript inspection and probe saw
 
     @property
     def trust_label(self) -> str:
@@ -123,16 +125,67 @@ def save_model(model: nn.Module, path: str | os.PathLike,
 
 
 def _spec_from_meta(meta: dict[str, Any], path: Path) -> ArchSpec:
+    """The architecture a file's metadata states, with its claims bounded (a file may lie)."""
     try:
-        return ArchSpec(str(meta["arch"]), int(meta["num_classes"]),
-                        tuple(int(s) for s in meta["input_shape"]),  # type: ignore[arg-type]
-                        [float(m) for m in meta["mean"]], [float(s) for s in meta["std"]])
-    except (KeyError, TypeError, ValueError) as e:
+        num_classes = int(meta["num_classes"])
+        shape = meta["input_shape"]
+        if not isinstance(shape, (list, tuple)) or len(shape) > 4:
+            raise ValueError("input_shape")
+        input_shape = tuple(int(s) for s in shape)
+        mean, std = meta["mean"], meta["std"]
+        if not isinstance(mean, (list, tuple)) or not isinstance(std, (list, tuple)) or max(
+                len(mean), len(std)) > MAX_INPUT_DIM:
+            raise ValueError("mean/std")
+        spec = ArchSpec(str(meta["arch"]), num_classes, input_shape,  # type: ignore[arg-type]
+                        [float(m) for m in mean], [float(s) for s in std])
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise TrojanscanError(f"{path}: model metadata is incomplete ({e!r} missing or bad)") from None
+    if not 1 <= num_classes <= MAX_NUM_CLASSES:
+        raise trust.refused(path, f"its metadata claims {trust._shown(num_classes, 40)} classes "
+                                  f"(limit {MAX_NUM_CLASSES})")
+    if not all(1 <= s <= MAX_INPUT_DIM for s in input_shape):
+        raise trust.refused(path, f"its metadata claims input shape "
+                                  f"{trust._shown(input_shape, 60)} (each dimension 1..{MAX_INPUT_DIM})")
+    return spec
+
+
+def _build(spec: ArchSpec, path: Path) -> nn.Module:
+    try:
+        return build_model(spec.arch, spec.num_classes, spec.input_shape, spec.mean, spec.std)
+    except TrojanscanError as e:
+        raise TrojanscanError(f"{path}: {e}") from None
+    except (RuntimeError, MemoryError, ValueError, OverflowError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrojanscanError(f"{path}: cannot build architecture {spec.arch!r} from the file's "
+                              f"metadata ({trust._shown(first, 120)})") from None
 
 
 def _build_and_fill(spec: ArchSpec, state: dict[str, torch.Tensor], path: Path) -> nn.Module:
-    model = build_model(spec.arch, spec.num_classes, spec.input_shape, spec.mean, spec.std)
+    """Build the stated architecture and load the file's weights into it.
+
+    The architecture is first built on the meta device (no memory) and its tensor shapes compared
+    with the file's, so metadata that claims a huge network is refused before anything is
+    allocated: the real network is then no larger than the weights the file holds.
+    """
+    try:
+        with torch.device("meta"):
+            skeleton = build_model(spec.arch, spec.num_classes, spec.input_shape, spec.mean, spec.std)
+    except TrojanscanError as e:
+        raise TrojanscanError(f"{path}: {e}") from None
+    except Exception:  # an architecture that cannot be built on the meta device: the checks below
+        skeleton = None
+    if skeleton is not None:
+        expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
+        if missing or unexpected or wrong:
+            detail = (f"size mismatch for {wrong[0]}: the file has shape {tuple(state[wrong[0]].shape)}, "
+                      f"the architecture {expected[wrong[0]]}" if wrong else
+                      f"missing key(s) {', '.join(missing[:3])}" if missing else
+                      f"unexpected key(s) {', '.join(trust._shown(k, 60) for k in unexpected[:3])}")
+            raise TrojanscanError(f"{path}: weights do not fit architecture {spec.arch!r} ({detail})")
+    model = _build(spec, path)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -142,11 +195,11 @@ def _build_and_fill(spec: ArchSpec, state: dict[str, torch.Tensor], path: Path) 
     return model
 
 
-def _load_safetensors(path: Path) -> tuple[nn.Module, ArchSpec, dict]:
-    header = trust.check_safetensors(path)  # bounded header, dtypes, offsets: before the library
+def _load_safetensors(copy: Path, path: Path) -> tuple[nn.Module, ArchSpec, dict]:
+    header = trust.check_safetensors(copy, path)  # bounded header, dtypes, offsets: before the library
     raw = (header.get("__metadata__") or {}).get("trojanscan")
     try:
-        state = load_file(str(path))
+        state = load_file(str(copy))
     except (SafetensorError, OSError, ValueError) as e:
         raise TrojanscanError(f"{path}: corrupt safetensors file ({trust._shown(e, 160)})") from None
     if raw is None:
@@ -178,31 +231,30 @@ def _probe_shape(input_shape: tuple[int, ...] | None, meta: dict[str, Any]) -> t
     return None
 
 
-def _load_torchscript(path: Path, input_shape: tuple[int, ...] | None,
-                      trusted: bool) -> tuple[nn.Module, dict, str, dict[str, Any] | None]:
-    """Inspect (unless trusted), probe in a child process, then load a private copy.
+def _load_torchscript(copy: Path, path: Path, input_shape: tuple[int, ...] | None,
+                      trusted: bool) -> tuple[nn.Module, dict, dict[str, Any] | None]:
+    """Inspect (unless trusted), probe in a confined child process, then load ``copy``, the
+    private copy of ``path``.
 
-    Returns the module, its trojanscan metadata, the sha256 of the bytes loaded and the
-    inspection summary (None when trusted).
+    Returns the module, its trojanscan metadata and what the inspection and the probe saw (None
+    when trusted).
     """
     if trusted:
-        with trust.private_copy(path) as copy:
-            try:
-                with trust.open_zip(copy, path) as zf:
-                    info = next((i for i in zf.infolist()
-                                 if i.filename.endswith(f"/extra/{META_FILE}")), None)
-                    raw = trust.read_entry(zf, info, trust.MAX_EXTRA_BYTES, path) if info else b""
-            except TrojanscanError:
-                raw = b""  # trusted: the metadata is a convenience, the loader decides
-            module = _jit_load(copy, path)
-            meta = _parse_meta(raw, path) if raw else {}
-            return module, meta, sha256_file(copy), None
-    with trust.private_copy(path) as copy:  # what is checked is exactly what is loaded
-        inspection = trust.inspect_torchscript(copy, path, META_FILE)
-        meta = _parse_meta(inspection.metadata, path) if inspection.metadata else {}
-        trust.probe_torchscript(copy, _probe_shape(input_shape, meta), path)
+        try:
+            with trust.open_zip(copy, path) as zf:
+                info = next((i for i in zf.infolist()
+                             if i.filename.endswith(f"/extra/{META_FILE}")), None)
+                raw = trust.read_entry(zf, info, trust.MAX_EXTRA_BYTES, path) if info else b""
+        except TrojanscanError:
+            raw = b""  # trusted: the metadata is a convenience, the loader decides
         module = _jit_load(copy, path)
-        return module, meta, sha256_file(copy), inspection.to_dict()
+        meta = _parse_meta(raw, path) if raw else {}
+        return module, meta, None
+    inspection = trust.inspect_torchscript(copy, path, META_FILE)
+    meta = _parse_meta(inspection.metadata, path) if inspection.metadata else {}
+    probe = trust.probe_torchscript(copy, _probe_shape(input_shape, meta), path)
+    module = _jit_load(copy, path)
+    return module, meta, {**inspection.to_dict(), "probe": probe.to_dict()}
 
 
 def _parse_meta(raw: str | bytes, path: Path) -> dict[str, Any]:
@@ -212,13 +264,13 @@ def _parse_meta(raw: str | bytes, path: Path) -> dict[str, Any]:
     return meta
 
 
-def _load_checkpoint(path: Path, arch: str | None,
+def _load_checkpoint(copy: Path, path: Path, arch: str | None,
                      input_shape: tuple[int, ...] | None) -> tuple[nn.Module, ArchSpec, dict]:
-    trust.check_checkpoint(path)  # size; for the zip format the archive limits
+    trust.check_checkpoint(copy, path)  # size; for the zip format the archive limits
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "pickle protocol 4" chatter
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            obj = torch.load(str(copy), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()
         detail = next((ln.strip() for ln in reason if "GLOBAL" in ln or "Unsupported" in ln),
@@ -258,8 +310,9 @@ def _load_checkpoint(path: Path, arch: str | None,
     return _build_and_fill(spec, obj, path), spec, meta
 
 
-def sniff_model_format(path: Path) -> str:
-    """Tell the format from the file's first bytes, not its name."""
+def sniff_model_format(path: Path, shown: object | None = None) -> str:
+    """Tell the format from the file's first bytes, not its name (``shown``: the name for messages)."""
+    shown = path if shown is None else shown
     with open(path, "rb") as f:
         head = f.read(16)
     if len(head) >= 9 and head[8:9] == b"{":
@@ -268,9 +321,9 @@ def sniff_model_format(path: Path) -> str:
         try:
             entries, cd_size, _ = trust.zip_directory_stats(path)  # before building the directory
             if entries > trust.MAX_ZIP_ENTRIES or cd_size > trust.MAX_CENTRAL_DIRECTORY_BYTES:
-                raise trust.refused(path, f"the archive has {entries} entries in a {cd_size}-byte "
-                                          f"directory (limits {trust.MAX_ZIP_ENTRIES} entries, "
-                                          f"{trust.MAX_CENTRAL_DIRECTORY_BYTES} bytes)")
+                raise trust.refused(shown, f"the archive has {entries} entries in a {cd_size}-byte "
+                                           f"directory (limits {trust.MAX_ZIP_ENTRIES} entries, "
+                                           f"{trust.MAX_CENTRAL_DIRECTORY_BYTES} bytes)")
             with zipfile.ZipFile(path) as z:
                 names = z.namelist()
         except TrojanscanError:
@@ -308,33 +361,34 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None,
     size = path.stat().st_size
     if size > trust.MAX_MODEL_BYTES:
         raise trust.refused(path, f"the file is {size} bytes (limit {trust.MAX_MODEL_BYTES})")
-    fmt = sniff_model_format(path)
-    if path.suffix == ".safetensors" and fmt != "safetensors":
-        what = {"checkpoint": "a pickle", "torchscript": "a TorchScript archive",
-                "onnx": "an ONNX model", "corrupt": "a corrupt zip archive"}.get(fmt, "something else")
-        raise trust.refused(path, f"it is named .safetensors but holds {what}; a safetensors file "
-                                  "starts with an 8-byte header length and a JSON header")
-    spec: ArchSpec | None = None
-    checked = True
-    inspection: dict[str, Any] | None = None
-    sha: str | None = None
-    if fmt == "safetensors":
-        module, spec, meta = _load_safetensors(path)
-    elif fmt == "torchscript":
-        module, meta, sha, inspection = _load_torchscript(path, input_shape, trusted)
-        checked = not trusted
-        if "arch" in meta:
-            spec = _spec_from_meta(meta, path)
-    elif fmt == "checkpoint":
-        module, spec, meta = _load_checkpoint(path, arch, input_shape)
-    elif fmt == "onnx":
-        raise TrojanscanError(f"{path}: ONNX models are not supported yet; export to TorchScript")
-    elif fmt == "corrupt":
-        raise TrojanscanError(f"{path}: corrupt zip archive; not a model file trojanscan can read")
-    else:
-        raise TrojanscanError(
-            f"{path}: not a model file trojanscan can read (TorchScript, safetensors, or a "
-            "weights-only PyTorch checkpoint)")
+    with trust.private_copy(path) as copy:  # what is checked is exactly what is loaded and hashed
+        fmt = sniff_model_format(copy, path)
+        if path.suffix == ".safetensors" and fmt != "safetensors":
+            what = {"checkpoint": "a pickle", "torchscript": "a TorchScript archive",
+                    "onnx": "an ONNX model", "corrupt": "a corrupt zip archive"}.get(fmt, "something else")
+            raise trust.refused(path, f"it is named .safetensors but holds {what}; a safetensors file "
+                                      "starts with an 8-byte header length and a JSON header")
+        spec: ArchSpec | None = None
+        checked = True
+        inspection: dict[str, Any] | None = None
+        if fmt == "safetensors":
+            module, spec, meta = _load_safetensors(copy, path)
+        elif fmt == "torchscript":
+            module, meta, inspection = _load_torchscript(copy, path, input_shape, trusted)
+            checked = not trusted
+            if "arch" in meta:
+                spec = _spec_from_meta(meta, path)
+        elif fmt == "checkpoint":
+            module, spec, meta = _load_checkpoint(copy, path, arch, input_shape)
+        elif fmt == "onnx":
+            raise TrojanscanError(f"{path}: ONNX models are not supported yet; export to TorchScript")
+        elif fmt == "corrupt":
+            raise TrojanscanError(f"{path}: corrupt zip archive; not a model file trojanscan can read")
+        else:
+            raise TrojanscanError(
+                f"{path}: not a model file trojanscan can read (TorchScript, safetensors, or a "
+                "weights-only PyTorch checkpoint)")
+        sha = sha256_file(copy)
     module.eval()
-    return LoadedModel(module, path, fmt, sha or sha256_file(path), spec, meta, trusted=trusted,
-                       checked=checked, inspection=inspection)
+    return LoadedModel(module, path, fmt, sha, spec, meta, trusted=trusted, checked=checked,
+                       inspection=inspection)

@@ -10,12 +10,19 @@ file may act on the machine when trojanscan opens or runs it:
   side-effect-free operators (:data:`ALLOWED_ATEN`, :data:`ALLOWED_PRIM`, :data:`ALLOWED_BUILTINS`):
   no file, stream or print operators, no profiler hooks, no custom operator namespaces, no
   autograd or grad-mode queries (a model that can tell a scan from deployment can evade it), no
-  ``__setstate__``/``__getstate__`` that does more than move attributes, no state kept between
-  calls, no loop that can never end. Its pickles (constants, tensors, debug tables) are walked
-  opcode by opcode and may name only tensor-rebuilding functions and the archive's own classes.
-  :func:`probe_torchscript` then loads the archive and runs a forward pass in a short-lived child
-  process (no file writes, a memory cap, an empty working directory, a minimal environment) with a
-  time budget, so a model that hangs or crashes is refused in one line instead of hanging the scan.
+  ``__setstate__``/``__getstate__`` that does more than move attributes, no loop that can never
+  end. Names are resolved in program order; TorchScript's own names (:data:`RESERVED_NAMES`) may
+  not be rebound, an operator or method is only ever called, never taken as a value, and only
+  fields of the archive's classes and tensor properties are read as attributes. The state rules
+  follow every value through locals, containers and calls (summaries of the archive's own
+  functions): nothing reachable from a module, a constant or a default argument is changed in
+  place outside training mode, in any class. Its pickles (constants, tensors, debug tables) are
+  walked opcode by opcode and may name only tensor-rebuilding functions and the archive's own
+  classes. :func:`probe_torchscript` then loads the archive from memory and runs forward passes in
+  a short-lived child process confined as far as the platform allows (no file writes, a memory
+  cap, new mount/network/user namespaces, ``chroot`` into an empty folder, an unprivileged uid,
+  no capabilities; see :class:`ProbeResult`) with a time budget, so a model that hangs or crashes
+  is refused in one line instead of hanging the scan.
 * **safetensors**: :func:`check_safetensors` bounds the header length and its JSON (size, depth,
   duplicate keys) and checks dtypes, shapes and offsets before the safetensors library sees it.
 * **pickled checkpoints** are read only by ``torch.load(weights_only=True)``, behind
@@ -76,7 +83,7 @@ MAX_CODE_NESTING = 200  # nested statements/expressions in TorchScript source
 
 PROBE_LOAD_BUDGET_S = 60.0  # child process: start Python, import torch, load the archive
 PROBE_CALL_BUDGET_S = 10.0  # child process: the forward passes of PROBE_BATCH_SIZES
-PROBE_BATCH_SIZES = (1, 3, 32)  # the last one runs with gradients on, as the trigger search does
+PROBE_BATCH_SIZES = (1, 2, 3, 32)  # 2 is check_model_fits' first; the last runs with gradients on
 PROBE_MAX_INPUT_ELEMENTS = 1 << 26  # larger probe inputs are not made (load is still probed)
 PROBE_MEMORY_BYTES = 32 << 30  # address-space cap of the child (plus 4× the file size)
 
@@ -139,7 +146,7 @@ mean sum prod max min amax amin argmax argmin aminmax std var std_mean var_mean 
 sort argsort msort kthvalue median any all count_nonzero nonzero unique bincount histc
 """
 _SCALARS = """
-Int Float Bool ScalarImplicit IntImplicit FloatImplicit item len list dict str format warn
+Int Float Bool ScalarImplicit IntImplicit FloatImplicit item len list dict str format
 is_floating_point is_complex is_signed dtype device layout
 append extend insert pop remove clear keys values items get setdefault update copy reverse
 count join startswith endswith strip lstrip rstrip lower upper replace find isdigit _set_item
@@ -175,7 +182,7 @@ _GRAD = "is an autograd or grad-mode query (a model could tell a scan from deplo
 DENIED: dict[str, str] = {
     **dict.fromkeys(["save", "_save", "_save_for_mobile", "_save_parameters"], "writes files"),
     **dict.fromkeys(["load", "_load", "from_file", "_load_for_mobile"], "reads (or maps) files"),
-    **dict.fromkeys(["print", "Print", "_print"], "prints to the scanner's output"),
+    **dict.fromkeys(["print", "Print", "_print", "warn"], "prints to the scanner's output"),
     **dict.fromkeys(["record_stream", "pin_memory", "_pin_memory", "share_memory_"],
                     "touches memory outside the model"),
     **dict.fromkeys(["requires_grad", "requires_grad_", "is_grad_enabled", "set_grad_enabled",
@@ -506,6 +513,8 @@ class _Class:
     kind: str  # "module" | "class" | "namedtuple" | "enum" | "interface"
     node: ast.ClassDef
     file: str
+    fields: dict[str, ast.AST | None] = field(default_factory=dict)  # field → its annotation
+    methods: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -516,28 +525,201 @@ class _Function:
     cls: _Class | None
 
 
+# The state rules track, for every value, which objects not made during the call it may be
+# (its identity) and which it may reach (its contents: list items, fields), as descriptors:
+# ("p", k) the object passed as parameter k (0 is ``self`` in a method), ("r", k) an object
+# reachable from it, _GLOBAL one shared between calls (``CONSTANTS``, a mutable default
+# argument). A value whose identity is empty is fresh: changing it in place changes nothing else.
+_GLOBAL = "global"
+_ALWAYS = "always"  # a change that always happens
+_TRAINING = "training"  # a change that happens only in training mode
+_Descs = frozenset  # of ("p", k) | ("r", k) | _GLOBAL
+_Val = tuple  # (identity, contents): two _Descs
+_Cond = Any  # _ALWAYS | _TRAINING | ("param", j): only when parameter j is true
+_FRESH: tuple[frozenset, frozenset] = (frozenset(), frozenset())
+
+
+def _reach(descs: _Descs) -> _Descs:
+    return frozenset(("r", d[1]) if isinstance(d, tuple) else d for d in descs)
+
+
+def _join(*vals: _Val) -> _Val:
+    return (frozenset().union(*(v[0] for v in vals)), frozenset().union(*(v[1] for v in vals)))
+
+
+def _element(v: _Val) -> _Val:
+    """An item of a list or tuple, or a view of a tensor (which of the two is not known)."""
+    return v[0] | v[1], v[1] | _reach(v[1])
+
+
+def _field(v: _Val) -> _Val:
+    return v[1], v[1] | _reach(v[1])
+
+
+def _holding(*vals: _Val) -> _Val:
+    """A new container holding these values."""
+    return frozenset(), frozenset().union(*(v[0] | v[1] for v in vals))
+
+
+def _mixed(*vals: _Val) -> _Val:
+    """A value that may be any of these, or an item of one."""
+    return _join(*(_element(v) for v in vals)) if vals else _FRESH
+
+
 @dataclass
-class _Scope:
+class _Summary:
+    """What calling a function of the archive does to its arguments."""
+
+    mutates: dict[Any, _Cond] = field(default_factory=dict)  # ("p"|"r", k) → when it is changed
+    stores: dict[int, _Descs] = field(default_factory=dict)  # parameter → what is put into it
+    returns: _Val = _FRESH  # what its result may be
+    warns: set[int] = field(default_factory=set)  # str parameters that end up in a warning
+
+
+@dataclass
+class _Analysis:
     fn: _Function
-    locals: set[str]
-    assigned: dict[str, list[ast.AST | None]]
-    state: set[str] = field(default_factory=set)  # locals that alias the module's own state
-    training: set[str] = field(default_factory=set)  # locals holding self.training
+    params: list[str]
+    annotations: dict[str, ast.AST | None]
+    defaults: dict[int, ast.AST]
+    module_method: bool  # a method of an nn.Module class: its ``self`` is the model's state
+    bindings: dict[str, list[tuple[ast.AST | None, bool]]] = field(default_factory=dict)
+    training_bindings: list[tuple[str, ast.AST | None, tuple[ast.AST, ...]]] = field(
+        default_factory=list)
+    stores: list[tuple[ast.AST, ast.AST]] = field(default_factory=list)  # (container, value)
+    calls: list[ast.Call] = field(default_factory=list)
+    alias: dict[str, str] = field(default_factory=dict)  # union-find over names
+    env: dict[str, _Val] = field(default_factory=dict)
+    training: set[str] = field(default_factory=set)  # locals that are true only in training mode
+    classes: dict[str, str | None] = field(default_factory=dict)  # memo: local → archive class
+    memo: dict[int, _Val] = field(default_factory=dict)  # sources of a node under the current env
+    roots: dict[int, set[str]] = field(default_factory=dict)  # memo: roots of a node
+    summary: _Summary = field(default_factory=_Summary)
+
+
+_IN_PLACE_DUNDER = frozenset("__iand__ __ior__ __ixor__ __ilshift__ __irshift__ __iadd__ __isub__ "
+                             "__imul__ __itruediv__ __ifloordiv__ __imod__ __ipow__".split())
+_MAYBE_ALIAS = _VIEW_OPS | frozenset("""
+to type_as float double half bfloat16 long int bool contiguous dropout feature_dropout alpha_dropout
+feature_alpha_dropout einsum pad constant_pad_nd pixel_shuffle pixel_unshuffle channel_shuffle
+list dict keys values items get copy pop setdefault
+""".split())
+"""Allowed operators whose result may be (a view of) an argument: everything else makes a new value."""
+
+_STATS_OPS = {"batch_norm": "training", "instance_norm": "use_input_stats"}
+"""Operators that update their running statistics (arguments 3 and 4) when argument 5 is true."""
+
+_NON_ALIASING_BUILTINS = frozenset("""
+len int float bool str complex isinstance hasattr ord chr hex oct bin range uninitialized any all
+round divmod Exception RuntimeError ValueError TypeError IndexError KeyError AssertionError
+NotImplementedError ZeroDivisionError
+""".split())
+
+TENSOR_PROPERTIES = frozenset("""
+shape dtype device ndim is_cuda is_cpu is_meta is_sparse is_quantized is_mkldnn is_nested layout
+itemsize nbytes T mT H mH real imag name value
+""".split())
+"""Attributes a value may be read by besides the fields of the archive's classes (tensor
+properties; ``name``/``value`` of an enum member)."""
+
+_VIEW_PROPERTIES = frozenset("T mT H mH real imag".split())
+_IMMUTABLE_TYPES = frozenset("int float bool str complex NoneType None number Device Layout "
+                             "ScalarType MemoryFormat".split())
+_NUMERIC_OPS = frozenset("dim size len numel sub add mul div floordiv Int Float ScalarImplicit item "
+                         "sym_size sym_numel __range_length __derive_index".split())
+_PRINTABLE = re.compile(r"[ -~]*")
+
+RESERVED_NAMES: frozenset[str] = frozenset({
+    "torch", "ops", "CONSTANTS", "__torch__", "self", "inf", "nan", "infj", "nanj",
+    # denied operators that TorchScript source calls by a bare name rather than as torch.X
+    "print", "_print", "warn", "fork", "wait", "awaitable", "awaitable_nowait", "awaitable_wait",
+    "rpc_async", "rpc_remote", "rpc_sync"})
+"""Names TorchScript code may not bind (``self`` only as a method's first parameter): reading them
+must always mean TorchScript's own. Builtins such as ``max`` or ``data`` may be bound (models use
+them as ordinary variable names): a call of a local is refused unless it holds one of the
+archive's own functions, so shadowing one cannot call anything."""
 
 
 @lru_cache(maxsize=1)
 def _registered_operator_names() -> frozenset[str]:
-    """Base names of every operator this torch registers, in any namespace."""
+    """Base names of every operator this torch registers, in any namespace (empty if unknown)."""
     try:
         import torch
 
         return frozenset(s.name.split("::", 1)[-1] for s in torch._C._jit_get_all_schemas())
-    except Exception:  # a torch without the private API: no collision check, only the allow-list
+    except Exception:  # a torch without the private API: inspect_torchscript fails closed
         return frozenset()
 
 
+def _warning_template(node: ast.AST) -> str | None:
+    """The text TorchScript prints for a warning message written in torch's Python source."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr):
+        return "".join(v.value if isinstance(v, ast.Constant) and isinstance(v.value, str) else "{}"
+                       for v in node.values)
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "format"):
+        return _warning_template(node.func.value)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        left, right = _warning_template(node.left), _warning_template(node.right)
+        return left + right if left is not None and right is not None else None
+    return None
+
+
+@lru_cache(maxsize=1)
+def _torch_warning_templates() -> frozenset[str]:
+    """The warning messages torch's own scripted layers can emit (``torch.warn`` is allowed with
+    these only: ``F.softmax`` and attention compile one into every archive that uses them)."""
+    try:
+        import torch
+    except ImportError:
+        return frozenset()
+    base = Path(torch.__file__).parent
+    files = [base / "nn" / "functional.py", base / "functional.py",
+             *sorted((base / "nn" / "modules").glob("*.py"))]
+    found: set[str] = set()
+    for f in files:
+        try:
+            tree = ast.parse(f.read_text("utf-8"))
+        except (OSError, SyntaxError, ValueError, UnicodeDecodeError):
+            continue
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            assigned: dict[str, list[ast.AST]] = {}
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Assign):
+                    for t in node.targets:
+                        if isinstance(t, ast.Name):
+                            assigned.setdefault(t.id, []).append(node.value)
+            for node in ast.walk(fn):
+                if (isinstance(node, ast.Call) and node.args
+                        and (_dotted(node.func) or "").rsplit(".", 1)[-1] == "warn"):
+                    message = node.args[0]
+                    values = (assigned.get(message.id, []) if isinstance(message, ast.Name)
+                              else [message])
+                    found.update(t for t in map(_warning_template, values) if t)
+    return frozenset(found)
+
+
+def _target_names(target: ast.AST) -> list[ast.Name]:
+    if isinstance(target, ast.Name):
+        return [target]
+    if isinstance(target, (ast.Tuple, ast.List)):
+        return [n for t in target.elts for n in _target_names(t)]
+    if isinstance(target, ast.Starred):
+        return _target_names(target.value)
+    return []
+
+
+def _merge(old: _Cond | None, new: _Cond) -> _Cond:
+    return new if old is None or old == new else _ALWAYS
+
+
 class _CodeChecker:
-    """Refuses TorchScript source that calls anything outside the allow-list."""
+    """Refuses TorchScript source that calls anything outside the allow-list, or that could keep
+    state between calls."""
 
     def __init__(self, shown: object, sources: dict[str, str]) -> None:
         self.shown = shown
@@ -545,9 +727,16 @@ class _CodeChecker:
         self.trees: dict[str, tuple[str, ast.Module]] = {}
         self.classes: dict[str, _Class] = {}
         self.functions: dict[str, _Function] = {}
-        self.member_names: set[str] = set()
+        self.field_names: set[str] = set()
+        self.method_names: set[str] = set()
+        self.methods_by_name: dict[str, list[_Function]] = {}
         self.operators: set[str] = set()
         self.methods = 0
+        self._summaries: dict[str, _Summary | None] = {}  # None: being analysed
+
+    @property
+    def member_names(self) -> set[str]:
+        return self.field_names | self.method_names
 
     # -- refusal messages
     def refuse(self, fn: _Function | str, node: ast.AST | None, operator: str, why: str,
@@ -612,24 +801,54 @@ class _CodeChecker:
                     raise refused(self.shown, f"module {qual} defines __init__, which TorchScript "
                                               f"never writes; it could reset the model's state "
                                               f"between calls ({_shown(file)}:{stmt.lineno})")
-                self.member_names.add(stmt.name)
-                self.functions[f"{qual}.{stmt.name}"] = _Function(f"{qual}.{stmt.name}", stmt,
-                                                                  file, cls)
+                cls.methods.add(stmt.name)
+                fn = _Function(f"{qual}.{stmt.name}", stmt, file, cls)
+                self.functions[fn.qualname] = fn
+                self.methods_by_name.setdefault(stmt.name, []).append(fn)
             elif isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
-                self.member_names.add(stmt.target.id)
+                cls.fields[stmt.target.id] = stmt.annotation
             elif isinstance(stmt, ast.Assign):
-                self.member_names.update(t.id for t in stmt.targets if isinstance(t, ast.Name))
+                for t in stmt.targets:
+                    if isinstance(t, ast.Name):
+                        cls.fields.setdefault(t.id, None)
+                    elif (isinstance(t, ast.Subscript) and _dotted(t.value) == "__annotations__"
+                          and isinstance(t.slice, ast.Constant) and isinstance(t.slice.value, str)):
+                        cls.fields[t.slice.value] = stmt.value
+        self.field_names.update(cls.fields)
+        self.method_names.update(cls.methods)
 
     # -- pass 2: check
     def check(self) -> None:
+        if not _registered_operator_names():
+            import torch
+
+            raise TrojanscanError(
+                f"{self.shown}: cannot be checked: trojanscan's TorchScript checker does not "
+                f"support torch {_shown(torch.__version__, 40)} (it cannot list the operators "
+                f"this torch registers); {TRUST_HINT}")
         for fn in self.functions.values():
-            self.methods += 1
-            try:
-                self._check_function(fn, outer=None)
-            except RecursionError:
-                self.refuse_code(fn, fn.node, "nests its code too deeply to be checked")
+            self._summary(fn)
         for cls in self.classes.values():
             self._check_class_body(cls)
+
+    def _summary(self, fn: _Function) -> _Summary:
+        """Check ``fn`` (once) and return what calling it does to its arguments."""
+        if fn.qualname in self._summaries:
+            done = self._summaries[fn.qualname]
+            if done is not None:
+                return done
+            n = len(self._param_names(fn.node))  # a cycle (TorchScript has no recursion): worst case
+            every = frozenset({_GLOBAL} | {(t, k) for t in "pr" for k in range(n)})
+            return _Summary(dict.fromkeys((d for d in every if d != _GLOBAL), _ALWAYS),
+                            dict.fromkeys(range(n), every), (every, every))
+        self._summaries[fn.qualname] = None
+        self.methods += 1
+        try:
+            summary = self._analyze(fn)
+        except RecursionError:
+            self.refuse_code(fn, fn.node, "nests its code too deeply to be checked")
+        self._summaries[fn.qualname] = summary
+        return summary
 
     def _check_class_body(self, cls: _Class) -> None:
         where = f"{cls.file}"
@@ -713,95 +932,608 @@ class _CodeChecker:
                                       f"({_shown(where)}:{line}); {TRUST_HINT}")
         self.refuse(who, node, _shown(path), f"is {why}")
 
-    def _scope_of(self, fn: _Function, outer: _Scope | None) -> _Scope:
-        node = fn.node
-        params = [a.arg for a in node.args.posonlyargs + node.args.args + node.args.kwonlyargs]
-        if node.args.vararg or node.args.kwarg:
-            self.refuse_code(fn, node, "takes *args or **kwargs (not TorchScript)")
-        assigned: dict[str, list[ast.AST | None]] = {}
+    # -- one function
+    @staticmethod
+    def _param_names(node: ast.FunctionDef) -> list[str]:
+        return [a.arg for a in node.args.posonlyargs + node.args.args + node.args.kwonlyargs]
 
-        def bind(target: ast.AST, value: ast.AST | None) -> None:
-            if isinstance(target, ast.Name):
-                assigned.setdefault(target.id, []).append(value)
-            elif isinstance(target, (ast.Tuple, ast.List)):
-                values = (value.elts if isinstance(value, (ast.Tuple, ast.List))
-                          and len(value.elts) == len(target.elts) else [None] * len(target.elts))
-                for t, v in zip(target.elts, values, strict=True):
-                    bind(t, v)
-            elif isinstance(target, ast.Starred):
-                bind(target.value, None)
-
-        for sub in ast.walk(node):
-            if isinstance(sub, ast.Assign):
-                for t in sub.targets:
-                    bind(t, sub.value)
-            elif isinstance(sub, ast.AnnAssign):
-                bind(sub.target, sub.value)
-            elif isinstance(sub, ast.AugAssign):
-                bind(sub.target, None)
-            elif isinstance(sub, (ast.For, ast.comprehension)):
-                bind(sub.target, None)
-            elif isinstance(sub, ast.withitem) and sub.optional_vars is not None:
-                bind(sub.optional_vars, None)
-            elif isinstance(sub, ast.FunctionDef) and sub is not node:
-                assigned.setdefault(sub.name, []).append(None)
-        scope = _Scope(fn, set(params) | set(assigned), assigned)
-        if outer is not None:
-            scope.locals |= outer.locals
-            scope.state |= outer.state
-            scope.training |= outer.training
-        if fn.cls is not None and fn.cls.kind == "module":
-            for name, values in assigned.items():
-                if values and all(isinstance(v, ast.Attribute) and isinstance(v.value, ast.Name)
-                                  and v.value.id == "self" and v.attr == "training" for v in values):
-                    scope.training.add(name)
-            changed = True
-            while changed:
-                changed = False
-                for name, values in assigned.items():
-                    if name not in scope.state and any(self._is_state(v, scope) for v in values):
-                        scope.state.add(name)
-                        changed = True
-        return scope
-
-    def _is_state(self, node: ast.AST | None, scope: _Scope) -> bool:
-        """Does this expression alias the module's own attributes (or a view of them)?"""
-        if node is None or scope.fn.cls is None or scope.fn.cls.kind != "module":
-            return False
-        if isinstance(node, ast.Name):
-            return node.id == "self" or node.id in scope.state
-        if isinstance(node, (ast.Attribute, ast.Subscript)):
-            return self._is_state(node.value, scope)
-        if isinstance(node, ast.Call):
-            path = _dotted(node.func) or ""
-            args = node.args
-            if path in ("unchecked_cast", "annotate"):
-                return len(args) == 2 and self._is_state(args[1], scope)
-            if path == "getattr":
-                return bool(args) and self._is_state(args[0], scope)
-            if path.split(".", 1)[0] in ("torch", "ops") and path.rsplit(".", 1)[-1] in _VIEW_OPS:
-                return bool(args) and self._is_state(args[0], scope)
-            if isinstance(node.func, ast.Attribute) and node.func.attr in _VIEW_OPS:
-                return self._is_state(node.func.value, scope)
-        return False
-
-    def _check_function(self, fn: _Function, outer: _Scope | None) -> None:
+    def _analyze(self, fn: _Function) -> _Summary:
         node = fn.node
         if node.decorator_list:
             self.refuse_code(fn, node, "has a decorator (not TorchScript)")
-        for arg in node.args.posonlyargs + node.args.args + node.args.kwonlyargs:
+        if node.args.vararg or node.args.kwarg:
+            self.refuse_code(fn, node, "takes *args or **kwargs (not TorchScript)")
+        args = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+        params = [a.arg for a in args]
+        for i, arg in enumerate(args):
+            if arg.arg in RESERVED_NAMES and not (arg.arg == "self" and i == 0):
+                self._refuse_binding(fn, arg, arg.arg)
             if arg.annotation is not None:
                 self._check_type(arg.annotation, fn.file, owner=fn.qualname)
+        if len(set(params)) != len(params):
+            self.refuse_code(fn, node, "names a parameter twice")
         if node.returns is not None:
             self._check_type(node.returns, fn.file, owner=fn.qualname)
-        scope = self._scope_of(fn, outer)
-        for default in node.args.defaults + [d for d in node.args.kw_defaults if d is not None]:
-            self._expr(default, scope)
-        self._block(node.body, scope, training_branch=False, depth=0)
+        positional = node.args.posonlyargs + node.args.args
+        defaults: dict[int, ast.AST] = {}
+        for i, d in enumerate(node.args.defaults):
+            defaults[len(positional) - len(node.args.defaults) + i] = d
+        for i, d in enumerate(node.args.kw_defaults):
+            if d is not None:
+                defaults[len(positional) + i] = d
+        is_method = fn.cls is not None and bool(params) and params[0] == "self"
+        a = _Analysis(fn, params, {x.arg: x.annotation for x in args}, defaults,
+                      module_method=is_method and fn.cls is not None and fn.cls.kind == "module")
+        for stmt in node.body:
+            for sub in ast.walk(stmt):
+                if isinstance(sub, ast.Call):
+                    a.calls.append(sub)
+                elif isinstance(sub, ast.comprehension):
+                    for name in _target_names(sub.target):
+                        if name.id in RESERVED_NAMES:
+                            self._refuse_binding(fn, name, name.id)
+                        a.bindings.setdefault(name.id, []).append((sub.iter, False))
+                elif isinstance(sub, (ast.Lambda, ast.FunctionDef, ast.AsyncFunctionDef,
+                                      ast.ClassDef)):
+                    self.refuse_code(fn, sub, f"defines a nested {type(sub).__name__} (not what "
+                                              "TorchScript writes)")
+        self._collect(node.body, a, tests=())
+        self._alias_classes(a)
+        self._training_names(a)
+        self._environment(a)
+        for default in defaults.values():
+            self._expr(default, a, set(), False)
+        self._block(node.body, a, set(params), training=False, depth=0)
         if fn.cls is not None and node.name in ("__setstate__", "__getstate__"):
-            self._check_state_method(fn, scope)
+            self._check_state_method(fn)
+        return a.summary
 
-    def _check_state_method(self, fn: _Function, scope: _Scope) -> None:
+    def _refuse_binding(self, fn: _Function, node: ast.AST, name: str) -> None:
+        self.refuse_code(fn, node, f"binds the reserved name {_shown(name, 40)!r} (TorchScript "
+                                   "would then read it as a local, hiding its own)")
+
+    def _collect(self, body: list[ast.stmt], a: _Analysis, tests: tuple[ast.AST, ...]) -> None:
+        """Bindings, stores into containers and calls of a function body (flow-insensitive)."""
+        fn = a.fn
+
+        def bind(target: ast.AST, value: ast.AST | None, whole: bool) -> None:
+            if isinstance(target, ast.Name):
+                if target.id in RESERVED_NAMES:
+                    self._refuse_binding(fn, target, target.id)
+                a.bindings.setdefault(target.id, []).append((value, whole))
+                a.training_bindings.append((target.id, value if whole else None, tests))
+            elif isinstance(target, (ast.Tuple, ast.List)):
+                values = (value.elts if whole and isinstance(value, (ast.Tuple, ast.List))
+                          and len(value.elts) == len(target.elts) else None)
+                for k, t in enumerate(target.elts):
+                    bind(t, values[k] if values else value, bool(values))
+            elif isinstance(target, ast.Starred):
+                bind(target.value, value, False)
+            elif isinstance(target, (ast.Attribute, ast.Subscript)) and value is not None:
+                a.stores.append((target.value, value))
+
+        for stmt in body:
+            if isinstance(stmt, ast.Assign):
+                for t in stmt.targets:
+                    bind(t, stmt.value, True)
+            elif isinstance(stmt, ast.AnnAssign):
+                bind(stmt.target, stmt.value, stmt.value is not None)
+            elif isinstance(stmt, ast.AugAssign):
+                bind(stmt.target, stmt.value, False)
+            elif isinstance(stmt, ast.For):
+                bind(stmt.target, stmt.iter, False)
+                self._collect(stmt.body, a, tests)
+                self._collect(stmt.orelse, a, tests)
+            elif isinstance(stmt, ast.While):
+                self._collect(stmt.body, a, tests)
+                self._collect(stmt.orelse, a, tests)
+            elif isinstance(stmt, ast.If):
+                self._collect(stmt.body, a, (*tests, stmt.test))
+                self._collect(stmt.orelse, a, tests)
+            elif isinstance(stmt, ast.With):
+                for item in stmt.items:
+                    if item.optional_vars is not None:
+                        bind(item.optional_vars, item.context_expr, False)
+                self._collect(stmt.body, a, tests)
+            elif isinstance(stmt, ast.Delete):
+                for t in stmt.targets:
+                    for name in _target_names(t):
+                        if name.id in RESERVED_NAMES:
+                            self._refuse_binding(fn, name, name.id)
+            elif isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                self.refuse_code(fn, stmt, f"defines a nested {type(stmt).__name__} (not what "
+                                           "TorchScript writes)")
+            elif isinstance(stmt, (ast.Import, ast.ImportFrom, ast.Global, ast.Nonlocal)):
+                self.refuse_code(fn, stmt, f"uses the statement {type(stmt).__name__} (not on the "
+                                           "allow-list)")
+
+    # union-find: names that may hold the same object (a store through one is seen by all)
+    def _find(self, a: _Analysis, name: str) -> str:
+        root = name
+        while a.alias.get(root, root) != root:
+            root = a.alias[root]
+        a.alias[name] = root
+        return root
+
+    def _alias_classes(self, a: _Analysis) -> None:
+        for name, binds in a.bindings.items():
+            for value, _whole in binds:
+                for r in self._roots(value, a):
+                    x, y = self._find(a, name), self._find(a, r)
+                    if x != y:
+                        a.alias[x] = y
+
+    def _roots(self, node: ast.AST | None, a: _Analysis) -> set[str]:
+        """Local names whose object ``node`` may be (or be part of)."""
+        key = id(node)
+        if key not in a.roots:
+            a.roots[key] = self._roots_of(node, a)
+        return a.roots[key]
+
+    def _roots_of(self, node: ast.AST | None, a: _Analysis) -> set[str]:
+        if node is None:
+            return set()
+        if isinstance(node, ast.Name):
+            return {node.id} if node.id in a.bindings or node.id in a.params else set()
+        if isinstance(node, (ast.Attribute, ast.Subscript, ast.Starred)):
+            return self._roots(node.value, a)
+        if isinstance(node, (ast.Tuple, ast.List)):
+            return set().union(*(self._roots(e, a) for e in node.elts)) if node.elts else set()
+        if isinstance(node, ast.IfExp):
+            return self._roots(node.body, a) | self._roots(node.orelse, a)
+        if isinstance(node, ast.Call):
+            path = _dotted(node.func) or ""
+            args = [*node.args, *(k.value for k in node.keywords)]
+            callees, with_receiver, maybe_op = self._callees(node, a)
+            out: set[str] = set()
+            for callee in callees:  # the parameters its result may alias
+                bound = self._bind_args(callee, node, with_receiver)
+                returned = self._summary(callee).returns
+                for d in returned[0] | returned[1]:
+                    if isinstance(d, tuple) and d[1] in bound:
+                        out |= self._roots(bound[d[1]], a)
+            op = path.rsplit(".", 1)[-1] if path.split(".", 1)[0] in ("torch", "ops") else (
+                node.func.attr if isinstance(node.func, ast.Attribute) and maybe_op else None)
+            if op is not None and op in ALLOWED_ATEN and op not in _MAYBE_ALIAS and not (
+                    op.endswith("_") or op in _LIST_MUTATORS or op in _IN_PLACE_DUNDER):
+                return out  # a new value
+            if path in _NON_ALIASING_BUILTINS or path.endswith(".__new__"):
+                return out
+            if callees and op is None:
+                return out
+            if isinstance(node.func, ast.Attribute) and path.split(".", 1)[0] not in (
+                    "torch", "ops", "__torch__", "CONSTANTS"):
+                out |= self._roots(node.func.value, a)
+            for arg in args:
+                out |= self._roots(arg, a)
+            return out
+        return set()
+
+    def _members(self, a: _Analysis, name: str) -> list[str]:
+        root = self._find(a, name)
+        return [n for n in list(a.bindings) + a.params if self._find(a, n) == root]
+
+    def _training_names(self, a: _Analysis) -> None:
+        """Locals that can only be true in training mode (``training = self.training``, and
+        ``bn_training`` as BatchNorm computes it)."""
+        if not a.module_method:
+            return
+
+        def is_test(t: ast.AST) -> bool:
+            return _dotted(t) == "self.training" or (isinstance(t, ast.Name) and t.id in a.training)
+
+        def ok(value: ast.AST | None, tests: tuple[ast.AST, ...]) -> bool:
+            if value is None:
+                return False
+            if _dotted(value) == "self.training" or (isinstance(value, ast.Name)
+                                                     and value.id in a.training):
+                return True
+            if isinstance(value, ast.Constant) and value.value in (False, None):
+                return True
+            return (isinstance(value, ast.Constant) and value.value is True
+                    and any(is_test(t) for t in tests))
+
+        changed = True
+        while changed:
+            changed = False
+            verdict: dict[str, bool] = {}
+            for name, value, tests in a.training_bindings:
+                verdict[name] = verdict.get(name, True) and ok(value, tests)
+            for name, good in verdict.items():
+                if good and name not in a.training:
+                    a.training.add(name)
+                    changed = True
+
+    def _environment(self, a: _Analysis) -> None:
+        """What every local may be and reach (a fixpoint), then the function's summary: what it
+        returns and what it puts into its arguments."""
+        a.env = {p: (frozenset({("p", i)}), frozenset({("r", i)})) for i, p in enumerate(a.params)}
+        for name in a.bindings:
+            a.env.setdefault(name, _FRESH)
+        changed = True
+
+        def grow(name: str, val: _Val) -> None:
+            nonlocal changed
+            old = a.env[name]
+            if not (val[0] <= old[0] and val[1] <= old[1]):
+                a.env[name] = _join(old, val)
+                changed = True
+
+        for _ in range(1000):
+            changed = False
+            a.memo.clear()
+            for name, binds in a.bindings.items():
+                for value, whole in binds:
+                    val = self._sources(value, a)
+                    grow(name, val if whole else _element(val))
+            for container, descs in self._all_stores(a):
+                for r in self._roots(container, a):
+                    for m in self._members(a, r):
+                        grow(m, (frozenset(), descs))
+            if not changed:
+                break
+        a.memo.clear()  # the environment is final: what is computed from now on stays valid
+        returns = [self._sources(sub.value, a) for sub in ast.walk(a.fn.node)
+                   if isinstance(sub, ast.Return) and sub.value is not None]
+        stores: dict[int, set] = {}
+        for container, descs in self._all_stores(a):
+            for d in self._sources(container, a)[0]:
+                if isinstance(d, tuple):
+                    stores.setdefault(d[1], set()).update(descs)
+        a.summary.returns = _join(*returns) if returns else _FRESH
+        a.summary.stores = {k: frozenset(v) for k, v in stores.items()}
+
+    def _all_stores(self, a: _Analysis) -> Iterator[tuple[ast.AST, _Descs]]:
+        """(container, what is put into it) for every store of the function."""
+        for container, value in a.stores:
+            val = self._sources(value, a)
+            yield container, val[0] | val[1]
+        for call in a.calls:
+            yield from self._effects(call, a)[1]
+
+    # -- sources: what a value may be, and what it may reach
+    def _sources(self, node: ast.AST | None, a: _Analysis,
+                 env: dict[str, _Val] | None = None) -> _Val:
+        if env is None or env is a.env:
+            key = id(node)
+            if key not in a.memo:
+                a.memo[key] = self._sources_of(node, a, a.env)
+            return a.memo[key]
+        return self._sources_of(node, a, env)
+
+    def _sources_of(self, node: ast.AST | None, a: _Analysis, env: dict[str, _Val]) -> _Val:
+        if node is None or isinstance(node, (ast.Constant, ast.Compare)):
+            return _FRESH
+        if node is self._MARK:
+            return frozenset({_GLOBAL}), frozenset({_GLOBAL})
+        if isinstance(node, ast.Name):
+            if node.id in env:
+                return env[node.id]
+            if node.id == "CONSTANTS":
+                return frozenset({_GLOBAL}), frozenset({_GLOBAL})
+            return _FRESH
+        if isinstance(node, ast.Attribute):
+            root = (_dotted(node) or "").split(".", 1)[0]
+            if root == "CONSTANTS" and root not in env:
+                return frozenset({_GLOBAL}), frozenset({_GLOBAL})
+            if root in ("torch", "ops", "__torch__") and root not in env:
+                return _FRESH
+            if self._immutable(self._field_type(self._class_of(node.value, a), node.attr)):
+                return _FRESH  # an int, a string, None: nothing to change in place
+            owner = self._sources(node.value, a, env)
+            if node.attr in self.field_names:
+                return _join(_field(owner), _element(owner)) if node.attr in TENSOR_PROPERTIES \
+                    else _field(owner)
+            if node.attr in _VIEW_PROPERTIES:
+                return owner
+            return _FRESH if node.attr in TENSOR_PROPERTIES else _field(owner)
+        if isinstance(node, ast.Subscript):
+            return _element(self._sources(node.value, a, env))
+        if isinstance(node, ast.Starred):
+            return self._sources(node.value, a, env)
+        if isinstance(node, (ast.List, ast.Tuple)):
+            return _holding(*(self._sources(e, a, env) for e in node.elts))
+        if isinstance(node, ast.Dict):
+            return _holding(*(self._sources(e, a, env) for e in [*node.keys, *node.values]
+                              if e is not None))
+        if isinstance(node, (ast.ListComp, ast.DictComp)):
+            inner = dict(env)
+            for gen in node.generators:
+                item = _element(self._sources(gen.iter, a, inner))
+                for name in _target_names(gen.target):
+                    inner[name.id] = item
+            parts = [node.elt] if isinstance(node, ast.ListComp) else [node.key, node.value]
+            return _holding(*(self._sources(x, a, inner) for x in parts))
+        if isinstance(node, ast.IfExp):
+            return _join(self._sources(node.body, a, env), self._sources(node.orelse, a, env))
+        if isinstance(node, ast.Call):
+            return self._effects(node, a, env)[2]
+        return _mixed(*(self._sources(c, a, env) for c in ast.iter_child_nodes(node)
+                        if isinstance(c, ast.expr)))
+
+    def _class_of(self, node: ast.AST | None, a: _Analysis, seen: frozenset[str] = frozenset()
+                  ) -> str | None:
+        """The archive class of the object ``node`` evaluates to, when the code says."""
+        if isinstance(node, ast.Name):
+            name = node.id
+            if name in a.params:
+                if name == "self" and a.params[0] == "self" and a.fn.cls is not None:
+                    return a.fn.cls.qualname
+                return self._class_in_type(a.annotations.get(name))
+            if name in a.classes:
+                return a.classes[name]
+            if name not in a.bindings or name in seen:
+                return None
+            found: set[str | None] = set()
+            for value, whole in a.bindings[name]:
+                found.add(self._class_of(value, a, seen | {name}) if whole else None)
+            result = found.pop() if len(found) == 1 else None
+            if not seen:
+                a.classes[name] = result
+            return result
+        if isinstance(node, ast.Attribute) and (_dotted(node) or "").split(".")[0] not in (
+                "torch", "ops", "__torch__", "CONSTANTS"):
+            owner = self._class_of(node.value, a, seen)
+            return self._field_class(owner, node.attr)
+        if isinstance(node, ast.Call):
+            path = _dotted(node.func) or ""
+            if path == "getattr" and len(node.args) == 2 and isinstance(node.args[1], ast.Constant):
+                return self._field_class(self._class_of(node.args[0], a, seen), node.args[1].value)
+            if path in ("unchecked_cast", "annotate") and node.args:
+                return self._class_in_type(node.args[0])
+            if path.startswith("__torch__.") and path.endswith(".__new__"):
+                head = path[: -len(".__new__")]
+                return head if head in self.classes else None
+        return None
+
+    def _field_type(self, owner: str | None, attr: object) -> ast.AST | None:
+        if owner is None or owner not in self.classes or not isinstance(attr, str):
+            return None
+        return self.classes[owner].fields.get(attr)
+
+    @staticmethod
+    def _immutable(ann: ast.AST | None) -> bool:
+        """A field type whose values cannot be changed in place (ints, strings, None...)."""
+        if ann is None:
+            return False
+        if isinstance(ann, ast.Constant):
+            return ann.value is None
+        if isinstance(ann, ast.Subscript) and _dotted(ann.value) in ("Final", "Tuple"):
+            parts = ann.slice.elts if isinstance(ann.slice, ast.Tuple) else [ann.slice]
+            return all(_CodeChecker._immutable(p) for p in parts)
+        return _dotted(ann) in _IMMUTABLE_TYPES
+
+    def _field_class(self, owner: str | None, attr: object) -> str | None:
+        if owner is None or owner not in self.classes or not isinstance(attr, str):
+            return None
+        return self._class_in_type(self.classes[owner].fields.get(attr))
+
+    def _class_in_type(self, ann: ast.AST | None) -> str | None:
+        if isinstance(ann, ast.Subscript) and _dotted(ann.value) == "Optional":
+            return self._class_in_type(ann.slice)
+        path = _dotted(ann) if ann is not None else None
+        return path if path in self.classes else None
+
+    def _funcrefs(self, name: str, a: _Analysis) -> list[_Function] | None:
+        """The archive functions a local holds, if it only ever holds references to them."""
+        binds = a.bindings.get(name)
+        if not binds or name in a.params:
+            return None
+        found: list[_Function] = []
+        for value, whole in binds:
+            path = _dotted(value) if whole and value is not None else None
+            if path is None or not path.startswith("__torch__.") or path not in self.functions:
+                return None
+            found.append(self.functions[path])
+        return found
+
+    def _callees(self, call: ast.Call, a: _Analysis) -> tuple[list[_Function], bool, bool]:
+        """(archive functions the call may run, whether the receiver is their first argument,
+        whether the call may also be a tensor operator on the receiver)."""
+        func = call.func
+        path = _dotted(func)
+        if isinstance(func, ast.Name):
+            if func.id in a.bindings or func.id in a.params:
+                return self._funcrefs(func.id, a) or [], False, False
+            return [], False, False
+        if path is not None and path.split(".", 1)[0] in ("torch", "ops", "CONSTANTS"):
+            return [], False, False
+        if path is not None and path.startswith("__torch__."):
+            fn = self.functions.get(path)
+            return ([fn] if fn else []), False, False
+        if isinstance(func, ast.Attribute):
+            name = func.attr
+            cls = self._class_of(func.value, a)
+            if cls is not None and self.classes[cls].kind != "interface":
+                fn = self.functions.get(f"{cls}.{name}")
+                if fn is not None:
+                    return [fn], True, False
+            return list(self.methods_by_name.get(name, [])), True, cls is None
+        return [], False, False
+
+    def _bind_args(self, callee: _Function, call: ast.Call, with_receiver: bool) -> dict[int, ast.AST]:
+        params = self._param_names(callee.node)
+        bound: dict[int, ast.AST] = {}
+        offset = 0
+        if with_receiver and isinstance(call.func, ast.Attribute):
+            bound[0] = call.func.value
+            offset = 1
+        for i, arg in enumerate(call.args):
+            bound[i + offset] = arg
+        for kw in call.keywords:
+            if kw.arg in params:
+                bound[params.index(kw.arg)] = kw.value
+        return bound
+
+    @staticmethod
+    def _defaults(callee: _Function) -> dict[int, ast.AST]:
+        node = callee.node
+        positional = node.args.posonlyargs + node.args.args
+        out: dict[int, ast.AST] = {}
+        for i, d in enumerate(node.args.defaults):
+            out[len(positional) - len(node.args.defaults) + i] = d
+        for i, d in enumerate(node.args.kw_defaults):
+            if d is not None:
+                out[len(positional) + i] = d
+        return out
+
+    def _flag_cond(self, flag: ast.AST | None, a: _Analysis) -> _Cond | None:
+        """When an argument that switches an update on is true: None (never), _TRAINING,
+        ("param", j) (when the caller's parameter j is) or _ALWAYS."""
+        if flag is None:
+            return _ALWAYS
+        if isinstance(flag, ast.Constant):
+            return _ALWAYS if flag.value else None
+        if isinstance(flag, ast.Name):
+            if flag.id in a.training:
+                return _TRAINING
+            if flag.id in a.params and flag.id not in a.bindings:
+                return ("param", a.params.index(flag.id))
+        if _dotted(flag) == "self.training" and a.module_method:
+            return _TRAINING
+        return _ALWAYS
+
+    _MARK = ast.Constant(value="<a default argument>")  # a mutable default: shared between calls
+
+    def _effects(self, call: ast.Call, a: _Analysis, env: dict[str, _Val] | None = None
+                 ) -> tuple[list[tuple[_Descs, _Cond, str]], list[tuple[ast.AST, _Descs]], _Val]:
+        """(changes: (objects, when, what), stores: (container, what is put into it), what the
+        result may be)."""
+        func = call.func
+        path = _dotted(func) or ""
+        args = list(call.args)
+        kwargs = {k.arg: k.value for k in call.keywords if k.arg}
+        changes: list[tuple[_Descs, _Cond, str]] = []
+        stores: list[tuple[ast.AST, _Descs]] = []
+        results: list[_Val] = []
+
+        def src(node: ast.AST | None) -> _Val:
+            return self._sources(node, a, env)
+
+        def mixed(nodes: list[ast.AST]) -> _Val:
+            return _mixed(*(src(n) for n in nodes))
+
+        if "out" in kwargs:
+            changes.append((src(kwargs["out"])[0], _ALWAYS, "out="))
+        callees, with_receiver, maybe_op = self._callees(call, a)
+        op: str | None = None
+        receiver: ast.AST | None = None
+        root = path.split(".", 1)[0]
+        if root in ("torch", "ops"):
+            parts = path.split(".")
+            if parts[0] == "torch" and len(parts) > 1 and parts[1] == "ops":
+                parts = parts[1:]
+            if parts[0] == "torch" and len(parts) == 2:
+                op = parts[1]
+            elif len(parts) == 3 and parts[1] == "aten":
+                op = parts[2]
+            elif len(parts) == 3 and parts[1] == "prim":
+                if parts[2] not in ("dtype", "device", "layout", "is_nested", "itemsize", "nbytes",
+                                    "NumToTensor", "EnumName", "EnumValue", "RaiseException"):
+                    results.append(mixed(args + list(kwargs.values())))
+        elif isinstance(func, ast.Attribute) and maybe_op and func.attr in ALLOWED_ATEN:
+            op, receiver = func.attr, func.value
+        elif isinstance(func, ast.Name) and func.id not in a.bindings and func.id not in a.params:
+            name = func.id
+            if name == "getattr" and args:
+                owner = src(args[0])
+                attr = args[1].value if len(args) > 1 and isinstance(args[1], ast.Constant) else None
+                immutable = self._immutable(self._field_type(self._class_of(args[0], a), attr))
+                results.append(_FRESH if immutable else owner if attr in _VIEW_PROPERTIES else _FRESH
+                               if attr in TENSOR_PROPERTIES and attr not in self.field_names
+                               else _field(owner))
+            elif name in ("annotate", "unchecked_cast"):
+                results.append(src(args[1]) if len(args) > 1 else _FRESH)
+            elif name not in _NON_ALIASING_BUILTINS and name not in TYPE_NAMES:
+                results.append(mixed(args))
+        elif path.startswith("__torch__.") and path not in self.functions:
+            if not path.endswith(".__new__"):  # a NamedTuple holds its arguments
+                results.append(_holding(*(src(x) for x in args + list(kwargs.values()))))
+        if op is not None:
+            target = receiver if receiver is not None else (args[0] if args else None)
+            rest = args if receiver is not None else args[1:]
+            in_place = (op in _LIST_MUTATORS or op in _IN_PLACE_DUNDER
+                        or (op.endswith("_") and not op.endswith("__")))
+            if in_place and target is not None:
+                changes.append((src(target)[0], _ALWAYS, f"aten::{op}"))
+                if op in _LIST_MUTATORS:
+                    put = [src(x) for x in rest + list(kwargs.values())]
+                    stores.append((target, frozenset().union(*(v[0] | v[1] for v in put))))
+            if op in _STATS_OPS and receiver is None:
+                flag = args[5] if len(args) > 5 else kwargs.get(_STATS_OPS[op])
+                when = self._flag_cond(flag, a)
+                if when is not None:
+                    for k, kw in ((3, "running_mean"), (4, "running_var")):
+                        stat = args[k] if len(args) > k else kwargs.get(kw)
+                        if stat is not None:
+                            changes.append((src(stat)[0], when,
+                                            f"aten::{op} (its running statistics)"))
+            if op in ALLOWED_ATEN and op not in _MAYBE_ALIAS and not in_place:
+                pass  # a new value
+            elif in_place and target is not None:
+                results.append(src(target))
+            else:
+                results.append(mixed(([receiver] if receiver is not None else []) + args
+                                     + list(kwargs.values())))
+        for callee in callees:
+            summary = self._summary(callee)
+            bound = self._bind_args(callee, call, with_receiver)
+            defaults = self._defaults(callee)
+
+            def arg_of(k: int, bound: dict[int, ast.AST] = bound,
+                       defaults: dict[int, ast.AST] = defaults) -> ast.AST | None:
+                if k in bound:
+                    return bound[k]
+                d = defaults.get(k)
+                return self._MARK if isinstance(d, (ast.List, ast.Dict)) else None
+
+            def translate(descs: _Descs, arg_of: Any = arg_of) -> _Descs:
+                out: set = set()
+                for d in descs:
+                    if d == _GLOBAL:
+                        out.add(_GLOBAL)
+                    elif isinstance(d, tuple):
+                        val = src(arg_of(d[1]))
+                        out |= val[0] if d[0] == "p" else val[1]
+                return frozenset(out)
+
+            what = f"through {callee.qualname}"
+            for d, when in summary.mutates.items():
+                if isinstance(when, tuple):
+                    j = when[1]
+                    when = self._flag_cond(bound.get(j, defaults.get(j)), a)
+                    if when is None:
+                        continue
+                changes.append((translate(frozenset({d})), when, what))
+            for k, descs in summary.stores.items():
+                value = arg_of(k)
+                if value is not None and value is not self._MARK:
+                    stores.append((value, translate(descs)))
+            results.append((translate(summary.returns[0]), translate(summary.returns[1])))
+        return changes, stores, (_join(*results) if results else _FRESH)
+
+    def _change(self, descs: _Descs, when: _Cond, a: _Analysis, node: ast.AST, what: str,
+                training: bool) -> None:
+        """These objects are changed in place: refuse if one may be the model's own state
+        (outside training mode) or a value shared between calls; else note it in the summary."""
+        if training:
+            when = _TRAINING
+        for d in sorted(descs, key=str):
+            if d == _GLOBAL:
+                self.refuse_code(a.fn, node, f"changes a value shared between calls (a constant or "
+                                             f"a default argument) in place ({what}): a model may "
+                                             "not keep state between calls")
+            elif d[1] == 0 and a.fn.cls is not None and a.fn.node.name == "__setstate__":
+                continue  # __setstate__ fills the object while it loads (checked on its own)
+            elif d[1] == 0 and a.module_method:
+                if when == _TRAINING:
+                    continue
+                self.refuse_code(a.fn, node, f"changes the model's own state ({what}): a model may "
+                                             "not keep state between calls")
+            else:
+                a.summary.mutates[d] = _merge(a.summary.mutates.get(d), when)
+
+    def _check_state_method(self, fn: _Function) -> None:
         """__setstate__ runs while the archive loads: it may only move values into attributes."""
         setter = fn.node.name == "__setstate__"
 
@@ -837,267 +1569,396 @@ class _CodeChecker:
                 self.refuse_code(fn, stmt, f"{what}: {fn.node.name} may only assign attributes "
                                            "(it runs while the archive loads)")
 
-    # statements
-    def _block(self, body: list[ast.stmt], scope: _Scope, training_branch: bool, depth: int) -> None:
-        if depth > MAX_CODE_NESTING:
-            self.refuse_code(scope.fn, body[0] if body else None, "nests its code too deeply")
-        for stmt in body:
-            self._stmt(stmt, scope, training_branch, depth)
+    # statements, in order: ``defined`` holds the locals assigned on every path so far
+    def _is_training_test(self, test: ast.AST, a: _Analysis) -> bool:
+        return a.module_method and (_dotted(test) == "self.training" or (
+            isinstance(test, ast.Name) and test.id in a.training))
 
-    def _stmt(self, stmt: ast.stmt, scope: _Scope, training_branch: bool, depth: int) -> None:
-        fn = scope.fn
-        if isinstance(stmt, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
-            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
-            for target in targets:
-                self._target(target, scope, training_branch, isinstance(stmt, ast.AugAssign))
+    def _block(self, body: list[ast.stmt], a: _Analysis, defined: set[str], training: bool,
+               depth: int) -> tuple[set[str], bool]:
+        if depth > MAX_CODE_NESTING:
+            self.refuse_code(a.fn, body[0] if body else None, "nests its code too deeply")
+        defined = set(defined)
+        falls_through = True
+        for stmt in body:
+            falls_through = self._stmt(stmt, a, defined, training, depth) and falls_through
+        return defined, falls_through
+
+    def _stmt(self, stmt: ast.stmt, a: _Analysis, defined: set[str], training: bool,
+              depth: int) -> bool:
+        fn = a.fn
+        if isinstance(stmt, (ast.Assign, ast.AnnAssign)):
             if isinstance(stmt, ast.AnnAssign):
                 self._check_type(stmt.annotation, fn.file, owner=fn.qualname)
             if stmt.value is not None:
-                self._expr(stmt.value, scope, training_branch)
-        elif isinstance(stmt, (ast.Expr, ast.Return)):
+                self._expr(stmt.value, a, defined, training)
+            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+            for target in targets:
+                self._target(target, a, defined, training, stmt)
+            for target in targets:
+                defined.update(n.id for n in _target_names(target))
+            return True
+        if isinstance(stmt, ast.AugAssign):
+            self._expr(stmt.value, a, defined, training)
+            if isinstance(stmt.target, ast.Name):
+                self._name(stmt.target, a, defined)
+                self._change(self._sources(stmt.target, a)[0], _ALWAYS, a, stmt,
+                             "an augmented assignment", training)
+            else:
+                self._target(stmt.target, a, defined, training, stmt)
+                inner = stmt.target
+                self._expr(inner, a, defined, training)
+            return True
+        if isinstance(stmt, (ast.Expr, ast.Return)):
             if stmt.value is not None:
-                self._expr(stmt.value, scope, training_branch)
-        elif isinstance(stmt, ast.If):
-            self._expr(stmt.test, scope, training_branch)
-            test = stmt.test
-            in_training = training_branch or (isinstance(test, ast.Name) and test.id in scope.training) \
-                or (_dotted(test) == "self.training")
-            self._block(stmt.body, scope, in_training, depth + 1)
-            self._block(stmt.orelse, scope, training_branch, depth + 1)
-        elif isinstance(stmt, ast.While):
-            if self._always_true(stmt.test, scope):
+                self._expr(stmt.value, a, defined, training)
+            if isinstance(stmt, ast.Return):
+                return False
+            return not (isinstance(stmt.value, ast.Call)
+                        and _dotted(stmt.value.func) == "ops.prim.RaiseException")
+        if isinstance(stmt, ast.If):
+            self._expr(stmt.test, a, defined, training)
+            inside = training or self._is_training_test(stmt.test, a)
+            d1, f1 = self._block(stmt.body, a, defined, inside, depth + 1)
+            d2, f2 = self._block(stmt.orelse, a, defined, training, depth + 1)
+            live = [d for d, f in ((d1, f1), (d2, f2)) if f]
+            if live:
+                defined |= set.intersection(*live)
+            return f1 or f2
+        if isinstance(stmt, ast.While):
+            if self._always_true(stmt.test, a):
                 self.refuse_code(fn, stmt, "has a loop that can never end (while True)")
-            self._expr(stmt.test, scope, training_branch)
-            self._block(stmt.body, scope, training_branch, depth + 1)
-            self._block(stmt.orelse, scope, training_branch, depth + 1)
-        elif isinstance(stmt, ast.For):
-            self._target(stmt.target, scope, training_branch, False)
-            self._expr(stmt.iter, scope, training_branch)
-            self._block(stmt.body, scope, training_branch, depth + 1)
-            self._block(stmt.orelse, scope, training_branch, depth + 1)
-        elif isinstance(stmt, ast.With):
+            self._expr(stmt.test, a, defined, training)
+            self._block(stmt.body, a, defined, training, depth + 1)
+            self._block(stmt.orelse, a, defined, training, depth + 1)
+            return True
+        if isinstance(stmt, ast.For):
+            self._expr(stmt.iter, a, defined, training)
+            self._target(stmt.target, a, defined, training, stmt)
+            inner = defined | {n.id for n in _target_names(stmt.target)}
+            self._block(stmt.body, a, inner, training, depth + 1)
+            self._block(stmt.orelse, a, defined, training, depth + 1)
+            return True
+        if isinstance(stmt, ast.With):
             for item in stmt.items:
-                self._expr(item.context_expr, scope, training_branch)
+                self._expr(item.context_expr, a, defined, training)
                 if item.optional_vars is not None:
-                    self._target(item.optional_vars, scope, training_branch, False)
-            self._block(stmt.body, scope, training_branch, depth + 1)
-        elif isinstance(stmt, (ast.Raise, ast.Assert, ast.Delete)):
+                    self._target(item.optional_vars, a, defined, training, stmt)
+                    defined.update(n.id for n in _target_names(item.optional_vars))
+            inner, falls_through = self._block(stmt.body, a, defined, training, depth + 1)
+            defined |= inner
+            return falls_through
+        if isinstance(stmt, (ast.Raise, ast.Assert)):
             for sub in ast.iter_child_nodes(stmt):
                 if isinstance(sub, ast.expr):
-                    if isinstance(stmt, ast.Delete):
-                        self._target(sub, scope, training_branch, False)
-                    self._expr(sub, scope, training_branch)
-        elif isinstance(stmt, (ast.Pass, ast.Break, ast.Continue)):
-            pass
-        elif isinstance(stmt, ast.FunctionDef):
-            inner = _Function(f"{fn.qualname}.{stmt.name}", stmt, fn.file, fn.cls)
-            self.methods += 1
-            self._check_function(inner, outer=scope)
-        else:
-            self.refuse_code(fn, stmt, f"uses the statement {type(stmt).__name__} "
-                                       "(not on the allow-list)")
+                    self._expr(sub, a, defined, training)
+            return not isinstance(stmt, ast.Raise)
+        if isinstance(stmt, ast.Delete):
+            for target in stmt.targets:
+                if isinstance(target, ast.Name):
+                    self._name(target, a, defined)
+                    defined.discard(target.id)
+                else:
+                    self._target(target, a, defined, training, stmt)
+                    self._expr(target, a, defined, training)
+            return True
+        if isinstance(stmt, ast.Pass):
+            return True
+        if isinstance(stmt, (ast.Break, ast.Continue)):
+            return False
+        self.refuse_code(fn, stmt, f"uses the statement {type(stmt).__name__} "
+                                   "(not on the allow-list)")
+        return True
 
-    def _target(self, target: ast.AST, scope: _Scope, training_branch: bool, augmented: bool) -> None:
-        fn = scope.fn
+    def _target(self, target: ast.AST, a: _Analysis, defined: set[str], training: bool,
+                stmt: ast.stmt) -> None:
+        fn = a.fn
         if isinstance(target, ast.Name):
+            if target.id in RESERVED_NAMES:
+                self._refuse_binding(fn, target, target.id)
             return
         if isinstance(target, (ast.Tuple, ast.List)):
             for t in target.elts:
-                self._target(t, scope, training_branch, augmented)
+                self._target(t, a, defined, training, stmt)
             return
         if isinstance(target, ast.Starred):
-            self._target(target.value, scope, training_branch, augmented)
+            self._target(target.value, a, defined, training, stmt)
             return
         if isinstance(target, ast.Attribute):
-            self._expr(target.value, scope, training_branch)
-            if target.attr in DENIED_ATTRIBUTES:
+            if target.attr in DENIED:
                 self.refuse(fn, target, f"the attribute {target.attr}", DENIED[target.attr],
                             verb="sets")
-            on_self = isinstance(target.value, ast.Name) and target.value.id == "self"
-            in_module = fn.cls is not None and fn.cls.kind == "module"
-            if in_module and (not on_self or fn.node.name != "__setstate__"):
-                if not (on_self and training_branch):
-                    self.refuse_code(fn, target, f"assigns the attribute {target.attr}: a model "
-                                                 "may not keep state between calls")
-            elif not on_self and self._is_state(target.value, scope):
-                self.refuse_code(fn, target, f"assigns the attribute {target.attr} of the "
-                                             "model's state")
+            self._expr(target.value, a, defined, training)
+            self._change(self._sources(target.value, a)[0], _ALWAYS, a, target,
+                         f"assigns the attribute {target.attr}", training)
             return
         if isinstance(target, ast.Subscript):
-            self._expr(target.value, scope, training_branch)
-            self._expr(target.slice, scope, training_branch)
-            if self._is_state(target.value, scope) and not training_branch:
-                self.refuse_code(fn, target, "writes into the model's own tensors or lists: a "
-                                             "model may not keep state between calls")
+            self._expr(target.value, a, defined, training)
+            self._expr(target.slice, a, defined, training)
+            self._change(self._sources(target.value, a)[0], _ALWAYS, a, target, "writes an item",
+                         training)
             return
         self.refuse_code(fn, target, f"assigns to a {type(target).__name__}")
 
-    def _always_true(self, test: ast.AST, scope: _Scope, seen: frozenset[str] = frozenset()) -> bool:
+    def _always_true(self, test: ast.AST, a: _Analysis, seen: frozenset[str] = frozenset()) -> bool:
         if _truthy_constant(test):
             return True
-        if isinstance(test, ast.Name) and test.id in scope.assigned and test.id not in seen:
-            values = scope.assigned[test.id]
-            if test.id in [a.arg for a in scope.fn.node.args.args]:
+        if isinstance(test, ast.Name) and test.id in a.bindings and test.id not in seen:
+            if test.id in a.params:
                 return False
+            values = a.bindings[test.id]
             return bool(values) and all(
-                v is not None and self._always_true(v, scope, seen | {test.id}) for v in values)
+                v is not None and whole and self._always_true(v, a, seen | {test.id})
+                for v, whole in values)
         return False
 
     # expressions
-    def _expr(self, node: ast.AST, scope: _Scope, training_branch: bool = False) -> None:
-        stack: list[ast.AST] = [node]
-        while stack:
-            sub = stack.pop()
-            if isinstance(sub, ast.Call):
-                self._call(sub, scope, training_branch, stack)
-            elif isinstance(sub, ast.Attribute):
-                self._attribute(sub, scope, stack)
-            elif isinstance(sub, ast.Name):
-                self._name(sub, scope)
-            elif isinstance(sub, (ast.Lambda, ast.Yield, ast.YieldFrom, ast.Await, ast.NamedExpr,
-                                  ast.GeneratorExp, ast.SetComp, ast.Set, ast.JoinedStr)):
-                self.refuse_code(scope.fn, sub, f"uses {type(sub).__name__} (not TorchScript)")
-            else:
-                if isinstance(sub, ast.comprehension):
-                    self._target(sub.target, scope, training_branch, False)
-                    stack.append(sub.iter)
-                    stack.extend(sub.ifs)
-                    continue
-                stack.extend(ast.iter_child_nodes(sub))
+    def _expr(self, node: ast.AST, a: _Analysis, defined: set[str], training: bool) -> None:
+        if isinstance(node, ast.Call):
+            self._call(node, a, defined, training)
+        elif isinstance(node, ast.Attribute):
+            self._attribute(node, a, defined, training)
+        elif isinstance(node, ast.Name):
+            self._name(node, a, defined)
+        elif isinstance(node, (ast.ListComp, ast.DictComp)):
+            inner = set(defined)
+            for gen in node.generators:
+                if gen.is_async:
+                    self.refuse_code(a.fn, node, "uses an async comprehension (not TorchScript)")
+                self._expr(gen.iter, a, inner, training)
+                for name in _target_names(gen.target):
+                    if name.id in RESERVED_NAMES:
+                        self._refuse_binding(a.fn, name, name.id)
+                if not all(isinstance(t, (ast.Name, ast.Tuple)) for t in ast.walk(gen.target)
+                           if not isinstance(t, ast.expr_context)):
+                    self.refuse_code(a.fn, gen.target, "assigns to something other than a name in "
+                                                       "a comprehension")
+                inner |= {n.id for n in _target_names(gen.target)}
+                for cond in gen.ifs:
+                    self._expr(cond, a, inner, training)
+            for part in ([node.elt] if isinstance(node, ast.ListComp) else [node.key, node.value]):
+                self._expr(part, a, inner, training)
+        elif isinstance(node, (ast.Lambda, ast.Yield, ast.YieldFrom, ast.Await, ast.NamedExpr,
+                               ast.GeneratorExp, ast.SetComp, ast.Set, ast.JoinedStr, ast.Starred)):
+            self.refuse_code(a.fn, node, f"uses {type(node).__name__} (not TorchScript)")
+        else:
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, ast.expr):
+                    self._expr(child, a, defined, training)
 
-    def _name(self, node: ast.Name, scope: _Scope) -> None:
+    def _name(self, node: ast.Name, a: _Analysis, defined: set[str]) -> None:
         name = node.id
-        if name in scope.locals or name in ("self", "torch", "ops", "__torch__", "CONSTANTS",
-                                            "inf", "nan", "infj", "nanj"):
+        if name in defined:
             return
+        if name in a.bindings or name in a.params:
+            self.refuse_code(a.fn, node, f"reads {_shown(name, 40)} where it may not be assigned yet "
+                                         "(TorchScript would look it up as a global)")
+        if name in ("inf", "nan", "infj", "nanj"):
+            return
+        if name in ("torch", "ops", "__torch__", "CONSTANTS", "self"):
+            self.refuse(a.fn, node, name, "is not a value (only its operators or attributes may be "
+                                          "used)", verb="uses")
         if name in DENIED:
-            self.refuse(scope.fn, node, name, DENIED[name])
+            self.refuse(a.fn, node, name, DENIED[name])
         if name in ALLOWED_BUILTINS or name in TYPE_NAMES:
             return
-        self.refuse(scope.fn, node, _shown(name), "is not on the allow-list")
+        self.refuse(a.fn, node, _shown(name), "is not on the allow-list")
 
-    def _namespace(self, path: str, scope: _Scope, node: ast.AST) -> None:
-        """``torch.X``, ``torch.ops.NS.X``, ``ops.NS.X`` (called or referenced)."""
+    def _namespace(self, path: str, a: _Analysis, node: ast.AST) -> tuple[str, str]:
+        """``torch.X``, ``torch.ops.NS.X``, ``ops.NS.X`` (called or referenced): (ns, op)."""
         parts = path.split(".")
         if parts[0] == "torch" and len(parts) > 1 and parts[1] == "ops":
             parts = parts[1:]
         if parts[0] == "torch":
             if len(parts) != 2:
-                self.refuse(scope.fn, node, _shown(path), "is not on the allow-list")
-            self._operator("aten", parts[1], scope, node)
-            return
+                self.refuse(a.fn, node, _shown(path), "is not on the allow-list")
+            self._operator("aten", parts[1], a, node)
+            return "aten", parts[1]
         if len(parts) != 3:  # ops.NS alone, or deeper
-            self.refuse(scope.fn, node, _shown(path), "is not an operator on the allow-list")
+            self.refuse(a.fn, node, _shown(path), "is not an operator on the allow-list")
         ns, op = parts[1], parts[2]
-        if ns == "aten":
-            self._operator("aten", op, scope, node)
-        elif ns == "prim":
-            self._operator("prim", op, scope, node)
+        if ns in ("aten", "prim"):
+            self._operator(ns, op, a, node)
         elif ns == "profiler":
-            self.refuse(scope.fn, node, f"profiler::{op}", "is a profiler hook")
+            self.refuse(a.fn, node, f"profiler::{op}", "is a profiler hook")
         else:
-            self.refuse(scope.fn, node, f"{ns}::{op}",
+            self.refuse(a.fn, node, f"{ns}::{op}",
                         f"is from the custom operator namespace {ns!r} (native code outside the "
                         "allow-list)")
+        return ns, op
 
-    def _operator(self, ns: str, op: str, scope: _Scope, node: ast.AST) -> None:
+    def _operator(self, ns: str, op: str, a: _Analysis, node: ast.AST) -> None:
         if op in DENIED:
-            self.refuse(scope.fn, node, f"{ns}::{op}", DENIED[op])
+            self.refuse(a.fn, node, f"{ns}::{op}", DENIED[op])
         allowed = ALLOWED_ATEN if ns == "aten" else ALLOWED_PRIM
         if op not in allowed:
-            self.refuse(scope.fn, node, f"{ns}::{_shown(op)}", "is not on the allow-list")
+            self.refuse(a.fn, node, f"{ns}::{_shown(op)}", "is not on the allow-list")
         self.operators.add(f"{ns}::{op}")
 
-    def _method(self, name: str, scope: _Scope, node: ast.AST) -> None:
+    def _method(self, name: str, a: _Analysis, node: ast.AST) -> None:
         if name in ("__setstate__", "__getstate__"):
-            self.refuse(scope.fn, node, f"the method {name}", "only the loader may call (calling "
-                                                              "it would change the model's state)")
+            self.refuse(a.fn, node, f"the method {name}", "only the loader may call (calling "
+                                                          "it would change the model's state)")
         if name in DENIED:
-            self.refuse(scope.fn, node, f"the method {name}", DENIED[name])
+            self.refuse(a.fn, node, f"the method {name}", DENIED[name])
         if name in ALLOWED_ATEN:
             self.operators.add(f"aten::{name}")
             return
-        if name in self.member_names:
+        if name in self.method_names:
             if name in _registered_operator_names():
-                self.refuse(scope.fn, node, f"the method {name}",
+                self.refuse(a.fn, node, f"the method {name}",
                             "shares its name with an operator outside the allow-list")
             return
-        self.refuse(scope.fn, node, f"the method {_shown(name)}", "is not on the allow-list")
+        self.refuse(a.fn, node, f"the method {_shown(name)}", "is not on the allow-list")
 
-    def _attribute(self, node: ast.Attribute, scope: _Scope, stack: list[ast.AST]) -> None:
+    def _readable(self, attr: str, a: _Analysis, node: ast.AST) -> None:
+        """An attribute read as a value: a field of the archive's classes or a tensor property
+        (a method or operator taken as a value could be called where the checker cannot see)."""
+        if attr in DENIED:
+            self.refuse(a.fn, node, f"the attribute {attr}", DENIED[attr], verb="reads")
+        if attr not in self.field_names and attr not in TENSOR_PROPERTIES:
+            self.refuse(a.fn, node, f"the attribute {_shown(attr)}", "is neither a field of the "
+                        "archive's classes nor a tensor property", verb="reads")
+
+    def _attribute(self, node: ast.Attribute, a: _Analysis, defined: set[str], training: bool) -> None:
         path = _dotted(node)
         root = path.split(".", 1)[0] if path else None
-        if path and root in ("torch", "ops") and root not in scope.locals:
-            self._namespace(path, scope, node)
+        if path and root in ("torch", "ops"):
+            self._namespace(path, a, node)  # an operator reference must itself be allowed
             return
         if path and root == "__torch__":
-            self._check_defined(path, scope.fn, scope.fn.file, node)
+            self._check_defined(path, a.fn, a.fn.file, node)
             return
         if path and root == "CONSTANTS":
+            if path.count(".") != 1:
+                self.refuse(a.fn, node, _shown(path), "is not a constant of the archive", verb="reads")
             return
-        if node.attr in DENIED_ATTRIBUTES:
-            self.refuse(scope.fn, node, f"the attribute {node.attr}", DENIED[node.attr], verb="reads")
-        stack.append(node.value)
+        self._readable(node.attr, a, node)
+        self._expr(node.value, a, defined, training)
 
-    def _call(self, node: ast.Call, scope: _Scope, training_branch: bool,
-              stack: list[ast.AST]) -> None:
+    def _resolve(self, node: ast.AST, a: _Analysis) -> ast.AST:
+        """The value a local assigned exactly once holds (else ``node``)."""
+        if isinstance(node, ast.Name) and node.id not in a.params:
+            binds = a.bindings.get(node.id, [])
+            if len(binds) == 1 and binds[0][1] and binds[0][0] is not None:
+                return binds[0][0]
+        return node
+
+    def _message_part(self, node: ast.AST, a: _Analysis, strs: set[int]) -> bool:
+        """A value that may go into a warning: a number, a printable string constant, a ``str``
+        parameter (its callers are checked: ``strs``), or a size or count."""
+        if isinstance(node, ast.Constant):
+            return isinstance(node.value, (int, float, bool)) or (
+                isinstance(node.value, str) and bool(_PRINTABLE.fullmatch(node.value)))
+        if isinstance(node, ast.Name) and node.id in a.params and node.id not in a.bindings:
+            kind = _dotted(a.annotations.get(node.id))
+            if kind == "str":
+                strs.add(a.params.index(node.id))
+            return kind in ("str", "int", "float", "bool")
+        if isinstance(node, ast.Call):
+            path = _dotted(node.func) or ""
+            return (path.startswith(("torch.", "ops.aten.")) and path.rsplit(".", 1)[-1] in _NUMERIC_OPS
+                    and not node.keywords)
+        value = self._resolve(node, a)
+        return value is not node and self._message_part(value, a, strs)
+
+    def _benign_warning(self, call: ast.Call, a: _Analysis) -> bool:
+        """``torch.warn`` with one of torch's own warning messages (from plain values)."""
+        if call.keywords or not 1 <= len(call.args) <= 2:
+            return False
+        message, fmt_args = self._resolve(call.args[0], a), []
+        if (isinstance(message, ast.Call) and _dotted(message.func) in ("torch.format", "ops.aten.format")
+                and message.args and not message.keywords):
+            message, fmt_args = self._resolve(message.args[0], a), message.args[1:]
+        strs: set[int] = set()
+        ok = (isinstance(message, ast.Constant) and isinstance(message.value, str)
+              and message.value in _torch_warning_templates()
+              and all(self._message_part(x, a, strs) for x in [*fmt_args, *call.args[1:]]))
+        if ok:
+            a.summary.warns |= strs
+        return ok
+
+    def _warned_arguments(self, call: ast.Call, a: _Analysis) -> None:
+        """A string passed to a function that puts it into a warning must be printable text."""
+        callees, with_receiver, _ = self._callees(call, a)
+        for callee in callees:
+            summary = self._summary(callee)
+            if not summary.warns:
+                continue
+            bound = self._bind_args(callee, call, with_receiver)
+            defaults = self._defaults(callee)
+            for k in sorted(summary.warns):
+                value = bound.get(k, defaults.get(k))
+                strs: set[int] = set()
+                if value is not None and not self._message_part(value, a, strs):
+                    self.refuse(a.fn, call, f"aten::warn (through {callee.qualname})",
+                                "prints to the scanner's output (only printable constant text may "
+                                "go into a warning)")
+                a.summary.warns |= strs
+
+    def _call(self, node: ast.Call, a: _Analysis, defined: set[str], training: bool) -> None:
+        fn = a.fn
         func = node.func
         path = _dotted(func)
+        if any(isinstance(x, ast.Starred) for x in node.args) or any(k.arg is None
+                                                                     for k in node.keywords):
+            self.refuse_code(fn, node, "unpacks arguments into a call (not what TorchScript writes)")
         args = list(node.args) + [k.value for k in node.keywords]
-        op_name: str | None = None
-        receiver: ast.AST | None = None
-        if path is not None and "." not in path:
-            name = path
-            if name in scope.locals:
-                pass  # a function value the code built from checked references
+        if isinstance(func, ast.Name):
+            name = func.id
+            if name in defined:
+                if not self._funcrefs(name, a):
+                    self.refuse(fn, node, f"the local value {_shown(name, 40)}", "is not a function "
+                                "of the archive (a reference to an operator or method is never "
+                                "called)")
+            elif name in a.bindings or name in a.params:
+                self._name(func, a, defined)
             elif name in DENIED:
-                self.refuse(scope.fn, node, name, DENIED[name])
+                self.refuse(fn, node, name, DENIED[name])
             elif name not in ALLOWED_BUILTINS and name not in TYPE_NAMES:
-                self.refuse(scope.fn, node, _shown(name), "is not on the allow-list")
+                self.refuse(fn, node, _shown(name), "is not on the allow-list")
             elif name in ("annotate", "unchecked_cast", "uninitialized", "isinstance"):
                 types = node.args[1:2] if name == "isinstance" else node.args[:1]
                 for t in types:
-                    self._check_type(t, scope.fn.file, owner=scope.fn.qualname)
-                args = [a for a in args if not any(a is t for t in types)]
+                    self._check_type(t, fn.file, owner=fn.qualname)
+                args = [x for x in args if not any(x is t for t in types)]
             elif name in ("getattr", "hasattr"):
-                if len(node.args) < 2 or not (isinstance(node.args[1], ast.Constant)
-                                              and isinstance(node.args[1].value, str)):
-                    self.refuse_code(scope.fn, node, f"calls {name} with a computed name")
+                if len(node.args) != 2 or node.keywords or not (
+                        isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)):
+                    self.refuse_code(fn, node, f"calls {name} with a computed name")
                 attr = node.args[1].value
                 target = _dotted(node.args[0])
-                if target and target.split(".")[0] in ("torch", "ops", "__torch__"):
-                    self.refuse(scope.fn, node, f"{name}({target}, {attr!r})",
+                if target and target.split(".")[0] in ("torch", "ops", "__torch__", "CONSTANTS"):
+                    self.refuse(fn, node, f"{name}({target}, {_shown(attr, 40)!r})",
                                 "looks up an operator by name")
-                if attr in DENIED:
-                    self.refuse(scope.fn, node, f"the attribute {attr}", DENIED[attr], verb="reads")
-                if (attr in _registered_operator_names() and attr not in ALLOWED_ATEN
-                        and attr not in self.member_names):
-                    self.refuse(scope.fn, node, f"{name}(..., {attr!r})",
-                                "names an operator outside the allow-list")
-        elif path is not None and path.split(".", 1)[0] in ("torch", "ops") \
-                and path.split(".", 1)[0] not in scope.locals:
-            self._namespace(path, scope, func)
-            op_name = path.rsplit(".", 1)[-1]
-            receiver = node.args[0] if node.args else None
+                if name == "getattr":
+                    self._readable(attr, a, node)
+                elif attr in DENIED:
+                    self.refuse(fn, node, f"the attribute {attr}", DENIED[attr], verb="reads")
+                args = node.args[:1]
+        elif path is not None and path.split(".", 1)[0] in ("torch", "ops"):
+            if path in ("torch.warn", "ops.aten.warn", "torch.ops.aten.warn"):
+                if not self._benign_warning(node, a):
+                    self.refuse(fn, node, "aten::warn", DENIED["warn"] + " (only torch's own "
+                                "warnings, from torch's own layers, are allowed)")
+                self.operators.add("aten::warn")
+            else:
+                self._namespace(path, a, func)
         elif path is not None and path.startswith("__torch__."):
-            self._check_defined(path, scope.fn, scope.fn.file, func)
+            self._check_defined(path, fn, fn.file, func)
+        elif path is not None and path.startswith("CONSTANTS."):
+            self.refuse(fn, node, _shown(path), "is a constant, not a function")
         elif isinstance(func, ast.Attribute):
-            self._method(func.attr, scope, func)
-            op_name = func.attr if func.attr in ALLOWED_ATEN else None
-            receiver = func.value
-            stack.append(func.value)
+            self._method(func.attr, a, func)
+            self._expr(func.value, a, defined, training)
         else:
-            stack.append(func)  # calling a value: a subscripted module list, a returned function
-        outs = [k.value for k in node.keywords if k.arg == "out"]
-        if op_name is not None and not training_branch and (receiver is not None or outs):
-            mutates = (op_name.endswith("_") and not op_name.endswith("__")) \
-                or op_name in _LIST_MUTATORS
-            targets = ([receiver] if mutates and receiver is not None else []) + outs
-            if any(self._is_state(t, scope) for t in targets):
-                self.refuse_code(scope.fn, node, f"changes the model's own state in place "
-                                                 f"({op_name}): a model may not keep state "
-                                                 "between calls")
-        stack.extend(args)
+            self.refuse_code(fn, node, f"calls a computed value ({type(func).__name__}), not an "
+                                       "operator or a function of the archive")
+        for arg in args:
+            self._expr(arg, a, defined, training)
+        self._warned_arguments(node, a)
+        for target, when, what in self._effects(node, a)[0]:
+            self._change(target, when, a, node, what, training)
 
 
 # --- the archive ----------------------------------------------------------------------------------
@@ -1176,21 +2037,102 @@ def inspect_torchscript(path: Path, shown: object | None = None,
 
 _PROBE = r"""
 import json, os, sys
+applied, missing = [], {}
 limits = json.loads(sys.argv[5])
 try:
     import resource, signal
+except ImportError as e:
+    missing["rlimits"] = str(e)
+else:
     for name, value in limits.items():
-        resource.setrlimit(getattr(resource, name), (value, value))
+        try:
+            resource.setrlimit(getattr(resource, name), (value, value))
+            applied.append(name)
+        except (AttributeError, ValueError, OSError) as e:
+            missing[name] = type(e).__name__ + ": " + str(e)
     signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # a file write ends the probe, visibly
-except Exception:
-    pass
+root = hasattr(os, "geteuid") and os.geteuid() == 0
+libc = None
+if sys.platform.startswith("linux"):
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+    except (ImportError, OSError) as e:
+        missing["namespaces"] = str(e)
+else:
+    missing["namespaces"] = "not Linux"
+
+
+def unshare(flags, names):
+    if libc.unshare(flags) == 0:
+        applied.extend(names)
+        return True
+    err = os.strerror(ctypes.get_errno())
+    for n in names:
+        missing[n] = err
+    return False
+
+
+if libc is not None:  # before torch starts threads: a user namespace needs a single thread
+    NEWNS, NEWNET, NEWUSER = 0x00020000, 0x40000000, 0x10000000
+    if not root:
+        unshare(NEWUSER, ["user-namespace"])
+    if not unshare(NEWNS | NEWNET, ["mount-namespace", "network-namespace"]):
+        for flag, n in ((NEWNS, "mount-namespace"), (NEWNET, "network-namespace")):
+            if unshare(flag, [n]):
+                missing.pop(n, None)
 sys.path[:] = json.loads(sys.argv[1])
-path, shape, batches = sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
 import warnings
 warnings.simplefilter("ignore")
 import torch
+print("imported", flush=True)
 torch.set_num_threads(1)
-m = torch.jit.load(path, map_location="cpu")
+with open(sys.argv[2], "rb") as f:
+    data = f.read()
+try:  # CPU feature detection reads /proc the first time a kernel runs: do it before it goes away
+    torch.backends.nnpack.is_available()
+    torch.backends.cpu.get_cpu_capability()
+    torch.nn.functional.conv2d(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 3, 3))
+except Exception:
+    pass
+if hasattr(os, "chroot"):
+    try:
+        os.chroot(sys.argv[6])
+        os.chdir("/")
+        applied.append("chroot")
+    except OSError as e:
+        missing["chroot"] = e.strerror or str(e)
+else:
+    missing["chroot"] = "not available"
+if root:
+    try:
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+        applied.append("uid-65534")
+    except OSError as e:
+        missing["uid-65534"] = e.strerror or str(e)
+if libc is not None:
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                    ("inheritable", ctypes.c_uint32)]
+
+    if libc.capset(ctypes.byref(Header(0x20080522, 0)), (Data * 2)()) == 0:
+        applied.append("no-capabilities")
+    else:
+        missing["no-capabilities"] = os.strerror(ctypes.get_errno())
+    if libc.prctl(38, 1, 0, 0, 0) == 0:  # PR_SET_NO_NEW_PRIVS
+        applied.append("no-new-privileges")
+    else:
+        missing["no-new-privileges"] = os.strerror(ctypes.get_errno())
+print("confined " + json.dumps({"applied": applied, "missing": missing}), flush=True)
+import io
+path, shape, batches = sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+m = torch.jit.load(io.BytesIO(data), map_location="cpu")
+del data
 m.eval()
 print("loaded", flush=True)
 if shape:
@@ -1207,9 +2149,37 @@ if shape:
 print("ok", flush=True)
 """
 
+PROBE_PASSTHROUGH_ENV = ("LD_LIBRARY_PATH", "DYLD_LIBRARY_PATH", "PYTHONPATH", "CONDA_PREFIX",
+                         "VIRTUAL_ENV")
+"""Environment variables the probe process inherits (what finding torch's libraries may need)."""
+
 _SIGNAL_HINTS = {"SIGXFSZ": "it tried to write a file", "SIGKILL": "killed, out of memory?",
                  "SIGSEGV": "a segmentation fault", "SIGABRT": "aborted",
                  "SIGBUS": "a bus error"}
+
+
+@dataclass
+class ProbeResult:
+    """How the probe went and what confined it (for results and reports)."""
+
+    outcome: str  # "ok": every batch ran; "loaded": loaded, the forward raised or no shape known
+    confinements: list[str] = field(default_factory=list)  # what applied
+    not_applied: dict[str, str] = field(default_factory=dict)  # what did not, and why
+    batches: list[int] = field(default_factory=list)  # the batch sizes that ran
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"outcome": self.outcome, "confinements": list(self.confinements),
+                "not_applied": dict(self.not_applied), "batches": list(self.batches)}
+
+
+def _probe_env(work: str) -> dict[str, str]:
+    """The probe's environment: thread settings, the loader variables, nothing else."""
+    env = {"PATH": os.defpath, "HOME": work, "TMPDIR": work, "OMP_NUM_THREADS": "1",
+           "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "LC_ALL": "C"}
+    for name in PROBE_PASSTHROUGH_ENV:
+        if os.environ.get(name):
+            env[name] = os.environ[name]
+    return env
 
 
 def _signal_name(code: int) -> str:
@@ -1228,14 +2198,18 @@ def _last_error(stderr: bytes) -> str:
 
 
 def probe_torchscript(path: Path, input_shape: tuple[int, ...] | None,
-                      shown: object | None = None) -> str:
-    """Load the archive and run a forward pass in a child process first.
+                      shown: object | None = None) -> ProbeResult:
+    """Load the archive and run a forward pass in a confined child process first.
 
-    The child starts with no environment but a few thread settings, an empty temporary working
-    directory, no right to write file data (``RLIMIT_FSIZE`` 0), no core dumps and a memory cap.
-    Returns "ok", "loaded" (no input shape known, or the forward raised a Python error that the
-    caller's own checks will report), and raises :class:`TrojanscanError` when loading fails,
-    the child crashes, or loading or the forward outlives its budget.
+    The child sets its limits (no file data written, ``RLIMIT_FSIZE`` 0; no core dumps; a memory
+    cap), enters new mount and network namespaces (and, unprivileged, a user namespace) where
+    Linux allows, imports torch, reads the archive into memory, then ``chroot``s into an empty
+    folder, drops to uid 65534 when it runs as root, drops its capabilities and sets
+    no-new-privileges, and only then loads the model from memory and runs the batches of
+    ``PROBE_BATCH_SIZES``. A step the platform refuses is skipped and reported
+    (:attr:`ProbeResult.not_applied`). Raises :class:`TrojanscanError` when loading fails, the
+    child crashes, or loading or a forward outlives its budget; a child that dies before it has
+    imported torch is reported as a problem with trojanscan's setup, not with the file.
     """
     shown = path if shown is None else shown
     shape: list[int] = []
@@ -1245,12 +2219,14 @@ def probe_torchscript(path: Path, input_shape: tuple[int, ...] | None,
             shape = [int(s) for s in input_shape]
     limits = {"RLIMIT_FSIZE": 0, "RLIMIT_CORE": 0,
               "RLIMIT_AS": PROBE_MEMORY_BYTES + 4 * path.stat().st_size}
+    result = ProbeResult("loaded")
     with tempfile.TemporaryDirectory(prefix="trojanscan-probe-") as work:
-        env = {"PATH": os.defpath, "HOME": work, "TMPDIR": work, "OMP_NUM_THREADS": "1",
-               "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "LC_ALL": "C"}
+        jail = Path(work) / "root"
+        jail.mkdir(mode=0o555)
         cmd = [sys.executable, "-I", "-B", "-c", _PROBE, json.dumps(sys.path), str(path.resolve()),
-               json.dumps(shape), json.dumps(list(PROBE_BATCH_SIZES)), json.dumps(limits)]
-        proc = subprocess.Popen(cmd, cwd=work, env=env, stdin=subprocess.DEVNULL,
+               json.dumps(shape), json.dumps(list(PROBE_BATCH_SIZES)), json.dumps(limits),
+               str(jail)]
+        proc = subprocess.Popen(cmd, cwd=work, env=_probe_env(work), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 start_new_session=(os.name == "posix"))
         lines: queue.Queue[str | None] = queue.Queue()
@@ -1275,11 +2251,16 @@ def probe_torchscript(path: Path, input_shape: tuple[int, ...] | None,
         stage, batch = "start", 0
         try:
             while stage != "ok":
-                budget = PROBE_LOAD_BUDGET_S if stage == "start" else PROBE_CALL_BUDGET_S
+                budget = PROBE_LOAD_BUDGET_S if stage in ("start", "imported") else PROBE_CALL_BUDGET_S
                 try:
                     line = lines.get(timeout=budget)
                 except queue.Empty:
                     if stage == "start":
+                        raise TrojanscanError(
+                            f"{shown}: could not be checked: trojanscan's probe process did not "
+                            f"import torch within {budget:g} s (PROBE_LOAD_BUDGET_S); this is a "
+                            "problem with trojanscan's setup, not with the file") from None
+                    if stage == "imported":
                         raise refused(shown, f"loading it did not finish within {budget:g} s "
                                              "(in a separate process; PROBE_LOAD_BUDGET_S)") from None
                     raise refused(shown, f"its forward did not return within {budget:g} s on a "
@@ -1288,11 +2269,23 @@ def probe_torchscript(path: Path, input_shape: tuple[int, ...] | None,
                                          "hangs would hang the scan") from None
                 if line is None:
                     break
-                if line == "loaded":
+                if line == "imported":
+                    stage = "imported"
+                elif line.startswith("confined "):
+                    with contextlib.suppress(ValueError, TypeError, AttributeError):
+                        record = json.loads(line[len("confined "):])
+                        result.confinements = [_shown(c, 40) for c in record["applied"]]
+                        result.not_applied = {_shown(k, 40): _shown(v, 80)
+                                              for k, v in record["missing"].items()}
+                elif line == "loaded":
                     stage = "loaded"
                 elif line.startswith("call "):
+                    if stage == "call":
+                        result.batches.append(batch)
                     stage, batch = "call", int(line.split()[1])
                 elif line == "ok":
+                    if stage == "call":
+                        result.batches.append(batch)
                     stage = "ok"
             if stage == "ok":  # let it exit on its own; its verdict is in
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -1308,18 +2301,25 @@ def probe_torchscript(path: Path, input_shape: tuple[int, ...] | None,
             for t in readers:
                 t.join(timeout=5)
         if stage == "ok":
-            return "ok"
+            result.outcome = "ok"
+            return result
         code = proc.returncode
+        if stage == "start":
+            why = (f"it ended with {_signal_name(-code)}" if code is not None and code < 0
+                   else _last_error(bytes(err)))
+            raise TrojanscanError(f"{shown}: could not be checked: trojanscan's probe process "
+                                  f"failed before it imported torch ({why}); this is a problem "
+                                  "with trojanscan's setup, not with the file")
         if code is not None and code < 0:
             name = _signal_name(-code)
             hint = _SIGNAL_HINTS.get(name, "")
-            when = "loading it" if stage == "start" else "running it"
+            when = "loading it" if stage == "imported" else "running it"
             raise refused(shown, f"{when} crashed a separate process ({name}"
                                  f"{': ' + hint if hint else ''})")
-        if stage == "start":
+        if stage == "imported":
             raise TrojanscanError(f"{shown}: not a loadable TorchScript archive "
                                   f"({_last_error(bytes(err))})")
-        return "loaded"
+        return result
 
 
 # --- safetensors and pickled checkpoints ----------------------------------------------------------
