@@ -57,17 +57,19 @@ def test_a_large_margin_catches_what_the_trigger_size_misses():
     v = decide(_scan(FLAT), _margins([30.0] * 9 + [90.0], 0.001, [9]))
     assert (v.verdict, v.targets) == ("backdoored", [9])
     weak = decide(_scan(FLAT), _margins([30.0] * 9 + [45.0], 0.1))
-    assert (weak.verdict, weak.targets) == ("suspicious", [9])
+    assert (weak.verdict, weak.targets) == ("clean", [])  # no band: clean models reach p 0.07
 
 
 def test_asymmetric_pairs_from_most_sources_are_all_to_all():
-    rows = [(s, (s + 1) % 10, 8.0, 25.0) for s in range(10)]  # small forward, 3× larger reverse
+    rows = [(s, (s + 1) % 10, 8.0, 90.0) for s in range(10)]  # small forward, 11× larger reverse
     rows += [(s, (s + 5) % 10, 20.0, 21.0) for s in range(10)]  # the model's typical pairs
     v = decide(_scan(FLAT), pairs=_pairs(rows))
     assert v.verdict == "backdoored" and v.kind == "all-to-all" and v.targets == list(range(10))
     assert len(injected_pairs(_pairs(rows))) == 10
     symmetric = [(s, (s + 1) % 10, 8.0, 9.0) for s in range(10)] + rows[10:]
     assert decide(_scan(FLAT), pairs=_pairs(symmetric)).verdict == "clean"  # natural: easy both ways
+    mildly = [(s, (s + 1) % 10, 8.0, 25.0) for s in range(10)] + rows[10:]  # 3×: natural pairs reach 9×
+    assert decide(_scan(FLAT), pairs=_pairs(mildly)).verdict == "clean"
     one = [rows[0], *rows[10:]]
     lone = decide(_scan(FLAT), pairs=_pairs(one))
     assert (lone.verdict, lone.kind, lone.targets) == ("suspicious", "source-specific", [1])
@@ -75,7 +77,7 @@ def test_asymmetric_pairs_from_most_sources_are_all_to_all():
 
 def test_the_verdict_round_trips_through_json():
     v = decide(_scan([6.0, *FLAT[1:]]), _margins([40.0] * 10, 0.5),
-               _pairs([(0, 1, 8.0, 25.0), (1, 2, 20.0, 21.0), (2, 3, 20.0, 20.0)]))
+               _pairs([(0, 1, 8.0, 95.0), (1, 2, 20.0, 21.0), (2, 3, 20.0, 20.0)]))
     back = Verdict.from_dict(json.loads(json.dumps(to_jsonable(v.to_dict()))))
     assert to_jsonable(back.to_dict()) == to_jsonable(v.to_dict())
 

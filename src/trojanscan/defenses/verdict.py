@@ -11,15 +11,16 @@ Evidence (each optional but the first):
   largest-margin class is a target. Catches large and blended triggers that have no small mask.
 - **label pairs** (source-specific search with the symmetry test): a source's easiest pair is
   *injected* when its trigger is small against the model's typical pair (``PAIR_SIZE`` × the median
-  forward norm) and its reverse is ``PAIR_SYMMETRY`` times larger. Injected pairs from at least
-  ``ALL_TO_ALL_SOURCES`` of the sources to at least 3 different targets make an all-to-all backdoor.
+  forward norm) and its reverse is ``PAIR_SYMMETRY`` times larger. ``ALL_TO_ALL_PAIRS`` injected pairs
+  to as many different targets make an all-to-all backdoor; fewer make the model suspicious.
 
 The score is ``min(1, m · min p)`` over the ``m`` pieces with a p-value (Bonferroni): an upper bound
 on the chance that a clean model shows evidence this strong, as far as the references go.
 
-PROVISIONAL: the thresholds below were set on development zoos (the classic MNIST/Fashion-MNIST zoo,
-seed 0, for the size ratio; the paper's 0.05 for MM-BD; digits models for the pairs); the held-out
-measurement is in the README when it exists.
+PROVISIONAL: the thresholds below were set on development data only (the classic MNIST/Fashion-MNIST
+zoo, seed 0, for the size ratio; the paper's 0.05 for MM-BD; digits models and the first 11 models of
+a 'world' development zoo, seed 100, for the pairs); the held-out measurement is in the README when it
+exists.
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ RULE_VERSION = 1
 SIZE_RATIO_BACKDOOR = 0.4
 SIZE_RATIO_SUSPICIOUS = 0.5
 MMBD_ALPHA = 0.05
-MMBD_SUSPICIOUS = 0.2
+MMBD_SUSPICIOUS = MMBD_ALPHA  # no band: clean development models had p 0.07-0.86
 PAIR_SIZE = 0.75
-PAIR_SYMMETRY = 2.5
-ALL_TO_ALL_SOURCES = 0.5  # share of the sources
+PAIR_SYMMETRY = 10.0  # K-Arm's bound; at 2.5 every clean Fashion-MNIST development model had injected pairs
+ALL_TO_ALL_PAIRS = 3  # injected pairs (to as many different targets) that make an all-to-all backdoor
 # Size ratios of the 12 clean models × 3 seeds of the classic development zoo (seed 0,
 # benchmarks/results/zoo/results.json): the reference for the size ratio's empirical p-value.
 CLEAN_SIZE_RATIOS = (0.457, 0.464, 0.477, 0.49, 0.491, 0.509, 0.514, 0.525, 0.532, 0.552, 0.557, 0.572,
@@ -139,11 +140,11 @@ def _pair_evidence(pairs: PairEvidence) -> EvidenceItem:
     found = injected_pairs(pairs)
     sources = len({p.source for p in pairs.pairs})
     targets = Counter(t for _, t in found)
-    share = len(found) / sources if sources else 0.0
-    all_to_all = share >= ALL_TO_ALL_SOURCES and len(targets) >= 3
+    all_to_all = len(found) >= ALL_TO_ALL_PAIRS and len(targets) >= ALL_TO_ALL_PAIRS
     says = "backdoor" if all_to_all else "suspicious" if found else "clean"
-    return EvidenceItem("label pairs (symmetry)", share, ALL_TO_ALL_SOURCES, says, sorted(targets),
-                        detail=f"injected pairs {found}" if found else "no injected pair")
+    return EvidenceItem("label pairs (symmetry)", len(found), ALL_TO_ALL_PAIRS, says, sorted(targets),
+                        detail=(f"injected pairs {found} of {sources} sources" if found
+                                else f"no injected pair among {sources} sources"))
 
 
 def decide(scan: ScanResult, mmbd: MarginEvidence | None = None,
