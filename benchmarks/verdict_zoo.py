@@ -1,0 +1,98 @@
+"""Score the combined verdict (and the paper's MAD test and the size ratio as baselines) on a zoo
+built by ``trojanscan bench zoo --methods neural-cleanse,mm-bd,pairs``, from its saved scans.
+
+    python benchmarks/verdict_zoo.py ZOO_DIR --out bench_out/verdict_zoo.json
+
+Per model: the verdict, targets and kind; overall and per attack kind and architecture: detection
+(backdoored) and false-positive rates, with 'suspicious' counted separately, and target accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from trojanscan.defenses.mmbd import MarginEvidence
+from trojanscan.defenses.pairs import PairEvidence
+from trojanscan.defenses.scan_result import ScanResult
+from trojanscan.defenses.verdict import decide
+from trojanscan.fileio import write_json
+from trojanscan.metrics import roc_auc
+
+
+def _row(zoo: Path, m: dict) -> dict | None:
+    scans = sorted(glob.glob(str(zoo / "scans" / m["key"] / "neural-cleanse-*")))
+    evidence = m.get("evidence", {})
+    if not scans or set(evidence) != {"mm-bd", "pairs"}:
+        return None
+    scan = ScanResult.load(scans[0])
+    mm = evidence["mm-bd"]["evidence"]
+    verdict = decide(scan, MarginEvidence(mm["statistics"], mm["p_value"], mm["flagged_labels"], mm["null"]),
+                     PairEvidence.from_dict(evidence["pairs"]["evidence"]))
+    spec = m["spec"]
+    return {"name": m["name"], "trojaned": m["trojaned"], "attack": spec.get("attack") or "clean",
+            "arch": m.get("arch"), "normalised": bool(spec.get("normalised")), "target": m["target"],
+            "asr": m["attack_success_rate"],
+            "attack_took": (not m["trojaned"]) or (m["attack_success_rate"] or 0) >= 0.5,
+            "verdict": verdict.verdict, "targets": verdict.targets, "kind": verdict.kind,
+            "score": verdict.score,
+            "paper_flagged": scan.flagged_labels, "size_ratio": scan.size_ratio,
+            "mmbd_p": mm["p_value"], "seconds": scan.seconds + evidence["mm-bd"]["seconds"]
+            + evidence["pairs"]["seconds"]}
+
+
+def _rates(rows: list[dict]) -> dict:
+    bad = [r for r in rows if r["trojaned"]]
+    good = [r for r in rows if not r["trojaned"]]
+
+    def share(rs: list[dict], test) -> float | None:
+        return sum(bool(test(r)) for r in rs) / len(rs) if rs else None
+
+    single = [r for r in bad if r["attack"] != "all-to-all"]
+    return {"models": len(rows), "trojaned": len(bad), "clean": len(good),
+            "detected": share(bad, lambda r: r["verdict"] == "backdoored"),
+            "detected_or_suspicious": share(bad, lambda r: r["verdict"] != "clean"),
+            "false_positive": share(good, lambda r: r["verdict"] == "backdoored"),
+            "clean_called_suspicious": share(good, lambda r: r["verdict"] == "suspicious"),
+            "right_target_single": share(single, lambda r: r["target"] in r["targets"]),
+            "paper_detected": share(bad, lambda r: bool(r["paper_flagged"])),
+            "paper_false_positive": share(good, lambda r: bool(r["paper_flagged"])),
+            "ratio_detected": share(bad, lambda r: r["size_ratio"] < 0.4),
+            "ratio_false_positive": share(good, lambda r: r["size_ratio"] < 0.4),
+            "auroc_score": roc_auc([-r["score"] for r in rows], [r["trojaned"] for r in rows])
+            if bad and good else None,
+            "mean_seconds": sum(r["seconds"] for r in rows) / len(rows) if rows else None}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("zoo", type=Path)
+    ap.add_argument("--out", type=Path, default=Path("bench_out/verdict_zoo.json"))
+    args = ap.parse_args()
+    results = json.loads((args.zoo / "results.json").read_text())
+    rows = [r for m in results["models"] if (r := _row(args.zoo, m)) is not None]
+    usable = [r for r in rows if r["attack_took"]]
+    by: dict[str, dict] = {"overall": _rates(usable)}
+    for key in ("attack", "arch"):
+        groups = defaultdict(list)
+        for r in usable:
+            groups[str(r[key])].append(r)
+        by[f"by_{key}"] = {k: _rates(v) for k, v in sorted(groups.items())}
+    write_json(args.out, {"benchmark": "verdict", "zoo": str(args.zoo),
+                          "zoo_seed": results["options"]["seed"],
+                          "left_out_attack_did_not_take": [r["name"] for r in rows if not r["attack_took"]],
+                          "summary": by, "models": rows})
+    for r in rows:
+        print(f"{r['name'][:44]:44s} {r['verdict']:10s} {r['targets']!s:12s} {r['kind']!s:15s} "
+              f"true {r['target']!s:4s} paper {r['paper_flagged']} ratio {r['size_ratio']:.2f} "
+              f"mmbd {r['mmbd_p']:.3f}")
+    print(json.dumps(by["overall"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
