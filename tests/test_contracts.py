@@ -11,8 +11,8 @@ import torch
 
 from trojanscan.attacks import ATTACKS, ModelAttack, PoisoningAttack
 from trojanscan.data.triggers import Trigger
-from trojanscan.defenses.base import InputGuard, TriggerReverser
-from trojanscan.defenses.registry import GUARDS, REVERSERS
+from trojanscan.defenses.base import InputGuard, ModelInspector, TriggerReverser
+from trojanscan.defenses.registry import GUARDS, INSPECTORS, REVERSERS
 from trojanscan.defenses.scan_result import ScanResult
 from trojanscan.errors import TrojanscanError
 from trojanscan.options import option_fields
@@ -31,7 +31,8 @@ def _quick(cls: type) -> dict:
 
 def test_registries_hold_what_the_contracts_promise():
     assert {"neural-cleanse", "tabor"} <= set(REVERSERS) and {"strip", "input-filter"} <= set(GUARDS)
-    for table, base in ((REVERSERS, TriggerReverser), (GUARDS, InputGuard)):
+    assert {"mm-bd", "pairs"} <= set(INSPECTORS)
+    for table, base in ((REVERSERS, TriggerReverser), (GUARDS, InputGuard), (INSPECTORS, ModelInspector)):
         for name, cls in table.items():
             assert issubclass(cls, base) and cls.name == name and dataclasses.is_dataclass(cls.options_type)
             assert cls.options_type.__dataclass_params__.frozen
@@ -124,4 +125,33 @@ def test_model_attack_plants_a_backdoor_in_a_trained_model(name, clean_digits, d
     assert attack.report_["after"] == scores
     with pytest.raises(TrojanscanError) as bad:
         cls(target=-1)
+    _one_line(bad)
+
+
+INSPECTOR_QUICK = {"mm-bd": {"starts": 10, "steps": 150}, "pairs": {"steps": 60}}
+
+
+@pytest.mark.parametrize("name", sorted(INSPECTORS))
+def test_inspector_sees_the_planted_backdoor_and_its_evidence_is_json(name, digits):
+    import json
+
+    from trojanscan import Blend, train_classifier
+    from trojanscan.fileio import to_jsonable
+
+    trained = train_classifier(digits, "mnist-cnn", epochs=15, batch_size=64, seed=0, progress=False,
+                               attack=Blend(target=4, alpha=0.2))
+    cls = INSPECTORS[name]
+    inspector = cls(**INSPECTOR_QUICK.get(name, {}))
+    assert cls(**dataclasses.asdict(inspector.options())).options() == inspector.options()
+    x, y = digits.x_test[:400], digits.y_test[:400]
+    evidence = inspector.inspect(trained.model, x, y, num_classes=10, input_shape=digits.input_shape)
+    record = json.loads(json.dumps(to_jsonable(evidence.to_dict())))
+    assert record["method"] == name
+    if name == "mm-bd":  # data-free: the blend target has the largest margin and is flagged
+        assert record["flagged_labels"] == [4]
+    else:  # every searched pair's trigger makes the model flip; the target 4 is easy from most sources
+        assert all(p["attack_success_rate"] >= 0.9 for p in record["pairs"])
+    with pytest.raises(TrojanscanError) as bad:
+        inspector.inspect(trained.model, x[:5] if cls.needs_data else None, y[:5] if cls.needs_data else None,
+                          num_classes=2, input_shape=digits.input_shape)
     _one_line(bad)

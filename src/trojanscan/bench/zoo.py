@@ -41,10 +41,8 @@ from trojanscan.bench.zoo_spec import (
 )
 from trojanscan.data import Dataset, load_dataset
 from trojanscan.data.triggers import Trigger, trigger_path_for
-from trojanscan.defenses.mmbd import MMBD
 from trojanscan.defenses.neural_cleanse import SCHEDULES
-from trojanscan.defenses.pairs import PairSearch
-from trojanscan.defenses.registry import REVERSERS
+from trojanscan.defenses.registry import INSPECTORS, REVERSERS
 from trojanscan.defenses.repeats import combine_runs
 from trojanscan.defenses.scan_result import ScanResult
 from trojanscan.defenses.strip import BOUNDARY_METHODS, Strip, parse_temperature
@@ -61,7 +59,7 @@ from trojanscan.workflows.records import environment
 from trojanscan.workflows.training import train_classifier
 
 SCAN_METHODS = tuple(REVERSERS)  # every registered trigger reverser
-EVIDENCE_METHODS = ("mm-bd", "pairs")  # data-free and label-pair evidence for the verdict
+EVIDENCE_METHODS = tuple(INSPECTORS)  # evidence for the verdict (MM-BD, the label-pair search)
 METHODS = (*SCAN_METHODS, "strip", *EVIDENCE_METHODS)
 
 
@@ -156,12 +154,10 @@ def _evidence_row(method: str, model_path: Path, record: dict[str, Any], data: D
         return cached
     module = _module(model_path, data, record)
     start = time.perf_counter()
-    if method == "mm-bd":
-        evidence = MMBD(seed=seed).inspect(module, num_classes=data.num_classes,
-                                           input_shape=data.input_shape).to_dict()
-    else:
-        x, y = clean_subset(data, clean_samples, seed)
-        evidence = PairSearch(seed=seed).search(module, x, y, num_classes=data.num_classes).to_dict()
+    inspector = INSPECTORS[method](seed=seed)
+    x, y = clean_subset(data, clean_samples, seed) if inspector.needs_data else (None, None)
+    evidence = inspector.inspect(module, x, y, num_classes=data.num_classes,
+                                 input_shape=data.input_shape).to_dict()
     row = {"method": method, "seed": seed, "evidence": evidence, "seconds": time.perf_counter() - start,
            "model_sha256": record["model_sha256"]}
     write_json(out, row)

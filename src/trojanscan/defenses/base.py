@@ -3,6 +3,8 @@
 - A **trigger reverser** answers "which label can an input-agnostic trigger force?" with
   ``scan(model, x, y=None, *, num_classes, labels=None, out_dir=None, provenance=None) ->
   ScanResult`` (Neural Cleanse, TABOR).
+- A **model inspector** gathers evidence about a whole model for the verdict: ``inspect(model, x=None,
+  y=None, *, num_classes, input_shape)`` (MM-BD, the label-pair search).
 - An **input guard** screens inputs at run time: ``fit(x, ...) -> self``, ``detect(x)`` (True =
   rejected), ``predict(x)`` (labels and flags), ``save(path)`` and ``load(path, model)`` (STRIP,
   the input filter).
@@ -76,6 +78,19 @@ class TriggerReverser(Defence, ABC):
              num_classes: int, labels: list[int] | None = None, out_dir: str | Path | None = None,
              provenance: Provenance | None = None) -> ScanResult:
         """Scan ``model`` with clean images ``x`` (N×C×H×W in [0, 1]) and optional labels ``y``."""
+
+
+class ModelInspector(Defence, ABC):
+    """Evidence about a whole model that is not a per-label trigger (MM-BD's margins, the label-pair
+    search): ``inspect(model, x, y, *, num_classes, input_shape)`` returns an object with
+    ``to_dict()``; ``x``/``y`` are clean images and labels for inspectors that need data."""
+
+    needs_data: ClassVar[bool] = False
+
+    @abstractmethod
+    def inspect(self, model: nn.Module, x: torch.Tensor | None = None, y: torch.Tensor | None = None, *,
+                num_classes: int, input_shape: tuple[int, ...]) -> Any:
+        """Examine ``model``; returns the method's evidence record."""
 
 
 class InputGuard(Defence, ABC):

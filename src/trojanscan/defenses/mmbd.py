@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trojanscan.defenses.base import Defence
+from trojanscan.defenses.base import ModelInspector
 from trojanscan.errors import TrojanscanError
 from trojanscan.models.modes import evaluating
 from trojanscan.validation import check_fraction
@@ -98,7 +98,7 @@ def order_statistic_p_value(statistics: list[float] | torch.Tensor) -> tuple[flo
     return float(min(max(p, 0.0), 1.0)), {"shape": float(shape), "loc": float(loc), "scale": float(scale)}
 
 
-class MMBD(Defence):
+class MMBD(ModelInspector):
     """Maximum-margin backdoor detection, without data.
 
     Example::
@@ -146,8 +146,9 @@ class MMBD(Defence):
                 p.requires_grad_(g)
         return best.view(num_classes, self.starts).max(1).values.tolist()
 
-    def inspect(self, model: nn.Module, *, num_classes: int, input_shape: tuple[int, ...]) -> MarginEvidence:
-        """Test ``model`` for a backdoor target class; no data needed."""
+    def inspect(self, model: nn.Module, x: torch.Tensor | None = None, y: torch.Tensor | None = None, *,
+                num_classes: int, input_shape: tuple[int, ...]) -> MarginEvidence:
+        """Test ``model`` for a backdoor target class; no data needed (``x``/``y`` are ignored)."""
         import time
 
         start = time.perf_counter()

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trojanscan.defenses.base import Defence
+from trojanscan.defenses.base import ModelInspector
 from trojanscan.defenses.neural_cleanse import SCHEDULES, get_schedule
 from trojanscan.defenses.trigger_search import search_pair_triggers
 from trojanscan.errors import TrojanscanError
@@ -112,7 +112,7 @@ def prescreen(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: i
     return out
 
 
-class PairSearch(Defence):
+class PairSearch(ModelInspector):
     """Source-specific trigger search over pre-screened label pairs, with the symmetry test.
 
     Example::
@@ -124,6 +124,7 @@ class PairSearch(Defence):
     name = "pairs"
     title = "label-pair search"
     options_type = PairSearchOptions
+    needs_data = True
 
     def __init__(self, schedule: str = "default", steps: int | None = None, chunk: int = 20,
                  candidates: int = 2, per_source: int = 50, seed: int = 0) -> None:
@@ -141,6 +142,13 @@ class PairSearch(Defence):
             idx = torch.nonzero(y == c).flatten()
             pools[c] = x[idx[torch.randperm(len(idx), generator=gen)[:self.per_source]]]
         return pools
+
+    def inspect(self, model: nn.Module, x: torch.Tensor | None = None, y: torch.Tensor | None = None, *,
+                num_classes: int, input_shape: tuple[int, ...] | None = None) -> PairEvidence:
+        """The inspector contract's name for :meth:`search` over the pre-screened pairs."""
+        if x is None:
+            raise TrojanscanError("the pair search needs clean images and their labels")
+        return self.search(model, x, y, num_classes=num_classes)
 
     def search(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_classes: int,
                pairs: list[tuple[int, int]] | None = None, reverse: bool = True) -> PairEvidence:

@@ -6,15 +6,18 @@ instead of naming methods.
 
 from __future__ import annotations
 
-from trojanscan.defenses.base import InputGuard, TriggerReverser
+from trojanscan.defenses.base import InputGuard, ModelInspector, TriggerReverser
 from trojanscan.defenses.input_filter import InputFilter
+from trojanscan.defenses.mmbd import MMBD
 from trojanscan.defenses.neural_cleanse import NeuralCleanse
+from trojanscan.defenses.pairs import PairSearch
 from trojanscan.defenses.strip import Strip
 from trojanscan.defenses.tabor import Tabor
 from trojanscan.validation import check_choice
 
 REVERSERS: dict[str, type[TriggerReverser]] = {cls.name: cls for cls in (NeuralCleanse, Tabor)}
 GUARDS: dict[str, type[InputGuard]] = {cls.name: cls for cls in (Strip, InputFilter)}
+INSPECTORS: dict[str, type[ModelInspector]] = {cls.name: cls for cls in (MMBD, PairSearch)}
 
 
 def reverser(name: str) -> type[TriggerReverser]:
