@@ -954,13 +954,7 @@ class _CodeChecker:
             self.refuse_code(fn, node, "names a parameter twice")
         if node.returns is not None:
             self._check_type(node.returns, fn.file, owner=fn.qualname)
-        positional = node.args.posonlyargs + node.args.args
-        defaults: dict[int, ast.AST] = {}
-        for i, d in enumerate(node.args.defaults):
-            defaults[len(positional) - len(node.args.defaults) + i] = d
-        for i, d in enumerate(node.args.kw_defaults):
-            if d is not None:
-                defaults[len(positional) + i] = d
+        defaults = self._defaults(fn)
         is_method = fn.cls is not None and bool(params) and params[0] == "self"
         a = _Analysis(fn, params, {x.arg: x.annotation for x in args}, defaults,
                       module_method=is_method and fn.cls is not None and fn.cls.kind == "module")
