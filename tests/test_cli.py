@@ -197,6 +197,7 @@ def test_strip_calibrate_check_and_evaluate(trained, tmp_path):
     assert {"n10", "n100"} <= set(ev["throughput"]) and (tmp_path / "ev" / "report.html").is_file()
     assert ev["temperature"] == "auto" and ev["temperature_used"] > 0
     assert ev["throughput"]["n20"]["guarded_trojaned_inputs_per_second"] > 0
+    assert f"→ {tmp_path / 'ev' / 'strip.json'}, {tmp_path / 'ev' / 'report.html'}" in r.stdout
     proc = run_cli("strip", "check", str(model), "--calibration", str(inputs), "--inputs", str(inputs))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
 

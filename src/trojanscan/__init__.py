@@ -3,8 +3,10 @@
 from trojanscan._version import __version__
 from trojanscan.api import (
     Dataset,
+    LoadedModel,
     ScanResult,
     TrainResult,
+    as_dataset,
     attack_model,
     build_filter,
     evaluate_model,
@@ -19,6 +21,7 @@ from trojanscan.attacks import BadNets, Blend, FineTuneBackdoor, ModelAttack, Po
 from trojanscan.data.triggers import Trigger
 from trojanscan.defenses.base import InputGuard, Provenance, TriggerReverser
 from trojanscan.defenses.input_filter import InputFilter
+from trojanscan.defenses.mmbd import MMBD
 from trojanscan.defenses.neural_cleanse import NeuralCleanse
 from trojanscan.defenses.strip import Strip
 from trojanscan.defenses.tabor import Tabor
@@ -26,9 +29,9 @@ from trojanscan.errors import TrojanscanError
 from trojanscan.models import build_model, save_model
 
 __all__ = [
-    "BadNets", "Blend", "Dataset", "FineTuneBackdoor", "InputFilter", "InputGuard", "ModelAttack",
-    "NeuralCleanse", "PoisoningAttack", "Provenance", "Scatter", "ScanResult", "Strip", "Tabor",
-    "TrainResult", "Trigger", "TriggerReverser", "TrojanscanError", "__version__", "attack_model",
-    "build_filter", "build_model", "evaluate_model", "load_dataset", "load_model", "make_attack",
-    "repair", "save_model", "scan", "train_classifier",
+    "MMBD", "BadNets", "Blend", "Dataset", "FineTuneBackdoor", "InputFilter", "InputGuard", "LoadedModel",
+    "ModelAttack", "NeuralCleanse", "PoisoningAttack", "Provenance", "Scatter", "ScanResult", "Strip",
+    "Tabor", "TrainResult", "Trigger", "TriggerReverser", "TrojanscanError", "__version__", "as_dataset",
+    "attack_model", "build_filter", "build_model", "evaluate_model", "load_dataset", "load_model",
+    "make_attack", "repair", "save_model", "scan", "train_classifier",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import sys
 import warnings
@@ -12,8 +13,10 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from trojanscan._version import __version__
 from trojanscan.api import (
     ScanResult,
     attack_model,
@@ -31,37 +34,74 @@ from trojanscan.api import (
 from trojanscan.attacks import ModelAttack, PoisoningAttack, attacks_of_kind
 from trojanscan.bench.zoo import DEFAULT_DATASETS, ZooOptions, run_zoo
 from trojanscan.bench.zoo import METHODS as ZOO_METHODS
-from trojanscan.defenses.outliers import SIZE_RATIO_THRESHOLD
+from trojanscan.data.images import RunInputs, read_inputs
 from trojanscan.defenses.registry import REVERSERS, reverser
 from trojanscan.errors import TrojanscanError
+from trojanscan.models import ARCH_HELP, ARCHITECTURES
 from trojanscan.options import describe_options, option_fields, parse_options
+from trojanscan.report.html import evidence_strength, size_ratio_text, verdict_banner
+from trojanscan.report.progress import set_quiet
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Audit neural networks for backdoors (trojans) and repair them.")
-console = Console()
+console = Console(soft_wrap=True)  # a line is one line, also when piped
 err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+QUIET_HELP = "print only results, report paths and warnings: no progress bars, no narration"
+_quiet = False
+
+
+def say(*objects: Any, **kwargs: Any) -> None:
+    """Print what helps a person follow along but is not a result (silent with --quiet)."""
+    if not _quiet:
+        console.print(*objects, **kwargs)
+
+
+def warn(message: str) -> None:
+    """A warning beside the results (shown even with --quiet)."""
+    console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"trojanscan {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                       help="print the version and exit")) -> None:
+    """Audit neural networks for backdoors (trojans) and repair them."""
 
 
 def friendly_errors(func: F) -> F:
-    """Turn a user mistake into one line on stderr and exit code 2, never a traceback."""
+    """Turn a user mistake into one line on stderr and exit code 2, never a traceback; and give the
+    command a ``--quiet`` option (no progress bars, no narration)."""
 
     @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: Any, quiet: bool = False, **kwargs: Any) -> Any:
+        global _quiet
+        _quiet = quiet
+        set_quiet(quiet)
         try:
             return func(*args, **kwargs)
         except TrojanscanError as e:
-            err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except OSError as e:  # unwritable --out, a folder where a file should be, a full disk
             where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-            err_console.print(f"[red]error:[/red] {where}{e.strerror or e}", highlight=False,
+            err_console.print(f"[red]error:[/red] {escape(f'{where}{e.strerror or e}')}", highlight=False,
                               soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted; finished work is saved, rerun the same command to resume")
             raise typer.Exit(130) from None
 
+    signature = inspect.signature(func)
+    quiet = inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                              default=typer.Option(False, "--quiet", "-q", help=QUIET_HELP))
+    wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*signature.parameters.values(), quiet])
     return wrapper  # type: ignore[return-value]
 
 
@@ -139,7 +179,7 @@ ATTACK_FLAGS = {"target": "target", "poison_rate": "poison_rate", "trigger_size"
 def train(
     data: str = typer.Option(..., "--data", help="digits, mnist, gtsrb, an .npz or a dataset folder"),
     out: Path = typer.Option(..., "--out", help="model file: .safetensors or .pt (TorchScript)"),
-    arch: str = typer.Option(None, "--arch", help="mnist-cnn, gtsrb-cnn or cifar-cnn (default: by data)"),
+    arch: str = typer.Option(None, "--arch", help=f"{', '.join(ARCHITECTURES)} (default: by data)"),
     epochs: int = typer.Option(5, "--epochs", min=1),
     attack: str = typer.Option(None, "--attack", help=", ".join(POISONING) + " (default: a clean model)"),
     target: int = typer.Option(0, "--target", help="the attack's target label"),
@@ -174,10 +214,10 @@ def train(
         raise TrojanscanError("--option needs --attack")
     record = train_and_save(data, out, arch=arch, epochs=epochs, attack=attack,
                             attack_options=options, batch_size=batch_size, lr=lr, seed=seed,
-                            json_path=json_path)
+                            json_path=json_path, quiet=_quiet)
     console.print(_scores_table(f"{out}", record.to_dict()))
-    if record.trigger:
-        console.print(f"trigger saved to {record.trigger['file']}")
+    console.print(f"→ {out}" + (f", trigger {record.trigger['file']}" if record.trigger else "")
+                  + (f", {json_path}" if json_path else ""), highlight=False)
 
 
 @app.command("attack")
@@ -192,7 +232,7 @@ def attack_cmd(
     mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
     std: str = typer.Option(None, "--std", help=STD_HELP),
     trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
-    arch: str = typer.Option(None, "--arch", help="architecture of a bare state_dict checkpoint"),
+    arch: str = typer.Option(None, "--arch", help=ARCH_HELP),
     json_path: Path = typer.Option(None, "--json", help="write the result here"),
 ) -> None:
     """Attack a trained model (a model attack); the trigger is saved beside the attacked model."""
@@ -222,16 +262,20 @@ def evaluate_cmd(
     mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
     std: str = typer.Option(None, "--std", help=STD_HELP),
     trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
-    arch: str = typer.Option(None, "--arch", help="architecture of a bare state_dict checkpoint"),
+    arch: str = typer.Option(None, "--arch", help=ARCH_HELP),
     json_path: Path = typer.Option(None, "--json"),
 ) -> None:
     """Clean accuracy and, with a trigger, attack success rate of a model on a dataset."""
     record = evaluate_file(model, data, trigger, arch=arch, **_convention(mean, std, trust_model))
     if record.trigger_found_beside_model:
-        console.print(f"using the trigger saved beside the model: {record.trigger['file']}")
+        say(f"using the trigger saved beside the model: {record.trigger['file']}")
     if json_path is not None:
         record.write(json_path)
     console.print(_scores_table(f"{model} on {record.data['name']}", record.to_dict()))
+    for w in record.get("warnings") or []:  # data unlike the model's own, accuracy near chance
+        warn(w)
+    if json_path is not None:
+        console.print(f"→ {json_path}", highlight=False)
 
 
 @app.command()
@@ -242,23 +286,23 @@ def demo(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Plant a BadNets backdoor in a digits classifier, find it with Neural Cleanse, then repair it."""
-    console.print("[bold]trojanscan demo[/bold]: training a BadNets-trojaned model on scikit-learn's "
-                  "digits (3×3 white patch, target 0, 10% poisoned)…")
+    say("[bold]trojanscan demo[/bold]: training a BadNets-trojaned model on scikit-learn's "
+        "digits (3×3 white patch, target 0, 10% poisoned)…")
     options = {"target": 0, "poison_rate": 0.1, "size": 3, "position": "bottom-right",
                "color": "white"}
     record = train_and_save("digits", out / "model.safetensors", arch="mnist-cnn", epochs=epochs,
                           attack="badnets", attack_options=options, batch_size=64, lr=1e-3,
-                          seed=seed, json_path=out / "train.json")
+                          seed=seed, json_path=out / "train.json", quiet=_quiet)
     console.print(_scores_table("trojaned digits model", record.to_dict()))
-    console.print(f"({record.train_seconds:.1f} s of training) — now scanning it with Neural "
-                  "Cleanse, knowing nothing of the trigger…")
+    say(f"({record.train_seconds:.1f} s of training) — now scanning it with Neural "
+        "Cleanse, knowing nothing of the trigger…")
     result = scan(out / "model.safetensors", "digits", clean_samples=300, seed=seed,
                   out_dir=out / "scan")
     print_scan_summary(result, out / "scan")
     if not result.infected:
         console.print("nothing flagged, so nothing to repair")
         return
-    console.print("repairing it by unlearning the reversed trigger (the real one is only measured)…")
+    say("repairing it by unlearning the reversed trigger (the real one is only measured)…")
     fixed = repair(out / "model.safetensors", out / "scan", "digits", method="unlearn", fraction=0.5,
                    epochs=3, seed=seed, out=out / "repaired.safetensors")
     fixed.write(out / "repair.json")
@@ -285,9 +329,20 @@ def _weights(text: str | None) -> list[str] | None:
 def print_size_ratio(ratio: float) -> None:
     """The second opinion beside the MAD verdict: how small the smallest trigger is."""
     if ratio == ratio:  # not NaN
-        console.print(f"smallest reversed trigger: {ratio:.2f} × the median label's L1 "
-                      f"({'below' if ratio < SIZE_RATIO_THRESHOLD else 'above'} the "
-                      f"{SIZE_RATIO_THRESHOLD:g} that suggests a backdoor)")
+        console.print(f"smallest reversed trigger / the median label's L1: {size_ratio_text(ratio)}",
+                      highlight=False)
+
+
+BANNER_COLOURS = {"bad": "bold red", "good": "bold green", "none": "bold"}
+
+
+def print_banner(kind: str, headline: str, strength: str, flagged: list[int]) -> None:
+    """The verdict's headline (``report.html.verdict_banner``), coloured by what it says, and how
+    strong its evidence is."""
+    if kind == "bad":
+        headline = f"BACKDOOR DETECTED — target label(s) {', '.join(map(str, flagged))}"
+    colour = BANNER_COLOURS[kind]
+    console.print(f"[{colour}]{headline}[/{colour}]" + (f"; {strength}" if strength else ""), highlight=False)
 
 
 def print_verdict(verdict: dict[str, Any]) -> None:
@@ -312,13 +367,8 @@ def print_scan_summary(result: ScanResult, out: Path | None) -> None:
         paper = result.extra.get("paper", {})
         console.print(f"paper's MAD test: flagged {paper.get('flagged_labels') or 'none'}, anomaly index "
                       f"{result.anomaly_index:.2f} (threshold {result.threshold:g})")
-    elif result.infected:
-        console.print(f"[bold red]BACKDOOR DETECTED[/bold red] — target label(s) "
-                      f"{', '.join(map(str, result.flagged_labels))}; anomaly index "
-                      f"{result.anomaly_index:.2f} (threshold {result.threshold:g})")
     else:
-        console.print(f"[bold green]No backdoor found[/bold green] — anomaly index "
-                      f"{result.anomaly_index:.2f} (threshold {result.threshold:g})")
+        print_banner(*verdict_banner(result), result.flagged_labels)
     print_size_ratio(result.size_ratio)
     table = Table(title=f"smallest reversed triggers ({result.method})")
     for col in ("label", "L1 norm", "anomaly index", "ASR", "steps", "seconds"):
@@ -337,9 +387,9 @@ def print_scan_summary(result: ScanResult, out: Path | None) -> None:
         console.print(f"real trigger: target {truth['target']}, area {truth['area']:.0f}; reversed L1 "
                       f"{truth['reversed_l1']:.1f}, IoU {truth['overlap']['iou']:.2f}")
     for w in result.warnings:
-        console.print(f"[yellow]warning:[/yellow] {w}")
+        warn(w)
     console.print(f"{result.seconds:.1f} s, {result.image_passes:,} image passes"
-                  + (f"; report: {out / 'report.html'}" if out else ""))
+                  + (f" → {out / 'scan.json'}, {out / 'report.html'}" if out else ""), highlight=False)
 
 
 @app.command("scan")
@@ -368,7 +418,7 @@ def scan_cmd(
     seed: int = typer.Option(None, "--seed", help="seed of the clean subset and the search (0)"),
     repeats: int = typer.Option(1, "--repeats", min=1, help="scan with seeds SEED, SEED+1, … and "
                                 "flag outliers of the averaged trigger norms (each run in OUT/seed-N)"),
-    arch: str = typer.Option(None, "--arch", help="architecture of a bare state_dict checkpoint"),
+    arch: str = typer.Option(None, "--arch", help=ARCH_HELP),
     trigger: Path = typer.Option(None, "--trigger", help="the real trigger, to compare (default: "
                                  "the one saved beside the model)"),
 ) -> None:
@@ -389,16 +439,19 @@ def scan_cmd(
         console.print(f"seed {run.seed}: anomaly index {run.anomaly_index:.2f}, flagged "
                       f"{run.flagged_labels or 'none'} ({run.seconds:.1f} s)")
     spread = combined.spread()
-    verdict = (f"[bold red]BACKDOOR DETECTED[/bold red] — target label(s) "
-               f"{', '.join(map(str, combined.flagged_labels))}" if combined.infected
-               else "[bold green]No backdoor found[/bold green]")
     print_size_ratio(combined.size_ratio)
     for w in sorted({w for run in combined.runs for w in run.warnings}):
-        console.print(f"[yellow]warning:[/yellow] {w}")
-    console.print(f"{verdict}; anomaly index of the mean norms over {repeats} seeds "
-                  f"{combined.anomaly_index:.2f} (threshold {combined.threshold:g}); runs' spread "
+        warn(w)
+    tested = combined.anomaly_index == combined.anomaly_index  # NaN: too few labels for the test
+    kind = "bad" if combined.infected else "good" if tested else "none"
+    headline = {"good": "No backdoor found", "none": "No verdict — fewer than 3 labels, so no outlier test",
+                "bad": ""}[kind]
+    print_banner(kind, headline, evidence_strength(combined.anomaly_index, combined.threshold,
+                                                   combined.infected) if tested else "",
+                 combined.flagged_labels)
+    console.print(f"the anomaly index is of the mean trigger norms over {repeats} seeds; the runs' spread "
                   f"{spread['min']:.2f}–{spread['max']:.2f} (std {spread['std']:.2f}) → "
-                  f"{out / 'repeats.json'}")
+                  f"{out / 'repeats.json'}", highlight=False)
 
 
 def _rates_table(title: str, record: dict[str, Any]) -> Table:
@@ -431,7 +484,7 @@ def filter_cmd(
     mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
     std: str = typer.Option(None, "--std", help=STD_HELP),
     trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
-    arch: str = typer.Option(None, "--arch"),
+    arch: str = typer.Option(None, "--arch", help=ARCH_HELP),
     json_path: Path = typer.Option(None, "--json"),
 ) -> None:
     """Build Neural Cleanse's input filter from a scan's reversed trigger; report FPR and FNR."""
@@ -445,6 +498,55 @@ def filter_cmd(
     console.print(f"filter on {len(f['neurons'])} of {f['units']} neurons ({record['layer']}) → {out}")
     console.print(f"clean test images rejected (FPR): {_fmt(f['fpr'])}; stamped images let through "
                   f"(FNR): reversed trigger {_fmt(f['fnr_reversed'])}, real trigger {_fmt(f['fnr_real'])}")
+    _print_published(scan_path, json_path)
+
+
+INPUTS_HELP = (".npz (array x, or --key), .npy, an image, a folder of images, or a dataset (its test "
+               "split); arrays N×H×W, N×H×W×C or N×C×H×W, uint8 0–255 or float 0–1")
+KEY_HELP = "the .npz array holding the images (default: x, or its only array)"
+LAYOUT_HELP = "nhwc or nchw: the arrays' layout, where the shape leaves it open"
+RANGE_HELP = "255 for float arrays holding 0–255 pixels (default: floats are 0–1)"
+
+
+def _read_inputs(inputs: str, key: str | None, layout: str | None, value_range: int | None) -> RunInputs:
+    """Read --inputs and say in one line what was read and how (layout and range)."""
+    found = read_inputs(inputs, key=key, layout=layout, value_range=value_range)
+    say(f"inputs: {found.describe()}", highlight=False, markup=False)
+    return found
+
+
+def _print_published(scan_path: Path, *also: Path | None) -> None:
+    """Where a mitigation's results went: the scan folder's report gains its section."""
+    folder = scan_path.parent if scan_path.suffix == ".json" else scan_path
+    paths = [p for p in also if p is not None] + [folder / "mitigation.json", folder / "report.html"]
+    console.print("→ " + ", ".join(map(str, paths)) + " (with the mitigation section)", highlight=False)
+
+
+def repair_warnings(record: dict[str, Any], budget_points: float) -> list[str]:
+    """What a repair's numbers say that its table does not: pruning stopped by the accuracy budget,
+    a clean accuracy cost over the budget, an attack that still works."""
+    out = []
+    p = record.get("pruning")
+    if p and p.get("over_budget"):
+        nxt = p["over_budget"]
+        cost = 100 * (p["curve"][0]["clean_accuracy"] - nxt["clean_accuracy"])
+        out.append(f"pruning stopped at {p['fraction']:.1%} of the neurons: one more step would cost "
+                   f"{cost:.1f} points of clean accuracy in all (budget {budget_points:g} points, "
+                   "--max-accuracy-drop); raise the budget or repair by unlearning")
+    elif p and not p.get("reached"):
+        out.append(f"the reversed trigger's ASR did not fall below {p['asr_threshold']:.1%} within "
+                   "the pruning limit")
+    before, after = record.get("before") or {}, record.get("after") or {}
+    if p and before.get("clean_accuracy") is not None and after.get("clean_accuracy") is not None:
+        drop = 100 * (before["clean_accuracy"] - after["clean_accuracy"])
+        if drop > budget_points:
+            out.append(f"the repair cost {drop:.1f} points of clean accuracy on the test split "
+                       f"(budget {budget_points:g}); the paper's pruning cost under 1 point for BadNets")
+    for key, what in (("real_asr", "the real trigger"), ("reversed_asr", "the reversed trigger")):
+        if after.get(key) is not None and after[key] >= 0.01:
+            out.append(f"{what} still works on {after[key]:.1%} of the test images after the repair")
+            break
+    return out
 
 
 @app.command("filter-check")
@@ -452,18 +554,23 @@ def filter_cmd(
 def filter_check_cmd(
     model: Path = typer.Argument(..., help="model file"),
     filter_path: Path = typer.Option(..., "--filter", help="file from trojanscan filter"),
-    inputs: str = typer.Option(..., "--inputs", help=".npz with x, or a dataset (its test split)"),
+    inputs: str = typer.Option(..., "--inputs", help=INPUTS_HELP),
+    key: str = typer.Option(None, "--key", help=KEY_HELP),
+    layout: str = typer.Option(None, "--layout", help=LAYOUT_HELP),
+    value_range: int = typer.Option(None, "--range", help=RANGE_HELP),
     json_path: Path = typer.Option(None, "--json"),
     mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
     std: str = typer.Option(None, "--std", help=STD_HELP),
     trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
-    arch: str = typer.Option(None, "--arch"),
+    arch: str = typer.Option(None, "--arch", help=ARCH_HELP),
 ) -> None:
     """Predict each input and reject those the input filter flags."""
-    record = filter_check(model, filter_path, inputs, arch=arch, **_convention(mean, std, trust_model))
+    found = _read_inputs(inputs, key, layout, value_range)
+    record = filter_check(model, filter_path, found, arch=arch, **_convention(mean, std, trust_model))
     if json_path is not None:
         record.write(json_path)
-    console.print(f"{record['rejected']} of {record['count']} inputs rejected by the filter")
+    console.print(f"{record['rejected']} of {record['count']} inputs rejected by the filter"
+                  + (f" → {json_path}" if json_path else ""), highlight=False)
 
 
 @app.command("repair")
@@ -482,6 +589,9 @@ def repair_cmd(
     asr_threshold: float = typer.Option(0.01, "--asr-threshold", help="prune: stop below this ASR"),
     step: float = typer.Option(0.01, "--step", help="prune: share of neurons removed per step"),
     samples: int = typer.Option(2000, "--samples", min=1, help="prune: clean images to rank and measure"),
+    max_accuracy_drop: float = typer.Option(2.0, "--max-accuracy-drop", min=0, max=100,
+                                            help="prune: stop before a step that costs more clean "
+                                                 "accuracy than this, in points"),
     fraction: float = typer.Option(0.1, "--fraction", help="unlearn: share of the training data"),
     stamp_fraction: float = typer.Option(0.2, "--stamp-fraction", help="unlearn: share stamped"),
     epochs: int = typer.Option(1, "--epochs", min=1, help="unlearn: fine-tuning epochs"),
@@ -492,12 +602,13 @@ def repair_cmd(
     mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
     std: str = typer.Option(None, "--std", help=STD_HELP),
     trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
-    arch: str = typer.Option(None, "--arch"),
+    arch: str = typer.Option(None, "--arch", help=ARCH_HELP),
 ) -> None:
     """Remove the backdoor a scan found: unlearning (fine-tune) or neuron pruning."""
     record = repair(model, scan_path, data, method=method, out=out, labels=_labels(labels, "--label"),
                     trigger=trigger, layer=layer, samples=samples, asr_threshold=asr_threshold,
-                    step=step, fraction=fraction, stamp_fraction=stamp_fraction, epochs=epochs, lr=lr,
+                    step=step, max_accuracy_drop=max_accuracy_drop / 100, fraction=fraction,
+                    stamp_fraction=stamp_fraction, epochs=epochs, lr=lr,
                     baselines=baselines, seed=seed, arch=arch, **_convention(mean, std, trust_model))
     if json_path is not None:
         record.write(json_path)
@@ -505,9 +616,11 @@ def repair_cmd(
     if "pruning" in record:
         p = record["pruning"]
         console.print(f"pruned {p['pruned']} of {p['units']} neurons ({p['fraction']:.1%}) of "
-                      f"{record['layer']}" + ("" if p["reached"] else
-                                              f"; the ASR did not fall below {asr_threshold:.1%}"))
-    console.print(f"{record['seconds']:.1f} s → {out}")
+                      f"{record['layer']}", highlight=False)
+    for w in repair_warnings(record.to_dict(), max_accuracy_drop):
+        warn(w)
+    console.print(f"{record['seconds']:.1f} s → {out}", highlight=False)
+    _print_published(scan_path, json_path)
 
 
 TEMPERATURE_HELP = ("softmax temperature (1 = the paper), or auto: the one that makes benign entropies "
@@ -534,7 +647,7 @@ def strip_calibrate_cmd(
     mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
     std: str = typer.Option(None, "--std", help=STD_HELP),
     trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
-    arch: str = typer.Option(None, "--arch"),
+    arch: str = typer.Option(None, "--arch", help=ARCH_HELP),
     eager: bool = typer.Option(False, "--eager", help=EAGER_HELP),
 ) -> None:
     """Fit the entropy boundary on benign inputs for a target FRR."""
@@ -547,7 +660,7 @@ def strip_calibrate_cmd(
                   f"{strip.entropy_mean_:.3f} ± {strip.entropy_std_:.3f} bits, boundary "
                   f"{strip.boundary_:.4f} (FRR {frr:.1%}, N={n}, temperature {strip.temperature_:g}) → {out}")
     if strip.boundary_ <= 0:
-        console.print(f"[yellow]warning:[/] {strip.degenerate_message()}")
+        warn(strip.degenerate_message())
 
 
 @strip_app.command("check")
@@ -555,7 +668,10 @@ def strip_calibrate_cmd(
 def strip_check_cmd(
     model: Path = typer.Argument(..., help="model file"),
     calibration: Path = typer.Option(..., "--calibration", help="file from strip calibrate"),
-    inputs: str = typer.Option(..., "--inputs", help=".npz with x, or a dataset (its test split)"),
+    inputs: str = typer.Option(..., "--inputs", help=INPUTS_HELP),
+    key: str = typer.Option(None, "--key", help=KEY_HELP),
+    layout: str = typer.Option(None, "--layout", help=LAYOUT_HELP),
+    value_range: int = typer.Option(None, "--range", help=RANGE_HELP),
     json_path: Path = typer.Option(None, "--json"),
     full_entropy: bool = typer.Option(False, "--full-entropy",
                                       help="run all N copies of every input (default: stop each "
@@ -563,17 +679,19 @@ def strip_check_cmd(
     mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
     std: str = typer.Option(None, "--std", help=STD_HELP),
     trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
-    arch: str = typer.Option(None, "--arch"),
+    arch: str = typer.Option(None, "--arch", help=ARCH_HELP),
     eager: bool = typer.Option(False, "--eager", help=EAGER_HELP),
 ) -> None:
     """Predict each input and flag the trojaned ones."""
-    record = strip_check(model, calibration, inputs, arch=arch, full_entropy=full_entropy,
+    found = _read_inputs(inputs, key, layout, value_range)
+    record = strip_check(model, calibration, found, arch=arch, full_entropy=full_entropy,
                          accelerate=not eager, **_convention(mean, std, trust_model))
     if json_path is not None:
         record.write(json_path)
     console.print(f"{record['trojaned']} of {record['count']} inputs flagged as trojaned "
                   f"({record['inputs_per_second']:.0f} inputs/s, N={record['n']}, "
-                  f"{record['mean_copies']:.1f} copies per input on average)")
+                  f"{record['mean_copies']:.1f} copies per input on average)"
+                  + (f" → {json_path}" if json_path else ""), highlight=False)
 
 
 @strip_app.command("evaluate")
@@ -592,7 +710,7 @@ def strip_evaluate_cmd(
     mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
     std: str = typer.Option(None, "--std", help=STD_HELP),
     trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
-    arch: str = typer.Option(None, "--arch"),
+    arch: str = typer.Option(None, "--arch", help=ARCH_HELP),
     out: Path = typer.Option(None, "--out", help="folder for strip.json and report.html"),
     json_path: Path = typer.Option(None, "--json"),
     eager: bool = typer.Option(False, "--eager", help=EAGER_HELP),
@@ -609,6 +727,10 @@ def strip_evaluate_cmd(
     for k, v in record.summary.items():
         table.add_row(k, v)
     console.print(table)
+    written = ([out / "strip.json", out / "report.html"] if out is not None else []) + (
+        [json_path] if json_path is not None else [])
+    console.print("→ " + ", ".join(map(str, written)) if written else
+                  "nothing written: pass --out DIR for strip.json and report.html", highlight=False)
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks of the detectors over many models.")

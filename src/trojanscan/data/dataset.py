@@ -33,6 +33,8 @@ class Dataset:
     name: str  # e.g. "digits", "mnist", "mnist.npz", a folder's name
     sha256: str  # identifies the source content (file bytes, folder files, or digits arrays)
     class_names: tuple[str, ...] | None = None  # when the source names its classes
+    # data given in memory: num_classes is the largest label + 1, and a model with more outputs sets it
+    classes_from_labels: bool = False
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

@@ -2,8 +2,10 @@
 
 Neurons of the second-to-last layer (or a named Linear/Conv2d) are ranked by activation on
 trigger-stamped images minus activation on clean images, and silenced in that order, ``step`` of the
-layer at a time, until the reversed trigger's attack success rate falls below ``asr_threshold``.
-Every step's clean accuracy and ASR form the pruning curve. The pruned model has the neurons' weights
+layer at a time, until the reversed trigger's attack success rate falls below ``asr_threshold`` —
+or until the next step would cost more clean accuracy than ``max_accuracy_drop`` (the accuracy
+budget; the paper reports under 1 point for BadNets). Every step's clean accuracy and ASR form the
+pruning curve. The pruned model has the neurons' weights
 zeroed, so it saves in the same formats as the original.
 """
 
@@ -42,6 +44,13 @@ class PruneResult:
     reached: bool  # the reversed trigger's ASR fell below the threshold within max_fraction
     asr_threshold: float
     curve: list[dict[str, float | int | None]] = field(default_factory=list)
+    max_accuracy_drop: float | None = None
+    over_budget: dict[str, float | int | None] | None = None  # the step refused for its accuracy cost
+
+    @property
+    def stopped_by_budget(self) -> bool:
+        """Pruning stopped because the next step would have cost more than the accuracy budget."""
+        return self.over_budget is not None
 
     @property
     def fraction(self) -> float:
@@ -85,15 +94,22 @@ class _Scorer:
 def prune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, triggers: list[Trigger], *,
           layer: str | None = None, asr_threshold: float = 0.01, step: float = 0.01,
           max_fraction: float = 0.9, real_trigger: Trigger | None = None,
+          max_accuracy_drop: float | None = None,
           progress: ProgressCallback | bool | None = None) -> PruneResult:
     """Prune ``model`` (a copy; the original is untouched) against the reversed ``triggers``.
 
     ``x, y`` are clean images with labels, used to rank neurons and measure each step; the real
-    trigger, when known, is only measured (never used to choose).
+    trigger, when known, is only measured (never used to choose). With ``max_accuracy_drop`` (a
+    fraction: 0.02 is 2 points) pruning stops before the first step whose clean accuracy on ``x``
+    falls further than that below the unpruned model's (see :attr:`PruneResult.over_budget`).
     """
     for name, v in (("asr_threshold", asr_threshold), ("step", step), ("max_fraction", max_fraction)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
             raise TrojanscanError(f"{name} must be in (0, 1], got {v!r}")
+    if max_accuracy_drop is not None and (isinstance(max_accuracy_drop, bool) or not isinstance(
+            max_accuracy_drop, (int, float)) or not 0 <= max_accuracy_drop <= 1):
+        raise TrojanscanError(f"max_accuracy_drop must be in [0, 1] (0.02 = 2 points) or None, got "
+                              f"{max_accuracy_drop!r}")
     if not triggers:
         raise TrojanscanError("pruning needs at least one reversed trigger")
     pruned_model = copy.deepcopy(model).eval()
@@ -118,16 +134,27 @@ def prune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, triggers: list[Tri
                 "reversed_asr": rev, "real_asr": real}
 
     curve = [measure(0)]
+    floor = None if max_accuracy_drop is None else curve[0]["clean_accuracy"] - max_accuracy_drop
+    over_budget = None
     k = 0
     report = callback(progress)
     while curve[-1]["reversed_asr"] >= asr_threshold and k < limit:
-        k = min(limit, k + per_step)
-        curve.append(measure(k))
+        nxt = min(limit, k + per_step)
+        point = measure(nxt)
+        if floor is not None and point["clean_accuracy"] < floor - 1e-12:
+            over_budget = point
+        else:
+            k = nxt
+            curve.append(point)
+        finished = over_budget is not None or curve[-1]["reversed_asr"] < asr_threshold or k >= limit
         if report is not None:
             report(ProgressEvent("pruning", k, limit, f"ASR {100 * curve[-1]['reversed_asr']:.1f}%",
-                                 done=curve[-1]["reversed_asr"] < asr_threshold or k >= limit))
+                                 done=finished))
+        if over_budget is not None:
+            break
     reached = curve[-1]["reversed_asr"] < asr_threshold
     prune_weights(where, order[:k])
     return PruneResult(model=pruned_model, layer=where.label, units=units,
                        pruned=[int(i) for i in order[:k]], reached=reached,
-                       asr_threshold=float(asr_threshold), curve=curve)
+                       asr_threshold=float(asr_threshold), curve=curve,
+                       max_accuracy_drop=max_accuracy_drop, over_budget=over_budget)

@@ -8,9 +8,17 @@ from trojanscan.models.architectures import (
     build_model,
     default_arch,
 )
-from trojanscan.models.io import LoadedModel, load_model, save_model, sniff_model_format
+from trojanscan.models.io import (
+    ARCH_HELP,
+    ArchLike,
+    LoadedModel,
+    import_architecture,
+    load_model,
+    save_model,
+    sniff_model_format,
+)
 
 __all__ = [
-    "ARCHITECTURES", "ArchSpec", "LoadedModel", "Normalize", "ReferenceNet", "build_model",
-    "default_arch", "load_model", "save_model", "sniff_model_format",
+    "ARCHITECTURES", "ARCH_HELP", "ArchLike", "ArchSpec", "LoadedModel", "Normalize", "ReferenceNet",
+    "build_model", "default_arch", "import_architecture", "load_model", "save_model", "sniff_model_format",
 ]

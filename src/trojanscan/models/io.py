@@ -7,13 +7,21 @@ loader sees it, a safetensors header is bounded and checked before the safetenso
 it, and a pickle checkpoint is opened with ``torch.load(weights_only=True)`` or refused.
 ``load_model(path, trusted=True)`` skips the TorchScript inspection for a user's own model, and
 the result says so (:attr:`LoadedModel.trusted`, :attr:`LoadedModel.checked`).
+
+Weights-only files come as people save them: a checkpoint's weights are found under ``state_dict``,
+``model_state_dict``, ``model`` or ``net`` (or are the whole file), ``module.`` / ``_orig_mod.``
+prefixes (DataParallel, ``torch.compile``) are removed, and they are loaded into a reference
+architecture by name or into the caller's own ``nn.Module`` class (``package.module:Class``: only
+that module, named by the caller, is imported; a name inside a file is never imported).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import pickle
+import re
 import struct
 import warnings
 import zipfile
@@ -29,18 +37,34 @@ from torch import nn
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import sha256_file
 from trojanscan.models import trust
-from trojanscan.models.architectures import ArchSpec, ReferenceNet, build_model
+from trojanscan.models.architectures import ARCHITECTURES, ArchSpec, ReferenceNet, build_model
 
 FORMAT_VERSION = "1"
 MAX_NUM_CLASSES = 100_000  # what a file's metadata may claim
 MAX_INPUT_DIM = 4096  # each of C, H, W
 TORCHSCRIPT_SUFFIXES = (".pt", ".ts", ".torchscript", ".jit")
 META_FILE = "trojanscan.json"  # the metadata entry inside a TorchScript archive
+WEIGHTS_KEYS = ("state_dict", "model_state_dict", "model", "net")  # where training scripts keep them
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
+IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+ARCH_HELP = (f"architecture of a weights-only checkpoint or safetensors file: {', '.join(ARCHITECTURES)}, "
+             "or your own nn.Module class as package.module:Class (only that module is imported; "
+             "the class is built with no arguments)")
+
+ArchLike = str | type[nn.Module] | nn.Module  # a reference name, package.module:Class, a class or module
+
+
+def _architectures_hint() -> str:
+    return f"architectures: {', '.join(ARCHITECTURES)}, or package.module:Class for your own nn.Module"
 
 
 @dataclass
 class LoadedModel:
-    """A model read from disk, in eval mode, with what the file said about it."""
+    """A model read from disk, in eval mode, with what the file said about it.
+
+    It is called like the network (``loaded(x)``), and the network's attributes (``eval``, ``to``,
+    ``parameters`` …) are reached through it; the ``nn.Module`` itself is :attr:`module`.
+    """
 
     module: nn.Module
     path: Path
@@ -77,6 +101,14 @@ class LoadedModel:
             return self.spec.input_shape
         shape = self.metadata.get("input_shape")
         return tuple(shape) if shape else None  # type: ignore[return-value]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # only for names LoadedModel itself lacks
+        if name == "module" or name.startswith("__"):  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.module, name)
 
 
 def _spec_of(model: nn.Module) -> ArchSpec | None:
@@ -175,27 +207,111 @@ def _build_and_fill(spec: ArchSpec, state: dict[str, torch.Tensor], path: Path) 
     except Exception:  # an architecture that cannot be built on the meta device: the checks below
         skeleton = None
     if skeleton is not None:
-        expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
-        if missing or unexpected or wrong:
-            detail = (f"size mismatch for {wrong[0]}: the file has shape {tuple(state[wrong[0]].shape)}, "
-                      f"the architecture {expected[wrong[0]]}" if wrong else
-                      f"missing key(s) {', '.join(missing[:3])}" if missing else
-                      f"unexpected key(s) {', '.join(trust._shown(k, 60) for k in unexpected[:3])}")
-            raise TrojanscanError(f"{path}: weights do not fit architecture {spec.arch!r} ({detail})")
-    model = _build(spec, path)
+        _check_fit(skeleton, state, f"architecture {spec.arch!r}", path)
+    return _fill(_build(spec, path), state, f"architecture {spec.arch!r}", path)
+
+
+def _misfit(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...] | None]) -> str | None:
+    """What keeps ``state`` out of a module with ``expected`` keys and shapes, or None if it fits."""
+    def keys(names: list[str]) -> str:
+        more = f" and {len(names) - 4} more" if len(names) > 4 else ""
+        return ", ".join(trust._shown(k, 60) for k in names[:4]) + more
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    parts = ([f"missing key(s) {keys(missing)}"] if missing else []) + (
+        [f"unexpected key(s) {keys(unexpected)}"] if unexpected else [])
+    wrong = sorted(k for k in set(expected) & set(state)
+                   if expected[k] is not None and tuple(state[k].shape) != expected[k])
+    if wrong and not parts:
+        parts.append(f"size mismatch for {trust._shown(wrong[0], 60)}: the file has shape "
+                     f"{tuple(state[wrong[0]].shape)}, the architecture {expected[wrong[0]]}")
+    return "; ".join(parts) or None
+
+
+def _shapes(module: nn.Module) -> dict[str, tuple[int, ...] | None]:
+    return {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None
+            for k, v in module.state_dict().items()}
+
+
+def _check_fit(module: nn.Module, state: dict[str, torch.Tensor], what: str, path: Path) -> None:
+    """Refuse weights that do not fit ``module``, naming the missing and unexpected keys; for a
+    reference architecture, say which one they do fit, if any."""
+    detail = _misfit(state, _shapes(module))
+    if detail is None:
+        return
+    fits = [name for name in ARCHITECTURES if what != f"architecture {name!r}"
+            and (keys := _reference_keys(name)) is not None and keys == set(state)]
+    hint = f"; they fit --arch {fits[0]}" if fits else f"; {_architectures_hint()}"
+    raise TrojanscanError(f"{path}: weights do not fit {what} ({detail}){hint}")
+
+
+def _reference_keys(arch: str) -> set[str] | None:
+    """The state_dict keys of a reference architecture (they do not depend on its sizes)."""
     try:
-        model.load_state_dict(state, strict=True)
+        with torch.device("meta"):
+            return set(build_model(arch, 2, (1, 32, 32)).state_dict())
+    except Exception:  # an architecture that cannot be built at that size: no suggestion
+        return None
+
+
+def _fill(module: nn.Module, state: dict[str, torch.Tensor], what: str, path: Path) -> nn.Module:
+    """Load ``state`` into ``module`` (strictly), or refuse in one line."""
+    _check_fit(module, state, what, path)
+    try:
+        module.load_state_dict(state, strict=True)
     except RuntimeError as e:
         lines = str(e).strip().splitlines()
         detail = lines[1].strip() if len(lines) > 1 else lines[0]
-        raise TrojanscanError(f"{path}: weights do not fit architecture {spec.arch!r} ({detail})") from None
-    return model
+        raise TrojanscanError(f"{path}: weights do not fit {what} ({trust._shown(detail, 160)})") from None
+    return module
 
 
-def _load_safetensors(copy: Path, path: Path) -> tuple[nn.Module, ArchSpec, dict]:
+def import_architecture(name: str) -> type[nn.Module]:
+    """The ``nn.Module`` class a caller names as ``package.module:Class``.
+
+    Only ``package.module`` is imported, with the caller's own ``sys.path``: it is the caller's
+    code, named by them (a name written inside a model file is never imported).
+
+    Raises:
+        TrojanscanError: the name is malformed, the module cannot be imported, or the attribute is
+            not an ``nn.Module`` subclass.
+    """
+    if not IMPORT_PATH.fullmatch(name):
+        raise TrojanscanError(f"--arch {trust._shown(name, 80)!r}: not an architecture; "
+                              f"{_architectures_hint()}")
+    module_name, _, attr = name.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as e:  # the user's module failed: one line, not its traceback
+        raise TrojanscanError(f"--arch {name}: cannot import {module_name} ({type(e).__name__}: "
+                              f"{trust._shown(e, 120)}); make it importable (pip install -e ., or "
+                              "PYTHONPATH)") from None
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise TrojanscanError(f"--arch {name}: {attr} in {module_name} is not an nn.Module class")
+    return obj
+
+
+def _user_module(arch: ArchLike, path: Path) -> tuple[nn.Module, str]:
+    """The caller's own network for a weights-only file, and its name for messages and metadata."""
+    if isinstance(arch, nn.Module):
+        return arch, f"{type(arch).__module__}:{type(arch).__qualname__}"
+    cls = import_architecture(arch) if isinstance(arch, str) else arch
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TrojanscanError(f"arch must be an architecture name, package.module:Class, an nn.Module "
+                              f"class or an nn.Module, got {type(arch).__name__}")
+    label = f"{cls.__module__}:{cls.__qualname__}"
+    try:
+        return cls(), label
+    except Exception as e:  # the user's constructor: one line
+        raise TrojanscanError(f"{path}: cannot build {label} with no arguments ({type(e).__name__}: "
+                              f"{trust._shown(e, 120)}); give its arguments defaults, or in Python pass "
+                              "an instance: load_model(path, arch=MyNet(...))") from None
+
+
+def _load_safetensors(copy: Path, path: Path, arch: ArchLike | None,
+                      input_shape: tuple[int, ...] | None) -> tuple[nn.Module, ArchSpec | None, dict]:
     header = trust.check_safetensors(copy, path)  # bounded header, dtypes, offsets: before the library
     raw = (header.get("__metadata__") or {}).get("trojanscan")
     try:
@@ -203,9 +319,11 @@ def _load_safetensors(copy: Path, path: Path) -> tuple[nn.Module, ArchSpec, dict
     except (SafetensorError, OSError, ValueError) as e:
         raise TrojanscanError(f"{path}: corrupt safetensors file ({trust._shown(e, 160)})") from None
     if raw is None:
-        raise TrojanscanError(
-            f"{path}: safetensors file has no trojanscan metadata (architecture name); "
-            "load the weights into your own nn.Module and pass that to the Python API")
+        if arch is None:
+            raise TrojanscanError(
+                f"{path}: safetensors file has no trojanscan metadata (architecture name); pass its "
+                f"architecture with --arch ({_architectures_hint()})")
+        return _from_state(_strip_prefixes(state), {}, arch, input_shape, path)
     meta = _parse_meta(raw, path)
     spec = _spec_from_meta(meta, path)
     return _build_and_fill(spec, state, path), spec, meta
@@ -264,8 +382,90 @@ def _parse_meta(raw: str | bytes, path: Path) -> dict[str, Any]:
     return meta
 
 
-def _load_checkpoint(copy: Path, path: Path, arch: str | None,
-                     input_shape: tuple[int, ...] | None) -> tuple[nn.Module, ArchSpec, dict]:
+def _is_state(obj: Any) -> bool:
+    return (isinstance(obj, dict) and bool(obj)
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()))
+
+
+def _plain(value: Any) -> bool:
+    """A metadata value worth keeping: a number or text, or a list of them (not tensors, not state)."""
+    scalar = (str, int, float, bool)
+    return isinstance(value, scalar) or (isinstance(value, (list, tuple)) and len(value) <= MAX_INPUT_DIM
+                                         and all(isinstance(v, scalar) for v in value))
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys without the prefix every one of them carries from a wrapper (``module.``, ``_orig_mod.``)."""
+    for _ in range(4):  # a compiled DataParallel model has two
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _weights_of(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state_dict in a checkpoint as training scripts save it (the whole file, or under
+    :data:`WEIGHTS_KEYS`, such as ``{"state_dict": ..., "epoch": 3}``) and the plain values
+    beside it."""
+    meta: dict[str, Any] = {}
+    for _ in range(3):  # {"model": {"state_dict": ...}} at most
+        key = None if _is_state(obj) or not isinstance(obj, dict) else next(
+            (k for k in WEIGHTS_KEYS if isinstance(obj.get(k), dict)), None)
+        if key is None:
+            break
+        meta = {**{k: v for k, v in obj.items() if isinstance(k, str) and k not in WEIGHTS_KEYS
+                   and _plain(v)}, **meta}
+        obj = obj[key]
+    if not _is_state(obj):
+        found = (f"its keys: {', '.join(trust._shown(k, 40) for k in list(obj)[:6])}"
+                 if isinstance(obj, dict) and obj else f"it holds {type(obj).__name__}")
+        raise TrojanscanError(f"{path}: checkpoint is not a state_dict of tensors ({found}); the weights "
+                              f"are looked for under {', '.join(WEIGHTS_KEYS)} or as the whole file")
+    return _strip_prefixes(obj), meta
+
+
+def _from_state(state: dict[str, torch.Tensor], meta: dict[str, Any], arch: ArchLike | None,
+                input_shape: tuple[int, ...] | None,
+                path: Path) -> tuple[nn.Module, ArchSpec | None, dict[str, Any]]:
+    """Weights without code, loaded into the caller's own class (``arch``: package.module:Class,
+    a class or a module) or into a reference architecture (``arch`` or the file's name for it)."""
+    if arch is not None and not (isinstance(arch, str) and ":" not in arch):
+        module, label = _user_module(arch, path)
+        return _fill(module, state, label, path), None, {**meta, "arch": label}
+    if arch is not None:
+        meta["arch"] = arch
+    if "arch" not in meta:
+        raise TrojanscanError(
+            f"{path}: a weights-only checkpoint needs its architecture: pass --arch NAME "
+            f"({_architectures_hint()}) or convert the model to TorchScript")
+    name = str(meta["arch"])
+    if name not in ARCHITECTURES:  # the file's own name for it is never imported
+        raise TrojanscanError(f"{path}: unknown architecture {trust._shown(name, 60)!r}; "
+                              f"{_architectures_hint()}")
+    # a bare state_dict of a reference net tells its classes and normalisation itself
+    if "classifier.weight" in state:
+        meta.setdefault("num_classes", int(state["classifier.weight"].shape[0]))
+    if "normalize.mean" in state and "normalize.std" in state:
+        meta.setdefault("mean", state["normalize.mean"].flatten().tolist())
+        meta.setdefault("std", state["normalize.std"].flatten().tolist())
+    if "num_classes" not in meta:  # not a reference net's weights: say which keys do not fit
+        with torch.device("meta"):
+            skeleton = build_model(name, 2, (1, 32, 32))  # its keys do not depend on sizes
+        _check_fit(skeleton, state, f"architecture {name!r}", path)
+    if input_shape is not None:
+        meta.setdefault("input_shape", list(input_shape))
+    for key in ("num_classes", "input_shape", "mean", "std"):
+        if key not in meta:
+            fix = ("pass input_shape=(C, H, W) (the command line takes it from --data)"
+                   if key == "input_shape" else "save it with trojanscan or convert the model to TorchScript")
+            raise TrojanscanError(f"{path}: checkpoint lacks {key!r}; {fix}")
+    spec = _spec_from_meta(meta, path)
+    return _build_and_fill(spec, state, path), spec, meta
+
+
+def _load_checkpoint(copy: Path, path: Path, arch: ArchLike | None,
+                     input_shape: tuple[int, ...] | None) -> tuple[nn.Module, ArchSpec | None, dict]:
     trust.check_checkpoint(copy, path)  # size; for the zip format the archive limits
     try:
         with warnings.catch_warnings():
@@ -278,36 +478,13 @@ def _load_checkpoint(copy: Path, path: Path, arch: str | None,
         raise TrojanscanError(
             f"{path}: refused: this pickle checkpoint needs arbitrary code to load "
             f"({trust._shown(detail, 160)}); ask for TorchScript or safetensors, or load it "
-            "yourself only if you trust its author") from None
+            "yourself only if you trust its author (a whole pickled model: save its state_dict and "
+            "pass its class with --arch package.module:Class)") from None
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
         raise TrojanscanError(f"{path}: corrupt or unknown checkpoint "
                               f"({trust._shown(e, 160)})") from None
-    meta: dict[str, Any] = {}
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        meta = {k: v for k, v in obj.items() if k != "state_dict"}
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise TrojanscanError(f"{path}: checkpoint is not a state_dict of tensors")
-    if arch is not None:
-        meta["arch"] = arch
-    if "arch" not in meta:
-        raise TrojanscanError(
-            f"{path}: a weights-only checkpoint needs its architecture: pass --arch NAME "
-            "or convert the model to TorchScript")
-    # a bare state_dict of a reference net tells its classes and normalisation itself
-    if "classifier.weight" in obj:
-        meta.setdefault("num_classes", int(obj["classifier.weight"].shape[0]))
-    if "normalize.mean" in obj and "normalize.std" in obj:
-        meta.setdefault("mean", obj["normalize.mean"].flatten().tolist())
-        meta.setdefault("std", obj["normalize.std"].flatten().tolist())
-    if input_shape is not None:
-        meta.setdefault("input_shape", list(input_shape))
-    for key in ("num_classes", "input_shape", "mean", "std"):
-        if key not in meta:
-            raise TrojanscanError(f"{path}: checkpoint lacks {key!r}; save it with trojanscan "
-                                  "or convert the model to TorchScript")
-    spec = _spec_from_meta(meta, path)
-    return _build_and_fill(spec, obj, path), spec, meta
+    state, meta = _weights_of(obj, path)
+    return _from_state(state, meta, arch, input_shape, path)
 
 
 def sniff_model_format(path: Path, shown: object | None = None) -> str:
@@ -340,20 +517,40 @@ def sniff_model_format(path: Path, shown: object | None = None) -> str:
     return "unknown"
 
 
-def load_model(path: str | os.PathLike, *, arch: str | None = None,
+def load_model(path: str | os.PathLike, *, arch: ArchLike | None = None,
                input_shape: tuple[int, ...] | None = None, trusted: bool = False) -> LoadedModel:
     """Load a model file safely, in eval mode.
 
-    ``arch`` (and ``input_shape``, usually the data's) describe a bare state_dict checkpoint of a
-    reference net; its classes and normalisation are read from the weights. ``input_shape`` is
-    also the shape a TorchScript model is probed with in a child process before it is loaded.
-
     Every file is untrusted (:mod:`trojanscan.models.trust`): a TorchScript archive is inspected
     and probed before it is loaded, and refused in one line if its code could act on the machine
-    or tell a scan from deployment. ``trusted=True`` is for a user's own model: it loads a
-    TorchScript archive unchecked and the result says so (``trusted``, ``checked`` False);
-    safetensors and pickle checkpoints are checked either way (pickles are never unpickled
-    beyond ``weights_only``).
+    or tell a scan from deployment; a pickle checkpoint is opened only with ``weights_only``.
+
+    Args:
+        path: a TorchScript archive, a safetensors file or a weights-only checkpoint (a bare
+            state_dict, or one under ``state_dict``/``model_state_dict``/``model``/``net``;
+            ``module.`` prefixes are removed).
+        arch: for weights without trojanscan metadata, the network they belong to: a reference
+            architecture's name (its classes and normalisation are read from the weights), your
+            own class as ``"package.module:Class"`` (only that module is imported) or the class
+            itself (built with no arguments), or an ``nn.Module`` instance to load them into.
+        input_shape: (C, H, W), usually the data's: a reference net's image size, and the shape a
+            TorchScript model is probed with in a child process before it is loaded.
+        trusted: your own model: a TorchScript archive loads unchecked and the result says so
+            (``trusted``, ``checked`` False); other formats are checked either way.
+
+    Returns:
+        A :class:`LoadedModel`: call it like the network; ``.module`` is the ``nn.Module``,
+        ``.sha256``, ``.format``, ``.num_classes``, ``.input_shape`` and ``.metadata`` what the file
+        says.
+
+    Raises:
+        TrojanscanError: one line naming the file: refused, corrupt, or weights that do not fit
+            ``arch`` (with the missing and unexpected keys).
+
+    Example::
+
+        model = load_model("resnet.pth", arch="mypkg.nets:ResNet18")
+        logits = model(torch.rand(8, 3, 32, 32))
     """
     path = Path(path)
     if not path.is_file():
@@ -372,7 +569,7 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None,
         checked = True
         inspection: dict[str, Any] | None = None
         if fmt == "safetensors":
-            module, spec, meta = _load_safetensors(copy, path)
+            module, spec, meta = _load_safetensors(copy, path, arch, input_shape)
         elif fmt == "torchscript":
             module, meta, inspection = _load_torchscript(copy, path, input_shape, trusted)
             checked = not trusted

@@ -120,19 +120,52 @@ def chart_png(result: ScanResult) -> bytes:
 
 
 
-def _verdict(result: ScanResult) -> str:
+def evidence_strength(anomaly_index: float, threshold: float, flagged: bool) -> str:
+    """How strong the outlier evidence is, in words: the anomaly index against the threshold."""
+    if anomaly_index is None or not math.isfinite(anomaly_index) or not threshold or threshold <= 0:
+        return "no outlier test"
+    ratio = anomaly_index / threshold
+    if flagged:
+        word = "strong" if ratio >= 2 else "clear" if ratio >= 1.25 else "weak"
+        return (f"{word} evidence: anomaly index {anomaly_index:.2f}, {ratio:.1f}× the threshold "
+                f"{threshold:g}")
+    word = "borderline" if ratio >= 0.75 else "no outlier"
+    return f"{word}: anomaly index {anomaly_index:.2f}, below the threshold {threshold:g}"
+
+
+def verdict_banner(result: ScanResult) -> tuple[str, str, str]:
+    """The scan's headline for people: ``(kind, headline, strength)`` with kind "bad", "good" or
+    "none" (no verdict: too few labels for the outlier test), and how strong the evidence is."""
     flagged = [int(v) for v in result.flagged_labels]
+    verdict = result.extra.get("verdict")
+    if verdict:  # the combined verdict decides; its score is the chance bound for a clean model
+        strength = f"score {_num(verdict.get('score'), 3)} (chance bound for a clean model)"
+        targets = ", ".join(f"label {t}" for t in verdict.get("targets", []))
+        if verdict.get("verdict") == "suspicious":
+            return "bad", f"Suspicious — {targets}", strength
+    else:
+        strength = evidence_strength(result.anomaly_index, result.threshold, bool(flagged))
     if result.infected or flagged:
-        cls = "bad"
-        which = ", ".join(str(v) for v in flagged)
         headline = "Backdoor detected"
         if flagged:
-            headline += f" — target label{'s' if len(flagged) > 1 else ''} {which}"
-    else:
-        cls, headline = "good", "No backdoor found"
-    verdict = result.extra.get("verdict")
-    if verdict and verdict.get("verdict") == "suspicious":
-        cls, headline = "bad", "Suspicious — " + ", ".join(f"label {t}" for t in verdict["targets"])
+            headline += f" — target label{'s' if len(flagged) > 1 else ''} {', '.join(map(str, flagged))}"
+        return "bad", headline, strength
+    if not verdict and not math.isfinite(float(result.anomaly_index)):
+        why = "fewer than 3 labels scanned" if len(result.labels) < 3 else "the outlier test had no answer"
+        return "none", f"No verdict — {why}, so no outlier test", ""
+    return "good", "No backdoor found", strength
+
+
+def size_ratio_text(ratio: float) -> str:
+    """The smallest reversed trigger over the median label's, said against its threshold."""
+    if ratio is None or not math.isfinite(float(ratio)):
+        return "—"
+    side = "below" if ratio < SIZE_RATIO_THRESHOLD else "above"
+    return f"{ratio:.2f} ({side} the {SIZE_RATIO_THRESHOLD:g} that suggests a backdoor)"
+
+
+def _verdict(result: ScanResult) -> str:
+    cls, headline, strength = verdict_banner(result)
     facts = [
         ("Anomaly index", f"{_num(result.anomaly_index)} (threshold {_num(result.threshold, 1)})"),
         ("Method", escape(str(result.method))),
@@ -143,12 +176,13 @@ def _verdict(result: ScanResult) -> str:
         ("Image passes", f"{result.image_passes:,}"),
         ("Labels scanned", str(len(result.labels))),
         ("Median L1 / MAD", f"{_num(result.median_l1, 1)} / {_num(result.mad, 1)}"),
-        ("Smallest / median L1", f"{_num(result.size_ratio)} (below {SIZE_RATIO_THRESHOLD:g} "
-                                 "suggests a backdoor)"),
+        ("Smallest / median L1", size_ratio_text(result.size_ratio)),
     ]
     items = "".join(f"<div><dt>{k}:</dt> <dd>{v}</dd></div>" for k, v in facts)
-    out = (f'<section class="verdict {cls}"><p class="big">{escape(headline)}</p>'
-           f'<dl class="facts">{items}</dl></section>')
+    grey = ' style="background:#616161"' if cls == "none" else ""
+    out = (f'<section class="verdict {cls}"{grey}><p class="big">{escape(headline)}</p>'
+           + (f"<p>{escape(strength)}</p>" if strength else "")
+           + f'<dl class="facts">{items}</dl></section>')
     if result.warnings:
         lis = "".join(f"<li>{escape(str(w))}</li>" for w in result.warnings)
         out += f'<div class="warn"><b>⚠ Warnings</b><ul>{lis}</ul></div>'
@@ -261,11 +295,14 @@ def _ground_truth(result: ScanResult, truth: Trigger) -> str:
 
 
 def _footer(result: ScanResult) -> str:
+    data = result.extra.get("data") or {}
     params = json.dumps(to_jsonable(result.parameters), indent=2, ensure_ascii=False, default=str)
     return ("<footer><details><summary>Scan parameters</summary>"
             f"<pre>{escape(params)}</pre></details>"
             f"<p>Model sha256 <code>{escape(str(result.model_sha256))}</code><br>"
-            f"Data sha256 <code>{escape(str(result.data_sha256))}</code><br>"
+            f"Data sha256 <code>{escape(str(data.get('sha256', '—')))}</code> "
+            f"({escape(str(data.get('name', '—')))}, as training records it)<br>"
+            f"Scanned subset sha256 <code>{escape(str(result.data_sha256))}</code><br>"
             f"Seed {escape(str(result.seed))} · trojanscan {escape(__version__)}</p></footer>")
 
 

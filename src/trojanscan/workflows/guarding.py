@@ -19,18 +19,22 @@ from trojanscan.defenses.input_filter import InputFilter
 from trojanscan.defenses.strip import MIN_CALIBRATION_SAMPLES, Strip
 from trojanscan.errors import TrojanscanError
 from trojanscan.metrics import far_frr
+from trojanscan.progress import ProgressCallback, Stages
 from trojanscan.report import write_strip_report
+from trojanscan.report.progress import progress_bars
 from trojanscan.train import predict
 from trojanscan.workflows.inputs import (
     DataLike,
+    InputsLike,
     ModelLike,
+    as_run_inputs,
     held_out,
     held_out_generator,
     known_trigger,
     model_and_inputs,
     resolve,
 )
-from trojanscan.workflows.records import Record, environment
+from trojanscan.workflows.records import Record, environment, internal
 
 
 def strip_calibrate(model: ModelLike, data: DataLike, *, n: int = 100, frr: float = 0.01,
@@ -38,12 +42,14 @@ def strip_calibrate(model: ModelLike, data: DataLike, *, n: int = 100, frr: floa
                     arch: str | None = None, temperature: float | str = 1.0,
                     out: str | os.PathLike | None = None, accelerate: bool = True,
                     mean: list[float] | None = None, std: list[float] | None = None,
-                    trusted: bool = False) -> Strip:
+                    trusted: bool = False, progress: bool | ProgressCallback = True) -> Strip:
     """Fit STRIP's boundary on ``samples`` benign training images (also the overlay pool)."""
     resolved = resolve(model, data, arch=arch, mean=mean, std=std, trusted=trusted)
     strip = Strip(resolved.module, n=n, frr=frr, blend=blend, boundary=boundary, seed=seed,
                   temperature=temperature, accelerate=accelerate)
-    strip.calibrate(held_out(resolved.dataset, "calibration", samples, seed)[0])
+    with progress_bars(progress is True) as bars, Stages(bars or progress, "strip calibrate", 1) as stage:
+        stage(f"{samples} images × {n} copies")
+        strip.calibrate(held_out(resolved.dataset, "calibration", samples, seed)[0])
     if out is not None:
         strip.save(out)
     return strip
@@ -69,7 +75,7 @@ class CheckRecord(Record):
         return self.to_dict()[key]
 
 
-def strip_check(model: ModelLike, calibration: str | os.PathLike, inputs: str | os.PathLike, *,
+def strip_check(model: ModelLike, calibration: str | os.PathLike, inputs: InputsLike, *,
                 arch: str | None = None, full_entropy: bool = False, accelerate: bool = True,
                 mean: list[float] | None = None, std: list[float] | None = None,
                 trusted: bool = False) -> CheckRecord:
@@ -79,6 +85,7 @@ def strip_check(model: ModelLike, calibration: str | os.PathLike, inputs: str | 
     an input decided early gets ``entropy_at_least`` (benign) or ``entropy_below`` (trojaned) instead
     of ``entropy``; ``full_entropy`` runs all N copies for every input.
     """
+    inputs = as_run_inputs(inputs)
     module, x = model_and_inputs(model, inputs, arch, mean, std, trusted)
     strip = Strip.load(calibration, module, accelerate=accelerate)
     start = time.perf_counter()
@@ -100,18 +107,20 @@ def strip_check(model: ModelLike, calibration: str | os.PathLike, inputs: str | 
             row["entropy_at_least"] = float(h_sum) / strip.n
         results.append(row)
     return CheckRecord(
-        command="strip check", inputs=str(inputs), count=len(x), flagged=int(flags.sum()),
+        command="strip check", inputs=inputs.source, count=len(x), flagged=int(flags.sum()),
         seconds=seconds, results=results,
         settings={"trojaned": int(flags.sum()), "boundary": strip.boundary_, "n": strip.n,
                   "temperature": strip.temperature_, "accelerated": strip.accelerated,
                   "mean_copies": float(used.double().mean()) if len(x) else 0.0,
-                  "inputs_per_second": len(x) / seconds if seconds else None, "model_trusted": trusted})
+                  "inputs_per_second": len(x) / seconds if seconds else None, "model_trusted": trusted,
+                  "inputs_read_as": inputs.how})
 
 
-def filter_check(model: ModelLike, filter_path: str | os.PathLike, inputs: str | os.PathLike, *,
+def filter_check(model: ModelLike, filter_path: str | os.PathLike, inputs: InputsLike, *,
                  arch: str | None = None, mean: list[float] | None = None,
                  std: list[float] | None = None, trusted: bool = False) -> CheckRecord:
     """Predict each input with a saved input filter in front: label, score, rejected."""
+    inputs = as_run_inputs(inputs)
     module, x = model_and_inputs(model, inputs, arch, mean, std, trusted)
     filt = InputFilter.load(filter_path, module)
     start = time.perf_counter()
@@ -119,9 +128,9 @@ def filter_check(model: ModelLike, filter_path: str | os.PathLike, inputs: str |
     rejected = scores > filt.threshold_
     seconds = time.perf_counter() - start
     return CheckRecord(
-        command="filter check", inputs=str(inputs), count=len(x), flagged=int(rejected.sum()),
+        command="filter check", inputs=inputs.source, count=len(x), flagged=int(rejected.sum()),
         seconds=seconds, settings={"rejected": int(rejected.sum()), "threshold": filt.threshold_,
-                                   "model_trusted": trusted},
+                                   "model_trusted": trusted, "inputs_read_as": inputs.how},
         results=[{"index": i, "label": int(lab), "score": float(sc), "rejected": bool(r)}
                  for i, (lab, sc, r) in enumerate(zip(labels, scores, rejected, strict=True))])
 
@@ -204,6 +213,7 @@ class StripEvaluation(Record):
     environment: dict[str, str]
     summary: dict[str, str]
     command: str = "strip evaluate"
+    guard: Strip | None = internal()  # the calibrated detector, ready for predict()
 
 
 def strip_evaluate(model: ModelLike, data: DataLike, trigger: Trigger | str | os.PathLike | None = None, *,
@@ -212,7 +222,8 @@ def strip_evaluate(model: ModelLike, data: DataLike, trigger: Trigger | str | os
                    arch: str | None = None, throughput_inputs: int = 500,
                    temperature: float | str = 1.0, out_dir: str | os.PathLike | None = None,
                    accelerate: bool = True, mean: list[float] | None = None,
-                   std: list[float] | None = None, trusted: bool = False) -> StripEvaluation:
+                   std: list[float] | None = None, trusted: bool = False,
+                   progress: bool | ProgressCallback = True) -> StripEvaluation:
     """FRR on clean test images and FAR on trigger-stamped ones, with throughput for N=10, 20, 100."""
     resolved = resolve(model, data, arch=arch, mean=mean, std=std, trusted=trusted)
     module, dataset = resolved.module, resolved.dataset
@@ -224,21 +235,24 @@ def strip_evaluate(model: ModelLike, data: DataLike, trigger: Trigger | str | os
                               f"calibrated on that many images), got {throughput_inputs}")
     strip = Strip(module, n=n, frr=frr, blend=blend, boundary=boundary, seed=seed,
                   temperature=temperature, accelerate=accelerate)
-    run = strip_rates(strip, dataset, trig, samples=samples, calibration_samples=calibration_samples,
-                      seed=seed)
-    benign, h_benign, h_trojan, rates = run.benign, run.h_benign, run.h_trojan, run.rates
-    assert h_trojan is not None and run.stamped is not None  # a trigger was given
-    speed = {}
-    calibration = strip.overlays_  # strip_rates calibrated on these images, also the overlay pool
-    for copies in (10, 20, 100):  # each N gets its own boundary, which sets where screening stops
-        probe = Strip(module, n=copies, frr=frr, blend=blend, boundary=boundary, seed=seed,
-                      temperature=strip.temperature_, accelerate=accelerate)
-        with warnings.catch_warnings():  # recorded below instead
-            warnings.simplefilter("ignore", UserWarning)
-            probe.calibrate(calibration[:throughput_inputs], overlay_pool=strip.overlays_)
-        speed[f"n{copies}"] = _throughput(probe, benign[:throughput_inputs],
-                                          run.stamped[:throughput_inputs])
-        speed[f"n{copies}"]["boundary"] = probe.boundary_  # at or below 0 nothing can be flagged
+    with progress_bars(progress is True) as bars, Stages(bars or progress, "strip evaluate", 4) as stage:
+        stage(f"FRR and FAR: {calibration_samples} calibration + 2 × {samples} test images, N={n}")
+        run = strip_rates(strip, dataset, trig, samples=samples, calibration_samples=calibration_samples,
+                          seed=seed)
+        benign, h_benign, h_trojan, rates = run.benign, run.h_benign, run.h_trojan, run.rates
+        assert h_trojan is not None and run.stamped is not None  # a trigger was given
+        speed = {}
+        calibration = strip.overlays_  # strip_rates calibrated on these images, also the overlay pool
+        for copies in (10, 20, 100):  # each N gets its own boundary, which sets where screening stops
+            stage(f"throughput at N={copies}")
+            probe = Strip(module, n=copies, frr=frr, blend=blend, boundary=boundary, seed=seed,
+                          temperature=strip.temperature_, accelerate=accelerate)
+            with warnings.catch_warnings():  # recorded below instead
+                warnings.simplefilter("ignore", UserWarning)
+                probe.calibrate(calibration[:throughput_inputs], overlay_pool=strip.overlays_)
+            speed[f"n{copies}"] = _throughput(probe, benign[:throughput_inputs],
+                                              run.stamped[:throughput_inputs])
+            speed[f"n{copies}"]["boundary"] = probe.boundary_  # at or below 0 nothing can be flagged
     record = StripEvaluation(
         frr=rates["frr"], far=rates["far"], target_frr=frr, n=n, blend=blend, boundary_method=boundary,
         boundary=strip.boundary_, temperature=strip.temperature, temperature_used=strip.temperature_,
@@ -249,7 +263,7 @@ def strip_evaluate(model: ModelLike, data: DataLike, trigger: Trigger | str | os
                      "std": strip.entropy_std_, "sha256": strip.calibration_sha256_},
         benign_inputs=len(benign), trojaned_inputs=len(h_trojan), throughput=speed,
         trigger={"target": trig.target, "kind": trig.kind}, seed=seed, model_sha256=resolved.sha256,
-        model_trust=resolved.trust_record(),
+        model_trust=resolved.trust_record(), guard=strip,
         data={"name": dataset.name, "sha256": dataset.sha256}, environment=environment(),
         summary={
             "FRR (benign flagged)": f"{100 * rates['frr']:.2f}%",

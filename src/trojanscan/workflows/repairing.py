@@ -161,7 +161,8 @@ class MitigationRecord(Record):
     input_convention: str = PLAIN_CONVENTION
     model_trust: dict[str, Any] | None = None
     out: str | None = None
-    model: nn.Module | None = internal()
+    model: nn.Module | None = internal()  # the repaired network (repair)
+    guard: InputFilter | None = internal()  # the fitted input filter (build_filter)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in super().to_dict().items() if v is not None}
@@ -188,7 +189,12 @@ def build_filter(model: ModelLike, scan: ScanResult | str | os.PathLike, data: D
                  mean: list[float] | None = None, std: list[float] | None = None, trusted: bool = False
                  ) -> tuple[InputFilter, MitigationRecord]:
     """Fit the input filter on held-out training images; report FPR on clean test images and FNR on
-    test images stamped with the reversed trigger (and the real one when known)."""
+    test images stamped with the reversed trigger (and the real one when known).
+
+    Returns:
+        The fitted :class:`InputFilter` and the :class:`MitigationRecord` (which carries it too,
+        as ``record.guard``). ``model`` and ``data`` are taken as by :func:`repair`.
+    """
     start = time.perf_counter()
     setup = _start(model, scan, data, labels, trigger, arch, mean, std, trusted)
     module, dataset = setup.resolved.module, setup.resolved.dataset
@@ -202,7 +208,7 @@ def build_filter(model: ModelLike, scan: ScanResult | str | os.PathLike, data: D
     summary = filt.summary()
     record = _record("filter", "filter", setup, seed, start,
                      {"fpr": fpr, "top_fraction": top_fraction, "samples": samples, "layer": layer},
-                     layer=summary["layer"],
+                     layer=summary["layer"], guard=filt,
                      filter={"target_fpr": fpr, "fpr": float(filt.detect(dataset.x_test).float().mean()),
                              "fnr_reversed": fnr_rev, "fnr_real": fnr_real,
                              "threshold": summary["threshold"], "neurons": summary["neurons"],
@@ -219,13 +225,33 @@ def repair(model: ModelLike, scan: ScanResult | str | os.PathLike, data: DataLik
            method: str = "unlearn", out: str | os.PathLike | None = None, labels: list[int] | None = None,
            trigger: Trigger | str | os.PathLike | None = None, layer: str | None = None,
            samples: int = 2000, asr_threshold: float = 0.01, step: float = 0.01,
-           max_fraction: float = 0.9, fraction: float = 0.1, stamp_fraction: float = 0.2,
+           max_fraction: float = 0.9, max_accuracy_drop: float | None = 0.02,
+           fraction: float = 0.1, stamp_fraction: float = 0.2,
            epochs: int = 1, lr: float = 2e-3, batch_size: int = 128, baselines: bool = False,
            seed: int = 0, arch: str | None = None, progress: bool = True, publish: bool = True,
            mean: list[float] | None = None, std: list[float] | None = None,
            trusted: bool = False) -> MitigationRecord:
     """Repair ``model`` by ``method`` ("unlearn" or "prune"), save it to ``out`` in the model's own
-    input convention, and return the record (the repaired module is ``record.model``)."""
+    input convention, and return the record (the repaired module is ``record.model``). Pruning stops
+    before a step that costs more than ``max_accuracy_drop`` of clean accuracy (0.02 = 2 points;
+    None: no budget).
+
+    Args:
+        model: an ``nn.Module``, a :class:`~trojanscan.models.LoadedModel` or a model file.
+        scan: the scan that flagged the backdoor: a :class:`ScanResult` or its folder.
+        data: clean data, anything :func:`~trojanscan.workflows.inputs.as_dataset` takes (a name or
+            path, a Dataset, (x, y) tensors or arrays, a torch Dataset or a DataLoader); unlearning
+            fine-tunes on its train split, CA and ASR are measured on its test split.
+
+    Returns:
+        A :class:`MitigationRecord`: ``before``/``after`` CA and ASR, ``model`` the repaired
+        ``nn.Module``, ``to_dict()`` its JSON.
+
+    Example::
+
+        record = repair(model, scan(model, loader), loader, method="unlearn")
+        fixed = record.model
+    """
     check_choice("repair method", method, REPAIR_METHODS)
     if out is not None:
         check_model_suffix(out)
@@ -244,15 +270,17 @@ def repair(model: ModelLike, scan: ScanResult | str | os.PathLike, data: DataLik
         if method == "prune":
             x, y = _mitigation_images(dataset, samples, seed)
             pruned = prune(module, x, y, triggers, layer=layer, asr_threshold=asr_threshold, step=step,
-                           max_fraction=max_fraction, real_trigger=real, progress=progress)
+                           max_fraction=max_fraction, real_trigger=real,
+                           max_accuracy_drop=max_accuracy_drop, progress=progress)
             fixed = pruned.model
             parts["layer"] = pruned.layer
             parts["pruning"] = {"pruned": len(pruned.pruned), "units": pruned.units,
                                 "fraction": pruned.fraction, "reached": pruned.reached,
                                 "asr_threshold": asr_threshold, "neurons": pruned.pruned,
-                                "curve": pruned.curve}
+                                "curve": pruned.curve, "max_accuracy_drop": max_accuracy_drop,
+                                "over_budget": pruned.over_budget}
             params = {"layer": layer, "samples": samples, "asr_threshold": asr_threshold, "step": step,
-                      "max_fraction": max_fraction}
+                      "max_fraction": max_fraction, "max_accuracy_drop": max_accuracy_drop}
         else:
             settings = {"fraction": fraction, "stamp_fraction": stamp_fraction, "epochs": epochs, "lr": lr,
                         "batch_size": batch_size, "seed": seed}

@@ -23,7 +23,7 @@ from trojanscan.randomness import seed_everything
 from trojanscan.report.progress import progress_bars
 from trojanscan.train import TrainHistory, evaluate, train_model
 from trojanscan.validation import check_model_fits
-from trojanscan.workflows.inputs import DataLike, ModelLike, as_dataset, known_trigger, resolve
+from trojanscan.workflows.inputs import DataLike, ModelLike, as_dataset, data_warnings, known_trigger, resolve
 from trojanscan.workflows.records import Record, environment, internal
 
 MODEL_SUFFIXES = (".safetensors", *TORCHSCRIPT_SUFFIXES)
@@ -62,7 +62,7 @@ def make_attack(name: str, kind: type[Attack] = PoisoningAttack, **kwargs: Any) 
         raise TrojanscanError(f"attack {name}: {e}") from None
 
 
-def train_classifier(data: Dataset, arch: str | None = None, *, epochs: int = 5,
+def train_classifier(data: DataLike, arch: str | None = None, *, epochs: int = 5,
                      batch_size: int = 128, lr: float = 1e-3,
                      attack: PoisoningAttack | None = None, seed: int = 0,
                      progress: bool | ProgressCallback = True) -> TrainResult:
@@ -74,6 +74,7 @@ def train_classifier(data: Dataset, arch: str | None = None, *, epochs: int = 5,
         result = train_classifier(data, attack=BadNets(target=0, size=3), epochs=20)
         print(result.clean_accuracy, result.attack_success_rate)
     """
+    data = as_dataset(data)
     seed_everything(seed)
     arch = arch or default_arch(data.input_shape, data.num_classes)
     mean, std = channel_stats(data.x_train)
@@ -95,9 +96,10 @@ def train_classifier(data: Dataset, arch: str | None = None, *, epochs: int = 5,
                        history, poisoned, seconds, params)
 
 
-def evaluate_model(model: nn.Module, data: Dataset,
-                   trigger: Trigger | None = None) -> dict[str, float | None]:
+def evaluate_model(model: nn.Module, data: DataLike,
+                   trigger: Trigger | None = None) -> dict[str, Any]:
     """CA on ``data``'s test split and, with a trigger, its ASR; checks the model fits the data."""
+    data = as_dataset(data)
     check_model_fits(model, data.input_shape, data.num_classes)
     if trigger is not None:
         trigger.check_compatible(data.input_shape, data.num_classes, "trigger")
@@ -189,6 +191,7 @@ class EvaluationRecord(Record):
     trigger: dict[str, Any] | None
     seconds: float
     environment: dict[str, str]
+    warnings: list[str] = field(default_factory=list)  # signs that the data is not the model's
     trigger_found_beside_model: bool = internal(False)
     command: str = "evaluate"
 
@@ -211,4 +214,4 @@ def evaluate_file(model: ModelLike, data: DataLike, trigger: Trigger | str | os.
         trigger=None if trig is None else {"file": None if file is None else str(file),
                                            "target": trig.target, "kind": trig.kind},
         seconds=time.perf_counter() - start, environment=environment(),
-        trigger_found_beside_model=beside)
+        warnings=data_warnings(resolved, scores["clean_accuracy"]), trigger_found_beside_model=beside)
