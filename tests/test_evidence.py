@@ -55,7 +55,7 @@ def test_pair_search_sees_an_all_to_all_backdoor_asymmetrically(digits):
                                attack=AllToAll(poison_rate=0.15, size=3))
     x, y = digits.x_test[:600], digits.y_test[:600]
     evidence = PairSearch(steps=100).search(trained.model, x, y, num_classes=10,
-                                            pairs=[(0, 1), (1, 2), (5, 6)])
+                                            pairs=[(0, 1), (1, 2), (5, 6)], reverse="all")
     for p in evidence.pairs:  # the injected direction is small, its reverse (a natural one) is not
         assert p.l1_norm < 12 and p.ratio > 1.5, p
         assert p.attack_success_rate >= 0.99

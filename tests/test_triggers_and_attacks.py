@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from trojanscan import BadNets, Blend, Trigger, TrojanscanError
-from trojanscan.attacks import ATTACKS, Scatter
+from trojanscan.attacks import ATTACKS, Scatter, TwoTarget
 from trojanscan.data.triggers import trigger_path_for
 
 
@@ -119,3 +119,28 @@ def test_trigger_rejects_out_of_range_and_mismatched_images():
     trig = Trigger(torch.zeros(4, 4), torch.zeros(1, 4, 4), 0)
     with pytest.raises(TrojanscanError, match="trigger is for images"):
         trig.apply(torch.zeros(2, 3, 4, 4))
+
+
+def test_two_target_trigger_parts_send_their_own_target_and_poison_only_free_images(tmp_path):
+    attack = TwoTarget(target=2, second_target=5, size=3, poison_rate=0.2, seed=1)
+    trigger = attack.make_trigger((1, 8, 8))
+    assert trigger.multi_target and trigger.targets == [2, 5]
+    first, second = trigger.parts()
+    assert (first.target, second.target) == (2, 5)
+    assert first.mask[4:7, 4:7].sum() == 9 and first.mask.sum() == 9  # bottom-right, margin 1: rows 4..6
+    assert second.mask[1:4, 1:4].sum() == 9 and second.mask.sum() == 9  # top-left
+    x, y = torch.rand(101, 1, 8, 8), torch.arange(101) % 10
+    poisoned = attack.poison(x, y, 10, trigger)
+    chosen = poisoned.poisoned_indices
+    assert len(chosen) == round(0.2 * 101) and len(set(chosen.tolist())) == len(chosen)
+    labels = poisoned.y[chosen]
+    assert set(labels.tolist()) == {2, 5} and abs(int((labels == 2).sum()) - int((labels == 5).sum())) <= 1
+    for idx, label in zip(chosen.tolist(), labels.tolist(), strict=True):
+        part = first if label == 2 else second
+        assert y[idx] != label and torch.equal(poisoned.x[idx], part.apply(x[idx]))
+    trigger.save(tmp_path / "t.npz")
+    assert Trigger.load(tmp_path / "t.npz").targets == [2, 5]
+    with pytest.raises(TrojanscanError, match="differ"):
+        TwoTarget(target=3, second_target=3)
+    with pytest.raises(TrojanscanError, match="overlap"):
+        TwoTarget(size=4, position="center", second_position="center").make_trigger((1, 8, 8))

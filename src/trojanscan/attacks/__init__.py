@@ -11,9 +11,10 @@ from trojanscan.attacks.base import Attack, AttackedModel, ModelAttack, Poisoned
 from trojanscan.attacks.blend import Blend
 from trojanscan.attacks.finetune import FineTuneBackdoor
 from trojanscan.attacks.scatter import Scatter
+from trojanscan.attacks.two_target import TwoTarget
 
 ATTACKS: dict[str, type[Attack]] = {
-    cls.name: cls for cls in (BadNets, Blend, Scatter, AllToAll, FineTuneBackdoor)}
+    cls.name: cls for cls in (BadNets, Blend, Scatter, AllToAll, TwoTarget, FineTuneBackdoor)}
 
 
 def attacks_of_kind(kind: type[Attack]) -> dict[str, type[Attack]]:
@@ -22,4 +23,5 @@ def attacks_of_kind(kind: type[Attack]) -> dict[str, type[Attack]]:
 
 
 __all__ = ["ATTACKS", "AllToAll", "Attack", "AttackedModel", "BadNets", "Blend", "FineTuneBackdoor",
-           "ModelAttack", "PoisonedData", "PoisoningAttack", "Scatter", "attacks_of_kind"]
+           "ModelAttack", "PoisonedData", "PoisoningAttack", "Scatter", "TwoTarget",
+           "attacks_of_kind"]

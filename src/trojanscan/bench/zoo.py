@@ -114,6 +114,7 @@ def train_entry(entry: ZooEntry, data: Dataset, models_dir: Path) -> dict[str, A
               "model_file": model_path.name, "arch": result.params["arch"], **extra,
               "all_to_all": bool(result.trigger is not None and result.trigger.all_to_all),
               "target": result.trigger.target if result.trigger else None,
+              "targets": result.trigger.targets if result.trigger else [],
               "trigger_kind": result.trigger.kind if result.trigger else None,
               "clean_accuracy": result.clean_accuracy,
               "attack_success_rate": result.attack_success_rate,
@@ -296,10 +297,11 @@ def run_zoo(out_dir: str | Path, options: ZooOptions | None = None,
             log(f"    strip: FRR {record['strip']['frr']:.3f}"
                 + (f" FAR {record['strip']['far']:.3f}" if record["trojaned"] else ""))
         for method in (m for m in opts.methods if m in EVIDENCE_METHODS):
-            row = _evidence_row(method, model_path, record, dataset,
-                                out / "scans" / record["key"] / f"{method}-seed{opts.seed}-"
-                                f"{_tag({'clean_samples': opts.clean_samples})}.json",
-                                opts.seed, opts.clean_samples)
+            settings = {"clean_samples": opts.clean_samples,  # a cached row only for the same settings
+                        **dataclasses.asdict(INSPECTORS[method](seed=opts.seed).options())}
+            row = _evidence_row(method, model_path, record, dataset, out / "scans" / record["key"] /
+                                f"{method}-seed{opts.seed}-{_tag(settings)}.json", opts.seed,
+                                opts.clean_samples)
             record.setdefault("evidence", {})[method] = row
             log(f"    {method}: {evidence_summary(method, row['evidence'])} ({row['seconds']:.1f} s)")
         results["models"].append(record)

@@ -5,7 +5,8 @@ Two presets: ``classic`` (the paper's CNN on each dataset; BadNets patches and b
 the zoos behind the README's figures; ``world`` adds the variety of models users bring — four
 architecture families (the paper's CNN, an MLP, a small ResNet, a MobileNet-style net), models
 that expect normalised inputs, and more attack kinds (corner, centre and over-the-object patches,
-random-valued patches, single pixels and small pixel patterns, noise and stripe blends, all-to-all).
+random-valued patches, single pixels and small pixel patterns, noise and stripe blends, all-to-all,
+two-target), each kind in turn in a seeded order (world zoos before two-target drew kinds uniformly).
 """
 
 from __future__ import annotations
@@ -85,15 +86,14 @@ def _draw_attack(rng: random.Random, shape: tuple[int, int, int], num_classes: i
 
 WORLD_ARCHITECTURES = (None, "mlp", "resnet-small", "mobilenet-small")  # None: the paper's CNN
 WORLD_ATTACKS = ("patch-corner", "patch-center", "patch-anywhere", "patch-random", "pixel", "pixels",
-                 "blend-noise", "blend-stripes", "all-to-all")
+                 "blend-noise", "blend-stripes", "all-to-all", "two-target")
 PRESETS = ("classic", "world")
 
 
-def _draw_world_attack(rng: random.Random, shape: tuple[int, int, int], num_classes: int
+def _draw_world_attack(rng: random.Random, shape: tuple[int, int, int], num_classes: int, kind: str
                        ) -> tuple[str, dict[str, Any]]:
-    """One of :data:`WORLD_ATTACKS`, uniformly, with a random target, poison rate and look."""
+    """The attack of ``kind`` (one of :data:`WORLD_ATTACKS`) with a random target, poison rate and look."""
     _, h, w = shape
-    kind = rng.choice(WORLD_ATTACKS)
     rate = rng.choice((0.05, 0.1, 0.15))
     target = {"target": rng.randrange(num_classes), "poison_rate": rate}
     side = min(h, w)
@@ -103,6 +103,14 @@ def _draw_world_attack(rng: random.Random, shape: tuple[int, int, int], num_clas
     if kind in ("pixel", "pixels"):
         return "scatter", {**target, "pixels": 1 if kind == "pixel" else rng.randint(4, 9),
                            "color": "white"}
+    if kind == "two-target":  # two patches in opposite corners, each to its own target
+        first, second = rng.sample(range(num_classes), 2)
+        corner = rng.choice(CORNERS)
+        opposite = {"bottom-right": "top-left", "top-left": "bottom-right", "bottom-left": "top-right",
+                    "top-right": "bottom-left"}[corner]
+        return "two-target", {"target": first, "second_target": second, "poison_rate": max(rate, 0.1),
+                              "size": size, "position": corner, "second_position": opposite,
+                              "color": rng.choice(("white", "checker"))}
     if kind == "all-to-all":
         return "all-to-all", {"poison_rate": max(rate, 0.1), "size": size,
                               "color": rng.choice(PATCH_COLOURS)}
@@ -130,6 +138,9 @@ def make_zoo(datasets: dict[str, tuple[tuple[int, int, int], int]], size: int, s
         raise TrojanscanError("a zoo needs at least one dataset")
     rng = random.Random(seed)
     names = list(datasets)
+    kinds = list(WORLD_ATTACKS)
+    if preset == "world":  # its attack kinds in turn (a seeded order), so that every kind appears
+        rng.shuffle(kinds)
     entries = []
     for i in range(size):
         source = names[(i // 2) % len(names)]
@@ -137,9 +148,11 @@ def make_zoo(datasets: dict[str, tuple[tuple[int, int, int], int]], size: int, s
         if preset == "world":
             entry.arch = WORLD_ARCHITECTURES[(i // (2 * len(names))) % len(WORLD_ARCHITECTURES)]
             entry.normalised = rng.random() < 1 / 3
-        if i % 2 == 1:
-            draw = _draw_world_attack if preset == "world" else _draw_attack
-            entry.attack, entry.attack_options = draw(rng, *datasets[source])
+        if i % 2 == 1 and preset == "world":
+            kind = kinds[(i // 2) % len(kinds)]
+            entry.attack, entry.attack_options = _draw_world_attack(rng, *datasets[source], kind)
+        elif i % 2 == 1:
+            entry.attack, entry.attack_options = _draw_attack(rng, *datasets[source])
         entries.append(entry)
     return entries
 

@@ -53,6 +53,31 @@ class Trigger:
         """Whether the trigger sends label ``i`` to ``(i + shift) mod K`` instead of one target."""
         return self.params.get("mapping") == "all-to-all"
 
+    @property
+    def targets(self) -> list[int]:
+        """Every label the trigger sends inputs to: one, or each part's of a multi-target trigger."""
+        if not self.multi_target:
+            return [self.target]
+        return sorted({int(p["target"]) for p in self.params["parts"]})
+
+    @property
+    def multi_target(self) -> bool:
+        """Whether the trigger is several patches, each with its own target (see :meth:`parts`)."""
+        return self.params.get("mapping") == "multi-target"
+
+    def parts(self) -> list[Trigger]:
+        """Each patch of a multi-target trigger as a trigger of its own (a plain trigger: itself)."""
+        if not self.multi_target:
+            return [self]
+        out = []
+        for part in self.params["parts"]:
+            (row, col), size = part["origin"], int(part["size"])
+            box = torch.zeros_like(self.mask)
+            box[row:row + size, col:col + size] = 1
+            out.append(Trigger(self.mask * box, self.pattern * box, int(part["target"]), self.kind,
+                               {k: v for k, v in part.items()}))
+        return out
+
     def intended(self, labels: torch.Tensor) -> torch.Tensor:
         """The label each input of true label ``labels`` is sent to when stamped."""
         if self.all_to_all:

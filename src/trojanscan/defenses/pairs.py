@@ -10,12 +10,18 @@ forward pass, no optimisation.
 
 The symmetry test, after K-Arm: an injected trigger is small from the victim to the target but the
 reverse trigger (target → victim) is not, while a natural feature (a "7" that is nearly a "1") is
-easy both ways. Each searched pair also gets its reverse searched; ``ratio = reverse L1 / L1``.
+easy both ways. ``ratio = reverse L1 / L1``. The reverse search is spent where it can change the
+verdict (``reverse="small"``, the default): on each source's easiest pair when that pair is small
+against the model's typical pair (``SMALL_PAIR`` × the median forward L1); ``"all"`` reverses every
+pair, ``"none"`` none. A model with more than ``max_sources`` labels has a seeded draw of that many
+sources searched: an all-to-all backdoor shows on any few, and the cost stays that of a 10-label
+model (a backdoor confined to one source of a 43-label model is then found 10 times in 43).
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -30,6 +36,9 @@ from trojanscan.errors import TrojanscanError
 from trojanscan.models.modes import evaluating
 from trojanscan.validation import check_choice, check_clean_data
 
+SMALL_PAIR = 0.75  # a pair this small against the median forward pair may be injected
+REVERSE_MODES = ("small", "all", "none")
+
 
 @dataclass(frozen=True)
 class PairSearchOptions:
@@ -40,6 +49,8 @@ class PairSearchOptions:
     chunk: int = 20  # pairs optimised together in one batched pass
     candidates: int = 2  # targets kept per source by the pre-screening
     per_source: int = 50  # clean images of each source used for its triggers
+    max_sources: int = 10  # sources searched (a seeded draw when the model has more labels)
+    reverse: str = "small"  # which pairs get their reverse searched: small, all or none
     seed: int = 0
 
 
@@ -127,13 +138,17 @@ class PairSearch(ModelInspector):
     needs_data = True
 
     def __init__(self, schedule: str = "default", steps: int | None = None, chunk: int = 20,
-                 candidates: int = 2, per_source: int = 50, seed: int = 0) -> None:
+                 candidates: int = 2, per_source: int = 50, max_sources: int = 10, reverse: str = "small",
+                 seed: int = 0) -> None:
         check_choice("schedule", schedule, SCHEDULES)
-        for name, value in (("chunk", chunk), ("candidates", candidates), ("per_source", per_source)):
+        check_choice("reverse", reverse, REVERSE_MODES)
+        for name, value in (("chunk", chunk), ("candidates", candidates), ("per_source", per_source),
+                            ("max_sources", max_sources)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise TrojanscanError(f"{name} must be a positive integer, got {value!r}")
-        self.schedule, self.steps, self.chunk, self.candidates, self.per_source, self.seed = (
-            schedule, steps, chunk, candidates, per_source, seed)
+        self.schedule, self.steps, self.chunk, self.candidates, self.per_source = (
+            schedule, steps, chunk, candidates, per_source)
+        self.max_sources, self.reverse, self.seed = max_sources, reverse, seed
 
     def _pools(self, x: torch.Tensor, y: torch.Tensor, classes: list[int]) -> dict[int, torch.Tensor]:
         gen = torch.Generator().manual_seed(self.seed)
@@ -151,34 +166,58 @@ class PairSearch(ModelInspector):
         return self.search(model, x, y, num_classes=num_classes)
 
     def search(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_classes: int,
-               pairs: list[tuple[int, int]] | None = None, reverse: bool = True) -> PairEvidence:
-        """Search the given ``pairs`` (default: the pre-screened ones) and, with ``reverse``, each
-        pair's reverse; ``x``/``y`` are clean images and their true labels."""
+               pairs: list[tuple[int, int]] | None = None, reverse: str | None = None) -> PairEvidence:
+        """Search the given ``pairs`` (default: the pre-screened ones) and their reverses as
+        ``reverse`` says (default: the option); ``x``/``y`` are clean images and their true labels."""
         if y is None:
             raise TrojanscanError("the pair search needs the clean images' labels")
         check_clean_data(x, y, num_classes)
+        reverse = check_choice("reverse", reverse or self.reverse, REVERSE_MODES)
         start = time.perf_counter()
         screened = {(s, t): p for s, t, p in prescreen(model, x, y, num_classes, self.candidates)}
-        pairs = list(screened) if pairs is None else [(int(s), int(t)) for s, t in pairs]
+        if pairs is None:
+            sources = sorted({s for s, _ in screened})
+            if len(sources) > self.max_sources:  # an all-to-all backdoor shows on any few sources
+                order = torch.randperm(len(sources), generator=torch.Generator().manual_seed(self.seed))
+                sources = sorted(sources[i] for i in order[:self.max_sources].tolist())
+            pairs = [p for p in screened if p[0] in sources]
+        else:
+            pairs = [(int(s), int(t)) for s, t in pairs]
         bad = [(s, t) for s, t in pairs if s == t or not (0 <= s < num_classes and 0 <= t < num_classes)]
         if bad:
             raise TrojanscanError(f"pairs must join two different labels in 0..{num_classes - 1}: {bad}")
-        arms = list(dict.fromkeys(pairs + ([(t, s) for s, t in pairs] if reverse else [])))
-        pools = self._pools(x, y, sorted({s for s, _ in arms}))
-        missing = sorted({s for s, _ in arms if len(pools[s]) == 0})
+        pools = self._pools(x, y, sorted({c for pair in pairs for c in pair}))
+        missing = sorted({s for s, _ in pairs if len(pools[s]) == 0}
+                         | ({t for _, t in pairs if len(pools[t]) == 0} if reverse != "none" else set()))
         if missing:
             raise TrojanscanError(f"no clean images of source label(s) {missing}; pass more clean data")
         schedule = get_schedule(self.schedule, steps=self.steps)
-        found = search_pair_triggers(model, [pools[s] for s, _ in arms], [t for _, t in arms],
-                                     [s * num_classes + t for s, t in arms], schedule, chunk=self.chunk,
-                                     seed=self.seed)
-        by_pair = {(r.label // num_classes, r.label % num_classes): r for r in found}
+        found: dict[tuple[int, int], Any] = {}
+
+        def run(arms: list[tuple[int, int]]) -> None:
+            arms = [a for a in dict.fromkeys(arms) if a not in found]
+            if arms:
+                for r in search_pair_triggers(model, [pools[s] for s, _ in arms], [t for _, t in arms],
+                                              [s * num_classes + t for s, t in arms], schedule,
+                                              chunk=self.chunk, seed=self.seed):
+                    found[(r.label // num_classes, r.label % num_classes)] = r
+
+        run(pairs)
+        if reverse == "all":
+            run([(t, s) for s, t in pairs])
+        elif reverse == "small":
+            typical = statistics.median(found[p].l1_norm for p in pairs)
+            best: dict[int, tuple[int, int]] = {}
+            for s, t in pairs:
+                if s not in best or found[(s, t)].l1_norm < found[best[s]].l1_norm:
+                    best[s] = (s, t)
+            run([(t, s) for s, t in best.values() if found[(s, t)].l1_norm <= SMALL_PAIR * typical])
         results = []
         for s, t in pairs:
-            fwd, back = by_pair[(s, t)], by_pair.get((t, s))
+            fwd, back = found[(s, t)], found.get((t, s))
             results.append(PairResult(s, t, fwd.l1_norm, fwd.attack_success_rate,
                                       back.l1_norm if back else math.nan,
                                       back.attack_success_rate if back else math.nan,
                                       screened.get((s, t), math.nan)))
         return PairEvidence(results, num_classes, time.perf_counter() - start,
-                            sum(r.image_passes for r in found), asdict(self.options()))
+                            sum(r.image_passes for r in found.values()), asdict(self.options()))
