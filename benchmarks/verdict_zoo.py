@@ -24,6 +24,24 @@ from trojanscan.fileio import write_json
 from trojanscan.metrics import roc_auc
 
 
+def attack_kind(spec: dict) -> str:
+    """The world zoo's attack kind of a model spec (patch-corner, pixel, blend-noise, ...)."""
+    attack, opts = spec.get("attack"), spec.get("attack_options") or {}
+    if attack is None:
+        return "clean"
+    if attack == "badnets":
+        if opts.get("color") == "random":
+            return "patch-random"
+        position = opts.get("position")
+        return ("patch-center" if position == "center" else
+                "patch-anywhere" if isinstance(position, list) else "patch-corner")
+    if attack == "scatter":
+        return "pixel" if opts.get("pixels") == 1 else "pixels"
+    if attack == "blend":
+        return f"blend-{opts.get('pattern')}"
+    return attack
+
+
 def _row(zoo: Path, m: dict) -> dict | None:
     scans = sorted(glob.glob(str(zoo / "scans" / m["key"] / "neural-cleanse-*")))
     evidence = m.get("evidence", {})
@@ -34,8 +52,10 @@ def _row(zoo: Path, m: dict) -> dict | None:
     verdict = decide(scan, MarginEvidence(mm["statistics"], mm["p_value"], mm["flagged_labels"], mm["null"]),
                      PairEvidence.from_dict(evidence["pairs"]["evidence"]))
     spec = m["spec"]
-    return {"name": m["name"], "trojaned": m["trojaned"], "attack": spec.get("attack") or "clean",
-            "arch": m.get("arch"), "normalised": bool(spec.get("normalised")), "target": m["target"],
+    return {"name": m["name"], "trojaned": m["trojaned"], "attack": attack_kind(spec),
+            "dataset": spec["dataset"], "arch": m.get("arch"), "normalised": bool(spec.get("normalised")),
+            "target": m["target"],
+            "true_targets": m.get("targets") or ([m["target"]] if m["trojaned"] else []),
             "asr": m["attack_success_rate"],
             "attack_took": (not m["trojaned"]) or (m["attack_success_rate"] or 0) >= 0.5,
             "verdict": verdict.verdict, "targets": verdict.targets, "kind": verdict.kind,
@@ -52,13 +72,19 @@ def _rates(rows: list[dict]) -> dict:
     def share(rs: list[dict], test) -> float | None:
         return sum(bool(test(r)) for r in rs) / len(rs) if rs else None
 
-    single = [r for r in bad if r["attack"] != "all-to-all"]
+    single = [r for r in bad if r["attack"] not in ("all-to-all", "two-target")]
+    two = [r for r in bad if r["attack"] == "two-target"]
+    a2a = [r for r in bad if r["attack"] == "all-to-all"]
     return {"models": len(rows), "trojaned": len(bad), "clean": len(good),
             "detected": share(bad, lambda r: r["verdict"] == "backdoored"),
             "detected_or_suspicious": share(bad, lambda r: r["verdict"] != "clean"),
             "false_positive": share(good, lambda r: r["verdict"] == "backdoored"),
             "clean_called_suspicious": share(good, lambda r: r["verdict"] == "suspicious"),
             "right_target_single": share(single, lambda r: r["target"] in r["targets"]),
+            "two_target_flagged_with_both": share(two, lambda r: r["verdict"] == "backdoored"
+                                                  and set(r["true_targets"]) <= set(r["targets"])),
+            "all_to_all_flagged_as_such": share(a2a, lambda r: r["verdict"] == "backdoored"
+                                                and r["kind"] == "all-to-all"),
             "paper_detected": share(bad, lambda r: bool(r["paper_flagged"])),
             "paper_false_positive": share(good, lambda r: bool(r["paper_flagged"])),
             "ratio_detected": share(bad, lambda r: r["size_ratio"] < 0.4),
@@ -77,7 +103,7 @@ def main() -> int:
     rows = [r for m in results["models"] if (r := _row(args.zoo, m)) is not None]
     usable = [r for r in rows if r["attack_took"]]
     by: dict[str, dict] = {"overall": _rates(usable)}
-    for key in ("attack", "arch"):
+    for key in ("attack", "arch", "dataset"):
         groups = defaultdict(list)
         for r in usable:
             groups[str(r[key])].append(r)
@@ -88,7 +114,8 @@ def main() -> int:
                           "summary": by, "models": rows})
     for r in rows:
         print(f"{r['name'][:44]:44s} {r['verdict']:10s} {r['targets']!s:12s} {r['kind']!s:15s} "
-              f"true {r['target']!s:4s} paper {r['paper_flagged']} ratio {r['size_ratio']:.2f} "
+              f"true {r['true_targets']!s:8s} score {r['score']:.2g} paper {r['paper_flagged']} "
+              f"ratio {r['size_ratio']:.2f} "
               f"mmbd {r['mmbd_p']:.3f}")
     print(json.dumps(by["overall"], indent=1))
     return 0

@@ -56,8 +56,30 @@ def test_two_small_triggers_are_a_multi_target_backdoor():
 def test_a_large_margin_catches_what_the_trigger_size_misses():
     v = decide(_scan(FLAT), _margins([30.0] * 9 + [90.0], 0.001, [9]))
     assert (v.verdict, v.targets) == ("backdoored", [9])
-    weak = decide(_scan(FLAT), _margins([30.0] * 9 + [45.0], 0.1))
-    assert (weak.verdict, weak.targets) == ("clean", [])  # no band: clean models reach p 0.07
+    weak = decide(_scan(FLAT), _margins([30.0] * 9 + [45.0], 0.3))
+    assert (weak.verdict, weak.targets) == ("clean", [])
+    middling = decide(_scan(FLAT), _margins([30.0] * 9 + [60.0], 0.05))  # 2 × 0.05 is below SUSPICIOUS
+    assert (middling.verdict, middling.targets, middling.kind) == ("suspicious", [9], None)
+
+
+def test_the_size_p_value_follows_the_clean_reference_and_sets_the_cut():
+    from trojanscan.defenses.verdict import ALPHA, CLEAN_LOG_RATIO
+
+    p = [size_ratio_p_value(r) for r in (0.05, 0.2, 0.3, 0.5, 0.9)]
+    assert p == sorted(p) and p[0] < 1e-6 and p[-1] > 0.8
+    assert abs(size_ratio_p_value(math.exp(CLEAN_LOG_RATIO[0])) - 0.5) < 1e-9  # the median clean ratio
+    assert size_ratio_p_value(0.0) == 0.0
+    cut = decide(_scan(FLAT)).evidence[0].threshold  # alone, the size ratio is held to p < ALPHA
+    assert abs(size_ratio_p_value(cut) - ALPHA) < 1e-9
+    shortcut = [30 * 0.28, *FLAT[1:]]  # a natural shortcut's ratio: weak evidence, not a verdict
+    assert decide(_scan(shortcut), _margins([40.0] * 10, 0.5)).verdict == "suspicious"
+
+
+def test_each_target_must_pass_on_its_own():
+    v = decide(_scan([3.0, 30, 11.0, *FLAT[3:]]))  # ratios 0.1 (certain) and 0.37 (alone: suspicious)
+    assert (v.verdict, v.targets, v.kind) == ("backdoored", [0], "all-to-one")
+    single = decide(_scan([11.0, *FLAT[1:]]))
+    assert (single.verdict, single.targets) == ("suspicious", [0])
 
 
 def test_asymmetric_pairs_from_most_sources_are_all_to_all():

@@ -4,23 +4,26 @@ target label(s), the kind of backdoor and a score whose meaning is stated.
 Evidence (each optional but the first):
 
 - **trigger size** (Neural Cleanse's per-label search): the smallest reversed trigger over the median
-  label's (the size ratio). Labels below ``SIZE_RATIO_BACKDOOR`` are targets (two or more: a
-  multi-target backdoor). Its p-value is empirical: the share of clean reference models (the
-  development zoos, :data:`CLEAN_SIZE_RATIOS`) with a ratio at most this one.
-- **maximum margin** (MM-BD, data-free): its order-statistic p-value; below ``MMBD_ALPHA`` its
-  largest-margin class is a target. Catches large and blended triggers that have no small mask.
+  label's (the size ratio). Its p-value is the chance that a clean model has a ratio this small,
+  from a log-normal fitted to the clean models of the 'world' development zoos
+  (:data:`CLEAN_LOG_RATIO`): models of four architecture families, some with natural shortcuts.
+- **maximum margin** (MM-BD, data-free): its order-statistic p-value; its largest-margin class is
+  the target. Catches large and blended triggers that have no small mask.
 - **label pairs** (source-specific search with the symmetry test): a source's easiest pair is
   *injected* when its trigger is small against the model's typical pair (``PAIR_SIZE`` × the median
   forward norm) and its reverse is ``PAIR_SYMMETRY`` times larger. ``ALL_TO_ALL_PAIRS`` injected pairs
   to as many different targets make an all-to-all backdoor; fewer make the model suspicious.
 
 The score is ``min(1, m · min p)`` over the ``m`` pieces with a p-value (Bonferroni): an upper bound
-on the chance that a clean model shows evidence this strong, as far as the references go.
+on the chance that a clean model shows evidence this strong, as far as the fitted null holds. The
+decision follows the score: ``backdoored`` below ``ALPHA``, ``suspicious`` below ``SUSPICIOUS``,
+otherwise ``clean`` — except that an all-to-all pattern of injected pairs is ``backdoored`` whatever
+the score. The targets are the labels whose own evidence is below ``ALPHA``: each label's size
+ratio is tested like the smallest (two or more: a multi-target backdoor), and MM-BD's class.
 
-PROVISIONAL: the thresholds below were set on development data only (the classic MNIST/Fashion-MNIST
-zoo, seed 0, for the size ratio; the paper's 0.05 for MM-BD; digits models and the first 11 models of
-a 'world' development zoo, seed 100, for the pairs); the held-out measurement is in the README when it
-exists.
+Rule 2 and its thresholds were fixed on development data only: the world zoos of seeds 100 and 200
+(28 MNIST/Fashion-MNIST models) and a GTSRB world zoo of seed 100 (4 models); the reasons are beside
+each constant. The held-out measurement (seed 300) is in the README.
 """
 
 from __future__ import annotations
@@ -32,22 +35,19 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from trojanscan.defenses.mmbd import MarginEvidence
-from trojanscan.defenses.pairs import PairEvidence
+from trojanscan.defenses.pairs import SMALL_PAIR, PairEvidence
 from trojanscan.defenses.scan_result import ScanResult
 
-RULE_VERSION = 1
-SIZE_RATIO_BACKDOOR = 0.4
-SIZE_RATIO_SUSPICIOUS = 0.5
-MMBD_ALPHA = 0.05
-MMBD_SUSPICIOUS = MMBD_ALPHA  # no band: clean development models had p 0.07-0.86
-PAIR_SIZE = 0.75
+RULE_VERSION = 2
+ALPHA = 0.05  # the score below which a model is backdoored: a 5% bound on a clean model's chance
+SUSPICIOUS = 0.2  # the score below which it is suspicious
+# log(size ratio) of the 14 clean models of the world development zoos (seeds 100 and 200): mean and
+# standard deviation of the fitted normal. The classic zoo's 36 clean reference-CNN ratios are
+# tighter (mean -0.425, sd 0.204) and would call the world's natural shortcuts (ratio 0.28) p 1e-5.
+CLEAN_LOG_RATIO = (-0.647, 0.356)
+PAIR_SIZE = SMALL_PAIR  # the pair search reverses only pairs this small
 PAIR_SYMMETRY = 10.0  # K-Arm's bound; at 2.5 every clean Fashion-MNIST development model had injected pairs
 ALL_TO_ALL_PAIRS = 3  # injected pairs (to as many different targets) that make an all-to-all backdoor
-# Size ratios of the 12 clean models × 3 seeds of the classic development zoo (seed 0,
-# benchmarks/results/zoo/results.json): the reference for the size ratio's empirical p-value.
-CLEAN_SIZE_RATIOS = (0.457, 0.464, 0.477, 0.49, 0.491, 0.509, 0.514, 0.525, 0.532, 0.552, 0.557, 0.572,
-                     0.592, 0.603, 0.629, 0.651, 0.68, 0.692, 0.7, 0.71, 0.721, 0.724, 0.731, 0.738,
-                     0.748, 0.753, 0.757, 0.765, 0.774, 0.781, 0.782, 0.833, 0.855, 0.861, 0.894, 0.906)
 VERDICTS = ("clean", "suspicious", "backdoored")
 
 
@@ -96,32 +96,42 @@ class Verdict:
 
 
 def size_ratio_p_value(ratio: float) -> float:
-    """Share of the clean reference models whose size ratio is at most ``ratio`` (conservative +1)."""
-    below = sum(r <= ratio for r in CLEAN_SIZE_RATIOS)
-    return (1 + below) / (1 + len(CLEAN_SIZE_RATIOS))
+    """The chance that a clean model's size ratio is at most ``ratio`` (the fitted log-normal)."""
+    if not ratio > 0:
+        return 0.0 if ratio == 0 else math.nan
+    mean, sd = CLEAN_LOG_RATIO
+    return statistics.NormalDist(mean, sd).cdf(math.log(ratio))
 
 
-def _size_evidence(scan: ScanResult) -> EvidenceItem:
+def _size_evidence(scan: ScanResult, pieces: int) -> EvidenceItem:
     norms = {r.label: r.l1_norm for r in scan.labels}
     median = statistics.median(norms.values())
-    ratio = min(norms.values()) / median if median > 0 else math.nan
-    targets = sorted(k for k, v in norms.items() if median > 0 and v / median < SIZE_RATIO_BACKDOOR)
-    says = ("backdoor" if ratio < SIZE_RATIO_BACKDOOR else
-            "suspicious" if ratio < SIZE_RATIO_SUSPICIOUS else "clean")
+    ratios = {k: (v / median if median > 0 else math.nan) for k, v in norms.items()}
+    ratio = min(ratios.values())
+    p = size_ratio_p_value(ratio)
+    # a looser bound for a second target once one is certain would have named a natural shortcut
+    # (ratio 0.30) of a trojaned development MobileNet as a second target
+    targets = sorted(k for k, r in ratios.items() if pieces * size_ratio_p_value(r) < ALPHA)
+    says = "backdoor" if targets else "suspicious" if pieces * p < SUSPICIOUS else "clean"
     if says == "suspicious":
-        targets = [min(norms, key=norms.get)]
-    return EvidenceItem("trigger size ratio", ratio, SIZE_RATIO_BACKDOOR, says, targets,
-                        size_ratio_p_value(ratio),
+        targets = [min(ratios, key=ratios.get)]
+    return EvidenceItem("trigger size ratio", ratio, _ratio_at(ALPHA / pieces), says, targets, p,
                         f"smallest reversed trigger L1 {min(norms.values()):.1f} against the median "
                         f"{median:.1f}, {min(norms.values()) / scan.labels[0].mask.numel():.1%} of the image")
 
 
-def _margin_evidence(mmbd: MarginEvidence) -> EvidenceItem:
+def _ratio_at(p: float) -> float:
+    """The size ratio whose p-value is ``p`` (the threshold the ratio is held to)."""
+    mean, sd = CLEAN_LOG_RATIO
+    return math.exp(statistics.NormalDist(mean, sd).inv_cdf(p))
+
+
+def _margin_evidence(mmbd: MarginEvidence, pieces: int) -> EvidenceItem:
     top = max(range(len(mmbd.statistics)), key=lambda k: mmbd.statistics[k])
-    says = ("backdoor" if mmbd.p_value < MMBD_ALPHA else
-            "suspicious" if mmbd.p_value < MMBD_SUSPICIOUS else "clean")
-    targets = (mmbd.flagged_labels or [top]) if says != "clean" else []
-    return EvidenceItem("maximum margin (MM-BD)", mmbd.p_value, MMBD_ALPHA, says, targets, mmbd.p_value,
+    p = mmbd.p_value
+    says = "backdoor" if pieces * p < ALPHA else "suspicious" if pieces * p < SUSPICIOUS else "clean"
+    targets = [top] if says != "clean" else []
+    return EvidenceItem("maximum margin (MM-BD)", p, ALPHA / pieces, says, targets, p,
                         f"largest margin {mmbd.statistics[top]:.1f} at label {top}")
 
 
@@ -150,9 +160,10 @@ def _pair_evidence(pairs: PairEvidence) -> EvidenceItem:
 def decide(scan: ScanResult, mmbd: MarginEvidence | None = None,
            pairs: PairEvidence | None = None) -> Verdict:
     """Combine the evidence into one :class:`Verdict` (see the module notes for the rule)."""
-    items = [_size_evidence(scan)]
+    pieces = 1 + (mmbd is not None)  # the evidence with a p-value
+    items = [_size_evidence(scan, pieces)]
     if mmbd is not None:
-        items.append(_margin_evidence(mmbd))
+        items.append(_margin_evidence(mmbd, pieces))
     if pairs is not None:
         items.append(_pair_evidence(pairs))
     says = {e.name: e.says for e in items}
