@@ -137,6 +137,8 @@ def test_scan_repeats_averages_seeds(trained, tmp_path):
     assert record["labels"][0]["mean_l1"] == pytest.approx(mean0)
     assert record["infected"] is True and record["flagged_labels"][0] == 0
     assert "BACKDOOR DETECTED" in result.output and "seed 6: anomaly index" in result.output
+    page = (out / "report.html").read_text()  # the combined page links every run's report
+    assert "BACKDOOR DETECTED" in page and 'href="seed-5/report.html"' in page and "seed 6" in page
     # two labels: no outlier test in any run, so no combined verdict either, and no crash
     result = runner.invoke(app, ["scan", str(model), "--data", "digits", "--clean-samples", "200",
                                  "--steps", "20", "--repeats", "2", "--labels", "1,2",
@@ -144,6 +146,7 @@ def test_scan_repeats_averages_seeds(trained, tmp_path):
     assert result.exit_code == 0, result.output
     assert "fewer than 3 labels" in result.output
     assert json.loads((tmp_path / "two" / "repeats.json").read_text())["flagged_labels"] == []
+    assert "No verdict" in (tmp_path / "two" / "report.html").read_text()
 
 
 def test_scan_refuses_bad_options_in_one_line(trained, tmp_path):

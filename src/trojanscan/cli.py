@@ -451,7 +451,7 @@ def scan_cmd(
                  combined.flagged_labels)
     console.print(f"the anomaly index is of the mean trigger norms over {repeats} seeds; the runs' spread "
                   f"{spread['min']:.2f}–{spread['max']:.2f} (std {spread['std']:.2f}) → "
-                  f"{out / 'repeats.json'}", highlight=False)
+                  f"{out / 'repeats.json'}, {out / 'report.html'}", highlight=False)
 
 
 def _rates_table(title: str, record: dict[str, Any]) -> Table:

@@ -24,6 +24,7 @@ from trojanscan.options import option_fields, parse_options
 from trojanscan.progress import ProgressCallback
 from trojanscan.report import save_trigger_images, write_scan_report
 from trojanscan.report.progress import progress_bars
+from trojanscan.report.repeats_html import write_repeats_report
 from trojanscan.validation import check_choice
 from trojanscan.workflows.inputs import DataLike, ModelLike, as_dataset, clean_subset, known_trigger, resolve
 from trojanscan.workflows.records import environment
@@ -131,7 +132,8 @@ def scan_repeated(model: nn.Module | str | os.PathLike, data: Dataset | str | os
                   out_dir: str | os.PathLike | None = None, **options: Any) -> RepeatedScan:
     """Scan ``repeats`` times with seeds ``seed, seed+1, …`` (each its own clean subset and start)
     and flag outliers of the averaged trigger norms; with ``out_dir``, each run goes in
-    ``seed-N/`` and the combined verdict in ``repeats.json``. Other options are :func:`scan`'s."""
+    ``seed-N/``, the combined verdict in ``repeats.json`` and its page in ``report.html``. Other
+    options are :func:`scan`'s."""
     if repeats < 1:
         raise TrojanscanError(f"--repeats must be >= 1, got {repeats}")
     dataset = as_dataset(data)
@@ -143,4 +145,5 @@ def scan_repeated(model: nn.Module | str | os.PathLike, data: Dataset | str | os
         write_json(Path(out_dir) / "repeats.json", {**combined.to_dict(),
                                                     "runs": [f"seed-{r.seed}" for r in runs],
                                                     "environment": environment()})
+        write_repeats_report(combined, out_dir, [f"seed-{r.seed}" for r in runs])
     return combined
