@@ -142,6 +142,9 @@ def test_repair_api_writes_model_record_and_report(scanned, digits, tmp_path):
     saved = json.loads((scan_dir / "mitigation.json").read_text())
     assert saved["unlearn"]["after"] == record["after"]
     assert "Mitigation" in (scan_dir / "report.html").read_text()
+    # rerunning the same scan into its folder (a resume) keeps the repairs on the page
+    scan(model_path, digits, clean_samples=300, steps=60, seed=0, out_dir=scan_dir, progress=False)
+    assert "Mitigation" in (scan_dir / "report.html").read_text()
 
 
 def test_nothing_flagged_is_a_clear_error(scanned, digits):
@@ -187,3 +190,12 @@ def test_cli_filter_and_prune_and_one_line_errors(scanned, tmp_path):
     bad = subprocess.run([*run, "repair", str(other), "--scan", str(scan_dir), "--data", "digits", "--out",
                           str(tmp_path / "x.safetensors")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "different model" in bad.stderr
+
+
+def test_a_repeated_scan_folder_points_to_its_runs(tmp_path):
+    from trojanscan.defenses.scan_result import ScanResult
+
+    (tmp_path / "seed-3").mkdir()
+    (tmp_path / "seed-3" / "scan.json").write_text("{}")
+    with pytest.raises(TrojanscanError, match=r"repeated scan \(seed-3\); pass one run's folder"):
+        ScanResult.load(tmp_path)

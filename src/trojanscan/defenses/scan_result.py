@@ -169,6 +169,10 @@ class ScanResult:
         try:
             data = json.loads((out / SCAN_JSON).read_text())
         except FileNotFoundError:
+            runs = sorted(p.name for p in out.glob("seed-*") if (p / SCAN_JSON).is_file())
+            if runs:  # the folder of a repeated scan: each run is a scan of its own
+                raise TrojanscanError(f"{out} holds a repeated scan ({', '.join(runs)}); pass one run's "
+                                      f"folder, e.g. {out / runs[0]}") from None
             raise TrojanscanError(f"{out / SCAN_JSON}: no such scan result; run trojanscan scan "
                                   "first") from None
         except (OSError, ValueError) as e:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,3 +60,20 @@ class Record:
 def internal(default: Any = None) -> Any:
     """A record field that stays in memory and out of the JSON (a model, tensors)."""
     return dataclasses.field(default=default, repr=False, metadata={"internal": True})
+
+
+MITIGATION_JSON = "mitigation.json"
+
+
+def mitigation_records(folder: str | os.PathLike, fingerprint: Any) -> dict[str, Any]:
+    """The mitigation summaries in a scan folder that belong to the scan with ``fingerprint`` (a
+    damaged file, or records of an earlier scan in the folder, count as none)."""
+    path = Path(folder) / MITIGATION_JSON
+    try:
+        records = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(records, dict):
+        return {}
+    return {k: v for k, v in records.items()
+            if isinstance(v, dict) and v.get("scan", {}).get("fingerprint") == fingerprint}

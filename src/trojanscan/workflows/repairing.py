@@ -14,7 +14,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -40,11 +39,10 @@ from trojanscan.report.progress import progress_bars
 from trojanscan.train import evaluate, predict
 from trojanscan.validation import check_choice
 from trojanscan.workflows.inputs import DataLike, ModelLike, Resolved, held_out, known_trigger, resolve
-from trojanscan.workflows.records import Record, environment, internal
+from trojanscan.workflows.records import MITIGATION_JSON, Record, environment, internal, mitigation_records
 from trojanscan.workflows.training import check_model_suffix
 
 REPAIR_METHODS = ("unlearn", "prune")
-MITIGATION_JSON = "mitigation.json"
 
 
 def reversed_triggers(scan: ScanResult | str | os.PathLike, labels: list[int] | None = None,
@@ -100,15 +98,8 @@ def _publish(record: MitigationRecord, scan: ScanResult | str | os.PathLike, res
     if folder is None:
         return
     path = folder / MITIGATION_JSON
-    try:
-        records = json.loads(path.read_text()) if path.is_file() else {}
-        if not isinstance(records, dict):
-            records = {}
-    except (OSError, ValueError):
-        records = {}  # a damaged file only held earlier summaries; the new record replaces it
-    fingerprint = result.parameters.get("fingerprint")
-    records = {k: v for k, v in records.items()  # drop records of an earlier scan in this folder
-               if isinstance(v, dict) and v.get("scan", {}).get("fingerprint") == fingerprint}
+    # a damaged file only held earlier summaries; records of an earlier scan in the folder are dropped
+    records = mitigation_records(folder, result.parameters.get("fingerprint"))
     records[record.method] = record.to_dict()
     write_json(path, records)
     write_scan_report(result, folder / "report.html", ground_truth=real,

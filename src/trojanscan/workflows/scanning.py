@@ -22,12 +22,12 @@ from trojanscan.fileio import tensor_sha256, write_json
 from trojanscan.metrics import mask_overlap
 from trojanscan.options import option_fields, parse_options
 from trojanscan.progress import ProgressCallback
-from trojanscan.report import save_trigger_images, write_scan_report
+from trojanscan.report import mitigation_section, save_trigger_images, write_scan_report
 from trojanscan.report.progress import progress_bars
 from trojanscan.report.repeats_html import write_repeats_report
 from trojanscan.validation import check_choice
 from trojanscan.workflows.inputs import DataLike, ModelLike, as_dataset, clean_subset, known_trigger, resolve
-from trojanscan.workflows.records import environment
+from trojanscan.workflows.records import environment, mitigation_records
 
 
 def _ground_truth_record(result: ScanResult, truth: Trigger) -> dict[str, Any]:
@@ -123,7 +123,9 @@ def scan(model: ModelLike, data: DataLike, *, method: str = "neural-cleanse",
         out = Path(out_dir)
         result.save(out, write_labels=False)  # the labels were written as they finished
         save_trigger_images(result, out)
-        write_scan_report(result, out / "report.html", ground_truth=truth)
+        kept = mitigation_records(out, result.parameters.get("fingerprint"))  # a rerun keeps the repairs
+        write_scan_report(result, out / "report.html", ground_truth=truth,
+                          extra_sections=[mitigation_section(kept)] if kept else None)
     return result
 
 
