@@ -185,3 +185,13 @@ def test_the_command_line_takes_an_import_path_and_lists_the_architectures(tmp_p
     wrong = runner.invoke(app, ["evaluate", str(path), "--data", "digits", "--arch", "gtsrb-cnn"])
     assert wrong.exit_code == 2 and "missing key(s)" in wrong.output and "mnist-cnn" in wrong.output
     assert "mnist-cnn" in ARCH_HELP and "package.module:Class" in ARCH_HELP
+
+
+def test_an_arch_that_contradicts_the_file_is_refused(tmp_path):
+    from trojanscan import save_model
+
+    path = tmp_path / "m.safetensors"
+    save_model(build_model("mnist-cnn", 10, (1, 28, 28)), path)
+    assert load_model(path, arch="mnist-cnn").spec.arch == "mnist-cnn"  # agreeing is fine
+    with pytest.raises(TrojanscanError, match="records architecture 'mnist-cnn', not --arch 'gtsrb-cnn'"):
+        load_model(path, arch="gtsrb-cnn")

@@ -307,6 +307,8 @@ def demo(
                    epochs=3, seed=seed, out=out / "repaired.safetensors")
     fixed.write(out / "repair.json")
     console.print(_rates_table("unlearning", fixed.to_dict()))
+    for w in repair_warnings(fixed.to_dict(), 2.0):
+        warn(w)
     console.print(f"repaired model: {out / 'repaired.safetensors'}; report: {out / 'scan' / 'report.html'}")
 
 

@@ -326,6 +326,9 @@ def _load_safetensors(copy: Path, path: Path, arch: ArchLike | None,
         return _from_state(_strip_prefixes(state), {}, arch, input_shape, path)
     meta = _parse_meta(raw, path)
     spec = _spec_from_meta(meta, path)
+    if isinstance(arch, str) and arch != spec.arch:  # the user believes it is another net: say so
+        raise TrojanscanError(f"{path}: the file records architecture {spec.arch!r}, not --arch {arch!r}; "
+                              "leave --arch out for a file that records its own")
     return _build_and_fill(spec, state, path), spec, meta
 
 
