@@ -71,6 +71,19 @@ def test_every_layout_reads_the_same_images(kind, images, tmp_path):
     assert torch.equal(load_inputs(path, **options), found.x)
 
 
+def test_a_folders_results_name_each_file(images, trojaned_digits, digits, tmp_path):
+    from trojanscan import InputFilter
+    from trojanscan.api import filter_check
+
+    folder, _ = _write("image folder", images, tmp_path)
+    assert read_inputs(folder).files == tuple(f"{i:03d}.png" for i in range(6))  # sorted, as read
+    assert read_inputs(_write("npy uint8 NHW", images, tmp_path)[0]).files == ()
+    guard = InputFilter(trojaned_digits.model, fpr=0.05).fit(digits.x_train[:300], [trojaned_digits.trigger])
+    guard.save(tmp_path / "filter.npz")
+    rows = filter_check(trojaned_digits.model, tmp_path / "filter.npz", folder).results
+    assert [r["file"] for r in rows] == [f"{i:03d}.png" for i in range(6)]
+
+
 def test_one_image_a_tensor_and_a_dataset(images, digits, tmp_path):
     Image.fromarray(_u8_nhwc(images)[0, ..., 0]).save(tmp_path / "one.png")
     one = read_inputs(tmp_path / "one.png")

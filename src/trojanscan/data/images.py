@@ -37,6 +37,7 @@ class RunInputs:
     x: torch.Tensor
     source: str
     how: str  # e.g. "uint8 N×H×W×C, 0–255": what was detected or declared
+    files: tuple[str, ...] = ()  # each image's file name, when they came from image files (sorted)
 
     def __str__(self) -> str:  # a record's "inputs" field names the source, not the tensor
         return self.source
@@ -95,7 +96,7 @@ def read_inputs(source: str | os.PathLike, *, key: str | None = None, layout: st
         x, how = to_images(_stack_images(files), str(path), layout="nhwc")
         where = str(path) if path.is_file() else f"{path}{os.sep}"
         return RunInputs(x, where, f"{len(files)} image file{'s' if len(files) > 1 else ''}, "
-                                   f"{how.split(',')[0]}")
+                                   f"{how.split(',')[0]}", tuple(f.name for f in files))
     return RunInputs(_dataset_inputs(source, path), str(source), "the dataset's test split")
 
 

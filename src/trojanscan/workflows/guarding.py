@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from trojanscan.data import Dataset
+from trojanscan.data.images import RunInputs
 from trojanscan.data.triggers import Trigger
 from trojanscan.defenses.input_filter import InputFilter
 from trojanscan.defenses.strip import MIN_CALIBRATION_SAMPLES, Strip
@@ -108,7 +109,7 @@ def strip_check(model: ModelLike, calibration: str | os.PathLike, inputs: Inputs
         results.append(row)
     return CheckRecord(
         command="strip check", inputs=inputs.source, count=len(x), flagged=int(flags.sum()),
-        seconds=seconds, results=results,
+        seconds=seconds, results=_with_files(results, inputs),
         settings={"trojaned": int(flags.sum()), "boundary": strip.boundary_, "n": strip.n,
                   "temperature": strip.temperature_, "accelerated": strip.accelerated,
                   "mean_copies": float(used.double().mean()) if len(x) else 0.0,
@@ -131,8 +132,17 @@ def filter_check(model: ModelLike, filter_path: str | os.PathLike, inputs: Input
         command="filter check", inputs=inputs.source, count=len(x), flagged=int(rejected.sum()),
         seconds=seconds, settings={"rejected": int(rejected.sum()), "threshold": filt.threshold_,
                                    "model_trusted": trusted, "inputs_read_as": inputs.how},
-        results=[{"index": i, "label": int(lab), "score": float(sc), "rejected": bool(r)}
-                 for i, (lab, sc, r) in enumerate(zip(labels, scores, rejected, strict=True))])
+        results=_with_files([{"index": i, "label": int(lab), "score": float(sc), "rejected": bool(r)}
+                             for i, (lab, sc, r) in enumerate(zip(labels, scores, rejected, strict=True))],
+                            inputs))
+
+
+def _with_files(rows: list[dict[str, Any]], inputs: RunInputs) -> list[dict[str, Any]]:
+    """Each result row with its image file's name, when the inputs were image files."""
+    if inputs.files:
+        for row in rows:
+            row["file"] = inputs.files[row["index"]]
+    return rows
 
 
 def _per_second(work: Callable[[], object], count: int) -> float:
