@@ -357,7 +357,7 @@ def print_verdict(verdict: dict[str, Any]) -> None:
                   f"{verdict['score']:.3g} (chance bound for a clean model)")
     for e in verdict["evidence"]:
         p = e.get("p_value")
-        console.print(f"  {e['name']}: {e['says']} — value {e['value']:.3g} (threshold {e['threshold']:g})"
+        console.print(f"  {e['name']}: {e['says']} — value {e['value']:.3g} (threshold {e['threshold']:.3g})"
                       + (f", p {p:.3g}" if p is not None and p == p else "")
                       + (f"; {e['detail']}" if e.get("detail") else ""), highlight=False)
 
@@ -369,9 +369,9 @@ def print_scan_summary(result: ScanResult, out: Path | None) -> None:
         paper = result.extra.get("paper", {})
         console.print(f"paper's MAD test: flagged {paper.get('flagged_labels') or 'none'}, anomaly index "
                       f"{result.anomaly_index:.2f} (threshold {result.threshold:g})")
-    else:
+    else:  # the verdict holds the size ratio to its own threshold: the rule of thumb only without it
         print_banner(*verdict_banner(result), result.flagged_labels)
-    print_size_ratio(result.size_ratio)
+        print_size_ratio(result.size_ratio)
     table = Table(title=f"smallest reversed triggers ({result.method})")
     for col in ("label", "L1 norm", "anomaly index", "ASR", "steps", "seconds"):
         table.add_column(col, justify="right")
