@@ -116,3 +116,15 @@ def test_decision_verdict_from_the_command_line(trojaned_digits, tmp_path):
     assert scan["paper"]["flagged_labels"] == [0] and "p_value" in scan["mm-bd"]
     assert ScanResult.load(tmp_path / "s").extra["verdict"]["targets"] == [0]
     assert "Verdict and its evidence" in (tmp_path / "s" / "report.html").read_text()
+
+
+def test_a_pair_the_model_already_confuses_is_not_evidence():
+    rows = [(s, (s + 1) % 10, 8.0, 90.0) for s in range(10)]
+    rows += [(s, (s + 5) % 10, 20.0, 21.0) for s in range(10)]
+    pairs = _pairs(rows)
+    for p in pairs.pairs[:10]:  # the small asymmetric pairs' sources already go to their targets
+        p.prescreen_probability = 0.3
+    assert injected_pairs(pairs) == [] and decide(_scan(FLAT), pairs=pairs).verdict == "clean"
+    for p in pairs.pairs[:10]:
+        p.prescreen_probability = 0.02  # a trigger's job: the clean images do not go there
+    assert decide(_scan(FLAT), pairs=pairs).kind == "all-to-all"

@@ -11,7 +11,8 @@ Evidence (each optional but the first):
   the target. Catches large and blended triggers that have no small mask.
 - **label pairs** (source-specific search with the symmetry test): a source's easiest pair is
   *injected* when its trigger is small against the model's typical pair (``PAIR_SIZE`` × the median
-  forward norm) and its reverse is ``PAIR_SYMMETRY`` times larger. ``ALL_TO_ALL_PAIRS`` injected pairs
+  forward norm), its reverse is ``PAIR_SYMMETRY`` times larger, and the model does not already send
+  the source's clean images to the target (``PAIR_PRIOR``). ``ALL_TO_ALL_PAIRS`` injected pairs
   to as many different targets make an all-to-all backdoor; fewer make the model suspicious.
 
 The score is ``min(1, m · min p)`` over the ``m`` pieces with a p-value (Bonferroni): an upper bound
@@ -23,7 +24,9 @@ ratio is tested like the smallest (two or more: a multi-target backdoor), and MM
 
 Rule 2 and its thresholds were fixed on development data only: the world zoos of seeds 100 and 200
 (28 MNIST/Fashion-MNIST models) and a GTSRB world zoo of seed 100 (4 models); the reasons are beside
-each constant. The held-out measurement (seed 300) is in the README.
+each constant, and its held-out measurement (seed 300, 48 models) is in the README. Rule 3 adds one
+condition to an injected pair (``PAIR_PRIOR``), set after that measurement: the seed-300 zoo is
+development data for it, and it has no held-out figure yet.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from trojanscan.defenses.mmbd import MarginEvidence
 from trojanscan.defenses.pairs import SMALL_PAIR, PairEvidence
 from trojanscan.defenses.scan_result import ScanResult
 
-RULE_VERSION = 2
+RULE_VERSION = 3
 ALPHA = 0.05  # the score below which a model is backdoored: a 5% bound on a clean model's chance
 SUSPICIOUS = 0.2  # the score below which it is suspicious
 # log(size ratio) of the 14 clean models of the world development zoos (seeds 100 and 200): mean and
@@ -48,6 +51,11 @@ CLEAN_LOG_RATIO = (-0.647, 0.356)
 PAIR_SIZE = SMALL_PAIR  # the pair search reverses only pairs this small
 PAIR_SYMMETRY = 10.0  # K-Arm's bound; at 2.5 every clean Fashion-MNIST development model had injected pairs
 ALL_TO_ALL_PAIRS = 3  # injected pairs (to as many different targets) that make an all-to-all backdoor
+# Rule 3: a pair whose source's clean images already go to the target (mean softmax at least this)
+# needs no trigger one way, so its asymmetry says nothing. Set after the seed-300 measurement: its
+# clean GTSRB ResNet/MobileNet models were called all-to-all from such pairs (0.10-0.60), while every
+# injected pair of the MNIST/Fashion-MNIST zoos had at most 0.04.
+PAIR_PRIOR = 0.1
 VERDICTS = ("clean", "suspicious", "backdoored")
 
 
@@ -143,7 +151,7 @@ def injected_pairs(pairs: PairEvidence) -> list[tuple[int, int]]:
     typical = statistics.median(forward)
     return sorted((p.source, p.target) for p in pairs.best_per_source().values()
                   if p.l1_norm <= PAIR_SIZE * typical and math.isfinite(p.reverse_l1)
-                  and p.ratio >= PAIR_SYMMETRY)
+                  and p.ratio >= PAIR_SYMMETRY and not p.prescreen_probability >= PAIR_PRIOR)
 
 
 def _pair_evidence(pairs: PairEvidence) -> EvidenceItem:
