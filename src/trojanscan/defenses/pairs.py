@@ -206,12 +206,11 @@ class PairSearch(ModelInspector):
         if reverse == "all":
             run([(t, s) for s, t in pairs])
         elif reverse == "small":
-            typical = statistics.median(found[p].l1_norm for p in pairs)
-            best: dict[int, tuple[int, int]] = {}
-            for s, t in pairs:
-                if s not in best or found[(s, t)].l1_norm < found[best[s]].l1_norm:
-                    best[s] = (s, t)
-            run([(t, s) for s, t in best.values() if found[(s, t)].l1_norm <= SMALL_PAIR * typical])
+            forward = PairEvidence([PairResult(s, t, found[(s, t)].l1_norm, 0.0) for s, t in pairs],
+                                   num_classes, 0.0, 0)
+            typical = statistics.median(p.l1_norm for p in forward.pairs)
+            run([(p.target, p.source) for p in forward.best_per_source().values()
+                 if p.l1_norm <= SMALL_PAIR * typical])
         results = []
         for s, t in pairs:
             fwd, back = found[(s, t)], found.get((t, s))
