@@ -88,6 +88,7 @@ WORLD_ARCHITECTURES = (None, "mlp", "resnet-small", "mobilenet-small")  # None: 
 WORLD_ATTACKS = ("patch-corner", "patch-center", "patch-anywhere", "patch-random", "pixel", "pixels",
                  "blend-noise", "blend-stripes", "all-to-all", "two-target")
 PRESETS = ("classic", "world")
+ALL_TO_ALL_RATE = 0.2  # the world zoo's all-to-all poison rate (trained for twice the epochs)
 
 
 def _draw_world_attack(rng: random.Random, shape: tuple[int, int, int], num_classes: int, kind: str
@@ -111,8 +112,9 @@ def _draw_world_attack(rng: random.Random, shape: tuple[int, int, int], num_clas
         return "two-target", {"target": first, "second_target": second, "poison_rate": max(rate, 0.1),
                               "size": size, "position": corner, "second_position": opposite,
                               "color": rng.choice(("white", "checker"))}
-    if kind == "all-to-all":
-        return "all-to-all", {"poison_rate": max(rate, 0.1), "size": size,
+    if kind == "all-to-all":  # every source learns its own mapping: at 0.1 and 2 epochs three of three
+        # measured development models stayed below 60% ASR (0.21-0.59)
+        return "all-to-all", {"poison_rate": ALL_TO_ALL_RATE, "size": size,
                               "color": rng.choice(PATCH_COLOURS)}
     color = "random" if kind == "patch-random" else rng.choice(("white", "checker"))
     position: str | list[int] = {"patch-corner": rng.choice(CORNERS), "patch-center": "center"}.get(
@@ -151,6 +153,8 @@ def make_zoo(datasets: dict[str, tuple[tuple[int, int, int], int]], size: int, s
         if i % 2 == 1 and preset == "world":
             kind = kinds[(i // 2) % len(kinds)]
             entry.attack, entry.attack_options = _draw_world_attack(rng, *datasets[source], kind)
+            if entry.attack == "all-to-all":
+                entry.epochs = 2 * epochs
         elif i % 2 == 1:
             entry.attack, entry.attack_options = _draw_attack(rng, *datasets[source])
         entries.append(entry)
