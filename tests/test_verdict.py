@@ -12,7 +12,17 @@ from trojanscan.cli import app
 from trojanscan.defenses.mmbd import MarginEvidence
 from trojanscan.defenses.pairs import PairEvidence, PairResult
 from trojanscan.defenses.scan_result import LabelResult, ScanResult
-from trojanscan.defenses.verdict import Verdict, decide, injected_pairs, size_ratio_p_value
+from trojanscan.defenses.verdict import (
+    ALPHA,
+    CLEAN_LOG_RATIO,
+    SUSPICIOUS,
+    Verdict,
+    combined_p_value,
+    decide,
+    injected_pairs,
+    size_ratio_p_value,
+    smallest_normal,
+)
 from trojanscan.fileio import to_jsonable
 from trojanscan.models import save_model
 
@@ -39,13 +49,13 @@ def test_a_clean_model_is_clean():
     v = decide(_scan(FLAT), _margins([40.0] * 9 + [41.0], 0.6),
                _pairs([(s, (s + 1) % 10, 15.0, 14.0) for s in range(10)]))
     assert (v.verdict, v.targets, v.kind) == ("clean", [], None) and not v.infected
-    assert v.score == 1.0
+    assert v.score == combined_p_value([v.evidence[0].p_value, 0.6]) and v.score > 0.5
 
 
 def test_a_small_trigger_is_an_all_to_one_backdoor_with_its_target():
     v = decide(_scan([6.0, *FLAT[1:]]), _margins([40.0] * 10, 0.5))
     assert (v.verdict, v.targets, v.kind) == ("backdoored", [0], "all-to-one")
-    assert v.score == min(1.0, 2 * size_ratio_p_value(6.0 / 30.0))
+    assert v.score == combined_p_value([size_ratio_p_value(6.0 / 30.0), 0.5])
 
 
 def test_two_small_triggers_are_a_multi_target_backdoor():
@@ -58,27 +68,50 @@ def test_a_large_margin_catches_what_the_trigger_size_misses():
     assert (v.verdict, v.targets) == ("backdoored", [9])
     weak = decide(_scan(FLAT), _margins([30.0] * 9 + [45.0], 0.3))
     assert (weak.verdict, weak.targets) == ("clean", [])
-    middling = decide(_scan(FLAT), _margins([30.0] * 9 + [60.0], 0.05))  # 2 × 0.05 is below SUSPICIOUS
+    # combined with the flat sizes' p-value (about 0.9), 0.004 lands between ALPHA and SUSPICIOUS
+    middling = decide(_scan(FLAT), _margins([30.0] * 9 + [60.0], 0.004))
+    assert ALPHA < middling.score < SUSPICIOUS
     assert (middling.verdict, middling.targets, middling.kind) == ("suspicious", [9], None)
 
 
-def test_the_size_p_value_follows_the_clean_reference_and_sets_the_cut():
-    from trojanscan.defenses.verdict import ALPHA, CLEAN_LOG_RATIO
+def test_fishers_combination_on_known_values():
+    assert combined_p_value([0.3]) == 0.3  # one piece: its own p-value
+    # two pieces: chi-square with 4 degrees of freedom at -2 ln(0.01 x 0.2), by hand
+    x = -math.log(0.01 * 0.2)
+    assert abs(combined_p_value([0.01, 0.2]) - math.exp(-x) * (1 + x)) < 1e-12
+    assert abs(combined_p_value([0.01, 0.2]) - 0.0145) < 1e-3
+    assert combined_p_value([1.0, 1.0]) == 1.0 and combined_p_value([0.0, 0.5]) < 1e-200
+    # agreeing moderate evidence is stronger than either piece; one strong piece is diluted
+    assert combined_p_value([0.03, 0.03]) < 0.03 and combined_p_value([0.003, 0.9]) > 0.003
 
+
+def test_the_size_p_value_follows_the_clean_reference_and_sets_the_cut():
     p = [size_ratio_p_value(r) for r in (0.05, 0.2, 0.3, 0.5, 0.9)]
     assert p == sorted(p) and p[0] < 1e-6 and p[-1] > 0.8
-    assert abs(size_ratio_p_value(math.exp(CLEAN_LOG_RATIO[0])) - 0.5) < 1e-9  # the median clean ratio
+    median = math.exp(CLEAN_LOG_RATIO[0] * smallest_normal(10))  # the median clean 10-label ratio
+    assert abs(size_ratio_p_value(median) - 0.5) < 1e-9
     assert size_ratio_p_value(0.0) == 0.0
     cut = decide(_scan(FLAT)).evidence[0].threshold  # alone, the size ratio is held to p < ALPHA
     assert abs(size_ratio_p_value(cut) - ALPHA) < 1e-9
     shortcut = [30 * 0.28, *FLAT[1:]]  # a natural shortcut's ratio: weak evidence, not a verdict
-    assert decide(_scan(shortcut), _margins([40.0] * 10, 0.5)).verdict == "suspicious"
+    assert decide(_scan(shortcut)).verdict == "suspicious"
+    assert decide(_scan(shortcut), _margins([40.0] * 10, 0.5)).verdict == "clean"  # MM-BD sees nothing
+
+
+def test_more_labels_make_a_smaller_smallest_ratio_ordinary():
+    assert smallest_normal(43) > smallest_normal(10) > smallest_normal(2) > 0
+    assert abs(smallest_normal(10) - 1.539) < 0.01  # the exact expected minimum of 10 normals: -1.5388
+    # the ratio of a clean 43-label net's natural shortcut (0.18) is strong evidence among 10 labels
+    assert size_ratio_p_value(0.18, 43) > 0.03 > 0.002 > size_ratio_p_value(0.18, 10)
+    many = [30.0 + (k % 5) for k in range(43)]
+    assert decide(_scan([30 * 0.3, *many[1:]])).verdict == "clean"
+    assert decide(_scan([30 * 0.3, *FLAT[1:]])).verdict != "clean"
 
 
 def test_each_target_must_pass_on_its_own():
-    v = decide(_scan([3.0, 30, 11.0, *FLAT[3:]]))  # ratios 0.1 (certain) and 0.37 (alone: suspicious)
+    v = decide(_scan([3.0, 30, 9.0, *FLAT[3:]]))  # ratios 0.1 (certain) and 0.3 (alone: suspicious)
     assert (v.verdict, v.targets, v.kind) == ("backdoored", [0], "all-to-one")
-    single = decide(_scan([11.0, *FLAT[1:]]))
+    single = decide(_scan([9.0, *FLAT[1:]]))
     assert (single.verdict, single.targets) == ("suspicious", [0])
 
 
@@ -110,9 +143,19 @@ def test_decision_verdict_from_the_command_line(trojaned_digits, tmp_path):
     result = CliRunner().invoke(app, ["scan", str(model), "--data", "digits", "--clean-samples", "300",
                                       "--steps", "60", "--decision", "verdict", "--out", str(tmp_path / "s")])
     assert result.exit_code == 0, result.output
-    assert "BACKDOORED" in result.output and "maximum margin" in result.output
     scan = json.loads((tmp_path / "s" / "scan.json").read_text())
-    assert scan["infected"] and scan["flagged_labels"] == [0] and scan["verdict"]["kind"] == "all-to-one"
+    # the 3x3 patch covers 14% of an 8x8 digit: its size ratio (about 0.22) says backdoor on its own,
+    # MM-BD (p about 0.5) does not, and Fisher's combination lands at the backdoored cut (0.01)
+    size = scan["verdict"]["evidence"][0]
+    assert size["says"] == "backdoor" and size["targets"] == [0] and size["p_value"] < ALPHA
+    assert scan["verdict"]["targets"] == [0] and scan["verdict"]["score"] < SUSPICIOUS
+    verdict = scan["verdict"]["verdict"]
+    assert verdict in ("backdoored", "suspicious") and verdict.upper() in result.output
+    assert "maximum margin" in result.output and "combined p-value" in result.output
+    assert scan["infected"] == (verdict == "backdoored")
+    assert scan["verdict"]["thresholds"]["backdoored"] == ALPHA
+    if verdict == "backdoored":
+        assert scan["flagged_labels"] == [0] and scan["verdict"]["kind"] == "all-to-one"
     assert scan["paper"]["flagged_labels"] == [0] and "p_value" in scan["mm-bd"]
     assert ScanResult.load(tmp_path / "s").extra["verdict"]["targets"] == [0]
     assert "Verdict and its evidence" in (tmp_path / "s" / "report.html").read_text()

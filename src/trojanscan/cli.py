@@ -39,7 +39,7 @@ from trojanscan.defenses.registry import REVERSERS, reverser
 from trojanscan.errors import TrojanscanError
 from trojanscan.models import ARCH_HELP, ARCHITECTURES
 from trojanscan.options import describe_options, option_fields, parse_options
-from trojanscan.report.html import evidence_strength, size_ratio_text, verdict_banner
+from trojanscan.report.html import evidence_strength, score_phrase, size_ratio_text, verdict_banner
 from trojanscan.report.progress import set_quiet
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -353,11 +353,12 @@ def print_verdict(verdict: dict[str, Any]) -> None:
               "clean": "bold green"}[verdict["verdict"]]
     what = (f" — target label(s) {', '.join(map(str, verdict['targets']))}" if verdict["targets"] else "")
     kind = f" ({verdict['kind']})" if verdict.get("kind") else ""
-    console.print(f"[{colour}]{verdict['verdict'].upper()}[/{colour}]{what}{kind}; score "
-                  f"{verdict['score']:.3g} (chance bound for a clean model)")
+    console.print(f"[{colour}]{verdict['verdict'].upper()}[/{colour}]{what}{kind}; "
+                  + score_phrase(verdict))
     for e in verdict["evidence"]:
         p = e.get("p_value")
-        console.print(f"  {e['name']}: {e['says']} — value {e['value']:.3g} (threshold {e['threshold']:.3g})"
+        console.print(f"  {e['name']} alone: {e['says']} — value {e['value']:.3g} "
+                      f"(threshold {e['threshold']:.3g})"
                       + (f", p {p:.3g}" if p is not None and p == p else "")
                       + (f"; {e['detail']}" if e.get("detail") else ""), highlight=False)
 

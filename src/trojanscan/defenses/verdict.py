@@ -4,29 +4,33 @@ target label(s), the kind of backdoor and a score whose meaning is stated.
 Evidence (each optional but the first):
 
 - **trigger size** (Neural Cleanse's per-label search): the smallest reversed trigger over the median
-  label's (the size ratio). Its p-value is the chance that a clean model has a ratio this small,
-  from a log-normal fitted to the clean models of the 'world' development zoos
-  (:data:`CLEAN_LOG_RATIO`): models of four architecture families, some with natural shortcuts.
+  label's (the size ratio). Its p-value is the chance that a clean model with as many labels has a
+  ratio this small: ``log(ratio)`` divided by the expected smallest of ``K`` standard normals is
+  taken as normal, fitted to the clean models of the 'world' development zoos
+  (:data:`CLEAN_LOG_RATIO`: four architecture families, 10 and 43 labels, natural shortcuts).
 - **maximum margin** (MM-BD, data-free): its order-statistic p-value; its largest-margin class is
-  the target. Catches large and blended triggers that have no small mask.
+  its target. Catches large and blended triggers that have no small mask.
 - **label pairs** (source-specific search with the symmetry test): a source's easiest pair is
   *injected* when its trigger is small against the model's typical pair (``PAIR_SIZE`` × the median
   forward norm), its reverse is ``PAIR_SYMMETRY`` times larger, and the model does not already send
   the source's clean images to the target (``PAIR_PRIOR``). ``ALL_TO_ALL_PAIRS`` injected pairs
   to as many different targets make an all-to-all backdoor; fewer make the model suspicious.
 
-The score is ``min(1, m · min p)`` over the ``m`` pieces with a p-value (Bonferroni): an upper bound
-on the chance that a clean model shows evidence this strong, as far as the fitted null holds. The
+The score is Fisher's combination of the p-values (size and margin): the chance that a clean model
+shows evidence this strong, as far as the fitted null holds and the pieces are independent. The
 decision follows the score: ``backdoored`` below ``ALPHA``, ``suspicious`` below ``SUSPICIOUS``,
 otherwise ``clean`` — except that an all-to-all pattern of injected pairs is ``backdoored`` whatever
-the score. The targets are the labels whose own evidence is below ``ALPHA``: each label's size
-ratio is tested like the smallest (two or more: a multi-target backdoor), and MM-BD's class.
+the score. The targets are the labels whose own combined evidence (its size p-value, with MM-BD's
+when it is MM-BD's class) is below ``ALPHA`` — two or more make a multi-target backdoor — or else
+the label with the strongest.
 
-Rule 2 and its thresholds were fixed on development data only: the world zoos of seeds 100 and 200
-(28 MNIST/Fashion-MNIST models) and a GTSRB world zoo of seed 100 (4 models); the reasons are beside
-each constant, and its held-out measurement (seed 300, 48 models) is in the README. Rule 3 adds one
-condition to an injected pair (``PAIR_PRIOR``), set after that measurement: the seed-300 zoo is
-development data for it, and it has no held-out figure yet.
+Rule 4 and its thresholds were fixed on development data only: the world zoos of seeds 100, 200 and
+300 (MNIST, Fashion-MNIST and GTSRB, 78 models whose attack took). On them Fisher's combination
+ranked models better than the Bonferroni minimum of rule 3 (AUROC 0.980 against 0.964 without the
+all-to-all model) and, at 0.01, flagged 31 of 38 trojaned models and none of 40 clean ones; 5 clean
+models scored 0.013-0.046 (natural shortcuts: Fashion-MNIST's "bag" on residual and depthwise nets,
+MNIST and GTSRB depthwise nets), hence ``SUSPICIOUS`` 0.05. Its held-out measurement is in the
+README (``benchmarks/results/verdict_rule4_*.json``).
 """
 
 from __future__ import annotations
@@ -41,13 +45,14 @@ from trojanscan.defenses.mmbd import MarginEvidence
 from trojanscan.defenses.pairs import SMALL_PAIR, PairEvidence
 from trojanscan.defenses.scan_result import ScanResult
 
-RULE_VERSION = 3
-ALPHA = 0.05  # the score below which a model is backdoored: a 5% bound on a clean model's chance
-SUSPICIOUS = 0.2  # the score below which it is suspicious
-# log(size ratio) of the 14 clean models of the world development zoos (seeds 100 and 200): mean and
-# standard deviation of the fitted normal. The classic zoo's 36 clean reference-CNN ratios are
-# tighter (mean -0.425, sd 0.204) and would call the world's natural shortcuts (ratio 0.28) p 1e-5.
-CLEAN_LOG_RATIO = (-0.647, 0.356)
+RULE_VERSION = 4
+ALPHA = 0.01  # the score below which a model is backdoored (the module notes say why)
+SUSPICIOUS = 0.05  # the score below which it is suspicious
+# log(size ratio) / |expected smallest of K standard normals| of the 40 clean models of the world
+# development zoos (seeds 100, 200 and 300; 30 with 10 labels, 10 GTSRB with 43): mean and standard
+# deviation of the fitted normal. The smallest of K labels is more extreme the more labels there
+# are: unscaled, the 10-label mean is -0.62 and the 43-label -1.03 (K-scaling predicts -0.89).
+CLEAN_LOG_RATIO = (-0.421, 0.202)
 PAIR_SIZE = SMALL_PAIR  # the pair search reverses only pairs this small
 PAIR_SYMMETRY = 10.0  # K-Arm's bound; at 2.5 every clean Fashion-MNIST development model had injected pairs
 ALL_TO_ALL_PAIRS = 3  # injected pairs (to as many different targets) that make an all-to-all backdoor
@@ -57,6 +62,8 @@ ALL_TO_ALL_PAIRS = 3  # injected pairs (to as many different targets) that make 
 # injected pair of the MNIST/Fashion-MNIST zoos had at most 0.04.
 PAIR_PRIOR = 0.1
 VERDICTS = ("clean", "suspicious", "backdoored")
+SCORE_MEANING = ("combined p-value (Fisher's method over the evidence with a p-value): the chance that a "
+                 "clean model shows evidence this strong")
 
 
 @dataclass
@@ -91,8 +98,8 @@ class Verdict:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["injected_pairs"] = [list(p) for p in self.injected_pairs]
-        d["score_meaning"] = ("upper bound on the chance that a clean model shows evidence this strong "
-                              "(Bonferroni over the evidence with a p-value)")
+        d["score_meaning"] = SCORE_MEANING
+        d["thresholds"] = {"backdoored": ALPHA, "suspicious": SUSPICIOUS}
         return d
 
     @classmethod
@@ -103,44 +110,70 @@ class Verdict:
                    [tuple(p) for p in d.get("injected_pairs", [])], int(d.get("rule_version", 0)))
 
 
-def size_ratio_p_value(ratio: float) -> float:
-    """The chance that a clean model's size ratio is at most ``ratio`` (the fitted log-normal)."""
+def smallest_normal(labels: int) -> float:
+    """The expected smallest of ``labels`` standard normal draws (Blom's approximation), negated."""
+    return -statistics.NormalDist().inv_cdf(0.625 / (labels + 0.25))
+
+
+def size_ratio_p_value(ratio: float, labels: int = 10) -> float:
+    """The chance that a clean model with ``labels`` labels has a size ratio at most ``ratio``."""
     if not ratio > 0:
         return 0.0 if ratio == 0 else math.nan
     mean, sd = CLEAN_LOG_RATIO
-    return statistics.NormalDist(mean, sd).cdf(math.log(ratio))
+    return statistics.NormalDist(mean, sd).cdf(math.log(ratio) / smallest_normal(labels))
 
 
-def _size_evidence(scan: ScanResult, pieces: int) -> EvidenceItem:
+def combined_p_value(p_values: list[float]) -> float:
+    """Fisher's combination of independent p-values: the chance under the null of evidence this strong."""
+    x = -sum(math.log(max(p, 1e-300)) for p in p_values)  # half Fisher's statistic (chi-square, 2m dof)
+    return min(1.0, math.exp(-x) * sum(x**i / math.factorial(i) for i in range(len(p_values))))
+
+
+def _label_p_values(scan: ScanResult) -> dict[int, float]:
+    """Each label's size-ratio p-value (each held to the null of the smallest, a conservative test)."""
     norms = {r.label: r.l1_norm for r in scan.labels}
     median = statistics.median(norms.values())
-    ratios = {k: (v / median if median > 0 else math.nan) for k, v in norms.items()}
-    ratio = min(ratios.values())
-    p = size_ratio_p_value(ratio)
-    # a looser bound for a second target once one is certain would have named a natural shortcut
-    # (ratio 0.30) of a trojaned development MobileNet as a second target
-    targets = sorted(k for k, r in ratios.items() if pieces * size_ratio_p_value(r) < ALPHA)
-    says = "backdoor" if targets else "suspicious" if pieces * p < SUSPICIOUS else "clean"
-    if says == "suspicious":
-        targets = [min(ratios, key=ratios.get)]
-    return EvidenceItem("trigger size ratio", ratio, _ratio_at(ALPHA / pieces), says, targets, p,
-                        f"smallest reversed trigger L1 {min(norms.values()):.1f} against the median "
-                        f"{median:.1f}, {min(norms.values()) / scan.labels[0].mask.numel():.1%} of the image")
+    return {k: (size_ratio_p_value(v / median, len(norms)) if median > 0 else math.nan)
+            for k, v in norms.items()}
 
 
-def _ratio_at(p: float) -> float:
+def _says(p: float) -> str:
+    return "backdoor" if p < ALPHA else "suspicious" if p < SUSPICIOUS else "clean"
+
+
+def _size_evidence(scan: ScanResult) -> EvidenceItem:
+    norms = {r.label: r.l1_norm for r in scan.labels}
+    median = statistics.median(norms.values())
+    label_p = _label_p_values(scan)
+    smallest = min(norms, key=norms.get)
+    p = label_p[smallest]
+    says = _says(p)
+    targets = sorted(k for k, q in label_p.items() if q < ALPHA) if says == "backdoor" else (
+        [smallest] if says == "suspicious" else [])
+    return EvidenceItem("trigger size ratio", norms[smallest] / median if median > 0 else math.nan,
+                        _ratio_at(ALPHA, len(norms)), says, targets, p,
+                        f"smallest reversed trigger L1 {norms[smallest]:.1f} (label {smallest}) against the "
+                        f"median {median:.1f}, {norms[smallest] / scan.labels[0].mask.numel():.1%} "
+                        "of the image")
+
+
+def _ratio_at(p: float, labels: int) -> float:
     """The size ratio whose p-value is ``p`` (the threshold the ratio is held to)."""
     mean, sd = CLEAN_LOG_RATIO
-    return math.exp(statistics.NormalDist(mean, sd).inv_cdf(p))
+    return math.exp(statistics.NormalDist(mean, sd).inv_cdf(p) * smallest_normal(labels))
 
 
-def _margin_evidence(mmbd: MarginEvidence, pieces: int) -> EvidenceItem:
-    top = max(range(len(mmbd.statistics)), key=lambda k: mmbd.statistics[k])
+def _margin_evidence(mmbd: MarginEvidence) -> EvidenceItem:
+    top = margin_top(mmbd)
     p = mmbd.p_value
-    says = "backdoor" if pieces * p < ALPHA else "suspicious" if pieces * p < SUSPICIOUS else "clean"
-    targets = [top] if says != "clean" else []
-    return EvidenceItem("maximum margin (MM-BD)", p, ALPHA / pieces, says, targets, p,
+    says = _says(p)
+    return EvidenceItem("maximum margin (MM-BD)", p, ALPHA, says, [top] if says != "clean" else [], p,
                         f"largest margin {mmbd.statistics[top]:.1f} at label {top}")
+
+
+def margin_top(mmbd: MarginEvidence) -> int:
+    """MM-BD's largest-margin class."""
+    return max(range(len(mmbd.statistics)), key=lambda k: mmbd.statistics[k])
 
 
 def injected_pairs(pairs: PairEvidence) -> list[tuple[int, int]]:
@@ -168,27 +201,31 @@ def _pair_evidence(pairs: PairEvidence) -> EvidenceItem:
 def decide(scan: ScanResult, mmbd: MarginEvidence | None = None,
            pairs: PairEvidence | None = None) -> Verdict:
     """Combine the evidence into one :class:`Verdict` (see the module notes for the rule)."""
-    pieces = 1 + (mmbd is not None)  # the evidence with a p-value
-    items = [_size_evidence(scan, pieces)]
+    items = [_size_evidence(scan)]
+    label_p = {k: [p] for k, p in _label_p_values(scan).items()}
     if mmbd is not None:
-        items.append(_margin_evidence(mmbd, pieces))
+        items.append(_margin_evidence(mmbd))
+        label_p.setdefault(margin_top(mmbd), []).append(mmbd.p_value)
     if pairs is not None:
         items.append(_pair_evidence(pairs))
-    says = {e.name: e.says for e in items}
-    backdoor = [e for e in items if e.says == "backdoor"]
-    verdict = ("backdoored" if backdoor else
-               "suspicious" if any(e.says == "suspicious" for e in items) else "clean")
+    p_values = [e.p_value for e in items if math.isfinite(e.p_value)]
+    score = combined_p_value(p_values) if p_values else math.nan
+    per_label = {k: combined_p_value(ps) for k, ps in label_p.items()
+                 if all(math.isfinite(p) for p in ps)}
     found = injected_pairs(pairs) if pairs is not None else []
-    if says.get("label pairs (symmetry)") == "backdoor":
+    pair_says = items[-1].says if pairs is not None else "clean"
+    verdict = ("backdoored" if score < ALPHA or pair_says == "backdoor" else
+               "suspicious" if score < SUSPICIOUS or pair_says == "suspicious" else "clean")
+    strongest = [min(per_label, key=per_label.get)] if per_label else []
+    if pair_says == "backdoor":
         kind, targets = "all-to-all", sorted({t for _, t in found})
-    elif backdoor:
-        targets = sorted({t for e in backdoor for t in e.targets})
+    elif verdict == "backdoored":  # each label on its own evidence; else the label with the strongest
+        targets = sorted(k for k, p in per_label.items() if p < ALPHA) or strongest
         kind = "multi-target" if len(targets) > 1 else "all-to-one"
     elif verdict == "suspicious":
-        targets = sorted({t for e in items if e.says == "suspicious" for t in e.targets})
-        kind = "source-specific" if found and says.get("label pairs (symmetry)") == "suspicious" else None
+        from_pairs = items[-1].targets if pair_says == "suspicious" else []
+        targets = sorted(set(from_pairs) | (set(strongest) if score < SUSPICIOUS else set()))
+        kind = "source-specific" if from_pairs and score >= SUSPICIOUS else None
     else:
         kind, targets = None, []
-    p_values = [e.p_value for e in items if math.isfinite(e.p_value)]
-    score = min(1.0, len(p_values) * min(p_values)) if p_values else math.nan
     return Verdict(verdict, targets, kind, score, items, found)

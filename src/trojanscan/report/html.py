@@ -133,13 +133,21 @@ def evidence_strength(anomaly_index: float, threshold: float, flagged: bool) -> 
     return f"{word}: anomaly index {anomaly_index:.2f}, below the threshold {threshold:g}"
 
 
+def score_phrase(verdict: dict[str, Any]) -> str:
+    """The combined verdict's score and what it is held to, for a headline."""
+    cuts = verdict.get("thresholds")
+    held = (f"; backdoored below {cuts['backdoored']:g}, suspicious below {cuts['suspicious']:g}"
+            if cuts else "")
+    return f"score {_num(verdict.get('score'), 3)} (combined p-value for a clean model{held})"
+
+
 def verdict_banner(result: ScanResult) -> tuple[str, str, str]:
     """The scan's headline for people: ``(kind, headline, strength)`` with kind "bad", "good" or
     "none" (no verdict: too few labels for the outlier test), and how strong the evidence is."""
     flagged = [int(v) for v in result.flagged_labels]
     verdict = result.extra.get("verdict")
-    if verdict:  # the combined verdict decides; its score is the chance bound for a clean model
-        strength = f"score {_num(verdict.get('score'), 3)} (chance bound for a clean model)"
+    if verdict:  # the combined verdict decides; its score is a p-value for a clean model
+        strength = score_phrase(verdict)
         targets = ", ".join(f"label {t}" for t in verdict.get("targets", []))
         if verdict.get("verdict") == "suspicious":
             return "bad", f"Suspicious — {targets}", strength
