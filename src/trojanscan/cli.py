@@ -228,6 +228,7 @@ def attack_cmd(
     data: str = typer.Option(..., "--data", help="the attacker's data (its training split is used)"),
     out: Path = typer.Option(..., "--out", help="the attacked model (.safetensors or .pt)"),
     target: int = typer.Option(None, "--target", help="the target label"),
+    wb: int = typer.Option(None, "--wb", help="tbt: the last-layer weights it may change"),
     option: list[str] = typer.Option(None, "--option", help=OPTION_HELP),
     mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
     std: str = typer.Option(None, "--std", help=STD_HELP),
@@ -240,7 +241,7 @@ def attack_cmd(
         kind = " (a poisoning attack: use trojanscan train --attack)" if name in POISONING else ""
         raise TrojanscanError(f"unknown model attack {name!r}{kind}; choose one of "
                               f"{', '.join(MODEL_ATTACKS)}")
-    options = _method_options(MODEL_ATTACKS[name], option, {"target": target}, "attack")
+    options = _method_options(MODEL_ATTACKS[name], option, {"target": target, "wb": wb}, "attack")
     record = attack_model(name, model, data, out, options=options, arch=arch, json_path=json_path,
                           **_convention(mean, std, trust_model))
     table = Table(title=f"{name} on {model}")
@@ -249,6 +250,9 @@ def attack_cmd(
     for row, scores in (("before", record.before), ("after", record.after)):
         table.add_row(row, _fmt(scores["clean_accuracy"]), _fmt(scores["attack_success_rate"]))
     console.print(table)
+    if "bit_flips" in record.report:
+        console.print(f"{record.report['bit_flips']} bit flips in {record.report['weights_changed']} of "
+                      f"{record.report['weights_total']:,} weights (8-bit, two's complement)")
     console.print(f"{record.seconds:.1f} s → {out}; trigger saved to {record.trigger['file']}")
 
 

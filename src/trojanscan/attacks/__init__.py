@@ -1,7 +1,7 @@
 """Attacks that plant backdoors, to evaluate the defences.
 
 Poisoning attacks (BadNets patches, blended and scattered triggers) change training data; model
-attacks (fine-tuning injection) change a trained model. ``ATTACKS`` is the one registry: a new attack
+attacks (fine-tuning injection, TBT bit flips) change a trained model. ``ATTACKS`` is the one registry: a new attack
 is one module plus one entry here.
 """
 
@@ -11,10 +11,11 @@ from trojanscan.attacks.base import Attack, AttackedModel, ModelAttack, Poisoned
 from trojanscan.attacks.blend import Blend
 from trojanscan.attacks.finetune import FineTuneBackdoor
 from trojanscan.attacks.scatter import Scatter
+from trojanscan.attacks.tbt import TBT
 from trojanscan.attacks.two_target import TwoTarget
 
 ATTACKS: dict[str, type[Attack]] = {
-    cls.name: cls for cls in (BadNets, Blend, Scatter, AllToAll, TwoTarget, FineTuneBackdoor)}
+    cls.name: cls for cls in (BadNets, Blend, Scatter, AllToAll, TwoTarget, FineTuneBackdoor, TBT)}
 
 
 def attacks_of_kind(kind: type[Attack]) -> dict[str, type[Attack]]:
@@ -23,5 +24,5 @@ def attacks_of_kind(kind: type[Attack]) -> dict[str, type[Attack]]:
 
 
 __all__ = ["ATTACKS", "AllToAll", "Attack", "AttackedModel", "BadNets", "Blend", "FineTuneBackdoor",
-           "ModelAttack", "PoisonedData", "PoisoningAttack", "Scatter", "TwoTarget",
+           "ModelAttack", "PoisonedData", "PoisoningAttack", "Scatter", "TBT", "TwoTarget",
            "attacks_of_kind"]

@@ -119,6 +119,8 @@ class ModelAttack(Attack, ABC):
     an attacked copy with its trigger; what it measured on the way is in ``report_``."""
 
     report_: dict[str, Any]
+    # an attack that leaves the model 8-bit quantised: each quantised weight's step, by state name
+    int8_steps_: dict[str, float] | None = None
 
     @abstractmethod
     def apply(self, model: nn.Module, data: Dataset) -> AttackedModel:

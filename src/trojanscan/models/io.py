@@ -38,6 +38,7 @@ from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import sha256_file
 from trojanscan.models import trust
 from trojanscan.models.architectures import ARCHITECTURES, ArchSpec, ReferenceNet, build_model
+from trojanscan.models.quantised import dequantised_state, quantised_state
 
 FORMAT_VERSION = "1"
 MAX_NUM_CLASSES = 100_000  # what a file's metadata may claim
@@ -116,10 +117,12 @@ def _spec_of(model: nn.Module) -> ArchSpec | None:
 
 
 def save_model(model: nn.Module, path: str | os.PathLike,
-               metadata: dict[str, Any] | None = None) -> Path:
+               metadata: dict[str, Any] | None = None, int8_steps: dict[str, float] | None = None) -> Path:
     """Save to ``.safetensors`` (a reference net's weights + architecture) or TorchScript (``.pt``).
 
-    ``metadata`` (JSON-serialisable) travels inside the file either way.
+    ``metadata`` (JSON-serialisable) travels inside the file either way. ``int8_steps`` names the
+    state entries that are 8-bit quantised (with their steps): ``.safetensors`` stores them as
+    integers and steps (:mod:`trojanscan.models.quantised`), TorchScript as the floats they stand for.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,6 +141,8 @@ def save_model(model: nn.Module, path: str | os.PathLike,
                     f"{path}: safetensors holds weights of a built-in architecture only; save this "
                     "model as TorchScript (.pt) instead")
             tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            if int8_steps:
+                tensors, meta["quantisation"] = quantised_state(tensors, int8_steps)
             save_file(tensors, str(tmp), metadata={"trojanscan": json.dumps(meta)})
         elif path.suffix in TORCHSCRIPT_SUFFIXES:
             with warnings.catch_warnings():  # TorchScript is deprecated upstream, still our format
@@ -326,6 +331,8 @@ def _load_safetensors(copy: Path, path: Path, arch: ArchLike | None,
         return _from_state(_strip_prefixes(state), {}, arch, input_shape, path)
     meta = _parse_meta(raw, path)
     spec = _spec_from_meta(meta, path)
+    if "quantisation" in meta:  # int8 codes and steps back to the float weights they stand for
+        state = dequantised_state(state, meta["quantisation"], path)
     if isinstance(arch, str) and arch != spec.arch:  # the user believes it is another net: say so
         raise TrojanscanError(f"{path}: the file records architecture {spec.arch!r}, not --arch {arch!r}; "
                               "leave --arch out for a file that records its own")

@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from torch import nn
+
 from trojanscan.attacks import ModelAttack
 from trojanscan.data.triggers import trigger_path_for
 from trojanscan.fileio import sha256_file
@@ -35,6 +37,15 @@ class AttackRecord(Record):
     command: str = "attack"
 
 
+def _inner_names(steps: dict[str, float] | None, outer: nn.Module, inner: nn.Module
+                 ) -> dict[str, float] | None:
+    """``steps`` keyed by the saved module's state names (a convention wrapper adds a prefix)."""
+    if not steps:
+        return None
+    by_tensor = {outer.state_dict()[k].data_ptr(): s for k, s in steps.items()}
+    return {k: by_tensor[v.data_ptr()] for k, v in inner.state_dict().items() if v.data_ptr() in by_tensor}
+
+
 def attack_model(name: str, model: ModelLike, data: DataLike, out: str | os.PathLike, *,
                  options: dict[str, Any] | None = None, arch: str | None = None,
                  mean: list[float] | None = None, std: list[float] | None = None, trusted: bool = False,
@@ -48,9 +59,11 @@ def attack_model(name: str, model: ModelLike, data: DataLike, out: str | os.Path
     start = time.perf_counter()
     attacked, trigger = attack.apply(resolved.module, resolved.dataset)
     seconds = time.perf_counter() - start
-    save_model(resolved.unwrap(attacked), out, metadata={
+    inner = resolved.unwrap(attacked)
+    save_model(inner, out, metadata={
         "data_sha256": resolved.dataset.sha256, "attacked_by": name, "attacked_from": resolved.sha256,
-        "input_convention": resolved.convention})
+        "input_convention": resolved.convention},
+        int8_steps=_inner_names(attack.int8_steps_, attacked, inner))
     trigger_file = trigger_path_for(out)
     trigger.save(trigger_file)
     report = dict(attack.report_)
