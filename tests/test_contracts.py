@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from trojanscan.attacks import ATTACKS, ModelAttack, PoisoningAttack
+from trojanscan.attacks import ATTACKS, CleanLabelAttack, ModelAttack, PoisoningAttack
 from trojanscan.data.triggers import Trigger
 from trojanscan.defenses.base import InputGuard, ModelInspector, TriggerReverser
 from trojanscan.defenses.registry import GUARDS, INSPECTORS, REVERSERS
@@ -97,12 +97,19 @@ def test_poisoning_attack_plants_a_backdoor(name, digits, tmp_path):
     trigger = attack.make_trigger(digits.input_shape)
     poisoned = attack.poison(digits.x_train, digits.y_train, 10, trigger)
     chosen = poisoned.poisoned_indices
-    assert len(chosen) == round(0.1 * len(digits.x_train))
-    intended = torch.stack([part.intended(digits.y_train[chosen]) for part in trigger.parts()])
-    assert (poisoned.y[chosen] == intended).any(0).all()  # each poisoned image goes where a part sends it
-    assert (poisoned.y[chosen] != digits.y_train[chosen]).all()
-    result = train_classifier(digits, "mnist-cnn", epochs=15, batch_size=64, attack=attack, progress=False)
-    assert result.attack_success_rate >= 0.8 and result.clean_accuracy >= 0.85, name
+    if issubclass(cls, CleanLabelAttack):  # a share of the target class, labels kept
+        assert len(chosen) == round(0.1 * int((digits.y_train == 2).sum()))
+        assert torch.equal(poisoned.y, digits.y_train) and (digits.y_train[chosen] == 2).all()
+    else:  # a share of the whole set, each poisoned image sent where a part of the trigger sends it
+        assert len(chosen) == round(0.1 * len(digits.x_train))
+        intended = torch.stack([part.intended(digits.y_train[chosen]) for part in trigger.parts()])
+        assert (poisoned.y[chosen] == intended).any(0).all()
+        assert (poisoned.y[chosen] != digits.y_train[chosen]).all()
+        # (clean-label attacks are too weak to plant a backdoor in 8×8 digits at this budget: SIG's
+        # ASR stays near 0; benchmarks/clean_label.py measures them on MNIST and GTSRB)
+        result = train_classifier(digits, "mnist-cnn", epochs=15, batch_size=64, attack=attack,
+                                  progress=False)
+        assert result.attack_success_rate >= 0.8 and result.clean_accuracy >= 0.85, name
     trigger.save(tmp_path / "t.npz")
     back = Trigger.load(tmp_path / "t.npz")
     assert torch.equal(back.mask, trigger.mask) and back.params == trigger.params

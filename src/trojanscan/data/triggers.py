@@ -2,7 +2,9 @@
 
 Every trigger in trojanscan, planted or reverse-engineered, uses the Neural Cleanse injection
 ``x' = (1 - m) ⊙ x + m ⊙ Δ`` with an H×W mask ``m`` in [0, 1] shared across channels and a C×H×W
-pattern ``Δ`` in [0, 1]. A patch is a 0/1 mask; a blended trigger is a constant mask α.
+pattern ``Δ`` in [0, 1]. A patch is a 0/1 mask; a blended trigger is a constant mask α. An additive
+trigger (SIG's sinusoid) also has a C×H×W ``offset`` in [-1, 1], added after the blend and clipped:
+``x' = clip((1 - m) ⊙ x + m ⊙ Δ + offset, 0, 1)``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class Trigger:
     target: int
     kind: str = "patch"
     params: dict[str, Any] = field(default_factory=dict)
+    offset: torch.Tensor | None = None  # C×H×W in [-1, 1], added and clipped after the blend
 
     def __post_init__(self) -> None:
         self.mask = torch.as_tensor(self.mask, dtype=torch.float32)
@@ -46,6 +49,13 @@ class Trigger:
         for name, t in (("mask", self.mask), ("pattern", self.pattern)):
             if not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1:
                 raise TrojanscanError(f"trigger {name} must be finite and within [0, 1]")
+        if self.offset is not None:
+            self.offset = torch.as_tensor(self.offset, dtype=torch.float32)
+            if self.offset.shape != self.pattern.shape:
+                raise TrojanscanError(f"trigger offset {tuple(self.offset.shape)} and pattern "
+                                      f"{tuple(self.pattern.shape)} differ in size")
+            if not torch.isfinite(self.offset).all() or self.offset.abs().max() > 1:
+                raise TrojanscanError("trigger offset must be finite and within [-1, 1]")
         self.target = int(self.target)
 
     @property
@@ -100,7 +110,10 @@ class Trigger:
             raise TrojanscanError(
                 f"trigger is for images {tuple(self.pattern.shape)} but got {tuple(x.shape[-3:])}")
         m = self.mask.to(x.device, x.dtype)
-        return (1 - m) * x + m * self.pattern.to(x.device, x.dtype)
+        out = (1 - m) * x + m * self.pattern.to(x.device, x.dtype)
+        if self.offset is not None:
+            out = (out + self.offset.to(x.device, x.dtype)).clamp(0, 1)
+        return out
 
     def check_compatible(self, input_shape: tuple[int, ...], num_classes: int, source: str) -> None:
         """Refuse a trigger made for other images or a target outside the label range."""
@@ -114,9 +127,11 @@ class Trigger:
 
     def save(self, path: str | os.PathLike) -> None:
         """Save as an ``.npz`` of plain arrays (no pickles), atomically."""
-        save_npz_record(path, {"mask": self.mask.numpy(), "pattern": self.pattern.numpy(),
-                               "target": np.int64(self.target), "kind": self.kind,
-                               "params": json.dumps(self.params)})
+        arrays = {"mask": self.mask.numpy(), "pattern": self.pattern.numpy(),
+                  "target": np.int64(self.target), "kind": self.kind, "params": json.dumps(self.params)}
+        if self.offset is not None:
+            arrays["offset"] = self.offset.numpy()
+        save_npz_record(path, arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Trigger:
@@ -125,9 +140,10 @@ class Trigger:
         try:
             kind = str(z["kind"]) if "kind" in z else "patch"
             params = json.loads(str(z["params"])) if "params" in z else {}
+            offset = torch.from_numpy(z["offset"].astype(np.float32)) if "offset" in z else None
             return cls(torch.from_numpy(z["mask"].astype(np.float32)),
                        torch.from_numpy(z["pattern"].astype(np.float32)),
-                       int(z["target"]), kind, params)
+                       int(z["target"]), kind, params, offset)
         except TrojanscanError:
             raise
         except Exception as e:  # wrong dtypes or shapes in a damaged file

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trojanscan.attacks import ATTACKS, Attack, PoisoningAttack, attacks_of_kind
+from trojanscan.attacks import ATTACKS, Attack, CleanLabelData, PoisonedData, PoisoningAttack, attacks_of_kind
 from trojanscan.data import Dataset
 from trojanscan.data.triggers import Trigger, trigger_path_for
 from trojanscan.errors import TrojanscanError
@@ -41,6 +41,16 @@ class TrainResult:
     poisoned_count: int
     seconds: float
     params: dict[str, Any] = field(default_factory=dict)
+    # poisoned images over the training set and, for a clean-label attack, over the target class
+    poison_fractions: dict[str, float] | None = None
+
+
+def poison_fractions(poisoned: PoisonedData) -> dict[str, float]:
+    """The poisoned share of the training set and, for a clean-label attack, of the target class."""
+    shares = {"of_training_set": len(poisoned.poisoned_indices) / len(poisoned.y)}
+    if isinstance(poisoned, CleanLabelData):
+        shares["of_target_class"] = poisoned.fraction_of_target_class
+    return shares
 
 
 def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -79,11 +89,11 @@ def train_classifier(data: DataLike, arch: str | None = None, *, epochs: int = 5
     arch = arch or default_arch(data.input_shape, data.num_classes)
     mean, std = channel_stats(data.x_train)
     model = build_model(arch, data.num_classes, data.input_shape, mean, std)
-    x, y, trigger, poisoned = data.x_train, data.y_train, None, 0
+    x, y, trigger, poisoned, fractions = data.x_train, data.y_train, None, 0, None
     if attack is not None:
         trigger = attack.make_trigger(data.input_shape)
         p = attack.poison(x, y, data.num_classes, trigger)
-        x, y, poisoned = p.x, p.y, len(p.poisoned_indices)
+        x, y, poisoned, fractions = p.x, p.y, len(p.poisoned_indices), poison_fractions(p)
     start = time.perf_counter()
     with progress_bars(progress is True) as bars:
         history = train_model(model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
@@ -93,7 +103,7 @@ def train_classifier(data: DataLike, arch: str | None = None, *, epochs: int = 5
     params = {"arch": arch, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
               "attack": attack.params() if attack else None}
     return TrainResult(model, trigger, scores["clean_accuracy"], scores["attack_success_rate"],
-                       history, poisoned, seconds, params)
+                       history, poisoned, seconds, params, fractions)
 
 
 def evaluate_model(model: nn.Module, data: DataLike,
@@ -137,6 +147,7 @@ class TrainRecord(Record):
     seconds_per_epoch: list[float]
     train_loss: list[float]
     environment: dict[str, str]
+    poison_fractions: dict[str, float] | None = None  # of the training set (and target class, clean-label)
     command: str = "train"
 
 
@@ -171,6 +182,7 @@ def train_and_save(data_source: DataLike, out: str | os.PathLike, *, arch: str |
     record = TrainRecord(
         clean_accuracy=result.clean_accuracy, attack_success_rate=result.attack_success_rate,
         trigger=trigger_record(result.trigger, trigger_file), poisoned_count=result.poisoned_count,
+        poison_fractions=result.poison_fractions,
         parameters=result.params, seed=seed, data=data_record(data, data_source),
         model={"file": str(out), "sha256": sha256_file(out)}, train_seconds=result.seconds,
         seconds_per_epoch=result.history.seconds, train_loss=result.history.loss,
