@@ -1,7 +1,9 @@
 """Score the combined verdict (and the paper's MAD test and the size ratio as baselines) on a zoo
 built by ``trojanscan bench zoo --methods neural-cleanse,mm-bd,pairs``, from its saved scans.
 
-    python benchmarks/verdict_zoo.py ZOO_DIR --out bench_out/verdict_zoo.json
+    python benchmarks/verdict_zoo.py ZOO_DIR [ZOO_DIR ...] --out bench_out/verdict_zoo.json
+
+Several zoos are pooled (the development figures of a rule come from all its development zoos).
 
 Per model: the verdict, targets and kind; overall and per attack kind and architecture: detection
 (backdoored) and false-positive rates, with 'suspicious' counted separately, and target accuracy.
@@ -19,7 +21,7 @@ from pathlib import Path
 from trojanscan.defenses.mmbd import MarginEvidence
 from trojanscan.defenses.pairs import PairEvidence
 from trojanscan.defenses.scan_result import ScanResult
-from trojanscan.defenses.verdict import decide
+from trojanscan.defenses.verdict import RULE_VERSION, decide
 from trojanscan.fileio import write_json
 from trojanscan.metrics import roc_auc
 
@@ -61,6 +63,7 @@ def _row(zoo: Path, m: dict) -> dict | None:
             "verdict": verdict.verdict, "targets": verdict.targets, "kind": verdict.kind,
             "score": verdict.score,
             "paper_flagged": scan.flagged_labels, "size_ratio": scan.size_ratio,
+            "anomaly_index": scan.anomaly_index,
             "mmbd_p": mm["p_value"], "seconds": scan.seconds + evidence["mm-bd"]["seconds"]
             + evidence["pairs"]["seconds"]}
 
@@ -91,16 +94,23 @@ def _rates(rows: list[dict]) -> dict:
             "ratio_false_positive": share(good, lambda r: r["size_ratio"] < 0.4),
             "auroc_score": roc_auc([-r["score"] for r in rows], [r["trojaned"] for r in rows])
             if bad and good else None,
+            "auroc_paper_index": roc_auc([r["anomaly_index"] for r in rows], [r["trojaned"] for r in rows])
+            if bad and good else None,
+            "auroc_size_ratio": roc_auc([-r["size_ratio"] for r in rows], [r["trojaned"] for r in rows])
+            if bad and good else None,
             "mean_seconds": sum(r["seconds"] for r in rows) / len(rows) if rows else None}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("zoo", type=Path)
+    ap.add_argument("zoo", type=Path, nargs="+")
     ap.add_argument("--out", type=Path, default=Path("bench_out/verdict_zoo.json"))
     args = ap.parse_args()
-    results = json.loads((args.zoo / "results.json").read_text())
-    rows = [r for m in results["models"] if (r := _row(args.zoo, m)) is not None]
+    rows, seeds = [], []
+    for zoo in args.zoo:
+        results = json.loads((zoo / "results.json").read_text())
+        seeds.append(results["options"]["seed"])
+        rows += [{**r, "zoo_seed": seeds[-1]} for m in results["models"] if (r := _row(zoo, m)) is not None]
     usable = [r for r in rows if r["attack_took"]]
     by: dict[str, dict] = {"overall": _rates(usable)}
     for key in ("attack", "arch", "dataset"):
@@ -108,8 +118,8 @@ def main() -> int:
         for r in usable:
             groups[str(r[key])].append(r)
         by[f"by_{key}"] = {k: _rates(v) for k, v in sorted(groups.items())}
-    write_json(args.out, {"benchmark": "verdict", "zoo": str(args.zoo),
-                          "zoo_seed": results["options"]["seed"],
+    write_json(args.out, {"benchmark": "verdict", "rule_version": RULE_VERSION,
+                          "zoos": [str(z) for z in args.zoo], "zoo_seeds": seeds,
                           "left_out_attack_did_not_take": [r["name"] for r in rows if not r["attack_took"]],
                           "summary": by, "models": rows})
     for r in rows:
