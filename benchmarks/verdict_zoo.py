@@ -41,6 +41,8 @@ def attack_kind(spec: dict) -> str:
         return "pixel" if opts.get("pixels") == 1 else "pixels"
     if attack == "blend":
         return f"blend-{opts.get('pattern')}"
+    if attack == "pattern":
+        return f"pattern-{opts.get('shape')}"
     return attack
 
 

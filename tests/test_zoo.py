@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 import trojanscan.bench.zoo as zoo
 import trojanscan.bench.zoo_scores as zoo_scores
+import trojanscan.bench.zoo_spec as zoo_spec
 import trojanscan.defenses.scan as scan_module
 from trojanscan.cli import app
 from trojanscan.defenses.outliers import mad_anomaly_index, size_ratio
@@ -21,6 +22,7 @@ from trojanscan.defenses.scan_result import LabelResult, ScanResult
 from trojanscan.defenses.strip import TEMPERATURE_GRID
 from trojanscan.errors import TrojanscanError
 from trojanscan.metrics import roc_auc, roc_curve
+from trojanscan.models import load_model
 
 
 def test_roc_auc_on_hand_made_scores():
@@ -252,3 +254,32 @@ def test_combined_runs_survive_infinite_and_missing_indices():
     row = zoo_scores.scan_row(_fake_scan(flat, index=float("nan")))
     assert row["anomaly_index"] == float("inf")
     assert zoo_scores.verdict(row, "anomaly_index")[0] == float("inf")
+
+
+def test_world_zoo_draws_the_further_attack_kinds_on_request(tmp_path):
+    kinds = zoo_spec.MORE_ATTACKS
+    entries = zoo.make_zoo({"digits": ((1, 8, 8), 10)}, 2 * len(kinds), seed=2, preset="world",
+                           attacks=kinds)
+    drawn = {e.attack for e in entries if e.trojaned}
+    assert drawn == {"pattern", "sig", "label-consistent", "tbt"}
+    for e in entries:  # each builds, with the options the zoo drew
+        if e.trojaned:
+            assert zoo.attack_for(e).name == e.attack
+    assert [e.spec() for e in zoo.make_zoo({"digits": ((1, 8, 8), 10)}, 20, seed=2, preset="world")] == [
+        e.spec() for e in zoo.make_zoo({"digits": ((1, 8, 8), 10)}, 20, seed=2, preset="world",
+                                       attacks=zoo_spec.WORLD_ATTACKS)]  # the default ten, unchanged
+    with pytest.raises(TrojanscanError, match="world preset"):
+        zoo.make_zoo({"digits": ((1, 8, 8), 10)}, 4, attacks=("tbt",))
+    with pytest.raises(TrojanscanError, match="unknown: magic"):
+        zoo.make_zoo({"digits": ((1, 8, 8), 10)}, 4, preset="world", attacks=("magic",))
+
+
+def test_a_tbt_zoo_entry_is_a_clean_model_attacked_afterwards(tmp_path, digits):
+    entry = zoo.ZooEntry(1, "digits", 5, 10, attack="tbt",
+                         attack_options={"target": 1, "wb": 20, "position": "center", "trigger_steps": 10,
+                                         "insert_steps": 30})
+    record = zoo.train_entry(entry, digits, tmp_path)
+    assert record["trojaned"] and record["target"] == 1 and record["attack_success_rate"] is not None
+    loaded = load_model(tmp_path / record["model_file"])
+    assert loaded.metadata["quantisation"]["scheme"] == "int8-symmetric-per-tensor"
+    assert zoo.train_entry(entry, digits, tmp_path)["cached"]

@@ -34,6 +34,7 @@ from trojanscan.api import (
 from trojanscan.attacks import ModelAttack, PoisoningAttack, attacks_of_kind
 from trojanscan.bench.zoo import DEFAULT_DATASETS, ZooOptions, run_zoo
 from trojanscan.bench.zoo import METHODS as ZOO_METHODS
+from trojanscan.bench.zoo_spec import MORE_ATTACKS as MORE_ZOO_ATTACKS
 from trojanscan.data.images import RunInputs, read_inputs
 from trojanscan.defenses.registry import REVERSERS, reverser
 from trojanscan.errors import TrojanscanError
@@ -770,6 +771,8 @@ def bench_zoo_cmd(
     preset: str = typer.Option("classic", "--preset", help="classic (the paper's CNN, patches and "
                                "blends) or world (4 architecture families, normalised-input models, "
                                "more attack kinds)"),
+    attacks: str = typer.Option(None, "--attacks", help="world: comma-separated attack kinds to draw "
+                                "in turn (default: its ten; more: " + ", ".join(MORE_ZOO_ATTACKS) + ")"),
 ) -> None:
     """Build a seeded zoo of clean and trojaned models (cached; rerun to resume), scan each, and
     report AUROC, detection and false-positive rates, target accuracy, trigger IoU and seconds."""
@@ -779,7 +782,8 @@ def bench_zoo_cmd(
                          clean_samples=clean_samples, schedule=schedule, steps=steps,
                          strip_n=strip_n, strip_samples=strip_samples,
                          strip_temperature=strip_temperature, strip_boundary=strip_boundary,
-                         preset=preset)
+                         preset=preset,
+                         attacks=[k.strip() for k in attacks.split(",") if k.strip()] if attacks else None)
     results = run_zoo(out, options, log=lambda line: console.print(line, highlight=False))
     console.print((out / "summary.md").read_text().split("\n\n| model")[0])
     console.print(f"→ {out / 'results.json'}, {out / 'summary.md'}, {out / 'report.html'}")

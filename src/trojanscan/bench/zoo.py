@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from trojanscan.attacks import ModelAttack, PoisoningAttack
 from trojanscan.bench.zoo_scores import (
     SCORES,
     attack_took,
@@ -100,8 +101,18 @@ def train_entry(entry: ZooEntry, data: Dataset, models_dir: Path) -> dict[str, A
         g = torch.Generator().manual_seed(entry.seed)
         idx = torch.randperm(len(data.x_train), generator=g)[:entry.train_samples]
         train = dataclasses.replace(data, x_train=data.x_train[idx], y_train=data.y_train[idx])
-    result = train_classifier(train, entry.arch, epochs=entry.epochs, attack=attack_for(entry),
+    attack = attack_for(entry)
+    poisoning = attack if isinstance(attack, PoisoningAttack) else None
+    result = train_classifier(train, entry.arch, epochs=entry.epochs, attack=poisoning,
                               seed=entry.seed, progress=False)
+    int8_steps = None
+    if isinstance(attack, ModelAttack):  # TBT: the cleanly trained model, attacked afterwards
+        attacked, trigger = attack.apply(result.model, train)
+        after = attack.report_["after"]
+        result = dataclasses.replace(result, model=attacked, trigger=trigger,
+                                     clean_accuracy=after["clean_accuracy"],
+                                     attack_success_rate=after["attack_success_rate"])
+        int8_steps = attack.int8_steps_
     model_path = models_dir / f"{key}{'.pt' if entry.normalised else '.safetensors'}"
     if result.trigger is not None:  # the trigger first: a model file alone is not a finished entry
         result.trigger.save(trigger_path_for(model_path))
@@ -109,7 +120,8 @@ def train_entry(entry: ZooEntry, data: Dataset, models_dir: Path) -> dict[str, A
     if entry.normalised:  # the same net, exported to take (x - mean) / std as foreign models do
         mean, std = model.normalize.mean.flatten().tolist(), model.normalize.std.flatten().tolist()
         model, extra = ExpectsNormalised(model, mean, std), {"mean": mean, "std": std}
-    save_model(model, model_path, metadata={"data_sha256": data.sha256})
+    save_model(model, model_path, metadata={"data_sha256": data.sha256},
+               int8_steps=None if entry.normalised else int8_steps)
     record = {"name": entry.name, "key": key, "spec": entry.spec(), "trojaned": entry.trojaned,
               "model_file": model_path.name, "arch": result.params["arch"], **extra,
               "all_to_all": bool(result.trigger is not None and result.trigger.all_to_all),
@@ -204,6 +216,7 @@ class ZooOptions:
     strip_temperature: float | str = 1.0
     strip_boundary: str = "normal"
     preset: str = "classic"  # classic (the README's zoos) or world (architectures, conventions, attacks)
+    attacks: Sequence[str] | None = None  # world: the attack kinds to draw in turn (default: WORLD_ATTACKS)
 
     def check(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -236,7 +249,7 @@ def run_zoo(out_dir: str | Path, options: ZooOptions | None = None,
     data = {source: load_dataset(source) for source in opts.datasets}
     shapes = {source: (d.input_shape, d.num_classes) for source, d in data.items()}
     entries = make_zoo(shapes, opts.size, opts.seed, epochs=opts.epochs,
-                       train_samples=opts.train_samples, preset=opts.preset)
+                       train_samples=opts.train_samples, preset=opts.preset, attacks=opts.attacks)
     scan_options = {"schedule": opts.schedule, "steps": opts.steps,
                     "clean_samples": opts.clean_samples}
     results: dict[str, Any] = {"benchmark": "zoo", "options": dataclasses.asdict(opts),

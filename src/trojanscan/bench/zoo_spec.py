@@ -7,6 +7,9 @@ architecture families (the paper's CNN, an MLP, a small ResNet, a MobileNet-styl
 that expect normalised inputs, and more attack kinds (corner, centre and over-the-object patches,
 random-valued patches, single pixels and small pixel patterns, noise and stripe blends, all-to-all,
 two-target), each kind in turn in a seeded order (world zoos before two-target drew kinds uniformly).
+``attacks`` picks other kinds for a world zoo (:data:`MORE_ATTACKS`: the pixel and checker patterns,
+the clean-label SIG and label-consistent attacks, TBT bit flips); the default ten keep the seeds of
+the README's zoos reproducible.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ import dataclasses
 import hashlib
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trojanscan.attacks import Attack
 from trojanscan.attacks.blend import PATTERNS
 from trojanscan.errors import TrojanscanError
 from trojanscan.workflows.training import make_attack
@@ -87,6 +92,8 @@ def _draw_attack(rng: random.Random, shape: tuple[int, int, int], num_classes: i
 WORLD_ARCHITECTURES = (None, "mlp", "resnet-small", "mobilenet-small")  # None: the paper's CNN
 WORLD_ATTACKS = ("patch-corner", "patch-center", "patch-anywhere", "patch-random", "pixel", "pixels",
                  "blend-noise", "blend-stripes", "all-to-all", "two-target")
+# kinds a world zoo can also draw (``attacks=``); TBT is a model attack on a cleanly trained model
+MORE_ATTACKS = ("pattern-pixel", "pattern-checker", "sig", "label-consistent", "tbt")
 PRESETS = ("classic", "world")
 ALL_TO_ALL_RATE = 0.2  # the world zoo's all-to-all poison rate (trained for twice the epochs)
 
@@ -99,6 +106,13 @@ def _draw_world_attack(rng: random.Random, shape: tuple[int, int, int], num_clas
     target = {"target": rng.randrange(num_classes), "poison_rate": rate}
     side = min(h, w)
     size = rng.randint(max(2, round(0.1 * side)), max(2, round(0.2 * side)))
+    if kind.startswith("pattern-"):
+        return "pattern", {**target, "shape": kind.split("-")[1]}
+    if kind in ("sig", "label-consistent"):  # clean-label: a share of the target class
+        return kind, {**target, "poison_rate": max(rate, 0.1)}
+    if kind == "tbt":
+        return "tbt", {"target": target["target"], "wb": rng.choice((50, 150)),
+                       "position": rng.choice(("bottom-right", "center"))}
     if kind.startswith("blend"):
         return "blend", {**target, "alpha": rng.choice((0.1, 0.15, 0.2)), "pattern": kind.split("-")[1]}
     if kind in ("pixel", "pixels"):
@@ -125,12 +139,14 @@ def _draw_world_attack(rng: random.Random, shape: tuple[int, int, int], num_clas
 
 
 def make_zoo(datasets: dict[str, tuple[tuple[int, int, int], int]], size: int, seed: int = 0, *,
-             epochs: int = 2, train_samples: int | None = None, preset: str = "classic") -> list[ZooEntry]:
+             epochs: int = 2, train_samples: int | None = None, preset: str = "classic",
+             attacks: Sequence[str] | None = None) -> list[ZooEntry]:
     """A deterministic zoo of ``size`` models: datasets in turn, two at a time, clean then trojaned.
 
     ``datasets`` maps a data source to its (C, H, W) image shape and class count. The ``world``
     preset also turns through :data:`WORLD_ARCHITECTURES` (a clean/trojaned pair shares data and
-    architecture) and makes about a third of the models expect normalised inputs.
+    architecture) and makes about a third of the models expect normalised inputs; ``attacks``
+    (world only) replaces :data:`WORLD_ATTACKS` with other kinds, from it and :data:`MORE_ATTACKS`.
     """
     if preset not in PRESETS:
         raise TrojanscanError(f"unknown zoo preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -138,9 +154,14 @@ def make_zoo(datasets: dict[str, tuple[tuple[int, int, int], int]], size: int, s
         raise TrojanscanError(f"a zoo needs at least 2 models (one clean, one trojaned), got {size}")
     if not datasets:
         raise TrojanscanError("a zoo needs at least one dataset")
+    unknown = sorted(set(attacks or ()) - set(WORLD_ATTACKS) - set(MORE_ATTACKS))
+    if unknown or (attacks is not None and (not attacks or preset != "world")):
+        raise TrojanscanError("zoo attacks apply to the world preset: choose from "
+                              f"{', '.join((*WORLD_ATTACKS, *MORE_ATTACKS))}"
+                              + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
     rng = random.Random(seed)
     names = list(datasets)
-    kinds = list(WORLD_ATTACKS)
+    kinds = list(attacks or WORLD_ATTACKS)
     if preset == "world":  # its attack kinds in turn (a seeded order), so that every kind appears
         rng.shuffle(kinds)
     entries = []
@@ -167,6 +188,6 @@ def attack_for(entry: ZooEntry) -> Any:
     options = dict(entry.attack_options)
     if isinstance(options.get("position"), list):
         options["position"] = tuple(options["position"])
-    return make_attack(entry.attack, seed=entry.seed, **options)
+    return make_attack(entry.attack, Attack, seed=entry.seed, **options)
 
 
