@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from typer.testing import CliRunner
 
 from trojanscan import TrojanscanError, build_model, load_model, save_model
+from trojanscan.fileio import json_depth
 from trojanscan.models import io as model_io
 from trojanscan.models import trust
 
@@ -968,7 +969,7 @@ def test_allow_list_and_limits_are_documented_constants():
         trust.ALLOWED_BUILTINS)
     assert not {"save", "load", "from_file", "is_grad_enabled", "requires_grad"} & (
         trust.ALLOWED_ATEN | trust.ALLOWED_PRIM)
-    assert trust.json_depth(_deep(200_000), 32) == 33  # stops counting, never recurses
+    assert json_depth(_deep(200_000), 32) == 33  # stops counting, never recurses
 
 
 # --- the command line --------------------------------------------------------------------------------

@@ -5,13 +5,17 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import signal
 import sys
+import threading
+import typing
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -37,16 +41,44 @@ from trojanscan.bench.zoo import METHODS as ZOO_METHODS
 from trojanscan.bench.zoo_spec import MORE_ATTACKS as MORE_ZOO_ATTACKS
 from trojanscan.data.images import RunInputs, read_inputs
 from trojanscan.defenses.registry import REVERSERS, reverser
-from trojanscan.errors import TrojanscanError
+from trojanscan.errors import TrojanscanError, TrojanscanWarning
+from trojanscan.fileio import folder_lock
 from trojanscan.models import ARCH_HELP, ARCHITECTURES
 from trojanscan.options import describe_options, option_fields, parse_options
 from trojanscan.report.html import evidence_strength, score_phrase, size_ratio_text, verdict_banner
 from trojanscan.report.progress import set_quiet
+from trojanscan.validation import OPTION_BOUNDS, check_option
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Audit neural networks for backdoors (trojans) and repair them.")
 console = Console(soft_wrap=True)  # a line is one line, also when piped
 err_console = Console(stderr=True)
+
+
+# the parser's exception base: click's, or the copy of click that newer typers carry
+_PARSER_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class OneLineErrors(typer.core.TyperGroup):
+    """The app's group: a mistake the parser finds (an unknown option, a value that is not a number,
+    a missing option) is one line on stderr and exit code 2, like every other user mistake."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except _PARSER_ERROR as e:
+            if type(e).__name__ != "NoArgsIsHelpError":  # its help is already shown
+                err_console.print(f"[red]error:[/red] {escape(e.format_message())}", highlight=False,
+                                  soft_wrap=True)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            err_console.print("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, cls=OneLineErrors,
+                  help="Audit neural networks for backdoors (trojans) and repair them.")
 F = TypeVar("F", bound=Callable[..., Any])
 QUIET_HELP = "print only results, report paths and warnings: no progress bars, no narration"
 _quiet = False
@@ -75,17 +107,59 @@ def _main(version: bool = typer.Option(False, "--version", is_eager=True, callba
     """Audit neural networks for backdoors (trojans) and repair them."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program stands so that it unwinds as after Ctrl-C."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _show_warning(fallback: Callable[..., None], message: Warning | str, category: type[Warning],
+                  *args: Any, **kwargs: Any) -> None:
+    """Our warnings in one line beside the results; others as Python shows them (``fallback``)."""
+    if issubclass(category, TrojanscanWarning):
+        warn(str(message))
+    else:
+        fallback(message, category, *args, **kwargs)
+
+
+def numeric_options(func: Callable[..., Any]) -> dict[str, str]:
+    """Parameter name → flag of each int or float option of a command; every one must have bounds
+    in :data:`~trojanscan.validation.OPTION_BOUNDS` (checked when the command is defined)."""
+    hints = typing.get_type_hints(func)
+    found = {}
+    for p in inspect.signature(func).parameters.values():
+        if hints.get(p.name) not in (int, float):
+            continue
+        flag = next((d for d in getattr(p.default, "param_decls", None) or () if d.startswith("--")), None)
+        if flag not in OPTION_BOUNDS:
+            raise RuntimeError(f"{func.__name__}: numeric option {flag or p.name} has no bounds in "
+                               "trojanscan.validation.OPTION_BOUNDS")
+        found[p.name] = flag
+    return found
+
+
 def friendly_errors(func: F) -> F:
-    """Turn a user mistake into one line on stderr and exit code 2, never a traceback; and give the
-    command a ``--quiet`` option (no progress bars, no narration)."""
+    """Check the command's numeric options, then run it: a user mistake becomes one line on stderr
+    and exit code 2, never a traceback; Ctrl-C and SIGTERM keep the finished work and exit 130 and
+    143. Also gives the command a ``--quiet`` option (no progress bars, no narration)."""
+    numbers = numeric_options(func)
 
     @functools.wraps(func)
     def wrapper(*args: Any, quiet: bool = False, **kwargs: Any) -> Any:
         global _quiet
         _quiet = quiet
         set_quiet(quiet)
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
         try:
-            return func(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", TrojanscanWarning)
+                warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
+                for name, flag in numbers.items():
+                    kwargs[name] = check_option(flag, kwargs.get(name))
+                return func(*args, **kwargs)
         except TrojanscanError as e:
             err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
@@ -94,9 +168,13 @@ def friendly_errors(func: F) -> F:
             err_console.print(f"[red]error:[/red] {escape(f'{where}{e.strerror or e}')}", highlight=False,
                               soft_wrap=True)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err_console.print("interrupted; finished work is saved, rerun the same command to resume")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as e:
+            what, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+            err_console.print(f"{what}; finished work is saved, rerun the same command to resume")
+            raise typer.Exit(code) from None
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
 
     signature = inspect.signature(func)
     quiet = inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
@@ -181,7 +259,7 @@ def train(
     data: str = typer.Option(..., "--data", help="digits, mnist, gtsrb, an .npz or a dataset folder"),
     out: Path = typer.Option(..., "--out", help="model file: .safetensors or .pt (TorchScript)"),
     arch: str = typer.Option(None, "--arch", help=f"{', '.join(ARCHITECTURES)} (default: by data)"),
-    epochs: int = typer.Option(5, "--epochs", min=1),
+    epochs: int = typer.Option(5, "--epochs"),
     attack: str = typer.Option(None, "--attack", help=", ".join(POISONING) + " (default: a clean model)"),
     target: int = typer.Option(0, "--target", help="the attack's target label"),
     trigger_size: int = typer.Option(4, "--trigger-size", help="badnets patch side in pixels"),
@@ -193,7 +271,7 @@ def train(
     pixels: int = typer.Option(16, "--pixels", help="scatter: number of trigger pixels"),
     poison_rate: float = typer.Option(0.1, "--poison-rate"),
     option: list[str] = typer.Option(None, "--option", help="an attack option KEY=VALUE (repeatable)"),
-    batch_size: int = typer.Option(128, "--batch-size", min=1),
+    batch_size: int = typer.Option(128, "--batch-size"),
     lr: float = typer.Option(1e-3, "--lr"),
     seed: int = typer.Option(0, "--seed"),
     json_path: Path = typer.Option(None, "--json", help="write the result here"),
@@ -287,34 +365,36 @@ def evaluate_cmd(
 @friendly_errors
 def demo(
     out: Path = typer.Option(Path("trojanscan-demo"), "--out", help="folder for the demo's files"),
-    epochs: int = typer.Option(30, "--epochs", min=1),
+    epochs: int = typer.Option(30, "--epochs"),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Plant a BadNets backdoor in a digits classifier, find it with Neural Cleanse, then repair it."""
-    say("[bold]trojanscan demo[/bold]: training a BadNets-trojaned model on scikit-learn's "
-        "digits (3×3 white patch, target 0, 10% poisoned)…")
-    options = {"target": 0, "poison_rate": 0.1, "size": 3, "position": "bottom-right",
-               "color": "white"}
-    record = train_and_save("digits", out / "model.safetensors", arch="mnist-cnn", epochs=epochs,
-                          attack="badnets", attack_options=options, batch_size=64, lr=1e-3,
-                          seed=seed, json_path=out / "train.json", quiet=_quiet)
-    console.print(_scores_table("trojaned digits model", record.to_dict()))
-    say(f"({record.train_seconds:.1f} s of training) — now scanning it with Neural "
-        "Cleanse, knowing nothing of the trigger…")
-    result = scan(out / "model.safetensors", "digits", clean_samples=300, seed=seed,
-                  out_dir=out / "scan")
-    print_scan_summary(result, out / "scan")
-    if not result.infected:
-        console.print("nothing flagged, so nothing to repair")
-        return
-    say("repairing it by unlearning the reversed trigger (the real one is only measured)…")
-    fixed = repair(out / "model.safetensors", out / "scan", "digits", method="unlearn", fraction=0.5,
-                   epochs=3, seed=seed, out=out / "repaired.safetensors")
-    fixed.write(out / "repair.json")
-    console.print(_rates_table("unlearning", fixed.to_dict()))
-    for w in repair_warnings(fixed.to_dict(), 2.0):
-        warn(w)
-    console.print(f"repaired model: {out / 'repaired.safetensors'}; report: {out / 'scan' / 'report.html'}")
+    with folder_lock(out, "demo folder"):
+        say("[bold]trojanscan demo[/bold]: training a BadNets-trojaned model on scikit-learn's "
+            "digits (3×3 white patch, target 0, 10% poisoned)…")
+        options = {"target": 0, "poison_rate": 0.1, "size": 3, "position": "bottom-right",
+                   "color": "white"}
+        record = train_and_save("digits", out / "model.safetensors", arch="mnist-cnn", epochs=epochs,
+                                attack="badnets", attack_options=options, batch_size=64, lr=1e-3,
+                                seed=seed, json_path=out / "train.json", quiet=_quiet)
+        console.print(_scores_table("trojaned digits model", record.to_dict()))
+        say(f"({record.train_seconds:.1f} s of training) — now scanning it with Neural "
+            "Cleanse, knowing nothing of the trigger…")
+        result = scan(out / "model.safetensors", "digits", clean_samples=300, seed=seed,
+                      out_dir=out / "scan")
+        print_scan_summary(result, out / "scan")
+        if not result.infected:
+            console.print("nothing flagged, so nothing to repair")
+            return
+        say("repairing it by unlearning the reversed trigger (the real one is only measured)…")
+        fixed = repair(out / "model.safetensors", out / "scan", "digits", method="unlearn", fraction=0.5,
+                       epochs=3, seed=seed, out=out / "repaired.safetensors")
+        fixed.write(out / "repair.json")
+        console.print(_rates_table("unlearning", fixed.to_dict()))
+        for w in repair_warnings(fixed.to_dict(), 2.0):
+            warn(w)
+        console.print(f"repaired model: {out / 'repaired.safetensors'}; report: "
+                      f"{out / 'scan' / 'report.html'}")
 
 
 def _labels(text: str | None, option: str = "--labels") -> list[int] | None:
@@ -412,9 +492,9 @@ def scan_cmd(
                                  "or verdict (also MM-BD and the label-pair search, one decision with "
                                  "its evidence; provisional thresholds)"),
     labels: str = typer.Option(None, "--labels", help="only these labels, e.g. 0,3,7"),
-    chunk: int = typer.Option(None, "--chunk", min=1, help="labels optimised together in one pass (10)"),
-    steps: int = typer.Option(None, "--steps", min=1, help="maximum steps per label"),
-    clean_samples: int = typer.Option(1000, "--clean-samples", min=1),
+    chunk: int = typer.Option(None, "--chunk", help="labels optimised together in one pass (10)"),
+    steps: int = typer.Option(None, "--steps", help="maximum steps per label"),
+    clean_samples: int = typer.Option(1000, "--clean-samples"),
     mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
     std: str = typer.Option(None, "--std", help=STD_HELP),
     trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
@@ -424,7 +504,7 @@ def scan_cmd(
     threshold: float = typer.Option(None, "--threshold", help="anomaly index above which a label is "
                                     "flagged (2)"),
     seed: int = typer.Option(None, "--seed", help="seed of the clean subset and the search (0)"),
-    repeats: int = typer.Option(1, "--repeats", min=1, help="scan with seeds SEED, SEED+1, … and "
+    repeats: int = typer.Option(1, "--repeats", help="scan with seeds SEED, SEED+1, … and "
                                 "flag outliers of the averaged trigger norms (each run in OUT/seed-N)"),
     arch: str = typer.Option(None, "--arch", help=ARCH_HELP),
     trigger: Path = typer.Option(None, "--trigger", help="the real trigger, to compare (default: "
@@ -485,7 +565,7 @@ def filter_cmd(
     top: float = typer.Option(0.01, "--top", help="share of the layer's neurons to watch"),
     layer: str = typer.Option(None, "--layer", help="a module name (default: second-to-last layer)"),
     labels: str = typer.Option(None, "--label", help="use these labels' triggers, not the flagged ones"),
-    samples: int = typer.Option(2000, "--samples", min=1, help="clean images to fit on"),
+    samples: int = typer.Option(2000, "--samples", help="clean images to fit on"),
     trigger: Path = typer.Option(None, "--trigger", help="the real trigger, to measure (default: beside "
                                  "the model)"),
     seed: int = typer.Option(0, "--seed"),
@@ -596,13 +676,13 @@ def repair_cmd(
     layer: str = typer.Option(None, "--layer", help="prune: a Linear/Conv2d module name"),
     asr_threshold: float = typer.Option(0.01, "--asr-threshold", help="prune: stop below this ASR"),
     step: float = typer.Option(0.01, "--step", help="prune: share of neurons removed per step"),
-    samples: int = typer.Option(2000, "--samples", min=1, help="prune: clean images to rank and measure"),
-    max_accuracy_drop: float = typer.Option(2.0, "--max-accuracy-drop", min=0, max=100,
+    samples: int = typer.Option(2000, "--samples", help="prune: clean images to rank and measure"),
+    max_accuracy_drop: float = typer.Option(2.0, "--max-accuracy-drop",
                                             help="prune: stop before a step that costs more clean "
                                                  "accuracy than this, in points"),
     fraction: float = typer.Option(0.1, "--fraction", help="unlearn: share of the training data"),
     stamp_fraction: float = typer.Option(0.2, "--stamp-fraction", help="unlearn: share stamped"),
-    epochs: int = typer.Option(1, "--epochs", min=1, help="unlearn: fine-tuning epochs"),
+    epochs: int = typer.Option(1, "--epochs", help="unlearn: fine-tuning epochs"),
     lr: float = typer.Option(2e-3, "--lr", help="unlearn: Adam learning rate (one-cycle peak is 2×)"),
     baselines: bool = typer.Option(False, "--baselines", help="unlearn: also fine-tune on clean "
                                    "images only and with the real trigger, for comparison"),
@@ -646,8 +726,8 @@ def strip_calibrate_cmd(
     data: str = typer.Option(..., "--data", help="benign data (its training split is used)"),
     out: Path = typer.Option(..., "--out", help="calibration file (.npz)"),
     frr: float = typer.Option(0.01, "--frr", help="target false-rejection rate of benign inputs"),
-    n: int = typer.Option(100, "--n", min=1, help="perturbed copies per input"),
-    samples: int = typer.Option(2000, "--samples", min=1, help="benign calibration images"),
+    n: int = typer.Option(100, "--n", help="perturbed copies per input"),
+    samples: int = typer.Option(2000, "--samples", help="benign calibration images"),
     blend: str = typer.Option("add", "--blend", help="add (the authors') or alpha"),
     boundary: str = typer.Option("normal", "--boundary", help="normal (the authors') or quantile"),
     temperature: str = typer.Option("1", "--temperature", help=TEMPERATURE_HELP),
@@ -709,8 +789,8 @@ def strip_evaluate_cmd(
     data: str = typer.Option(..., "--data"),
     trigger: Path = typer.Option(None, "--trigger", help="trigger file (default: beside the model)"),
     frr: float = typer.Option(0.01, "--frr"),
-    n: int = typer.Option(100, "--n", min=1),
-    samples: int = typer.Option(2000, "--samples", min=1, help="benign and trojaned test inputs each"),
+    n: int = typer.Option(100, "--n"),
+    samples: int = typer.Option(2000, "--samples", help="benign and trojaned test inputs each"),
     blend: str = typer.Option("add", "--blend"),
     boundary: str = typer.Option("normal", "--boundary"),
     temperature: str = typer.Option("1", "--temperature", help=TEMPERATURE_HELP),
@@ -784,7 +864,8 @@ def bench_zoo_cmd(
                          strip_temperature=strip_temperature, strip_boundary=strip_boundary,
                          preset=preset,
                          attacks=[k.strip() for k in attacks.split(",") if k.strip()] if attacks else None)
-    results = run_zoo(out, options, log=lambda line: console.print(line, highlight=False))
+    with folder_lock(out, "zoo folder"):
+        results = run_zoo(out, options, log=lambda line: console.print(line, highlight=False))
     console.print((out / "summary.md").read_text().split("\n\n| model")[0])
     console.print(f"→ {out / 'results.json'}, {out / 'summary.md'}, {out / 'report.html'}")
     if results.get("failed_attacks"):

@@ -1,13 +1,26 @@
-"""Small file helpers shared by every command: atomic writes, content hashes, JSON results."""
+"""Small file helpers shared by every command: atomic writes, content hashes, JSON results read
+and written with caps, and the lock that gives a command an output folder to itself."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: a lock left by a killed run must be removed by hand
+    fcntl = None  # type: ignore[assignment]
 
 import numpy as np
 import torch
@@ -65,6 +78,75 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     return obj
+
+
+def printable(text: object, limit: int = 120) -> str:
+    """Text from a file, made safe for a one-line message: no control characters, no markup."""
+    s = re.sub(r"[^\x20-\x7e]", "?", str(text)).replace("[", "(").replace("]", ")")
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+MAX_JSON_BYTES = 1 << 20  # metadata inside a model file
+MAX_JSON_DEPTH = 32  # ours nest under 10 deep
+MAX_RESULT_JSON_BYTES = 64 << 20  # scan.json, mitigation.json: a few kB per label
+_ESCAPE = re.compile(rb"\\.", re.DOTALL)
+_STRING = re.compile(rb'"[^"]*"')  # once escapes are gone; both passes are linear
+_NESTING = np.zeros(256, np.int64)
+_NESTING[[ord("["), ord("{")]] = 1
+_NESTING[[ord("]"), ord("}")]] = -1
+
+
+def json_depth(raw: str | bytes, limit: int) -> int:
+    """Nesting depth of a JSON text (brackets inside strings do not count), without recursion and
+    in bounded memory; counting stops at ``limit + 1``."""
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
+    data = _STRING.sub(b'""', _ESCAPE.sub(b"__", data))
+    depth = deepest = 0
+    for start in range(0, len(data), 1 << 20):
+        levels = depth + np.cumsum(_NESTING[np.frombuffer(data, np.uint8, min(1 << 20, len(data) - start),
+                                                          start)])
+        deepest, depth = max(deepest, int(levels.max())), int(levels[-1])
+        if deepest > limit:
+            return limit + 1
+    return deepest
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in seen:
+            raise ValueError(f"duplicate key {printable(k, 40)!r}")
+        seen[k] = v
+    return seen
+
+
+def parse_json(raw: str | bytes, path: object, what: str, *, max_bytes: int = MAX_JSON_BYTES,
+               max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` with a size cap, a depth cap checked first (a deep file would exhaust the
+    stack), and duplicate keys refused; every problem is a one-line error naming ``path``."""
+    from trojanscan.errors import TrojanscanError
+
+    if len(raw) > max_bytes:
+        raise TrojanscanError(f"{path}: refused: its {what} is {len(raw)} bytes (limit {max_bytes})")
+    if json_depth(raw, max_depth) > max_depth:
+        raise TrojanscanError(f"{path}: refused: its {what} nests deeper than {max_depth} levels")
+    try:
+        return json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+    except (ValueError, RecursionError) as e:
+        raise TrojanscanError(f"{path}: its {what} is not valid JSON ({printable(e, 80)})") from None
+
+
+def read_json(path: str | os.PathLike, what: str, *, max_bytes: int = MAX_RESULT_JSON_BYTES,
+              max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """A JSON file through :func:`parse_json`, its size checked before it is read (a missing file is
+    the OSError it always was)."""
+    from trojanscan.errors import TrojanscanError
+
+    path = Path(path)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise TrojanscanError(f"{path}: refused: its {what} is {size} bytes (limit {max_bytes})")
+    return parse_json(path.read_bytes(), path, what, max_bytes=max_bytes, max_depth=max_depth)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -134,3 +216,128 @@ def load_npz_record(path: str | os.PathLike, what: str, required: Any = (), *,
         raise
     except Exception as e:  # numpy and zipfile raise many types for a file that is not a plain npz
         raise TrojanscanError(f"{path}: not {a_what} file ({type(e).__name__}: {e}){fix}") from None
+
+
+LOCK_FILE = ".trojanscan.lock"
+_FRESH_LOCK_S = 10.0  # an empty lock file younger than this is being written by its owner
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete the ``.NAME.*.tmp`` files an interrupted atomic write left in ``folder`` and in its
+    subfolders that no other command holds; returns how many."""
+    removed = 0
+    folders = [folder, *(d for d in folder.iterdir() if d.is_dir() and not (d / LOCK_FILE).exists())]
+    for d in folders:
+        for tmp in d.glob(".*.tmp"):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def _holder(path: Path) -> str:
+    """Who wrote a lock file: ``pid N on HOST since HH:MM``, as far as it says."""
+    try:
+        pid, host, since = (path.read_text(errors="replace").split() + ["?", "?", "0"])[:3]
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(since)))
+    except (OSError, ValueError, OverflowError):
+        return "an unknown process"
+    return f"pid {printable(pid, 12)} on {printable(host, 40)} since {when}"
+
+
+def _try_take_over(path: Path) -> str | None:
+    """If the lock at ``path`` was left by a process that is gone, remove it and return its holder;
+    ``None`` while its holder lives (it keeps an exclusive ``flock`` on the file as long as it runs)."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return ""  # released meanwhile: simply try again
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return None  # held
+        info = os.fstat(fd)
+        if info.st_size == 0 and time.time() - info.st_mtime < _FRESH_LOCK_S:
+            return None  # just created, its owner is about to lock it and write its pid
+        try:
+            if os.stat(path).st_ino != info.st_ino:
+                return ""  # replaced meanwhile by a live one: look again
+        except FileNotFoundError:
+            return ""
+        holder = _holder(path)
+        path.unlink()
+        return holder
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike | None, what: str = "output folder", *,
+                create: bool = True) -> Iterator[None]:
+    """Hold ``folder`` for this command: the lock file ``.trojanscan.lock``, made with
+    ``O_CREAT|O_EXCL``, names this process and is removed on exit. Another command's live lock is a
+    one-line :class:`TrojanscanError`; a lock whose process is gone (killed) is taken over with a
+    :class:`TrojanscanWarning`. Temporary files of interrupted writes are removed once the folder is
+    held. A missing folder is created (and removed again if it is still empty at the end), or with
+    ``create=False`` held as nothing, like ``None``."""
+    from trojanscan.errors import TrojanscanError, TrojanscanWarning
+
+    folder = None if folder is None else Path(folder)
+    if folder is None or not (create or folder.is_dir()):
+        yield
+        return
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    taken_from = ""
+    for _ in range(5):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            previous = _try_take_over(path)
+            if previous is None:
+                fix = "wait for it to finish, or use another folder" + (
+                    "" if fcntl else f"; if it is not running, delete {path}")
+                raise TrojanscanError(f"{folder}: {what} in use by another trojanscan command "
+                                      f"({_holder(path)}); {fix}") from None
+            taken_from = previous or taken_from
+    else:
+        raise TrojanscanError(f"{folder}: could not lock the {what} ({path} keeps changing)")
+    try:
+        if fcntl is not None:  # blocking: only a look of _try_take_over can hold it, for a moment
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()} {time.time():.0f}\n".encode())
+        if taken_from:
+            warnings.warn(f"{folder}: took over the lock of {taken_from}, which is no longer running "
+                          "(killed?); its finished work is kept", TrojanscanWarning, stacklevel=3)
+        remove_stale_temporaries(folder)
+        yield
+    finally:
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                path.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # nothing was written: leave no trace
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def locks_out_dir(what: str = "output folder") -> Callable[[F], F]:
+    """Decorate a workflow that writes into its keyword argument ``out_dir`` (when given): the
+    folder is held by :func:`folder_lock` while the workflow runs."""
+    def decorate(func: F) -> F:
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with folder_lock(kwargs.get("out_dir"), what):
+                return func(*args, **kwargs)
+        return wrapper  # type: ignore[return-value]
+    return decorate

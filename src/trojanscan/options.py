@@ -2,7 +2,8 @@
 
 Every defence and attack declares its settings as a frozen dataclass; the CLI's ``--option
 key=value`` (dotted keys reach a nested dataclass: ``weights.alone=0.1``) is read against the field
-types, so a new method needs no new CLI code.
+types, so a new method needs no new CLI code; numbers are held to the bounds of the command-line
+option of the same name (``validation.check_method_option``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import typing
 from typing import Any
 
 from trojanscan.errors import TrojanscanError
+from trojanscan.validation import check_method_option
 
 
 def option_fields(options_type: type) -> dict[str, Any]:
@@ -75,7 +77,7 @@ def parse_options(options_type: type, pairs: list[str], *, what: str = "method")
         if rest:
             nested.setdefault(head, {})[rest] = text
         else:
-            changes[head] = _convert(text.strip(), fields[head], key)
+            changes[head] = check_method_option(key, _convert(text.strip(), fields[head], key))
     for head, sub in nested.items():
         inner = fields[head]
         if not dataclasses.is_dataclass(inner):

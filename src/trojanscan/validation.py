@@ -1,10 +1,12 @@
-"""One home for input checks: every entry point refuses bad images, labels, fractions, choices and
-models with the same one-line messages (a :class:`TrojanscanError` naming the argument and the fix)."""
+"""One home for input checks: every entry point refuses bad images, labels, fractions, numbers,
+choices and models with the same one-line messages (a :class:`TrojanscanError` naming the argument and
+the fix). :data:`OPTION_BOUNDS` holds the range of every numeric command-line option."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,6 +52,125 @@ def check_fraction(name: str, value: Any, *, low_inclusive: bool = False,
         lo, hi = "[" if low_inclusive else "(", "]" if high_inclusive else ")"
         raise TrojanscanError(f"{name} must be a fraction in {lo}0, 1{hi}, got {value!r}")
     return float(value)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The values a number may take: ``kind`` (int or float) between ``low`` and ``high`` (included
+    unless ``low_open``/``high_open``); ``what`` says what it counts, for the message."""
+
+    kind: type
+    low: float
+    high: float
+    what: str = ""
+    low_open: bool = False
+    high_open: bool = False
+
+    def describe(self) -> str:
+        """``"a number in (0, 1]"`` or ``"a whole number from 1 to 1000"``."""
+        if self.kind is int:
+            return f"a whole number from {int(self.low)} to {int(self.high)}"
+        if not math.isfinite(self.low) and not math.isfinite(self.high):
+            return "a finite number"
+        return (f"a number in {'(' if self.low_open else '['}{self.low:g}, "
+                f"{self.high:g}{')' if self.high_open else ']'}")
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with ``value`` (``"must be >= 2"``), or ``None`` if it is within bounds."""
+        kinds = (int,) if self.kind is int else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+            return f"must be {self.describe()}"
+        show = (lambda v: str(int(v))) if self.kind is int else (lambda v: f"{v:g}")
+        if value < self.low or (self.low_open and value == self.low):
+            return f"must be {'>' if self.low_open else '>='} {show(self.low)}"
+        if value > self.high or (self.high_open and value == self.high):
+            return f"must be {'<' if self.high_open else '<='} {show(self.high)}"
+        return None
+
+
+def check_number(name: str, value: Any, bounds: Bounds) -> int | float:
+    """``value`` if it is a finite number of the right kind within ``bounds``; otherwise a one-line
+    error naming ``name`` (``"--n must be <= 1000 (perturbed copies per input), got 10000"``). Ints
+    are accepted where floats are asked (and returned as floats)."""
+    problem = bounds.problem(value)
+    if problem is not None:
+        raise TrojanscanError(f"{name} {problem}{f' ({bounds.what})' if bounds.what else ''}, got {value!r}")
+    return int(value) if bounds.kind is int else float(value)
+
+
+INT64_MAX = 2**63 - 1
+# every seed ends up in torch, numpy and int64 fields of our files: torch.manual_seed takes
+# -2^63..2^64-1 (negatives wrap around), but np.int64 and C longs stop at 2^63-1
+SEED = Bounds(int, 0, INT64_MAX, "a seed")
+STRIP_COPIES = Bounds(int, 1, 1000, "perturbed copies per input; the paper uses 100")
+SAMPLES = Bounds(int, 1, 10_000_000, "images")
+OPEN_FRACTION = Bounds(float, 0, 1, low_open=True, high_open=True)
+FRACTION_TO_ONE = Bounds(float, 0, 1, low_open=True)
+
+OPTION_BOUNDS: dict[str, Bounds | None] = {
+    # shared by several commands
+    "--seed": SEED,
+    "--epochs": Bounds(int, 1, 10_000, "training epochs"),
+    "--batch-size": Bounds(int, 1, 65_536, "images per batch"),
+    "--lr": Bounds(float, 0, 10, "learning rate", low_open=True),
+    "--samples": SAMPLES,
+    "--clean-samples": SAMPLES,
+    "--steps": Bounds(int, 1, 1_000_000, "optimisation steps"),
+    "--repeats": Bounds(int, 1, 1000, "seeds"),
+    "--n": STRIP_COPIES,
+    # train / attack
+    "--target": Bounds(int, 0, 1_000_000, "a label"),
+    "--trigger-size": Bounds(int, 1, 4096, "patch side in pixels"),
+    "--alpha": Bounds(float, 0, 1, "blend opacity", low_open=True),
+    "--pixels": Bounds(int, 1, 1 << 24, "trigger pixels"),
+    "--poison-rate": Bounds(float, 0, 1, "share of the training images poisoned", True, True),
+    "--wb": Bounds(int, 1, 1 << 31, "last-layer weights the attack may change"),
+    # scan
+    "--chunk": Bounds(int, 1, 100_000, "labels optimised together"),
+    "--threshold": Bounds(float, 0, 100, "the anomaly index above which a label is flagged; the "
+                          "paper uses 2", low_open=True),
+    # filter / repair / STRIP
+    "--fpr": OPEN_FRACTION,
+    "--top": OPEN_FRACTION,
+    "--frr": OPEN_FRACTION,
+    "--asr-threshold": FRACTION_TO_ONE,
+    "--step": FRACTION_TO_ONE,
+    "--fraction": FRACTION_TO_ONE,
+    "--stamp-fraction": Bounds(float, 0, 1),
+    "--max-accuracy-drop": Bounds(float, 0, 100, "points of clean accuracy"),
+    "--range": None,  # a choice of 1 or 255, refused with its own message by read_inputs
+    # bench zoo
+    "--size": Bounds(int, 2, 10_000, "models in the zoo"),
+    "--train-samples": Bounds(int, 10, 10_000_000, "training images"),
+    "--strip-n": Bounds(int, 2, STRIP_COPIES.high, STRIP_COPIES.what),
+    "--strip-samples": Bounds(int, 10, SAMPLES.high, SAMPLES.what),
+}
+"""Every numeric command-line option → its bounds (``None``: checked by its own function). The
+CLI refuses to start a command with a numeric option missing here."""
+
+# method options (``--option KEY=VALUE``) that are the same quantity as the command-line option
+SHARED_OPTION_FIELDS = ("seed", "epochs", "batch_size", "lr", "steps", "chunk", "threshold", "target",
+                        "alpha", "pixels", "poison_rate", "wb", "fraction")
+
+
+def check_option(flag: str, value: Any) -> Any:
+    """A command-line option's value checked against :data:`OPTION_BOUNDS` (``None`` passes)."""
+    bounds = OPTION_BOUNDS[flag]
+    return value if value is None or bounds is None else check_number(flag, value, bounds)
+
+
+def check_method_option(key: str, value: Any) -> Any:
+    """A ``--option KEY=VALUE`` number, returned unchanged if it is within the bounds of the
+    command-line option of the same name, or else at least finite and within 64 bits."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    field = key.rpartition(".")[2]
+    bounds = OPTION_BOUNDS.get("--" + field.replace("_", "-")) if field in SHARED_OPTION_FIELDS else None
+    if bounds is None:
+        bounds = (Bounds(int, -INT64_MAX, INT64_MAX) if isinstance(value, int)
+                  else Bounds(float, -math.inf, math.inf))
+    check_number(f"option {key}", value, bounds)
+    return value
 
 
 def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from trojanscan.errors import TrojanscanError
-from trojanscan.fileio import load_npz_record, save_npz_record
+from trojanscan.fileio import load_npz_record, parse_json, save_npz_record
 
 TRIGGER_SUFFIX = ".trigger.npz"
 
@@ -139,7 +139,7 @@ class Trigger:
         z = load_npz_record(path, "trigger", ("mask", "pattern", "target"))
         try:
             kind = str(z["kind"]) if "kind" in z else "patch"
-            params = json.loads(str(z["params"])) if "params" in z else {}
+            params = parse_json(str(z["params"]), path, "trigger parameters") if "params" in z else {}
             offset = torch.from_numpy(z["offset"].astype(np.float32)) if "offset" in z else None
             return cls(torch.from_numpy(z["mask"].astype(np.float32)),
                        torch.from_numpy(z["pattern"].astype(np.float32)),

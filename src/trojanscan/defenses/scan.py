@@ -30,7 +30,7 @@ from trojanscan.defenses.trigger_search import (
     search_triggers,
 )
 from trojanscan.errors import TrojanscanError
-from trojanscan.fileio import module_sha256, tensor_sha256
+from trojanscan.fileio import module_sha256, read_json, tensor_sha256
 from trojanscan.metrics import clean_accuracy
 from trojanscan.progress import ProgressCallback, ProgressEvent
 from trojanscan.train import predict
@@ -44,7 +44,7 @@ def _drop_stale_result(out: Path, fingerprint: str) -> None:
     stale = out / SCAN_JSON
     if stale.exists():
         try:
-            old = json.loads(stale.read_text()).get("parameters", {}).get("fingerprint")
+            old = read_json(stale, "scan result").get("parameters", {}).get("fingerprint")
         except (OSError, ValueError, AttributeError):
             old = None
         if old != fingerprint:

@@ -20,7 +20,14 @@ import torch
 from trojanscan.data.triggers import Trigger
 from trojanscan.defenses.outliers import size_ratio
 from trojanscan.errors import TrojanscanError
-from trojanscan.fileio import load_npz_record, save_npz_record, to_jsonable, write_json
+from trojanscan.fileio import (
+    load_npz_record,
+    parse_json,
+    read_json,
+    save_npz_record,
+    to_jsonable,
+    write_json,
+)
 
 LABELS_DIR = "labels"
 SCAN_JSON = "scan.json"
@@ -77,7 +84,7 @@ def load_label(path: Path, fingerprint: str | None = None) -> LabelResult | None
     """Read one saved label; ``None`` if it belongs to a scan with other settings or is damaged."""
     try:
         z = load_npz_record(path, "label result", ("record", "mask", "pattern"))
-        record = json.loads(str(z["record"]))
+        record = parse_json(str(z["record"]), path, "label record")
         mask = torch.from_numpy(z["mask"].astype(np.float32))
         pattern = torch.from_numpy(z["pattern"].astype(np.float32))
     except Exception:  # a damaged resume file only means the label is not done
@@ -167,7 +174,7 @@ class ScanResult:
         path = Path(path)
         out = path.parent if path.name == SCAN_JSON else path
         try:
-            data = json.loads((out / SCAN_JSON).read_text())
+            data = read_json(out / SCAN_JSON, "scan result")
         except FileNotFoundError:
             runs = sorted(p.name for p in out.glob("seed-*") if (p / SCAN_JSON).is_file())
             if runs:  # the folder of a repeated scan: each run is a scan of its own
@@ -175,11 +182,15 @@ class ScanResult:
                                       f"folder, e.g. {out / runs[0]}") from None
             raise TrojanscanError(f"{out / SCAN_JSON}: no such scan result; run trojanscan scan "
                                   "first") from None
+        except TrojanscanError:
+            raise
         except (OSError, ValueError) as e:
             raise TrojanscanError(f"{out / SCAN_JSON}: unreadable scan result ({e})") from None
         try:
             return cls._from_dict(data, out)
-        except (KeyError, TypeError, ValueError) as e:
+        except TrojanscanError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise TrojanscanError(f"{out / SCAN_JSON}: incomplete scan result ({e!r})") from None
 
     @classmethod

@@ -36,12 +36,20 @@ from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import load_npz_record, module_sha256, save_npz_record, tensor_sha256
 from trojanscan.models.inference import frozen_for_inference, model_fingerprint, on_cpu, same_logits
 from trojanscan.models.modes import evaluating
-from trojanscan.validation import check_choice, check_fraction, check_images
+from trojanscan.validation import (
+    SEED,
+    STRIP_COPIES,
+    check_choice,
+    check_fraction,
+    check_images,
+    check_number,
+)
 
 MIN_CALIBRATION_SAMPLES = 20
 BLENDS = ("add", "alpha")
 BOUNDARY_METHODS = ("normal", "quantile")
 FILE_FORMAT_VERSION = 2  # 2 added the temperature; version 1 files load with temperature 1
+MAX_TEMPERATURE = 1000.0  # far above the grid; a huge one makes every input look benign
 TEMPERATURE_GRID = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
 _LN2 = math.log(2.0)
 
@@ -103,7 +111,8 @@ def detection_boundary(entropies: torch.Tensor, frr: float, method: str = "norma
 
 
 def parse_temperature(value: float | str) -> float | str:
-    """A positive finite softmax temperature, or ``"auto"``; a number given as text is converted."""
+    """A positive finite softmax temperature up to :data:`MAX_TEMPERATURE`, or ``"auto"``; a number
+    given as text is converted."""
     if isinstance(value, str):
         if value.strip().lower() == "auto":
             return "auto"
@@ -112,8 +121,9 @@ def parse_temperature(value: float | str) -> float | str:
         except ValueError:
             raise TrojanscanError(f"temperature must be a positive number or 'auto', got {value!r}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value <= 0:
-        raise TrojanscanError(f"temperature must be a positive number or 'auto', got {value!r}")
+            or not 0 < value <= MAX_TEMPERATURE:
+        raise TrojanscanError(f"temperature must be a positive number up to {MAX_TEMPERATURE:g} or 'auto', "
+                              f"got {value!r}")
     return float(value)
 
 
@@ -192,8 +202,8 @@ class Strip(InputGuard):
                  temperature: float | str = 1.0, accelerate: bool = True):
         if not isinstance(model, nn.Module):
             raise TrojanscanError(f"model must be a torch nn.Module, got {type(model).__name__}")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise TrojanscanError(f"n (perturbed copies per input) must be a positive integer, got {n!r}")
+        check_number("n", n, STRIP_COPIES)
+        check_number("seed", seed, SEED)
         check_choice("blend", blend, BLENDS)
         if not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
             raise TrojanscanError(f"alpha must be in (0, 1], got {alpha!r}")

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from trojanscan.errors import TrojanscanError
-from trojanscan.fileio import sha256_file
+from trojanscan.fileio import parse_json, sha256_file
 from trojanscan.models import trust
 from trojanscan.models.architectures import ARCHITECTURES, ArchSpec, ReferenceNet, build_model
 from trojanscan.models.quantised import dequantised_state, quantised_state
@@ -386,7 +386,7 @@ def _load_torchscript(copy: Path, path: Path, input_shape: tuple[int, ...] | Non
 
 
 def _parse_meta(raw: str | bytes, path: Path) -> dict[str, Any]:
-    meta = trust.parse_json(raw, path, "trojanscan metadata")
+    meta = parse_json(raw, path, "trojanscan metadata")
     if not isinstance(meta, dict):
         raise TrojanscanError(f"{path}: its trojanscan metadata is not a JSON object")
     return meta

@@ -61,6 +61,8 @@ from pathlib import Path
 from typing import Any
 
 from trojanscan.errors import TrojanscanError
+from trojanscan.fileio import parse_json
+from trojanscan.fileio import printable as _shown
 
 # --- limits (module constants; tests and unusual deployments may change them) ---------------------
 
@@ -73,8 +75,6 @@ MAX_TOTAL_SOURCE_BYTES = 64 << 20
 MAX_PICKLE_BYTES = 64 << 20  # data.pkl, constants.pkl, *.debug_pkl
 MAX_EXTRA_BYTES = 1 << 20  # one extra/ entry (trojanscan.json)
 MAX_SMALL_ENTRY_BYTES = 4096  # version, byteorder, .data/*
-MAX_JSON_BYTES = 1 << 20  # trojanscan metadata
-MAX_JSON_DEPTH = 32
 MAX_SAFETENSORS_HEADER_BYTES = 16 << 20
 MAX_SAFETENSORS_HEADER_DEPTH = 4  # {name: {"shape": [..]}} is 3 deep
 MAX_TENSORS = 100_000
@@ -219,63 +219,8 @@ ALLOW_LIST_SIZE = len(ALLOWED_ATEN) + len(ALLOWED_PRIM) + len(ALLOWED_BUILTINS)
 # --- small helpers --------------------------------------------------------------------------------
 
 
-def _shown(text: object, limit: int = 120) -> str:
-    """Text from a file, made safe for a one-line message: no control characters, no markup."""
-    s = re.sub(r"[^\x20-\x7e]", "?", str(text)).replace("[", "(").replace("]", ")")
-    return s if len(s) <= limit else s[: limit - 3] + "..."
-
-
 def refused(path: object, what: str) -> TrojanscanError:
     return TrojanscanError(f"{path}: refused: {what}")
-
-
-def json_depth(raw: str | bytes, limit: int) -> int:
-    """Nesting depth of a JSON text, without recursion; stops counting past ``limit``."""
-    text = raw.decode("utf-8", "replace") if isinstance(raw, (bytes, bytearray)) else raw
-    depth = deepest = 0
-    in_string = escaped = False
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            if depth > deepest:
-                deepest = depth
-                if deepest > limit:
-                    return deepest
-        elif ch in "]}":
-            depth -= 1
-    return deepest
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in seen:
-            raise ValueError(f"duplicate key {_shown(k, 40)!r}")
-        seen[k] = v
-    return seen
-
-
-def parse_json(raw: str | bytes, path: object, what: str, *, max_bytes: int = MAX_JSON_BYTES,
-               max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """``json.loads`` with a size cap, a depth cap checked first, and duplicate keys refused."""
-    if len(raw) > max_bytes:
-        raise refused(path, f"its {what} is {len(raw)} bytes (limit {max_bytes})")
-    depth = json_depth(raw, max_depth)
-    if depth > max_depth:
-        raise refused(path, f"its {what} nests deeper than {max_depth} levels")
-    try:
-        return json.loads(raw, object_pairs_hook=_no_duplicate_keys)
-    except (ValueError, RecursionError) as e:
-        raise TrojanscanError(f"{path}: its {what} is not valid JSON ({_shown(e, 80)})") from None
 
 
 @contextlib.contextmanager

@@ -50,8 +50,10 @@ def wrap_normalization(model: nn.Module, mean: Sequence[float] | None,
         return model, PLAIN_CONVENTION
     if mean is None or std is None:
         raise TrojanscanError("--mean and --std go together: give both or neither")
+    if {len(mean), len(std)} - {1, channels}:
+        counts = "1 value" if channels == 1 else f"1 or {channels} values"
+        raise TrojanscanError(f"--mean/--std need {counts} for {channels}-channel images, got "
+                              f"{len(mean)} and {len(std)}")
     mean = list(mean) * channels if len(mean) == 1 else list(mean)
     std = list(std) * channels if len(std) == 1 else list(std)
-    if len(mean) != channels or len(std) != channels:
-        raise TrojanscanError(f"--mean/--std need 1 or {channels} values for {channels}-channel images")
     return NormalizedInput(model, mean, std), f"[0, 1] pixels, then (x - {mean}) / {std} before the model"

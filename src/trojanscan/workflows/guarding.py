@@ -19,6 +19,7 @@ from trojanscan.data.triggers import Trigger
 from trojanscan.defenses.input_filter import InputFilter
 from trojanscan.defenses.strip import MIN_CALIBRATION_SAMPLES, Strip
 from trojanscan.errors import TrojanscanError
+from trojanscan.fileio import locks_out_dir
 from trojanscan.metrics import far_frr
 from trojanscan.progress import ProgressCallback, Stages
 from trojanscan.report import write_strip_report
@@ -226,6 +227,7 @@ class StripEvaluation(Record):
     guard: Strip | None = internal()  # the calibrated detector, ready for predict()
 
 
+@locks_out_dir()
 def strip_evaluate(model: ModelLike, data: DataLike, trigger: Trigger | str | os.PathLike | None = None, *,
                    n: int = 100, frr: float = 0.01, samples: int = 2000, calibration_samples: int = 2000,
                    blend: str = "add", boundary: str = "normal", seed: int = 0,

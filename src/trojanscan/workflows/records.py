@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 import torch
 
 from trojanscan._version import __version__
-from trojanscan.fileio import to_jsonable, write_json
+from trojanscan.fileio import read_json, to_jsonable, write_json
 
 
 def environment() -> dict[str, str]:
@@ -70,7 +69,7 @@ def mitigation_records(folder: str | os.PathLike, fingerprint: Any) -> dict[str,
     damaged file, or records of an earlier scan in the folder, count as none)."""
     path = Path(folder) / MITIGATION_JSON
     try:
-        records = json.loads(path.read_text()) if path.is_file() else {}
+        records = read_json(path, "mitigation record") if path.is_file() else {}
     except (OSError, ValueError):
         return {}
     if not isinstance(records, dict):

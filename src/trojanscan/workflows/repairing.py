@@ -14,6 +14,8 @@ Example::
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import time
 from dataclasses import dataclass
@@ -30,7 +32,7 @@ from trojanscan.defenses.pruning import prune
 from trojanscan.defenses.scan_result import SCAN_JSON, ScanResult
 from trojanscan.defenses.unlearning import unlearn
 from trojanscan.errors import TrojanscanError
-from trojanscan.fileio import module_sha256, write_json
+from trojanscan.fileio import folder_lock, module_sha256, write_json
 from trojanscan.metrics import attack_success_rate
 from trojanscan.models import ReferenceNet, save_model
 from trojanscan.models.wrappers import PLAIN_CONVENTION
@@ -106,6 +108,21 @@ def _publish(record: MitigationRecord, scan: ScanResult | str | os.PathLike, res
                       extra_sections=[mitigation_section(records)])
 
 
+def _locks_scan_folder(func: Any) -> Any:
+    """Hold the scan folder a mitigation publishes into (see :func:`_publish`) while it runs, so
+    that no scan rewrites it and no other mitigation's record is lost."""
+    signature = inspect.signature(func)
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        folder = _scan_dir(bound.arguments["scan"]) if bound.arguments["publish"] else None
+        with folder_lock(folder, "scan folder", create=False):
+            return func(*args, **kwargs)
+    return wrapper
+
+
 @dataclass
 class _Setup:
     """What every mitigation starts from: the model and data, the scan, its triggers, the real one."""
@@ -172,6 +189,7 @@ def _record(command: str, method: str, setup: _Setup, seed: int, start: float,
         input_convention=setup.resolved.convention, model_trust=setup.resolved.trust_record(), **parts)
 
 
+@_locks_scan_folder
 def build_filter(model: ModelLike, scan: ScanResult | str | os.PathLike, data: DataLike, *,
                  labels: list[int] | None = None, layer: str | None = None, fpr: float = 0.05,
                  top_fraction: float = 0.01, samples: int = 2000,
@@ -212,6 +230,7 @@ def build_filter(model: ModelLike, scan: ScanResult | str | os.PathLike, data: D
     return filt, record
 
 
+@_locks_scan_folder
 def repair(model: ModelLike, scan: ScanResult | str | os.PathLike, data: DataLike, *,
            method: str = "unlearn", out: str | os.PathLike | None = None, labels: list[int] | None = None,
            trigger: Trigger | str | os.PathLike | None = None, layer: str | None = None,

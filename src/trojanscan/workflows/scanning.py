@@ -18,7 +18,7 @@ from trojanscan.defenses.repeats import RepeatedScan, combine_runs
 from trojanscan.defenses.scan_result import ScanResult
 from trojanscan.defenses.verdict import decide
 from trojanscan.errors import TrojanscanError
-from trojanscan.fileio import tensor_sha256, write_json
+from trojanscan.fileio import locks_out_dir, tensor_sha256, write_json
 from trojanscan.metrics import mask_overlap
 from trojanscan.options import option_fields, parse_options
 from trojanscan.progress import ProgressCallback
@@ -57,6 +57,7 @@ def _decide(result: ScanResult, model: nn.Module, x: Any, y: Any, num_classes: i
     result.infected, result.flagged_labels = verdict.infected, verdict.targets if verdict.infected else []
 
 
+@locks_out_dir("scan folder")
 def scan(model: ModelLike, data: DataLike, *, method: str = "neural-cleanse",
          labels: list[int] | None = None, clean_samples: int = 1000,
          mean: list[float] | None = None, std: list[float] | None = None,
@@ -68,6 +69,9 @@ def scan(model: ModelLike, data: DataLike, *, method: str = "neural-cleanse",
     "tabor"); ``options`` are the method's (``schedule``, ``steps``, ``chunk``, ``threshold``,
     ``seed``, TABOR's ``weights`` …). With ``out_dir`` write scan.json, the trigger images and
     ``report.html`` (resumable: rerun with the same folder to continue).
+
+    The folder is held while the scan runs: a second command writing into it is refused in one
+    line.
 
     ``decision`` "paper" flags the labels whose MAD anomaly index passes the threshold (Neural
     Cleanse's test); "verdict" also runs MM-BD and the label-pair search and lets
@@ -129,6 +133,7 @@ def scan(model: ModelLike, data: DataLike, *, method: str = "neural-cleanse",
     return result
 
 
+@locks_out_dir("scan folder")
 def scan_repeated(model: nn.Module | str | os.PathLike, data: Dataset | str | os.PathLike, *,
                   repeats: int = 3, seed: int = 0, threshold: float = 2.0,
                   out_dir: str | os.PathLike | None = None, **options: Any) -> RepeatedScan:

@@ -1,0 +1,490 @@
+"""Issue 21, as a hostile or careless user: bad option values, deeply nested JSON, folders in use.
+
+Every case must end in a one-line error (exit code 2 from the CLI) or the normal result, never a
+traceback. The corpus is built here; ``CORPUS`` counts its cases and outcomes (printed with -s).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import typing
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import typer
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from trojanscan import build_model, load_dataset, save_model
+from trojanscan.cli import app, numeric_options
+from trojanscan.data.triggers import Trigger
+from trojanscan.defenses.scan_result import LabelResult, ScanResult
+from trojanscan.errors import TrojanscanError, TrojanscanWarning
+from trojanscan.fileio import LOCK_FILE, MAX_RESULT_JSON_BYTES, folder_lock, save_npz_record
+from trojanscan.models.wrappers import PLAIN_CONVENTION
+from trojanscan.options import parse_options
+from trojanscan.validation import OPTION_BOUNDS, SEED, Bounds, check_number
+
+runner = CliRunner()
+CORPUS: Counter = Counter()  # (kind of case, outcome) → count
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_corpus():
+    yield
+    for (kind, outcome), n in sorted(CORPUS.items()):
+        print(f"corpus: {kind}: {n} × {outcome}")
+    print(f"corpus: {sum(CORPUS.values())} cases")
+
+
+def commands(t: typer.Typer = app, path: tuple[str, ...] = ()):
+    """(words of the command, its undecorated function) for every command of the app."""
+    for c in t.registered_commands:
+        yield (*path, c.name or c.callback.__name__.replace("_", "-")), c.callback
+    for g in t.registered_groups:
+        yield from commands(g.typer_instance, (*path, g.name))
+
+
+def required_args(func, tmp: Path) -> list[str]:
+    """Dummy values for a command's required arguments and options: names of files that do not
+    exist, so that a value the checks let through fails fast on the missing file."""
+    args, options = [], []
+    for p in inspect.signature(inspect.unwrap(func)).parameters.values():
+        info = p.default
+        if getattr(info, "default", None) is not ... and p.name not in ("data", "out"):
+            continue  # an optional --data or --out (bench zoo, demo) must not default to real work
+        flag = next((d for d in getattr(info, "param_decls", None) or () if d.startswith("--")), None)
+        value = "tbt" if p.name == "name" else str(tmp / f"nope-{p.name}")
+        if flag is None:
+            args.append(value)
+        else:
+            options += [flag, value]
+    return args + options
+
+
+def one_line_error(result) -> str:
+    """The CLI's answer to a mistake: exit 2, no exception, exactly one line on stderr."""
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def bad_values(bounds: Bounds) -> list[str]:
+    """Values just outside ``bounds``, non-finite or absurd ones, and text that is not a number."""
+    if bounds.kind is int:
+        low, high = int(bounds.low), int(bounds.high)
+        return [str(low - 1), str(high + 1), str(2**63), str(-(2**63) - 1), str(10**30), "1e9", "abc"]
+    values = ["nan", "inf", "-inf", "1e308", "-1e308", "abc", f"{bounds.high * 1.5 + 1:g}",
+              f"{bounds.low - 1:g}"]
+    values += [f"{bounds.low:g}"] if bounds.low_open else []
+    values += [f"{bounds.high:g}"] if bounds.high_open else []
+    return values
+
+
+def edge_values(bounds: Bounds) -> list[str]:
+    """The inclusive ends of ``bounds``: accepted."""
+    text = (lambda v: f"{v:g}") if bounds.kind is float else (lambda v: str(int(v)))
+    return ([] if bounds.low_open else [text(bounds.low)]) + ([] if bounds.high_open else [text(bounds.high)])
+
+
+# --- 1. numeric options ----------------------------------------------------------------------------
+
+
+def test_every_numeric_option_of_every_command_is_bounded():
+    found = 0
+    for words, func in commands():
+        assert hasattr(func, "__wrapped__"), f"{' '.join(words)} is not wrapped by friendly_errors"
+        hints = typing.get_type_hints(inspect.unwrap(func))
+        numeric = {n for n, h in hints.items() if h in (int, float)}
+        flags = numeric_options(inspect.unwrap(func))
+        assert set(flags) == numeric and all(f in OPTION_BOUNDS for f in flags.values()), words
+        found += len(flags)
+    assert found >= 40  # 49 when written: a command that loses its options would show here
+
+
+def test_bad_numeric_option_values_are_one_line_errors_naming_the_option(tmp_path):
+    for words, func in commands():
+        base = [*words, *required_args(func, tmp_path)]
+        for flag in numeric_options(inspect.unwrap(func)).values():
+            bounds = OPTION_BOUNDS[flag]
+            if bounds is None:
+                continue
+            for value in bad_values(bounds):
+                line = one_line_error(runner.invoke(app, [*base, flag, value]))
+                assert f"'{flag}'" in line or line.startswith(f"error: {flag} "), (words, flag, value, line)
+                CORPUS["bad option value", "one-line error naming the option"] += 1
+
+
+def test_edge_values_pass_the_check(tmp_path):
+    """The inclusive ends are accepted: the command goes on and stops at the missing file instead."""
+    for words, func in commands():
+        if words == ("demo",):  # no file to stop at: it would train
+            continue
+        base = [*words, *required_args(func, tmp_path)]
+        for flag in numeric_options(inspect.unwrap(func)).values():
+            for value in edge_values(OPTION_BOUNDS[flag]) if OPTION_BOUNDS[flag] else []:
+                line = one_line_error(runner.invoke(app, [*base, flag, value]))
+                assert flag not in line and "nope-" in line, (words, flag, value, line)
+                CORPUS["edge option value", "accepted (then a one-line error on the missing file)"] += 1
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["scan", "m", "--data", "d", "--out", "o", "--option", "threshold=nan"], "threshold"),
+    (["scan", "m", "--data", "d", "--out", "o", "--option", "threshold=inf"], "threshold"),
+    (["scan", "m", "--data", "d", "--out", "o", "--option", "threshold=1e308"], "option threshold"),
+    (["scan", "m", "--data", "d", "--out", "o", "--option", "threshold=0"], "option threshold"),
+    (["scan", "m", "--data", "d", "--out", "o", "--option", "seed=9223372036854775808"], "option seed"),
+    (["scan", "m", "--data", "d", "--out", "o", "--option", "seed=-1"], "option seed"),
+    (["scan", "m", "--data", "d", "--out", "o", "--option", "steps=0"], "option steps"),
+    (["scan", "m", "--data", "d", "--out", "o", "--option", f"steps={10**30}"], "option steps"),
+    (["scan", "m", "--data", "d", "--out", "o", "--option", "chunk=-3"], "option chunk"),
+    (["scan", "m", "--data", "d", "--out", "o", "--method", "tabor", "--option", "weights.alone=nan"],
+     "alone"),
+    (["scan", "m", "--data", "d", "--out", "o", "--method", "tabor", "--tabor-weights", "crop=-inf"],
+     "crop"),
+    (["scan", "m", "--data", "d", "--out", "o", "--mean", "nan", "--std", "0.5"], "--mean"),
+    (["scan", "m", "--data", "d", "--out", "o", "--mean", "0.5", "--std", "inf"], "--std"),
+    (["train", "--data", "d", "--out", "o.pt", "--attack", "badnets", "--option", f"size={10**20}"],
+     "option size"),
+    (["train", "--data", "d", "--out", "o.pt", "--attack", "badnets", "--option", "poison_rate=2"],
+     "option poison_rate"),
+    (["train", "--data", "d", "--out", "o.pt", "--attack", "blend", "--option", "alpha=nan"], "alpha"),
+    (["attack", "finetune", "--model", "m", "--data", "d", "--out", "o.pt", "--option", "lr=inf"],
+     "lr"),
+    (["attack", "finetune", "--model", "m", "--data", "d", "--out", "o.pt", "--option", "epochs=0"],
+     "option epochs"),
+])
+def test_bad_method_option_values_are_one_line_errors(args, needle):
+    line = one_line_error(runner.invoke(app, args))
+    assert needle in line, line
+    CORPUS["bad --option/--mean/--std value", "one-line error naming the option"] += 1
+
+
+def test_checks_of_numbers_outside_the_cli():
+    from trojanscan.defenses.strip import parse_temperature
+
+    assert parse_temperature("1000") == 1000.0 and parse_temperature("auto") == "auto"
+    for value in (math.nan, math.inf, 1e308, 0, -1, True, "3e3", "nan", "hot"):
+        with pytest.raises(TrojanscanError, match="temperature"):
+            parse_temperature(value)
+        CORPUS["bad STRIP temperature (API)", "one-line error"] += 1
+    for seed, problem in ((2**63, "<= 9223372036854775807"), (-1, ">= 0"), (1.5, "a whole number from 0 to"),
+                          (True, "a whole number from 0 to")):
+        with pytest.raises(TrojanscanError, match=f"^seed must be {problem}"):
+            check_number("seed", seed, SEED)
+        CORPUS["bad seed (API)", "one-line error"] += 1
+    from trojanscan.models.wrappers import wrap_normalization
+    with pytest.raises(TrojanscanError, match="need 1 value for 1-channel images, got 2 and 2"):
+        wrap_normalization(object(), [0.5, 0.5], [0.5, 0.5], 1)
+    with pytest.raises(TrojanscanError, match="need 1 or 3 values for 3-channel images, got 2 and 1"):
+        wrap_normalization(object(), [0.5, 0.5], [0.5], 3)
+    from trojanscan.defenses.neural_cleanse import NeuralCleanseOptions
+    assert parse_options(NeuralCleanseOptions, ["threshold=3", "seed=7"]) == {"threshold": 3.0, "seed": 7}
+
+
+# --- 2. JSON from files a stranger may hand us -----------------------------------------------------
+
+DEEP = 200_000
+
+
+def _deep_list(n: int = DEEP) -> str:
+    return "[" * n + "]" * n
+
+
+def _deep_dict(n: int = DEEP // 2) -> str:  # 700 kB: under the 1 MB cap of model metadata
+    return '{"a": ' * n + "1" + "}" * n
+
+
+def _small_scan(out: Path, warning: str = "") -> ScanResult:
+    """A three-label scan result written to ``out``, built without a model."""
+    labels = [LabelResult(label=k, l1_norm=float(10 + k), attack_success_rate=1.0, converged=True,
+                          steps=3, image_passes=96, seconds=0.1, stop_reason="patience", final_cost=1e-3,
+                          mask=torch.full((4, 4), 0.1 * k), pattern=torch.zeros(1, 4, 4))
+              for k in range(3)]
+    result = ScanResult(method="neural-cleanse", labels=labels, flagged_labels=[], infected=False,
+                        anomaly_index=0.5, threshold=2.0, median_l1=11.0, mad=1.0,
+                        parameters={"fingerprint": "f" * 64}, seed=0, model_sha256="m" * 64,
+                        data_sha256="d" * 64, seconds=0.3, input_convention=PLAIN_CONVENTION,
+                        warnings=[warning] if warning else [])
+    result.save(out)
+    return result
+
+
+def _scan_json_case(tmp: Path, name: str, text: str | None) -> Path:
+    """A copy of a good scan folder whose scan.json is replaced by ``text`` (None: a sparse file
+    over the size cap)."""
+    folder = tmp / name
+    _small_scan(folder)
+    path = folder / "scan.json"
+    if text is None:
+        with open(path, "wb") as f:
+            f.truncate(MAX_RESULT_JSON_BYTES + 1)
+    else:
+        path.write_text(text)
+    return folder
+
+
+def test_deep_or_damaged_scan_results_are_refused_in_one_line(tmp_path):
+    cases = {
+        "deep-list": (_deep_list(), "nests deeper than 32 levels"),
+        "deep-dict": (_deep_dict(), "nests deeper than 32 levels"),
+        "deep-33": (_deep_list(33), "nests deeper than 32 levels"),
+        "huge": (None, "bytes (limit"),
+        "duplicate-key": ('{"method": "a", "method": "b"}', "duplicate key"),
+        "not-json": ("{'method': nan", "not valid JSON"),
+        "a-list": ("[1, 2, 3]", "incomplete scan result"),
+        "wrong-types": ('{"parameters": [], "labels": 3}', "incomplete scan result"),
+        "empty": ("", "not valid JSON"),
+    }
+    for name, (text, needle) in cases.items():
+        folder = _scan_json_case(tmp_path, name, text)
+        with pytest.raises(TrojanscanError) as e:
+            ScanResult.load(folder)
+        message = str(e.value)
+        assert "scan.json" in message and needle in message and "\n" not in message, (name, message)
+        CORPUS["damaged scan.json", "one-line error naming the file"] += 1
+    # brackets inside strings are text, not nesting: such a file is read as it was written
+    _small_scan(tmp_path / "brackets", warning="[{" * 50_000)
+    assert ScanResult.load(tmp_path / "brackets").warnings == ["[{" * 50_000]
+    CORPUS["scan.json with brackets in its strings", "normal result"] += 1
+
+
+def test_deep_side_files_are_refused_or_redone(tmp_path):
+    from trojanscan.defenses.scan import _drop_stale_result
+    from trojanscan.defenses.scan_result import label_file, load_label
+    from trojanscan.workflows.records import MITIGATION_JSON, mitigation_records
+
+    # mitigation.json: a damaged one only held summaries, so it counts as none
+    folder = tmp_path / "mitigated"
+    _small_scan(folder)
+    for text in (_deep_list(), _deep_dict(), '{"a": 1, "a": 2}'):
+        (folder / MITIGATION_JSON).write_text(text)
+        assert mitigation_records(folder, "f" * 64) == {}
+        CORPUS["damaged mitigation.json", "ignored (no earlier repairs)"] += 1
+    # a stale scan.json about to be replaced by a rerun
+    (folder / "scan.json").write_text(_deep_list())
+    _drop_stale_result(folder, "another fingerprint")
+    assert not (folder / "scan.json").exists()
+    CORPUS["deep stale scan.json on rerun", "removed, scan redone"] += 1
+    # a label file whose record nests deep: the label is not done (redone by a rerun) ...
+    folder = tmp_path / "labels"
+    _small_scan(folder)
+    save_npz_record(label_file(folder, 1), {"mask": np.zeros((4, 4), np.float32),
+                                            "pattern": np.zeros((1, 4, 4), np.float32),
+                                            "record": _deep_list()})
+    assert load_label(label_file(folder, 1), "f" * 64) is None
+    CORPUS["deep label record", "label redone"] += 1
+    # ... and a finished scan that needs it says so in one line
+    with pytest.raises(TrojanscanError, match=r"label_001.npz: missing, damaged or from another scan"):
+        ScanResult.load(folder)
+    CORPUS["scan.json whose label file is deep", "one-line error naming the file"] += 1
+    # a trigger file whose parameters nest deep
+    trig = tmp_path / "deep.trigger.npz"
+    save_npz_record(trig, {"mask": np.zeros((4, 4), np.float32), "pattern": np.zeros((1, 4, 4), np.float32),
+                           "target": np.int64(0), "kind": "patch", "params": _deep_list()})
+    with pytest.raises(TrojanscanError, match=r"deep.trigger.npz: refused: its trigger parameters nest"):
+        Trigger.load(trig)
+    CORPUS["deep trigger parameters", "one-line error naming the file"] += 1
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_deep_model_metadata_is_refused_by_every_command(tmp_path):
+    model = build_model("mnist-cnn", 10, (1, 16, 16))
+    files = {}
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    for name, meta in (("deep-list", _deep_list()), ("deep-dict", _deep_dict())):
+        files[f"{name}.safetensors"] = tmp_path / f"{name}.safetensors"
+        save_file(state, str(files[f"{name}.safetensors"]), metadata={"trojanscan": meta})
+        files[f"{name}.pt"] = tmp_path / f"{name}.pt"
+        torch.jit.script(model).save(str(files[f"{name}.pt"]), _extra_files={"trojanscan.json": meta})
+    scan = tmp_path / "scan"
+    _small_scan(scan)
+    for path in files.values():
+        for args in (["evaluate", str(path), "--data", "digits"],
+                     ["scan", str(path), "--data", "digits", "--out", str(tmp_path / "out")],
+                     ["repair", str(path), "--scan", str(scan), "--data", "digits", "--out",
+                      str(tmp_path / "r.pt")],
+                     ["strip", "calibrate", str(path), "--data", "digits", "--out", str(tmp_path / "c.npz")]):
+            line = one_line_error(runner.invoke(app, args))
+            assert path.name in line and "nests deeper than 32 levels" in line, (args, line)
+            CORPUS["deep model metadata", "one-line error naming the file"] += 1
+
+
+def test_a_deep_scan_json_stops_repair_and_filter_in_one_line(tmp_path):
+    model = save_model(build_model("mnist-cnn", 10, (1, 16, 16)), tmp_path / "m.safetensors")
+    scan = _scan_json_case(tmp_path, "deep", _deep_list())
+    for args in (["repair", str(model), "--scan", str(scan), "--data", "digits", "--out",
+                  str(tmp_path / "r.safetensors")],
+                 ["filter", str(model), "--scan", str(scan / "scan.json"), "--data", "digits", "--out",
+                  str(tmp_path / "f.npz")]):
+        line = one_line_error(runner.invoke(app, args))
+        assert "scan.json: refused: its scan result nests deeper than 32 levels" in line, line
+        CORPUS["deep scan.json given to repair/filter", "one-line error naming the file"] += 1
+
+
+# --- 3. a folder in use, a lock or temporary files left by a killed run, SIGTERM ------------------
+
+HOLD = """
+import sys, time
+from trojanscan.fileio import folder_lock
+with folder_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def _commands_writing_into(folder: Path, tmp: Path) -> list[list[str]]:
+    """Every command that writes into a folder, pointed at ``folder``, with inputs that do not exist:
+    the folder's lock is the first thing each checks."""
+    missing = str(tmp / "nope.safetensors")
+    return [
+        ["scan", missing, "--data", "digits", "--out", str(folder)],
+        ["scan", missing, "--data", "digits", "--out", str(folder), "--repeats", "2"],
+        ["repair", missing, "--scan", str(folder), "--data", "digits", "--out", str(tmp / "r.pt")],
+        ["filter", missing, "--scan", str(folder / "scan.json"), "--data", "digits", "--out",
+         str(tmp / "f.npz")],
+        ["strip", "evaluate", missing, "--data", "digits", "--out", str(folder)],
+        ["demo", "--out", str(folder)],
+        ["bench", "zoo", "--out", str(folder), "--data", str(tmp / "nope.npz")],
+    ]
+
+
+def test_a_folder_in_use_is_refused_in_one_line(tmp_path):
+    folder = tmp_path / "busy"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for args in _commands_writing_into(folder, tmp_path):
+            line = one_line_error(runner.invoke(app, args))
+            assert f"{folder}:" in line and "in use by another trojanscan command" in line, (args, line)
+            assert f"pid {holder.pid} on " in line, line
+            CORPUS["command into a folder held by another process", "one-line error"] += 1
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder was killed: its lock is stale now, and the next command takes it over
+    assert (folder / LOCK_FILE).is_file()
+    result = runner.invoke(app, ["strip", "evaluate", str(tmp_path / "nope.pt"), "--data", "digits",
+                                 "--out", str(folder)])
+    assert f"took over the lock of pid {holder.pid}" in result.stdout, result.stdout
+    assert "nope.pt" in one_line_error(result) and not (folder / LOCK_FILE).exists()
+    CORPUS["command into a folder with a stale lock", "taken over with a warning"] += 1
+
+
+def test_locks_within_one_process_and_stale_ones(tmp_path):
+    folder = tmp_path / "f"
+    folder.mkdir()
+    with folder_lock(folder):  # a second command in the same process is refused too
+        assert (folder / LOCK_FILE).read_text().split()[0] == str(os.getpid())
+        for args in _commands_writing_into(folder, tmp_path):
+            assert "in use by another trojanscan command" in one_line_error(runner.invoke(app, args))
+            CORPUS["command into a folder held in this process", "one-line error"] += 1
+    assert not (folder / LOCK_FILE).exists()
+    # a lock whose process is gone, an empty one left before its pid was written, a garbled one
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    old = time.time() - 3600
+    for content in (f"{dead} somehost {old:.0f}\n", "", "garbage \x00\x01 [red]x[/red]\n"):
+        (folder / LOCK_FILE).write_text(content)
+        os.utime(folder / LOCK_FILE, (old, old))
+        with pytest.warns(TrojanscanWarning, match="took over the lock of .*no longer running"):
+            with folder_lock(folder):
+                assert (folder / LOCK_FILE).read_text().split()[0] == str(os.getpid())
+        assert not (folder / LOCK_FILE).exists()
+        CORPUS["stale lock file", "taken over with a warning"] += 1
+    # an empty lock file just made is its owner's, about to be written: in use
+    (folder / LOCK_FILE).write_text("")
+    with pytest.raises(TrojanscanError, match="in use by another trojanscan command"):
+        with folder_lock(folder):
+            pass
+    CORPUS["lock file being created", "one-line error"] += 1
+    # a folder that does not exist is not created by a command that fails, nor by a mitigation
+    assert "nope.pt" in one_line_error(runner.invoke(app, ["scan", str(tmp_path / "nope.pt"), "--data",
+                                                            "digits", "--out", str(tmp_path / "new")]))
+    assert not (tmp_path / "new").exists()
+    with folder_lock(tmp_path / "absent", create=False):
+        assert not (tmp_path / "absent").exists()
+
+
+def test_stale_temporary_files_are_removed_when_the_folder_is_reopened(tmp_path):
+    folder = tmp_path / "scan"
+    _small_scan(folder)
+    stale = [folder / ".scan.json.k3j2.tmp", folder / "labels" / ".label_001.npz.x8.tmp",
+             folder / "seed-3" / ".scan.json.q.tmp", folder / ".model.safetensors.tmp"]
+    busy = folder / "seed-4"
+    busy.mkdir()
+    kept = [folder / "notes.tmp", folder / "labels" / "label_001.npz", busy / ".scan.json.b.tmp"]
+    with folder_lock(busy):  # another command's folder: the temporary file it is writing is its own
+        for p in [*stale, *kept]:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(p.read_bytes() if p.exists() else b"half a file")
+        with folder_lock(folder):
+            pass
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+    CORPUS["stale .tmp files", "removed on reopening"] += len(stale)
+    assert ScanResult.load(folder).flagged_labels == []  # the scan itself is untouched
+
+
+class Centroids(torch.nn.Module):
+    """The nearest class mean: a digits classifier (about 89% accurate) without any training."""
+
+    def __init__(self, means: torch.Tensor) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(2 * means)
+        self.b = torch.nn.Parameter(-(means * means).sum(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) @ self.w.t() + self.b
+
+
+@pytest.fixture(scope="module")
+def centroid_model(tmp_path_factory):
+    data = load_dataset("digits")
+    x, y = data.x_train.flatten(1), data.y_train
+    path = tmp_path_factory.mktemp("centroids") / "centroids.pt"
+    torch.jit.script(Centroids(torch.stack([x[y == k].mean(0) for k in range(10)]))).save(str(path))
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated"),
+                                             (signal.SIGINT, 130, "interrupted")])
+def test_a_killed_scan_keeps_its_labels_and_the_rerun_finishes(centroid_model, tmp_path, monkeypatch, sig,
+                                                               code, word):
+    import trojanscan.defenses.scan as scan_module
+
+    out = tmp_path / "scan"
+    args = ["scan", str(centroid_model), "--data", "digits", "--out", str(out), "--chunk", "1",
+            "--steps", "30", "--clean-samples", "200", "--labels", "0,1,2,3"]
+    save_label = scan_module.save_label
+
+    def save_then_kill(*a, **k):  # the signal arrives right after the first label is written
+        save_label(*a, **k)
+        os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr(scan_module, "save_label", save_then_kill)
+    handler = signal.getsignal(signal.SIGTERM)
+    result = runner.invoke(app, args)
+    assert signal.getsignal(signal.SIGTERM) is handler  # the command's own handler is gone again
+    assert result.exit_code == code and result.stderr.strip() == (
+        f"{word}; finished work is saved, rerun the same command to resume"), result.output
+    assert [p.name for p in out.glob("labels/label_*.npz")] == ["label_000.npz"]
+    assert not (out / LOCK_FILE).exists() and not list(out.rglob("*.tmp"))
+    CORPUS[f"scan stopped by {sig.name} after a label", f"one line, exit {code}, the label kept"] += 1
+    monkeypatch.setattr(scan_module, "save_label", save_label)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert len(list(out.glob("labels/label_*.npz"))) == 4 and (out / "scan.json").is_file()
+    CORPUS["rerun after the stop", "normal result"] += 1
