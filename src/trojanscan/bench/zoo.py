@@ -48,7 +48,7 @@ from trojanscan.defenses.repeats import combine_runs
 from trojanscan.defenses.scan_result import ScanResult
 from trojanscan.defenses.strip import BOUNDARY_METHODS, Strip, parse_temperature
 from trojanscan.errors import TrojanscanError
-from trojanscan.fileio import sha256_file, write_json
+from trojanscan.fileio import read_json, sha256_file, write_json
 from trojanscan.models import load_model, save_model
 from trojanscan.models.wrappers import ExpectsNormalised, wrap_normalization
 from trojanscan.report.zoo_html import evidence_summary, write_zoo_report
@@ -74,9 +74,9 @@ def _cached_model(models_dir: Path, key: str) -> dict[str, Any] | None:
     record_path = models_dir / f"{key}.json"
     if not record_path.is_file():
         return None
-    try:
-        record = json.loads(record_path.read_text())
-    except ValueError:
+    try:  # a damaged or oversized record: train again
+        record = read_json(record_path, "zoo model record")
+    except TrojanscanError:
         return None
     if not isinstance(record, dict) or record.get("key") != key:
         return None
@@ -145,10 +145,10 @@ def _cached_row(out: Path, model_sha256: str, keys: set[str]) -> dict[str, Any] 
     """A measurement saved earlier for the same model, if it is intact."""
     if out.is_file():
         try:
-            row = json.loads(out.read_text())
+            row = read_json(out, "zoo measurement")
             if isinstance(row, dict) and row.get("model_sha256") == model_sha256 and keys <= set(row):
                 return row
-        except ValueError:
+        except TrojanscanError:
             pass  # damaged: measure again
     return None
 
