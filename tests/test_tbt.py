@@ -118,3 +118,19 @@ def test_bad_options_are_one_line_errors(clean_digits, digits):
         TBT(target=10).apply(clean_digits.model, digits)
     with pytest.raises(TrojanscanError, match="exceeds the last layer"):
         TBT(wb=10**6, trigger_steps=1, insert_steps=1).apply(clean_digits.model, digits)
+
+
+def test_tampered_quantisation_metadata_is_refused_in_one_line(tmp_path, clean_digits):
+    from trojanscan.models.quantised import dequantised_state, quantised_state
+
+    state = {k: v for k, v in clean_digits.model.state_dict().items()}
+    tensors, meta = quantised_state(state, {"classifier.weight": 0.01})
+    twice = {**meta, "tensors": ["classifier.weight", "classifier.weight"]}
+    with pytest.raises(TrojanscanError, match="twice"):
+        dequantised_state(tensors, twice, "m.safetensors")
+    for step in (torch.tensor(-0.01), torch.tensor(float("inf")), torch.tensor(3e38), torch.tensor(1)):
+        bad = {**tensors, "classifier.weight" + STEP_SUFFIX: step}
+        with pytest.raises(TrojanscanError, match="step|lacks"):
+            dequantised_state(bad, meta, "m.safetensors")
+    back = dequantised_state(tensors, meta, "m.safetensors")
+    assert back["classifier.weight"].dtype == torch.float32 and "classifier.weight" + STEP_SUFFIX not in back

@@ -171,3 +171,12 @@ def test_a_pair_the_model_already_confuses_is_not_evidence():
     for p in pairs.pairs[:10]:
         p.prescreen_probability = 0.02  # a trigger's job: the clean images do not go there
     assert decide(_scan(FLAT), pairs=pairs).kind == "all-to-all"
+
+
+def test_too_few_labels_give_no_size_evidence():
+    from trojanscan.defenses.verdict import MIN_SIZE_LABELS
+
+    assert math.isnan(size_ratio_p_value(0.4, MIN_SIZE_LABELS - 1))  # a 2.5x gap between 2 labels
+    assert decide(_scan([30.0])).verdict == "clean"  # no division by the zero of one label
+    v = decide(_scan([30.0, 12.0]), _margins([30.0, 90.0], 0.001))  # MM-BD alone still decides
+    assert (v.verdict, v.targets) == ("backdoored", [1])

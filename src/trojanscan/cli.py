@@ -174,7 +174,8 @@ def friendly_errors(func: F) -> F:
             raise typer.Exit(code) from None
         finally:
             if main_thread:
-                signal.signal(signal.SIGTERM, previous)
+                if previous is not None:  # None: a handler not installed from Python
+                    signal.signal(signal.SIGTERM, previous)
 
     signature = inspect.signature(func)
     quiet = inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, annotation=bool,

@@ -222,6 +222,11 @@ LOCK_FILE = ".trojanscan.lock"
 _FRESH_LOCK_S = 10.0  # an empty lock file younger than this is being written by its owner
 
 
+# the temporaries of trojanscan's atomic writes: .NAME.EXT[.RANDOM].tmp, EXT one of the files it writes
+# (a user's notes.tmp or an editor's swap file is left alone)
+OWN_TEMPORARY = re.compile(r"^\.[^/]+\.(json|npz|html|png|md|safetensors|pt|pth)(\.[A-Za-z0-9_]+)?\.tmp$")
+
+
 def remove_stale_temporaries(folder: Path) -> int:
     """Delete the ``.NAME.*.tmp`` files an interrupted atomic write left in ``folder`` and in its
     subfolders that no other command holds; returns how many."""
@@ -229,7 +234,7 @@ def remove_stale_temporaries(folder: Path) -> int:
     folders = [folder, *(d for d in folder.iterdir() if d.is_dir() and not (d / LOCK_FILE).exists())]
     for d in folders:
         for tmp in d.glob(".*.tmp"):
-            if tmp.is_file():
+            if tmp.is_file() and OWN_TEMPORARY.match(tmp.name):
                 tmp.unlink(missing_ok=True)
                 removed += 1
     return removed

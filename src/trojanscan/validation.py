@@ -5,6 +5,7 @@ the fix). :data:`OPTION_BOUNDS` holds the range of every numeric command-line op
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -77,7 +78,7 @@ class Bounds:
 
     def problem(self, value: Any) -> str | None:
         """What is wrong with ``value`` (``"must be >= 2"``), or ``None`` if it is within bounds."""
-        kinds = (int,) if self.kind is int else (int, float)
+        kinds = (numbers.Integral,) if self.kind is int else (numbers.Real,)  # numpy's too
         if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
             return f"must be {self.describe()}"
         show = (lambda v: str(int(v))) if self.kind is int else (lambda v: f"{v:g}")

@@ -63,6 +63,9 @@ ALL_TO_ALL_PAIRS = 3  # injected pairs (to as many different targets) that make 
 # injected pair of the MNIST/Fashion-MNIST zoos had at most 0.04.
 PAIR_PRIOR = 0.1
 VERDICTS = ("clean", "suspicious", "backdoored")
+# the size null was fitted on 10- and 43-label models; with 2 labels two ordinary triggers 2.5x apart
+# would read p 0.004, and with 1 the expected smallest normal is 0
+MIN_SIZE_LABELS = 5
 SCORE_MEANING = ("combined p-value (Fisher's method over the evidence with a p-value): the chance that a "
                  "clean model shows evidence this strong")
 
@@ -117,7 +120,10 @@ def smallest_normal(labels: int) -> float:
 
 
 def size_ratio_p_value(ratio: float, labels: int = 10) -> float:
-    """The chance that a clean model with ``labels`` labels has a size ratio at most ``ratio``."""
+    """The chance that a clean model with ``labels`` labels has a size ratio at most ``ratio``; NaN
+    (no evidence) below :data:`MIN_SIZE_LABELS` labels, where the fitted null says nothing."""
+    if labels < MIN_SIZE_LABELS:
+        return math.nan
     if not ratio > 0:
         return 0.0 if ratio == 0 else math.nan
     mean, sd = CLEAN_LOG_RATIO
@@ -160,6 +166,8 @@ def _size_evidence(scan: ScanResult) -> EvidenceItem:
 
 def _ratio_at(p: float, labels: int) -> float:
     """The size ratio whose p-value is ``p`` (the threshold the ratio is held to)."""
+    if labels < MIN_SIZE_LABELS:
+        return math.nan
     mean, sd = CLEAN_LOG_RATIO
     return math.exp(statistics.NormalDist(mean, sd).inv_cdf(p) * smallest_normal(labels))
 
@@ -211,8 +219,8 @@ def decide(scan: ScanResult, mmbd: MarginEvidence | None = None,
         items.append(_pair_evidence(pairs))
     p_values = [e.p_value for e in items if math.isfinite(e.p_value)]
     score = combined_p_value(p_values) if p_values else math.nan
-    per_label = {k: combined_p_value(ps) for k, ps in label_p.items()
-                 if all(math.isfinite(p) for p in ps)}
+    per_label = {k: combined_p_value([p for p in ps if math.isfinite(p)]) for k, ps in label_p.items()
+                 if any(math.isfinite(p) for p in ps)}
     found = injected_pairs(pairs) if pairs is not None else []
     pair_says = items[-1].says if pairs is not None else "clean"
     verdict = ("backdoored" if score < ALPHA or pair_says == "backdoor" else

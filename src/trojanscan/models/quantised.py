@@ -76,15 +76,20 @@ def dequantised_state(state: dict[str, torch.Tensor], meta: Any, shown: object
             or not isinstance(meta.get("tensors"), list)):
         raise TrojanscanError(f"{shown}: unknown weight quantisation {str(meta)[:80]!r}; this version "
                               f"reads {SCHEME!r}")
+    names = meta["tensors"]
+    if not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise TrojanscanError(f"{shown}: its quantisation metadata names a tensor twice or not by name")
     out = dict(state)
-    for name in meta["tensors"]:
-        codes, step = state.get(name) if isinstance(name, str) else None, state.get(f"{name}{STEP_SUFFIX}")
-        if codes is None or step is None or codes.dtype != torch.int8 or step.numel() != 1:
-            raise TrojanscanError(f"{shown}: quantised tensor {str(name)[:80]!r} lacks its int8 codes "
+    for name in names:
+        codes, step = state.get(name), state.get(f"{name}{STEP_SUFFIX}")
+        if (codes is None or step is None or codes.dtype != torch.int8 or step.numel() != 1
+                or not step.is_floating_point()):
+            raise TrojanscanError(f"{shown}: quantised tensor {name[:80]!r} lacks its int8 codes "
                                   "or its step")
         value = float(step)
-        if not (math.isfinite(value) and value > 0):
-            raise TrojanscanError(f"{shown}: quantised tensor {name!r} has step {value}; it must be > 0")
+        if not (math.isfinite(value) and 0 < value and LEVELS * value < torch.finfo(torch.float32).max):
+            raise TrojanscanError(f"{shown}: quantised tensor {name[:80]!r} has step {value:g}; it must "
+                                  "be positive and keep the weights finite")
         out[name] = dequantise(codes, value)
         del out[f"{name}{STEP_SUFFIX}"]
     return out

@@ -138,6 +138,8 @@ def score_phrase(verdict: dict[str, Any]) -> str:
     cuts = verdict.get("thresholds")
     held = (f"; backdoored below {cuts['backdoored']:g}, suspicious below {cuts['suspicious']:g}"
             if cuts else "")
+    if int(verdict.get("rule_version", 0)) < 4:  # rules 1-3 scored by Bonferroni's bound
+        return f"score {_num(verdict.get('score'), 3)} (chance bound for a clean model)"
     return f"score {_num(verdict.get('score'), 3)} (combined p-value for a clean model{held})"
 
 
