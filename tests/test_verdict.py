@@ -149,8 +149,9 @@ def test_decision_verdict_from_the_command_line(trojaned_digits, tmp_path):
     size = scan["verdict"]["evidence"][0]
     assert size["says"] == "backdoor" and size["targets"] == [0] and size["p_value"] < ALPHA
     assert scan["verdict"]["targets"] == [0] and scan["verdict"]["score"] < SUSPICIOUS
-    verdict = scan["verdict"]["verdict"]
-    assert verdict in ("backdoored", "suspicious") and verdict.upper() in result.output
+    verdict = scan["verdict"]["verdict"]  # the score decides, on the rule's own cut
+    assert verdict == ("backdoored" if scan["verdict"]["score"] < ALPHA else "suspicious")
+    assert verdict.upper() in result.output
     assert "maximum margin" in result.output and "combined p-value" in result.output
     assert scan["infected"] == (verdict == "backdoored")
     assert scan["verdict"]["thresholds"]["backdoored"] == ALPHA
