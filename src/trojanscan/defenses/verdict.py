@@ -148,10 +148,9 @@ def _says(p: float) -> str:
     return "backdoor" if p < ALPHA else "suspicious" if p < SUSPICIOUS else "clean"
 
 
-def _size_evidence(scan: ScanResult) -> EvidenceItem:
+def _size_evidence(scan: ScanResult, label_p: dict[int, float]) -> EvidenceItem:
     norms = {r.label: r.l1_norm for r in scan.labels}
     median = statistics.median(norms.values())
-    label_p = _label_p_values(scan)
     smallest = min(norms, key=norms.get)
     p = label_p[smallest]
     says = _says(p)
@@ -210,8 +209,9 @@ def _pair_evidence(pairs: PairEvidence) -> EvidenceItem:
 def decide(scan: ScanResult, mmbd: MarginEvidence | None = None,
            pairs: PairEvidence | None = None) -> Verdict:
     """Combine the evidence into one :class:`Verdict` (see the module notes for the rule)."""
-    items = [_size_evidence(scan)]
-    label_p = {k: [p] for k, p in _label_p_values(scan).items()}
+    size_p = _label_p_values(scan)
+    items = [_size_evidence(scan, size_p)]
+    label_p = {k: [p] for k, p in size_p.items()}
     if mmbd is not None:
         items.append(_margin_evidence(mmbd))
         label_p.setdefault(margin_top(mmbd), []).append(mmbd.p_value)
