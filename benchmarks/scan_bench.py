@@ -46,6 +46,7 @@ def scan_one(model_path: Path, dataset: str, schedule: str, chunk: int, clean_sa
         "seconds_per_label": statistics.mean(r.seconds for r in labels),
         "image_passes_per_label": statistics.mean(r.image_passes for r in labels),
         "steps_per_label": statistics.mean(r.steps for r in labels),
+        "label_l1": [r.l1_norm for r in labels],
         "not_converged": [r.label for r in labels if not r.converged],
         "clean_accuracy_on_scan_data": result.clean_accuracy,
         "out_dir": str(out_dir),
@@ -66,6 +67,27 @@ def scan_one(model_path: Path, dataset: str, schedule: str, chunk: int, clean_sa
     else:
         record["correct"] = not result.infected
     return record
+
+
+def chunk_agreement(runs: list[dict]) -> dict[str, dict]:
+    """Per model and schedule: the largest per-label L1 difference between chunk sizes, and on how
+    many labels they differ at all (the CPU kernels round differently for other batch sizes)."""
+    groups: dict[str, list[dict]] = {}
+    for r in runs:
+        if "label_l1" in r:
+            groups.setdefault(f"{r['model']}@{r['schedule']}/seed{r['seed']}", []).append(r)
+    out = {}
+    for key, rows in groups.items():
+        if len(rows) < 2:
+            continue
+        ref = max(rows, key=lambda r: r["chunk"])
+        diffs = {r["chunk"]: [abs(a - b) for a, b in zip(r["label_l1"], ref["label_l1"], strict=True)]
+                 for r in rows if r is not ref}
+        out[key] = {"reference_chunk": ref["chunk"],
+                    "max_l1_difference": {c: max(d) for c, d in diffs.items()},
+                    "labels_differing": {c: sum(v > 0 for v in d) for c, d in diffs.items()},
+                    "same_flagged": all(r["flagged_labels"] == ref["flagged_labels"] for r in rows)}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 "model", "schedule", "chunk", "flagged_labels", "anomaly_index", "iou",
                 "reversed_l1", "scan_seconds", "image_passes", "correct")}), flush=True)
             write_json(args.out, {"benchmark": "scan", "threads": torch.get_num_threads(),
-                                  "runs": runs})
+                                  "runs": runs, "chunk_agreement": chunk_agreement(runs)})
     return 0 if all(r["correct"] for r in runs) else 1
 
 

@@ -164,9 +164,8 @@ def test_tiny_zoo_resumes_after_interruption_and_reuses_its_cache(tmp_path, monk
 
     # everything cached: no training, no trigger search, no STRIP measurement
     real_search, real_strip = scan_module.search_triggers, zoo.strip_rates
-    def no_search(model, x, todo, *a, **k):
-        assert not todo, f"searched labels {todo} again"
-        return real_search(model, x, todo, *a, **k)
+    def no_search(model, x, labels, *a, **k):
+        pytest.fail(f"searched labels {labels} again")
 
     monkeypatch.setattr(scan_module, "search_triggers", no_search)
     monkeypatch.setattr(zoo, "strip_rates", lambda *a, **k: pytest.fail("measured STRIP again"))
@@ -182,7 +181,8 @@ def test_tiny_zoo_resumes_after_interruption_and_reuses_its_cache(tmp_path, monk
     measured, searched = [], []
     monkeypatch.setattr(zoo, "strip_rates", lambda *a, **k: measured.append(1) or real_strip(*a, **k))
     monkeypatch.setattr(scan_module, "search_triggers",
-                        lambda m, x, todo, *a, **k: searched.extend(todo) or real_search(m, x, todo, *a, **k))
+                        lambda m, x, labels, *a, **k: searched.extend(labels)
+                        or real_search(m, x, labels, *a, **k))
     zoo.run_zoo(tmp_path, opts, log=lambda line: None)
     assert calls == [1] and measured == [1]
     # other scan settings are not served from the cache

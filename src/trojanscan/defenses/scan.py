@@ -51,22 +51,23 @@ def _drop_stale_result(out: Path, fingerprint: str) -> None:
             stale.unlink()
 
 
+MEASURED = "step_attack_success_rate"  # set in ``extra`` once the kept trigger's ASR is measured
+
+
 @torch.no_grad()
-def _measure_kept_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None,
-                           results: list[LabelResult]) -> None:
-    """The ASR of each kept trigger on all clean images not already of its label.
+def _measure_kept_trigger(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, r: LabelResult) -> None:
+    """The ASR of the kept trigger on all clean images not already of its label.
 
     The search records the mean ASR of the step a trigger was kept in, measured while the mask
-    was still changing; this is the success rate of the trigger actually reported.
+    was still changing; this is the success rate of the trigger actually reported. It is measured
+    before the label is saved, so a resumed scan reports the same figure.
     """
-    for r in results:
-        keep = x if y is None else x[y != r.label]
-        if len(keep) == 0:
-            continue
-        stamped = r.trigger().apply
-        hits = predict(model, keep, batch_size=512, transform=stamped)
-        r.extra["step_attack_success_rate"] = r.attack_success_rate
-        r.attack_success_rate = float((hits == r.label).float().mean())
+    keep = x if y is None else x[y != r.label]
+    if MEASURED in r.extra or len(keep) == 0:
+        return
+    hits = predict(model, keep, batch_size=512, transform=r.trigger().apply)
+    r.extra[MEASURED] = r.attack_success_rate
+    r.attack_success_rate = float((hits == r.label).float().mean())
 
 
 def _to_label_result(r: LabelSearch) -> LabelResult:
@@ -171,18 +172,24 @@ def run_scan(model: nn.Module, x_clean: torch.Tensor, y_clean: torch.Tensor | No
 
     def on_label_done(r: LabelSearch) -> None:
         res = _to_label_result(r)
+        if math.isfinite(res.l1_norm):
+            _measure_kept_trigger(model, x_clean, y_clean, res)
         done[r.label] = res
         if out is not None:
             save_label(out, res, fingerprint)
 
-    search_triggers(model, x_clean, todo, schedule, chunk=chunk, seed=seed, regularizer=regularizer,
-                    y_clean=y_clean, on_step=on_step, on_label_done=on_label_done)
+    # the finished labels keep their batch places (``replay``) so the others come out bit-identical
+    if todo:
+        search_triggers(model, x_clean, labels, schedule, chunk=chunk, seed=seed, regularizer=regularizer,
+                        y_clean=y_clean, on_step=on_step, on_label_done=on_label_done,
+                        replay={v: r.steps for v, r in done.items()})
     results = [done[v] for v in labels]
     bad = [r.label for r in results if not math.isfinite(r.l1_norm)]
     if bad:
         raise TrojanscanError(f"the trigger search diverged (non-finite mask norm) for labels {bad}; "
                               "the model may produce NaN on [0, 1] inputs")
-    _measure_kept_triggers(model, x_clean, y_clean, [r for r in results if r.label in set(todo)])
+    for r in results:  # labels saved by versions that did not measure before saving
+        _measure_kept_trigger(model, x_clean, y_clean, r)
     result = ScanResult(
         method=method, labels=results, flagged_labels=[], infected=False,
         anomaly_index=float("nan"), threshold=threshold, median_l1=float("nan"), mad=float("nan"),

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Protocol
 
@@ -151,6 +151,7 @@ class _LabelState:
         self.done = False
         self.stop_reason = "max-steps"
         self.history: dict[str, list[float]] = {"asr": [], "l1": [], "cost": [], "loss": []}
+        self.replay_steps = 0  # > 0: a label finished earlier, replayed for its batch place only
 
     def end_step(self, asr: float, l1: float, loss: float, mask: torch.Tensor,
                  pattern: torch.Tensor) -> None:
@@ -201,12 +202,20 @@ def search_triggers(model: nn.Module, x_clean: torch.Tensor, labels: Sequence[in
                     schedule: SearchSchedule = PAPER_SCHEDULE, *, chunk: int = 10, seed: int = 0,
                     regularizer: Regularizer | None = None, y_clean: torch.Tensor | None = None,
                     on_step: StepCallback | None = None,
-                    on_label_done: Callable[[LabelSearch], None] | None = None) -> list[LabelSearch]:
+                    on_label_done: Callable[[LabelSearch], None] | None = None,
+                    replay: Mapping[int, int] | None = None) -> list[LabelSearch]:
     """Reverse-engineer a minimal trigger for each label, ``chunk`` labels per batched pass.
 
     ``x_clean`` are clean images in [0, 1] (``y_clean``, their labels, only feed a regularizer).
     Results come back in the order of ``labels``;
     ``on_label_done`` is called as each label finishes (to write resumable results).
+
+    ``replay`` maps labels already finished (by an interrupted run) to the steps they ran: they
+    keep their place in their chunk and in the batch for that many steps, without a result, so
+    the other labels see the same batch shapes as in one uninterrupted run. The CPU kernels'
+    rounding depends on the batch size (about 1e-7 per logit), and a 1000-step search with
+    threshold decisions can grow that into a different kept trigger; replaying makes a resumed
+    scan bit-identical to an uninterrupted one with the same ``chunk``.
     """
     if len(x_clean) == 0:
         raise TrojanscanError("the trigger search needs clean images; got none")
@@ -220,15 +229,20 @@ def search_triggers(model: nn.Module, x_clean: torch.Tensor, labels: Sequence[in
         p.requires_grad_(False)  # only the trigger is optimised: skip weight gradients
     try:
         results: dict[int, LabelSearch] = {}
+        replay = dict(replay or {})
         for start in range(0, len(labels), chunk):
-            for r in _search_chunk(model, x_clean, y_clean, labels[start:start + chunk], schedule, seed,
-                                   regularizer, on_step, on_label_done):
+            part = labels[start:start + chunk]
+            if all(v in replay for v in part):
+                continue
+            for r in _search_chunk(model, x_clean, y_clean, part, schedule, seed,
+                                   regularizer, on_step, on_label_done,
+                                   replay={v: replay[v] for v in part if v in replay}):
                 results[r.label] = r
     finally:
         for p, g in zip(model.parameters(), grads_before, strict=True):
             p.requires_grad_(g)
         model.train(was_training)
-    return [results[k] for k in labels]
+    return [results[k] for k in labels if k in results]
 
 
 def search_pair_triggers(model: nn.Module, pools: Sequence[torch.Tensor], targets: Sequence[int],
@@ -267,9 +281,12 @@ def _search_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, lab
                   seed: int, regularizer: Regularizer | None, on_step: StepCallback | None,
                   on_label_done: Callable[[LabelSearch], None] | None,
                   pools: list[torch.Tensor] | None = None,
-                  keys: list[int] | None = None) -> list[LabelSearch]:
+                  keys: list[int] | None = None,
+                  replay: Mapping[int, int] | None = None) -> list[LabelSearch]:
     """One batched pass over ``labels`` (the targets). All arms stamp the shared images ``x``, or,
-    with ``pools``, arm i stamps only ``pools[i]``; ``keys`` name the arms (default: the labels)."""
+    with ``pools``, arm i stamps only ``pools[i]``; ``keys`` name the arms (default: the labels).
+    An arm in ``replay`` only holds its place for the given number of steps (see
+    :func:`search_triggers`)."""
     c, h, w = x.shape[1:]
     keys = list(labels) if keys is None else keys
     init_a, init_b = [], []
@@ -283,6 +300,10 @@ def _search_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, lab
     beta1, beta2 = s.betas
     t = 0  # all labels of a chunk start together, so they share Adam's step count
     states = [_LabelState(key, s) for key in keys]
+    replay = replay or {}
+    for st in states:
+        if st.label in replay:
+            st.replay_steps = replay[st.label]
     targets_all = torch.tensor(labels)
     if pools is None:
         stream = BatchStream(len(x), s.batch_size, seed)
@@ -294,7 +315,7 @@ def _search_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, lab
     finished: list[LabelSearch] = []
     while True:
         active = [i for i, st in enumerate(states) if not st.done]
-        if not active:
+        if all(states[i].replay_steps for i in active):
             break
         idx = torch.tensor(active)
         step_start = time.perf_counter()
@@ -341,6 +362,10 @@ def _search_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, lab
         means = sums[:, :3] / sums[:, 3:]
         for row, i in enumerate(active):
             st = states[i]
+            if st.replay_steps:  # a finished label holding its place: no bookkeeping, no result
+                st.steps += 1
+                st.done = st.steps >= st.replay_steps
+                continue
             st.seconds += share
             asr, l1v, lossv = (float(v) for v in means[row])
             st.end_step(asr, l1v, lossv, mask_now[row], pattern_now[row])
