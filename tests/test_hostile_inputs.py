@@ -487,4 +487,66 @@ def test_a_killed_scan_keeps_its_labels_and_the_rerun_finishes(centroid_model, t
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert len(list(out.glob("labels/label_*.npz"))) == 4 and (out / "scan.json").is_file()
-    CORPUS["rerun after the stop", "normal result"] += 1
+    whole = tmp_path / "whole"
+    assert runner.invoke(app, [*args[:5], str(whole), *args[6:]]).exit_code == 0
+    assert timeless(ScanResult.load(out)) == timeless(ScanResult.load(whole))
+    CORPUS["rerun after the stop", "the uninterrupted result, every field but timings"] += 1
+
+
+def timeless(result: ScanResult) -> dict:
+    """A scan's JSON without its timings."""
+    d = result.to_dict()
+    d.pop("seconds")
+    for r in d["labels"]:
+        r.pop("seconds")
+    return d
+
+
+# --- 4. saved state edited or damaged: redone or refused, never used -----------------------------
+
+def _edit_member(path: Path, key: str, edit) -> None:
+    """Change one member of an .npz in place, keeping every other member (the checksum included)."""
+    with np.load(path) as z:
+        fields = {k: z[k] for k in z.files}
+    fields[key] = np.asarray(edit(fields[key]))
+    np.savez(path, **fields)
+
+
+def test_an_edited_label_file_is_searched_again(centroid_model, tmp_path):
+    import json
+
+    out = tmp_path / "scan"
+    args = ["scan", str(centroid_model), "--data", "digits", "--out", str(out), "--steps", "30",
+            "--clean-samples", "200", "--labels", "0,1,2,3"]
+    assert runner.invoke(app, args).exit_code == 0
+    before = timeless(ScanResult.load(out))
+    label = out / "labels" / "label_002.npz"
+    _edit_member(label, "record", lambda r: json.dumps({**json.loads(str(r)), "l1_norm": 0.01}))
+    result = runner.invoke(app, args)  # the rerun must not take the edited norm as a finished label
+    assert result.exit_code == 0, result.output
+    assert timeless(ScanResult.load(out)) == before
+    CORPUS["label file edited (norm set to 0.01)", "searched again, same result"] += 1
+    _edit_member(label, "mask", lambda m: m * 0)
+    with pytest.raises(TrojanscanError, match="label_002.npz: missing, damaged"):
+        ScanResult.load(out)  # reading the finished scan refuses it in one line
+    CORPUS["label file edited after the scan", "one line: rerun the scan"] += 1
+
+
+def test_edited_filters_and_calibrations_are_refused(trojaned_digits, digits, tmp_path):
+    from trojanscan.defenses.input_filter import InputFilter
+    from trojanscan.defenses.strip import Strip
+
+    model, trigger = trojaned_digits.model, trojaned_digits.trigger
+    guards = {"filter": InputFilter(model).fit(digits.x_train[:300], [trigger]),
+              "strip": Strip(model, n=8).calibrate(digits.x_train[:300])}
+    edits = {"filter": ("threshold", lambda t: np.float64(1e30)),
+             "strip": ("boundary_value", lambda b: np.float64(-1.0))}
+    for name, guard in guards.items():
+        path = tmp_path / f"{name}.npz"
+        guard.save(path)
+        key, edit = edits[name]
+        _edit_member(path, key, edit)
+        with pytest.raises(TrojanscanError) as bad:
+            type(guard).load(path, model)
+        assert "does not match its checksum" in str(bad.value) and "\n" not in str(bad.value)
+        CORPUS[f"{name} file edited to pass every input", "one line: refused"] += 1

@@ -20,6 +20,7 @@ from trojanscan.defenses.strip import (
     skewness,
 )
 from trojanscan.errors import TrojanscanError
+from trojanscan.fileio import CHECKSUM_MEMBER, save_npz_record
 from trojanscan.metrics import far_frr
 
 # --- entropy maths --------------------------------------------------------------------------------
@@ -192,14 +193,38 @@ def test_screening_gives_the_full_verdict_with_fewer_copies(calibrated, trojaned
     assert torch.equal(calibrated.screen(mixed, rounds=1)[0], flags)
 
 
+def _rewrite(src, dst, *, reseal: bool, drop=(), **changes):
+    """A saved calibration with some members changed: resealed (a new checksum, as a careful forger
+    or an old version would leave it) or with the original checksum kept (an edit)."""
+    with np.load(src) as z:
+        fields = {k: z[k] for k in z.files if k not in drop}
+    fields.update({k: np.asarray(v) for k, v in changes.items()})
+    if reseal:
+        fields.pop(CHECKSUM_MEMBER)
+        save_npz_record(dst, fields)
+    else:
+        np.savez(dst, **fields)
+
+
 def test_version_1_files_load_with_temperature_1(calibrated, trojaned_digits, tmp_path):
     calibrated.save(tmp_path / "v2.npz")
-    with np.load(tmp_path / "v2.npz") as z:
-        fields = {k: z[k] for k in z.files if k not in ("temperature", "temperature_request")}
-    fields["format_version"] = np.int64(1)
-    np.savez(tmp_path / "v1.npz", **fields)
+    _rewrite(tmp_path / "v2.npz", tmp_path / "v1.npz", reseal=True,
+             drop=("temperature", "temperature_request"), format_version=np.int64(1))
     old = Strip.load(tmp_path / "v1.npz", trojaned_digits.model)
     assert old.temperature_ == 1.0 and old.boundary_ == calibrated.boundary_
+
+
+def test_an_edited_or_unsealed_calibration_is_refused(calibrated, trojaned_digits, tmp_path):
+    """A boundary edited to accept every input is never used: the checksum no longer matches; a
+    file without a checksum (hand-made, or from before checksums) is refused too."""
+    calibrated.save(tmp_path / "good.npz")
+    _rewrite(tmp_path / "good.npz", tmp_path / "edited.npz", reseal=False, boundary_value=np.float64(-5.0))
+    with pytest.raises(TrojanscanError, match="does not match its checksum.*recalibrate"):
+        Strip.load(tmp_path / "edited.npz", trojaned_digits.model)
+    with np.load(tmp_path / "good.npz") as z:
+        np.savez(tmp_path / "unsealed.npz", **{k: z[k] for k in z.files if k != CHECKSUM_MEMBER})
+    with pytest.raises(TrojanscanError, match="without a checksum.*recalibrate"):
+        Strip.load(tmp_path / "unsealed.npz", trojaned_digits.model)
 
 
 @pytest.mark.parametrize("field, value", [("temperature", "hot"), ("temperature", np.zeros(3)),
@@ -207,10 +232,7 @@ def test_version_1_files_load_with_temperature_1(calibrated, trojaned_digits, tm
                                           ("boundary_value", "x"), ("temperature_request", "4.0")])
 def test_damaged_fields_give_one_line_errors(calibrated, trojaned_digits, tmp_path, field, value):
     calibrated.save(tmp_path / "good.npz")
-    with np.load(tmp_path / "good.npz") as z:
-        fields = {k: z[k] for k in z.files}
-    fields[field] = np.array(value)
-    np.savez(tmp_path / "bad.npz", **fields)
+    _rewrite(tmp_path / "good.npz", tmp_path / "bad.npz", reseal=True, **{field: value})
     with pytest.raises(TrojanscanError, match="bad.npz"):
         Strip.load(tmp_path / "bad.npz", trojaned_digits.model)
 

@@ -176,23 +176,44 @@ def tensor_sha256(*tensors: torch.Tensor) -> str:
 MAX_NPZ_MEMBER_BYTES = 1 << 30  # no trigger, calibration, filter or label file of ours comes near
 
 
+CHECKSUM_MEMBER = "content_sha256"  # every record we write carries the digest of its other members
+
+
+def content_sha256(arrays: dict[str, np.ndarray]) -> str:
+    """The digest of named arrays: each name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for key in sorted(arrays):
+        a = np.ascontiguousarray(arrays[key])
+        h.update(f"{key}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def save_npz_record(path: str | os.PathLike, arrays: dict[str, Any]) -> None:
-    """Write named plain arrays (numbers, strings, ndarrays; never objects) as an ``.npz``, atomically."""
+    """Write named plain arrays (numbers, strings, ndarrays; never objects) as an ``.npz``, atomically,
+    with the checksum of their content (``content_sha256``) that :func:`load_npz_record` checks."""
     import io
 
+    plain = {k: np.asarray(v) for k, v in arrays.items()}
+    if CHECKSUM_MEMBER in plain:
+        raise ValueError(f"{CHECKSUM_MEMBER} is reserved for the record's checksum")
     buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    np.savez(buf, **plain, **{CHECKSUM_MEMBER: np.asarray(content_sha256(plain))})
     atomic_write_bytes(path, buf.getvalue())
 
 
 def load_npz_record(path: str | os.PathLike, what: str, required: Any = (), *,
-                    max_member_bytes: int = MAX_NPZ_MEMBER_BYTES, fix: str = "") -> dict[str, np.ndarray]:
+                    max_member_bytes: int = MAX_NPZ_MEMBER_BYTES, fix: str = "",
+                    sealed: bool = True) -> dict[str, np.ndarray]:
     """Read every member of one of our ``.npz`` records without unpickling anything.
 
     ``what`` names the kind of file in errors ("trigger", "STRIP calibration" …); ``required`` are
     the members it must hold; a member whose uncompressed size exceeds ``max_member_bytes`` is
-    refused before it is read. Every problem is a one-line :class:`TrojanscanError` ending in
-    ``fix`` (e.g. "; recalibrate").
+    refused before it is read; the content must match the checksum it was saved with (``sealed``:
+    a record without one is refused too — state we wrote ourselves always has one; triggers, which
+    people also make by hand, pass ``sealed=False`` and are checked only when they carry one).
+    Every problem is a one-line :class:`TrojanscanError` ending in ``fix`` (e.g. "; recalibrate").
+    A checksum catches edits and damage, not a forger who recomputes it.
     """
     from trojanscan.errors import TrojanscanError
 
@@ -211,7 +232,15 @@ def load_npz_record(path: str | os.PathLike, what: str, required: Any = (), *,
                 if z.zip.getinfo(f"{key}.npy").file_size > max_member_bytes:
                     raise TrojanscanError(f"{path}: member {key} is implausibly large for {a_what} "
                                           f"file{fix}")
-            return {k: z[k] for k in z.files}
+            fields = {k: z[k] for k in z.files if k != CHECKSUM_MEMBER}
+            if CHECKSUM_MEMBER in z.files:
+                if str(z[CHECKSUM_MEMBER]) != content_sha256(fields):
+                    raise TrojanscanError(f"{path}: its content does not match its checksum (edited or "
+                                          f"damaged){fix}")
+            elif sealed:
+                raise TrojanscanError(f"{path}: {a_what} file without a checksum (written by hand or by "
+                                      f"an older trojanscan){fix}")
+            return fields
     except TrojanscanError:
         raise
     except Exception as e:  # numpy and zipfile raise many types for a file that is not a plain npz

@@ -136,7 +136,7 @@ class Trigger:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Trigger:
         """Read a trigger saved by :meth:`save`; never unpickles."""
-        z = load_npz_record(path, "trigger", ("mask", "pattern", "target"))
+        z = load_npz_record(path, "trigger", ("mask", "pattern", "target"), sealed=False)
         try:
             kind = str(z["kind"]) if "kind" in z else "patch"
             params = parse_json(str(z["params"]), path, "trigger parameters") if "params" in z else {}
