@@ -426,10 +426,13 @@ def test_stale_temporary_files_are_removed_when_the_folder_is_reopened(tmp_path)
     busy = folder / "seed-4"
     busy.mkdir()
     kept = [folder / "notes.tmp", folder / "labels" / "label_001.npz", busy / ".scan.json.b.tmp"]
+    kept.append(folder / ".model.safetensors.w1.tmp")  # `train --out` writing into the folder now
     with folder_lock(busy):  # another command's folder: the temporary file it is writing is its own
         for p in [*stale, *kept]:
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(p.read_bytes() if p.exists() else b"half a file")
+            if p in stale or p.parent == busy:  # left by a run killed an hour ago
+                os.utime(p, (time.time() - 3600, time.time() - 3600))
         with folder_lock(folder):
             pass
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
@@ -550,3 +553,132 @@ def test_edited_filters_and_calibrations_are_refused(trojaned_digits, digits, tm
             type(guard).load(path, model)
         assert "does not match its checksum" in str(bad.value) and "\n" not in str(bad.value)
         CORPUS[f"{name} file edited to pass every input", "one line: refused"] += 1
+
+
+# --- 5. files that declare more than they hold: refused before anything is allocated -------------
+
+def _npy_header(shape, dtype=np.uint8) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": np.dtype(dtype).str, "fortran_order": False,
+                                               "shape": shape})
+    return buf.getvalue()
+
+
+def _idx(path: Path, dims, payload: bytes, compress: bool = False) -> Path:
+    import gzip
+    import struct
+
+    data = (0x803).to_bytes(4, "big") + struct.pack(f">{len(dims)}I", *dims) + payload
+    path.write_bytes(gzip.compress(data, 9) if compress else data)
+    return path
+
+
+def hostile_files(tmp: Path) -> dict[str, tuple[str, str]]:
+    """case → (loader, path): files whose headers or archives claim far more than they hold."""
+    import gzip
+    import zipfile
+
+    cases: dict[str, tuple[str, str]] = {}
+    small, labels = np.zeros((2, 4, 4, 1), np.uint8), np.zeros(2, np.int64)
+    np.savez(tmp / "huge_npz.npz", x_train=small, y_train=labels, x_test=small, y_test=labels)
+    with zipfile.ZipFile(tmp / "huge_npz.npz", "a") as z:  # a second x_train claiming 10^12 images
+        with pytest.warns(UserWarning, match="Duplicate name"):
+            z.writestr("x_train.npy", _npy_header((10**12, 28, 28, 1)) + small.tobytes())
+    cases["npz member declaring 10^12 images"] = ("dataset", str(tmp / "huge_npz.npz"))
+    (tmp / "huge.npy").write_bytes(_npy_header((10**9, 3, 32, 32)) + b"\0" * 64)
+    cases[".npy declaring 3×10^12 bytes"] = ("inputs", str(tmp / "huge.npy"))
+    with zipfile.ZipFile(tmp / "bomb.npz", "w", zipfile.ZIP_DEFLATED) as z:  # 3 MB of zeros per MB stored
+        z.writestr("x.npy", _npy_header((3 << 20,)) + b"\0" * (3 << 20))
+    cases["npz member inflating 3000x"] = ("inputs-capped", str(tmp / "bomb.npz"))
+    for name, dims in {"overflow": (1 << 22, 1 << 21, 1 << 21), "huge": (60000, 65535, 65535)}.items():
+        folder = tmp / f"idx_{name}"
+        folder.mkdir()
+        _idx(folder / "train-images-idx3-ubyte", dims, b"\0" * 64)
+        cases[f"IDX header of {dims} images"] = ("dataset", str(folder))
+    folder = tmp / "idx_gzip"
+    folder.mkdir()
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(
+        gzip.compress((0x803).to_bytes(4, "big") + (3 << 20).to_bytes(4, "big") + (1).to_bytes(4, "big") * 2
+                      + b"\0" * (3 << 20), 9))
+    cases["gzip IDX inflating 3 MB, over the cap"] = ("dataset-capped", str(folder))
+    folder = tmp / "idx_tail"
+    folder.mkdir()
+    _idx(folder / "train-images-idx3-ubyte.gz", (2, 4, 4), b"\0" * (32 + (8 << 20)), compress=True)
+    cases["gzip IDX with 8 MB after its images"] = ("dataset", str(folder))
+    w = torch.zeros(1000)
+    legacy = tmp / "legacy.pt"
+    torch.save({"w": w}, legacy, _use_new_zipfile_serialization=False)
+    raw = legacy.read_bytes()
+    legacy.write_bytes(raw.replace(b"M\xe8\x03", b"J\x00\x00\x00\x40", 1))  # 1000 → 2^30 floats
+    cases["legacy checkpoint claiming 4 GB"] = ("model", str(legacy))
+    zipped = tmp / "zipped.pt"
+    torch.save({"w": torch.zeros(1 << 20)}, zipped)
+    with zipfile.ZipFile(zipped) as src, zipfile.ZipFile(tmp / "bomb.pt", "w") as dst:
+        for info in src.infolist():
+            kind = zipfile.ZIP_STORED if info.filename.endswith((".pkl", "version", "byteorder")) else \
+                zipfile.ZIP_DEFLATED
+            dst.writestr(info.filename, src.read(info), compress_type=kind)
+    cases["checkpoint tensor deflated 1000x"] = ("model", str(tmp / "bomb.pt"))
+    return cases
+
+
+LOAD_UNDER_LIMIT = """
+import resource, sys, json
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+import os
+from trojanscan.errors import TrojanscanError
+from trojanscan.data.dataset import load_dataset
+from trojanscan.data.images import read_inputs
+from trojanscan.models.io import load_model
+out = {}
+for case, (loader, path) in json.loads(sys.argv[1]).items():
+    os.environ.pop("TROJANSCAN_MAX_ARRAY_BYTES", None)
+    if loader.endswith("-capped"):
+        os.environ["TROJANSCAN_MAX_ARRAY_BYTES"] = str(1 << 20)
+        loader = loader[:-len("-capped")]
+    try:
+        {"dataset": load_dataset, "inputs": read_inputs, "model": load_model}[loader](path)
+        out[case] = "loaded"
+    except TrojanscanError as e:
+        out[case] = "one line: " + str(e) if "\\n" not in str(e) else "several lines"
+    except BaseException as e:
+        out[case] = f"{type(e).__name__}: {e}"
+print(json.dumps(out))
+"""
+
+
+def test_files_that_claim_more_than_they_hold_are_refused_under_a_memory_limit(tmp_path):
+    import json
+
+    cases = hostile_files(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", LOAD_UNDER_LIMIT, json.dumps(cases)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    outcomes = json.loads(proc.stdout.splitlines()[-1])
+    for case, outcome in outcomes.items():
+        assert outcome.startswith("one line: "), (case, outcome)
+        CORPUS[case, "one line under a 3 GiB address-space limit"] += 1
+    assert "over the limit" in outcomes["npz member inflating 3000x"]
+    assert "unexpected bytes" in outcomes["gzip IDX with 8 MB after its images"]
+    assert "zip bomb" in outcomes["checkpoint tensor deflated 1000x"]
+
+
+def test_a_full_disk_names_the_file_being_written(tmp_path, monkeypatch):
+    import errno
+
+    from trojanscan.fileio import write_json
+
+    real_fsync = os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as e:
+        write_json(tmp_path / "scan.json", {"a": 1})
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert e.value.filename == str(tmp_path / "scan.json") and e.value.errno == errno.ENOSPC
+    assert not list(tmp_path.iterdir()), "the temporary file is removed"
+    CORPUS["disk full while writing", "the error names the file, no temporary left"] += 1

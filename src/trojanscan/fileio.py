@@ -7,6 +7,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import socket
@@ -56,6 +57,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual mode
         os.replace(tmp, path)
+    except OSError as e:  # a full disk says "No space left on device" without naming the file
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -176,6 +180,51 @@ def tensor_sha256(*tensors: torch.Tensor) -> str:
 MAX_NPZ_MEMBER_BYTES = 1 << 30  # no trigger, calibration, filter or label file of ours comes near
 
 
+MAX_ARRAY_ENV = "TROJANSCAN_MAX_ARRAY_BYTES"
+MAX_ARRAY_BYTES = 4 << 30  # one dataset array; GTSRB's training images take 0.1 GiB
+
+
+def max_array_bytes() -> int:
+    """The largest array a dataset or input file may hold (``TROJANSCAN_MAX_ARRAY_BYTES``)."""
+    text = os.environ.get(MAX_ARRAY_ENV, "")
+    return int(text) if text.isdigit() and int(text) > 0 else MAX_ARRAY_BYTES
+
+
+def check_npy_header(f: Any, stored: int, where: str, max_bytes: int) -> None:
+    """Refuse an ``.npy`` stream (``stored`` bytes in all) whose header declares more data than
+    it holds or than ``max_bytes``, before anything is allocated. ``f`` is left past the header."""
+    from trojanscan.errors import TrojanscanError
+
+    if stored > max_bytes:
+        raise TrojanscanError(f"{where}: {stored:,} bytes, over the limit of {max_bytes:,} (set "
+                              f"{MAX_ARRAY_ENV} to allow more)")
+    fmt = np.lib.format
+    read_header = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
+    shape, _, dtype = read_header(f, max_header_size=10_000)
+    declared = math.prod(shape) * dtype.itemsize
+    if not dtype.hasobject and declared > stored:
+        raise TrojanscanError(f"{where}: its header declares an array of shape {shape} ({declared:,} "
+                              f"bytes) but the file holds only {stored:,}; the file is damaged")
+
+
+def npz_member(npz: Any, key: str, where: str, max_bytes: int | None = None) -> np.ndarray:
+    """One array of an open ``np.load`` archive, after :func:`check_npy_header` on its member."""
+    names = npz.zip.namelist()
+    info = npz.zip.getinfo(f"{key}.npy" if f"{key}.npy" in names else key)
+    with npz.zip.open(info) as f:
+        check_npy_header(f, info.file_size, f"{where}[{key}]",
+                         max_array_bytes() if max_bytes is None else max_bytes)
+    return npz[key]
+
+
+def load_npy(path: str | os.PathLike, where: str | None = None) -> np.ndarray:
+    """A single-array ``.npy`` file, its header checked first; never unpickles."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        check_npy_header(f, path.stat().st_size, where or str(path), max_array_bytes())
+    return np.load(path, allow_pickle=False)
+
+
 CHECKSUM_MEMBER = "content_sha256"  # every record we write carries the digest of its other members
 
 
@@ -232,7 +281,8 @@ def load_npz_record(path: str | os.PathLike, what: str, required: Any = (), *,
                 if z.zip.getinfo(f"{key}.npy").file_size > max_member_bytes:
                     raise TrojanscanError(f"{path}: member {key} is implausibly large for {a_what} "
                                           f"file{fix}")
-            fields = {k: z[k] for k in z.files if k != CHECKSUM_MEMBER}
+            fields = {k: npz_member(z, k, str(path), max_member_bytes) for k in z.files}
+            fields.pop(CHECKSUM_MEMBER, None)
             if CHECKSUM_MEMBER in z.files:
                 if str(z[CHECKSUM_MEMBER]) != content_sha256(fields):
                     raise TrojanscanError(f"{path}: its content does not match its checksum (edited or "
@@ -256,14 +306,24 @@ _FRESH_LOCK_S = 10.0  # an empty lock file younger than this is being written by
 OWN_TEMPORARY = re.compile(r"^\.[^/]+\.(json|npz|html|png|md|safetensors|pt|pth)(\.[A-Za-z0-9_]+)?\.tmp$")
 
 
+STALE_TEMPORARY_S = 600.0  # an atomic write's temporary untouched this long was left by a killed run
+
+
 def remove_stale_temporaries(folder: Path) -> int:
     """Delete the ``.NAME.*.tmp`` files an interrupted atomic write left in ``folder`` and in its
-    subfolders that no other command holds; returns how many."""
+    subfolders that no other command holds; returns how many. A temporary written to in the last
+    ``STALE_TEMPORARY_S`` seconds is left alone: a command that takes no lock (``train --out``
+    into the same folder) may be writing it now."""
     removed = 0
     folders = [folder, *(d for d in folder.iterdir() if d.is_dir() and not (d / LOCK_FILE).exists())]
+    now = time.time()
     for d in folders:
         for tmp in d.glob(".*.tmp"):
-            if tmp.is_file() and OWN_TEMPORARY.match(tmp.name):
+            try:
+                stale = tmp.is_file() and now - tmp.stat().st_mtime > STALE_TEMPORARY_S
+            except OSError:  # removed meanwhile by its writer
+                continue
+            if stale and OWN_TEMPORARY.match(tmp.name):
                 tmp.unlink(missing_ok=True)
                 removed += 1
     return removed

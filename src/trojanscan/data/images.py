@@ -21,6 +21,7 @@ import torch
 from trojanscan.data.dataset import NAMED_DATASETS, load_dataset
 from trojanscan.data.readers import IMAGE_EXTENSIONS, _one_line, _open_image
 from trojanscan.errors import TrojanscanError
+from trojanscan.fileio import load_npy, npz_member
 from trojanscan.validation import check_images
 
 LAYOUTS = ("nhwc", "nchw")
@@ -147,7 +148,7 @@ def _npz_inputs(path: Path, key: str | None) -> tuple[np.ndarray, str]:
                 what = f"no array {chosen!r}" if chosen is not None else "no array 'x'"
                 raise TrojanscanError(f"{path}: {what} (found: {found}); name the images' array "
                                       "with --key NAME")
-            return z[chosen], f"{path}[{chosen}]"
+            return npz_member(z, chosen, str(path)), f"{path}[{chosen}]"
     except TrojanscanError:
         raise
     except NUMPY_ERRORS as e:
@@ -156,7 +157,9 @@ def _npz_inputs(path: Path, key: str | None) -> tuple[np.ndarray, str]:
 
 def _npy_inputs(path: Path) -> np.ndarray:
     try:
-        array = np.load(path, allow_pickle=False)
+        array = load_npy(path)
+    except TrojanscanError:
+        raise
     except NUMPY_ERRORS as e:
         raise _unreadable(path, ".npy", e) from None
     if not isinstance(array, np.ndarray):

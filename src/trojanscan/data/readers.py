@@ -11,10 +11,12 @@ import csv
 import gzip
 import hashlib
 import io
+import math
 import os
 import pickle
 import struct
 import zipfile
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from trojanscan.errors import TrojanscanError
-from trojanscan.fileio import hash_file_into, sha256_file
+from trojanscan.fileio import MAX_ARRAY_ENV, hash_file_into, max_array_bytes, npz_member, sha256_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm")
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -144,7 +146,9 @@ def _npz_array(npz: np.lib.npyio.NpzFile, path: Path, key: str) -> np.ndarray:
             "x_test and y_test"
         )
     try:
-        return npz[key]
+        return npz_member(npz, key, str(path))
+    except TrojanscanError:
+        raise
     except ValueError as e:
         if "allow_pickle" in str(e) or "Object arrays" in str(e):
             raise TrojanscanError(
@@ -200,42 +204,46 @@ def _idx_path(folder: Path, base: str) -> Path | None:
 
 
 def _read_idx_file(file: Path, magic_expected: int) -> np.ndarray:
+    """One IDX file (plain or gzip): the header is read first, and no more than the data it
+    declares (at most ``TROJANSCAN_MAX_ARRAY_BYTES``) is ever inflated or allocated."""
+    what = "images" if magic_expected == _IDX_IMAGES_MAGIC else "labels"
     try:
-        if file.suffix == ".gz":
-            with gzip.open(file, "rb") as f:
-                data = f.read()
-        else:
-            data = file.read_bytes()
-    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        with (gzip.open(file, "rb") if file.suffix == ".gz" else open(file, "rb")) as f:
+            head = f.read(4)
+            if len(head) < 4:
+                raise TrojanscanError(f"{file}: truncated ({len(head)} bytes); download it again")
+            magic = int.from_bytes(head, "big")
+            if magic != magic_expected:
+                raise TrojanscanError(
+                    f"{file}: bad IDX magic number 0x{magic:08x}, expected 0x{magic_expected:08x} "
+                    f"(uint8 {what}); is this the right file?"
+                )
+            ndim = magic & 0xFF
+            raw_dims = f.read(4 * ndim)
+            if len(raw_dims) < 4 * ndim:
+                raise TrojanscanError(f"{file}: truncated inside the IDX header; download it again")
+            dims = struct.unpack(f">{ndim}I", raw_dims)
+            count = math.prod(dims)  # Python integers: no overflow to 0
+            if count > max_array_bytes():
+                raise TrojanscanError(
+                    f"{file}: the header declares {what} of shape {dims} ({count:,} bytes), over the "
+                    f"limit of {max_array_bytes():,} (set {MAX_ARRAY_ENV} to allow more)"
+                )
+            data = f.read(count + 1)  # one byte more tells whether anything follows
+    except TrojanscanError:
+        raise
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
         raise TrojanscanError(
             f"{file}: cannot read ({_one_line(e)}); the file is damaged, download it again"
         ) from None
-    what = "images" if magic_expected == _IDX_IMAGES_MAGIC else "labels"
-    if len(data) < 4:
-        raise TrojanscanError(f"{file}: truncated ({len(data)} bytes); download it again")
-    magic = int.from_bytes(data[:4], "big")
-    if magic != magic_expected:
+    if len(data) < count:
         raise TrojanscanError(
-            f"{file}: bad IDX magic number 0x{magic:08x}, expected 0x{magic_expected:08x} "
-            f"(uint8 {what}); is this the right file?"
-        )
-    ndim = magic & 0xFF
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise TrojanscanError(f"{file}: truncated inside the IDX header; download it again")
-    dims = struct.unpack(f">{ndim}I", data[4:header])
-    count = int(np.prod(dims, dtype=np.int64))
-    have = len(data) - header
-    if have < count:
-        raise TrojanscanError(
-            f"{file}: truncated: the header promises {count} bytes of {what} but only {have} "
+            f"{file}: truncated: the header promises {count} bytes of {what} but only {len(data)} "
             "follow; download the file again"
         )
-    if have > count:
-        raise TrojanscanError(
-            f"{file}: {have - count} unexpected bytes after the {what}; the file is damaged"
-        )
-    return np.frombuffer(data, dtype=np.uint8, count=count, offset=header).reshape(dims).copy()
+    if len(data) > count:
+        raise TrojanscanError(f"{file}: unexpected bytes after the {what}; the file is damaged")
+    return np.frombuffer(data, dtype=np.uint8, count=count).reshape(dims).copy()
 
 
 # --------------------------------------------------------------------------------------- CIFAR

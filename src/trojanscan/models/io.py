@@ -155,6 +155,11 @@ def save_model(model: nn.Module, path: str | os.PathLike,
                 f"{path}: unknown model format; use .safetensors or a TorchScript suffix "
                 f"({', '.join(TORCHSCRIPT_SUFFIXES)})")
         os.replace(tmp, path)
+    except (OSError, SafetensorError, RuntimeError) as e:  # a full disk names the file we write
+        if isinstance(e, RuntimeError) and "PytorchStreamWriter" not in str(e):
+            raise  # TorchScript's compiler, not the disk
+        raise OSError(getattr(e, "errno", None), getattr(e, "strerror", None) or trust._shown(e, 160),
+                      str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
         model.train(was_training)

@@ -2348,3 +2348,55 @@ def check_checkpoint(path: Path, shown: object | None = None) -> None:
             for info in zf.infolist():
                 if info.filename.endswith(".pkl"):
                     read_entry(zf, info, MAX_PICKLE_BYTES, shown)
+                elif (info.compress_type != zipfile.ZIP_STORED
+                      and info.file_size > max(MAX_INFLATION * info.compress_size, 1 << 20)):
+                    raise refused(shown, f"entry {_shown(info.filename)!r} inflates {info.compress_size:,} "
+                                         f"bytes to {info.file_size:,} (torch.save never compresses "
+                                         "tensors; a zip bomb?)")
+    else:
+        declared = legacy_storage_bytes(path, shown)
+        if declared > size:
+            raise refused(shown, f"its tensors declare {declared:,} bytes but the file holds {size:,}; "
+                                 "damaged, or made to exhaust memory")
+
+
+MAX_INFLATION = 16  # weights compress about 1.1x; a tensor entry that inflates 16x is a bomb
+# bytes per element of the storage types a legacy (pre-zip) torch.save names
+_STORAGE_ELEMENT_BYTES = {"Double": 8, "Float": 4, "Half": 2, "BFloat16": 2, "Long": 8, "Int": 4, "Short": 2,
+                          "Char": 1, "Byte": 1, "Bool": 1, "ComplexFloat": 8, "ComplexDouble": 16}
+
+
+_TEXT_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING",
+             "STRING"}
+_DEVICES = ("cpu", "cuda", "mps", "meta", "xpu", "hpu")
+_INT_OPS = {"BININT", "BININT1", "BININT2", "INT", "LONG", "LONG1", "LONG4"}
+
+
+def legacy_storage_bytes(path: Path, shown: object) -> int:
+    """The bytes the storages of a legacy (non-zip) checkpoint declare, read from its pickles'
+    opcodes without running them: torch allocates each storage at its declared size before
+    reading its data, so a small file could otherwise claim gigabytes."""
+    storages: dict[str, int] = {}
+    try:
+        with open(path, "rb") as f:
+            for _ in range(4):  # magic number, protocol, system info, then the object with storages
+                texts: list[str] = []
+                ints: list[int] = []
+                element = 16
+                for op, arg, _ in pickletools.genops(f):
+                    if op.name == "MARK":
+                        texts, ints = [], []
+                    elif op.name in ("GLOBAL", "STACK_GLOBAL") and isinstance(arg, str) and "Storage" in arg:
+                        element = _STORAGE_ELEMENT_BYTES.get(arg.split()[-1].removesuffix("Storage"), 16)
+                    elif op.name in _TEXT_OPS:
+                        texts.append(str(arg))
+                    elif op.name in _INT_OPS:
+                        ints.append(int(arg))
+                    elif op.name == "BINPERSID" and ints:  # ('storage', type, key, location, numel, ...)
+                        # repeated strings ('storage', 'cpu') come from the memo; the key is new text
+                        key = next((t for t in texts if t != "storage" and not t.startswith(_DEVICES)),
+                                   f"#{len(storages)}")
+                        storages[key] = max(ints[-1], 0) * element  # a storage seen twice counts once
+    except (ValueError, EOFError, struct.error, UnicodeDecodeError) as e:
+        raise refused(shown, f"not a readable pickle checkpoint ({_shown(e, 120)})") from None
+    return sum(storages.values())
