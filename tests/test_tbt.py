@@ -106,8 +106,8 @@ def test_the_attacked_model_is_stored_as_integers_and_loads_safely(tmp_path, cle
     # a file whose step is not positive is refused with one line
     bad = raw.replace(b'"classifier.weight.__int8_step__"', b'"classifier.weight.__int8_stex__"')
     (tmp_path / "bad.safetensors").write_bytes(bad)
-    with pytest.raises(TrojanscanError, match="lacks its int8 codes"):
-        load_model(tmp_path / "bad.safetensors")
+    with pytest.raises(TrojanscanError, match=r"unexpected key\(s\) classifier.weight.__int8_stex__"):
+        load_model(tmp_path / "bad.safetensors")  # caught by the shape check, before dequantising
 
 
 def test_bad_options_are_one_line_errors(clean_digits, digits):

@@ -38,7 +38,7 @@ from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import parse_json, sha256_file
 from trojanscan.models import trust
 from trojanscan.models.architectures import ARCHITECTURES, ArchSpec, ReferenceNet, build_model
-from trojanscan.models.quantised import dequantised_state, quantised_state
+from trojanscan.models.quantised import STEP_SUFFIX, dequantised_state, quantised_state
 
 FORMAT_VERSION = "1"
 MAX_NUM_CLASSES = 100_000  # what a file's metadata may claim
@@ -209,16 +209,20 @@ def _build_and_fill(spec: ArchSpec, state: dict[str, torch.Tensor], path: Path) 
     with the file's, so metadata that claims a huge network is refused before anything is
     allocated: the real network is then no larger than the weights the file holds.
     """
+    _check_skeleton(spec, state, path)
+    return _fill(_build(spec, path), state, f"architecture {spec.arch!r}", path)
+
+
+def _check_skeleton(spec: ArchSpec, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Compare ``state``'s keys and shapes with the architecture built on the meta device."""
     try:
         with torch.device("meta"):
             skeleton = build_model(spec.arch, spec.num_classes, spec.input_shape, spec.mean, spec.std)
     except TrojanscanError as e:
         raise TrojanscanError(f"{path}: {e}") from None
-    except Exception:  # an architecture that cannot be built on the meta device: the checks below
-        skeleton = None
-    if skeleton is not None:
-        _check_fit(skeleton, state, f"architecture {spec.arch!r}", path)
-    return _fill(_build(spec, path), state, f"architecture {spec.arch!r}", path)
+    except Exception:  # an architecture that cannot be built on the meta device: the checks after
+        return
+    _check_fit(skeleton, state, f"architecture {spec.arch!r}", path)
 
 
 def _misfit(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...] | None]) -> str | None:
@@ -337,6 +341,8 @@ def _load_safetensors(copy: Path, path: Path, arch: ArchLike | None,
     meta = _parse_meta(raw, path)
     spec = _spec_from_meta(meta, path)
     if "quantisation" in meta:  # int8 codes and steps back to the float weights they stand for
+        # shapes first: the float weights take 4x the codes' memory
+        _check_skeleton(spec, {k: v for k, v in state.items() if not k.endswith(STEP_SUFFIX)}, path)
         state = dequantised_state(state, meta["quantisation"], path)
     if isinstance(arch, str) and arch != spec.arch:  # the user believes it is another net: say so
         raise TrojanscanError(f"{path}: the file records architecture {spec.arch!r}, not --arch {arch!r}; "
