@@ -587,6 +587,10 @@ def hostile_files(tmp: Path) -> dict[str, tuple[str, str]]:
         with pytest.warns(UserWarning, match="Duplicate name"):
             z.writestr("x_train.npy", _npy_header((10**12, 28, 28, 1)) + small.tobytes())
     cases["npz member declaring 10^12 images"] = ("dataset", str(tmp / "huge_npz.npz"))
+    with zipfile.ZipFile(tmp / "many.npz", "w") as z:  # 5,000 arrays: the directory alone is the attack
+        for i in range(5000):
+            z.writestr(f"a{i}.npy", _npy_header((1,)) + b"\0")
+    cases["npz of 5,000 arrays"] = ("inputs", str(tmp / "many.npz"))
     (tmp / "huge.npy").write_bytes(_npy_header((10**9, 3, 32, 32)) + b"\0" * 64)
     cases[".npy declaring 3×10^12 bytes"] = ("inputs", str(tmp / "huge.npy"))
     with zipfile.ZipFile(tmp / "bomb.npz", "w", zipfile.ZIP_DEFLATED) as z:  # 3 MB of zeros per MB stored

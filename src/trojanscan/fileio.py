@@ -11,6 +11,7 @@ import math
 import os
 import re
 import socket
+import struct
 import tempfile
 import time
 import warnings
@@ -180,6 +181,59 @@ def tensor_sha256(*tensors: torch.Tensor) -> str:
 MAX_NPZ_MEMBER_BYTES = 1 << 30  # no trigger, calibration, filter or label file of ours comes near
 
 
+_EOCD = struct.Struct("<4s4H2LH")
+_EOCD64_LOCATOR = struct.Struct("<4sLQL")
+_EOCD64 = struct.Struct("<4sQ2H2L4Q")
+
+
+def zip_directory_stats(path: Path) -> tuple[int, int, int]:
+    """(entries, central-directory bytes, central-directory offset) from the end record, read
+    before any zip parser builds the directory (so a million-entry archive costs nothing)."""
+    from trojanscan.errors import TrojanscanError
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        tail_len = min(size, _EOCD.size + 65535)
+        f.seek(size - tail_len)
+        tail = f.read(tail_len)
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or at + _EOCD.size > len(tail):
+            raise TrojanscanError(f"{path}: corrupt zip archive (no end-of-directory record)")
+        _, _, _, _, entries, cd_size, cd_offset, _ = _EOCD.unpack_from(tail, at)
+        if entries == 0xFFFF or cd_size == 0xFFFFFFFF or cd_offset == 0xFFFFFFFF:
+            loc_at = size - tail_len + at - _EOCD64_LOCATOR.size
+            if loc_at < 0:
+                raise TrojanscanError(f"{path}: corrupt zip64 archive")
+            f.seek(loc_at)
+            sig, _, rec_at, _ = _EOCD64_LOCATOR.unpack(f.read(_EOCD64_LOCATOR.size))
+            if sig != b"PK\x06\x07" or rec_at + _EOCD64.size > size:
+                raise TrojanscanError(f"{path}: corrupt zip64 archive")
+            f.seek(rec_at)
+            rec = f.read(_EOCD64.size)
+            sig, _, _, _, _, _, _, entries, cd_size, cd_offset = _EOCD64.unpack(rec)
+            if sig != b"PK\x06\x06":
+                raise TrojanscanError(f"{path}: corrupt zip64 archive")
+    return entries, cd_size, cd_offset
+
+
+MAX_NPZ_MEMBERS = 1000  # a dataset has 4-5 arrays, our records a few dozen
+
+
+def check_npz_directory(path: str | os.PathLike, where: str | None = None) -> None:
+    """Refuse an ``.npz`` whose zip directory lists more than ``MAX_NPZ_MEMBERS`` arrays, before
+    numpy builds that directory in memory (a plain, non-zip ``.npy`` passes untouched)."""
+    from trojanscan.errors import TrojanscanError
+
+    path = Path(path)
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            return
+    entries, cd_size, _ = zip_directory_stats(path)
+    if entries > MAX_NPZ_MEMBERS or cd_size > MAX_NPZ_MEMBERS * 1024:
+        raise TrojanscanError(f"{where or path}: {entries:,} arrays in a {cd_size:,}-byte directory "
+                              f"(limit {MAX_NPZ_MEMBERS}); not a file trojanscan wrote or reads")
+
+
 MAX_ARRAY_ENV = "TROJANSCAN_MAX_ARRAY_BYTES"
 MAX_ARRAY_BYTES = 4 << 30  # one dataset array; GTSRB's training images take 0.1 GiB
 
@@ -271,6 +325,7 @@ def load_npz_record(path: str | os.PathLike, what: str, required: Any = (), *,
         raise TrojanscanError(f"{path}: no such {what} file")
     a_what = f"{'an' if what[:1].lower() in 'aeiou' else 'a'} {what}"
     try:
+        check_npz_directory(path)
         with np.load(path, allow_pickle=False) as z:
             if not hasattr(z, "files"):
                 raise ValueError("a single array, not an .npz archive")

@@ -21,7 +21,7 @@ import torch
 from trojanscan.data.dataset import NAMED_DATASETS, load_dataset
 from trojanscan.data.readers import IMAGE_EXTENSIONS, _one_line, _open_image
 from trojanscan.errors import TrojanscanError
-from trojanscan.fileio import load_npy, npz_member
+from trojanscan.fileio import check_npz_directory, load_npy, npz_member
 from trojanscan.validation import check_images
 
 LAYOUTS = ("nhwc", "nchw")
@@ -133,6 +133,7 @@ def _npz_inputs(path: Path, key: str | None) -> tuple[np.ndarray, str]:
     """The array to check in an .npz: ``key``, else ``x``, else its only array, else a dataset's
     ``x_test``; the one line otherwise lists the arrays found."""
     try:
+        check_npz_directory(path)
         z = np.load(path, allow_pickle=False)
         if not isinstance(z, np.lib.npyio.NpzFile):
             raise TrojanscanError(f"{path}: holds a single array, not an .npz archive; name it .npy")

@@ -25,7 +25,14 @@ import numpy as np
 from PIL import Image
 
 from trojanscan.errors import TrojanscanError
-from trojanscan.fileio import MAX_ARRAY_ENV, hash_file_into, max_array_bytes, npz_member, sha256_file
+from trojanscan.fileio import (
+    MAX_ARRAY_ENV,
+    check_npz_directory,
+    hash_file_into,
+    max_array_bytes,
+    npz_member,
+    sha256_file,
+)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm")
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -112,7 +119,10 @@ def read_digits() -> RawData:
 def read_npz(path: Path) -> RawData:
     """A .npz with x_train, y_train, x_test, y_test (optionally class_names); never unpickles."""
     try:
+        check_npz_directory(path)
         npz = np.load(path, allow_pickle=False)
+    except TrojanscanError:
+        raise
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise TrojanscanError(
             f"{path}: not a readable .npz file ({_one_line(e)}); save it with "

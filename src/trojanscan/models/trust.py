@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from trojanscan.errors import TrojanscanError
-from trojanscan.fileio import parse_json
+from trojanscan.fileio import parse_json, zip_directory_stats
 from trojanscan.fileio import printable as _shown
 
 # --- limits (module constants; tests and unusual deployments may change them) ---------------------
@@ -239,39 +239,6 @@ def private_copy(path: Path) -> Iterator[Path]:
 
 
 # --- zip archives ---------------------------------------------------------------------------------
-
-_EOCD = struct.Struct("<4s4H2LH")
-_EOCD64_LOCATOR = struct.Struct("<4sLQL")
-_EOCD64 = struct.Struct("<4sQ2H2L4Q")
-
-
-def zip_directory_stats(path: Path) -> tuple[int, int, int]:
-    """(entries, central-directory bytes, central-directory offset) from the end record, read
-    before any zip parser builds the directory (so a million-entry archive costs nothing)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        tail_len = min(size, _EOCD.size + 65535)
-        f.seek(size - tail_len)
-        tail = f.read(tail_len)
-        at = tail.rfind(b"PK\x05\x06")
-        if at < 0 or at + _EOCD.size > len(tail):
-            raise TrojanscanError(f"{path}: corrupt zip archive (no end-of-directory record)")
-        _, _, _, _, entries, cd_size, cd_offset, _ = _EOCD.unpack_from(tail, at)
-        if entries == 0xFFFF or cd_size == 0xFFFFFFFF or cd_offset == 0xFFFFFFFF:
-            loc_at = size - tail_len + at - _EOCD64_LOCATOR.size
-            if loc_at < 0:
-                raise TrojanscanError(f"{path}: corrupt zip64 archive")
-            f.seek(loc_at)
-            sig, _, rec_at, _ = _EOCD64_LOCATOR.unpack(f.read(_EOCD64_LOCATOR.size))
-            if sig != b"PK\x06\x07" or rec_at + _EOCD64.size > size:
-                raise TrojanscanError(f"{path}: corrupt zip64 archive")
-            f.seek(rec_at)
-            rec = f.read(_EOCD64.size)
-            sig, _, _, _, _, _, _, entries, cd_size, cd_offset = _EOCD64.unpack(rec)
-            if sig != b"PK\x06\x06":
-                raise TrojanscanError(f"{path}: corrupt zip64 archive")
-    return entries, cd_size, cd_offset
-
 
 def open_zip(path: Path, shown: object) -> zipfile.ZipFile:
     """Open a zip after checking its size, entry count and directory size; then check every
