@@ -219,3 +219,22 @@ def test_report_renders_in_chromium(tmp_path: Path):
     assert shot.is_file(), "chromium wrote no screenshot"
     colors = Image.open(shot).convert("RGB").getcolors(1 << 20)
     assert colors is not None and len(colors) > 16
+
+
+def test_an_additive_trigger_is_drawn_not_left_empty():
+    """SIG's sinusoid lives in the trigger's offset (its mask is empty): the real-trigger pictures
+    must show it rather than a black square."""
+    import io
+
+    from PIL import Image
+
+    from trojanscan.attacks import SIG
+
+    trigger = SIG(target=1).make_trigger((1, 16, 16))
+    assert trigger.offset is not None and float(trigger.mask.sum()) == 0
+    pngs = trigger_pngs(trigger.mask, trigger.pattern, trigger.offset)
+    for kind in ("pattern", "fusion"):
+        pixels = np.asarray(Image.open(io.BytesIO(pngs[kind])), dtype=np.float32)
+        assert pixels.std() > 10, f"{kind} is flat: the sinusoid is not drawn"
+    plain = np.asarray(Image.open(io.BytesIO(trigger_pngs(trigger.mask, trigger.pattern)["fusion"])))
+    assert plain.std() == 0  # what the page showed before: nothing

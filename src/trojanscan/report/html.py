@@ -280,7 +280,7 @@ def _ground_truth(result: ScanResult, truth: Trigger) -> str:
               f'<span class="no">no</span> — label {target} is not among the flagged labels '
               f"({', '.join(map(str, flagged)) or 'none'})")
     real = (f"<div><h3>Real trigger ({escape(truth.kind)}, target {target})</h3>"
-            f"{_trio(trigger_pngs(truth.mask, truth.pattern), 'real trigger')}</div>")
+            f"{_trio(trigger_pngs(truth.mask, truth.pattern, truth.offset), 'real trigger')}</div>")
     try:
         rev = result.label(target)
     except TrojanscanError:

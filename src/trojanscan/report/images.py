@@ -56,15 +56,25 @@ def to_png_bytes(image: torch.Tensor, scale: int | None = None) -> bytes:
     return buf.getvalue()
 
 
-def trigger_pngs(mask: torch.Tensor, pattern: torch.Tensor) -> dict[str, bytes]:
-    """PNGs of a trigger: ``"mask"`` (white = stamped), ``"pattern"`` and ``"fusion"`` (mask ⊙ pattern)."""
+def trigger_pngs(mask: torch.Tensor, pattern: torch.Tensor,
+                 offset: torch.Tensor | None = None) -> dict[str, bytes]:
+    """PNGs of a trigger: ``"mask"`` (white = stamped), ``"pattern"`` and ``"fusion"`` (mask ⊙ pattern).
+
+    An additive trigger (SIG's sinusoid: ``offset``, which a mask cannot show) is drawn as the offset
+    around mid-grey in ``"pattern"`` and as a mid-grey image carrying the whole trigger in ``"fusion"``.
+    """
     mask = torch.as_tensor(mask, dtype=torch.float32)
     pattern = torch.as_tensor(pattern, dtype=torch.float32)
     if mask.dim() != 2 or pattern.dim() != 3 or pattern.shape[1:] != mask.shape:
         raise TrojanscanError(f"trigger mask must be H×W and pattern C×H×W of the same size, got "
                               f"{tuple(mask.shape)} and {tuple(pattern.shape)}")
-    return {"mask": to_png_bytes(mask), "pattern": to_png_bytes(pattern),
-            "fusion": to_png_bytes(mask.unsqueeze(0) * pattern)}
+    fusion = mask.unsqueeze(0) * pattern
+    if offset is not None:
+        offset = torch.as_tensor(offset, dtype=torch.float32)
+        grey = torch.full_like(pattern, 0.5)
+        fusion = ((1 - mask) * grey + mask * pattern + offset).clamp(0, 1)
+        pattern = (0.5 + offset / 2).clamp(0, 1)
+    return {"mask": to_png_bytes(mask), "pattern": to_png_bytes(pattern), "fusion": to_png_bytes(fusion)}
 
 
 def trigger_image_paths(out_dir: Path, label: int) -> dict[str, Path]:
