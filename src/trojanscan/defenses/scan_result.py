@@ -145,7 +145,15 @@ class ScanResult:
             label = min(self.labels, key=lambda r: r.l1_norm).label
         return self.label(label).trigger()
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, timings: bool = True) -> dict[str, Any]:
+        """The JSON of ``scan.json``; ``timings=False`` leaves out the seconds (the one thing a
+        resumed or repeated scan may change), to compare two scans."""
+        if not timings:
+            d = self.to_dict()
+            d.pop("seconds")
+            for r in d["labels"]:
+                r.pop("seconds")
+            return d
         return to_jsonable({
             "method": self.method, "infected": self.infected,
             "flagged_labels": self.flagged_labels, "anomaly_index": self.anomaly_index,
