@@ -195,3 +195,18 @@ def test_an_arch_that_contradicts_the_file_is_refused(tmp_path):
     assert load_model(path, arch="mnist-cnn").spec.arch == "mnist-cnn"  # agreeing is fine
     with pytest.raises(TrojanscanError, match="records architecture 'mnist-cnn', not --arch 'gtsrb-cnn'"):
         load_model(path, arch="gtsrb-cnn")
+
+
+def test_a_module_in_the_working_directory_is_found_as_python_would(tmp_path, monkeypatch):
+    """`trojanscan ... --arch mynet:Net` run beside mynet.py: the console script does not put the
+    working directory on sys.path, python -m does; we find it without PYTHONPATH=."""
+    (tmp_path / "mynet_here.py").write_text(textwrap.dedent(USER_NETS))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    try:
+        cls = import_architecture("mynet_here:TinyNet")
+        assert cls.__name__ == "TinyNet" and str(tmp_path) not in sys.path
+    finally:
+        sys.modules.pop("mynet_here", None)
+    with pytest.raises(TrojanscanError, match="cannot import no_such_mod"):
+        import_architecture("no_such_mod:Net")

@@ -23,6 +23,7 @@ import os
 import pickle
 import re
 import struct
+import sys
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -295,7 +296,7 @@ def import_architecture(name: str) -> type[nn.Module]:
                               f"{_architectures_hint()}")
     module_name, _, attr = name.partition(":")
     try:
-        obj: Any = importlib.import_module(module_name)
+        obj: Any = _import_user_module(module_name)
     except Exception as e:  # the user's module failed: one line, not its traceback
         raise TrojanscanError(f"--arch {name}: cannot import {module_name} ({type(e).__name__}: "
                               f"{trust._shown(e, 120)}); make it importable (pip install -e ., or "
@@ -305,6 +306,23 @@ def import_architecture(name: str) -> type[nn.Module]:
     if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
         raise TrojanscanError(f"--arch {name}: {attr} in {module_name} is not an nn.Module class")
     return obj
+
+
+def _import_user_module(module_name: str) -> Any:
+    """Import the caller's module; one in the working directory is found as ``python -m`` would
+    (the ``trojanscan`` command, unlike ``python``, does not put the working directory on the path)."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        top = module_name.split(".")[0]
+        here = Path.cwd()
+        if e.name != top or not ((here / f"{top}.py").is_file() or (here / top).is_dir()):
+            raise
+    sys.path.insert(0, str(here))
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        sys.path.remove(str(here))
 
 
 def _user_module(arch: ArchLike, path: Path) -> tuple[nn.Module, str]:
@@ -496,6 +514,9 @@ def _load_checkpoint(copy: Path, path: Path, arch: ArchLike | None,
         reason = str(e).strip().splitlines()
         detail = next((ln.strip() for ln in reason if "GLOBAL" in ln or "Unsupported" in ln),
                       reason[0] if reason else "")
+        # keep what it needs, not torch's advice to allow it (add_safe_globals is not ours to give)
+        detail = re.split(r" (?:was not an allowed global|Please)\b", detail.removeprefix(
+            "WeightsUnpickler error: "))[0]
         raise TrojanscanError(
             f"{path}: refused: this pickle checkpoint needs arbitrary code to load "
             f"({trust._shown(detail, 160)}); ask for TorchScript or safetensors, or load it "
