@@ -1,5 +1,5 @@
-"""Guarding a deployed model input by input: calibrating STRIP, checking inputs with it or with the
-input filter, and measuring a guard's FRR, FAR and speed."""
+"""Guarding a deployed model input by input: calibrating STRIP or the combined guard (STRIP + TeCo …),
+checking inputs with them or with the input filter, and measuring a guard's FRR, FAR and speed."""
 
 from __future__ import annotations
 
@@ -16,15 +16,20 @@ import torch
 from trojanscan.data import Dataset
 from trojanscan.data.images import RunInputs
 from trojanscan.data.triggers import Trigger
+from trojanscan.defenses.base import InputGuard
+from trojanscan.defenses.consistency import upper_threshold
+from trojanscan.defenses.guard import Guard, GuardOptions
 from trojanscan.defenses.input_filter import InputFilter
 from trojanscan.defenses.strip import MIN_CALIBRATION_SAMPLES, Strip
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import locks_out_dir
-from trojanscan.metrics import far_frr
+from trojanscan.metrics import far_frr, roc_auc
+from trojanscan.options import describe_options, option_fields
 from trojanscan.progress import ProgressCallback, Stages
-from trojanscan.report import write_strip_report
+from trojanscan.report import write_guard_report, write_strip_report
 from trojanscan.report.progress import progress_bars
 from trojanscan.train import predict
+from trojanscan.validation import check_choice
 from trojanscan.workflows.inputs import (
     DataLike,
     InputsLike,
@@ -49,12 +54,46 @@ def strip_calibrate(model: ModelLike, data: DataLike, *, n: int = 100, frr: floa
     resolved = resolve(model, data, arch=arch, mean=mean, std=std, trusted=trusted)
     strip = Strip(resolved.module, n=n, frr=frr, blend=blend, boundary=boundary, seed=seed,
                   temperature=temperature, accelerate=accelerate)
-    with progress_bars(progress is True) as bars, Stages(bars or progress, "strip calibrate", 1) as stage:
-        stage(f"{samples} images × {n} copies")
-        strip.calibrate(held_out(resolved.dataset, "calibration", samples, seed)[0])
+    return _calibrated(strip, resolved.dataset, samples, seed, out, "strip calibrate",
+                       f"{samples} images × {n} copies", progress)
+
+
+def _calibrated(guard: InputGuard, dataset: Dataset, samples: int, seed: int,
+                out: str | os.PathLike | None, task: str, info: str,
+                progress: bool | ProgressCallback) -> Any:
+    """``guard`` fitted on ``samples`` held-out benign training images, and saved to ``out`` if given."""
+    with progress_bars(progress is True) as bars, Stages(bars or progress, task, 1) as stage:
+        stage(info)
+        guard.fit(held_out(dataset, "calibration", samples, seed)[0])
     if out is not None:
-        strip.save(out)
-    return strip
+        guard.save(out)
+    return guard
+
+
+def _guard(module: torch.nn.Module, options: dict[str, Any]) -> Guard:
+    """The combined guard with ``options`` (its keywords); an unknown one is a one-line error."""
+    unknown = sorted(set(options) - set(option_fields(GuardOptions)))
+    if unknown:
+        raise TrojanscanError(f"the guard has no option {', '.join(unknown)}; its options are: "
+                              f"{', '.join(describe_options(GuardOptions))}")
+    return Guard(module, **options)
+
+
+def guard_calibrate(model: ModelLike, data: DataLike, *, samples: int = 2000, arch: str | None = None,
+                    out: str | os.PathLike | None = None, mean: list[float] | None = None,
+                    std: list[float] | None = None, trusted: bool = False,
+                    progress: bool | ProgressCallback = True, **options: Any) -> Guard:
+    """Calibrate the combined guard on ``samples`` benign training images for its overall FRR.
+
+    ``options`` are :class:`~trojanscan.defenses.guard.Guard`'s keywords (``detectors``, ``frr``,
+    ``n``, ``temperature``, ``severity`` …). Example::
+
+        guard = guard_calibrate("model.safetensors", "gtsrb", frr=0.01, out="guard.npz")
+    """
+    resolved = resolve(model, data, arch=arch, mean=mean, std=std, trusted=trusted)
+    guard = _guard(resolved.module, options)
+    return _calibrated(guard, resolved.dataset, samples, guard.seed, out, "guard calibrate",
+                       f"{samples} images through {' + '.join(guard.detectors)}", progress)
 
 
 @dataclass
@@ -118,6 +157,31 @@ def strip_check(model: ModelLike, calibration: str | os.PathLike, inputs: Inputs
                   "inputs_read_as": inputs.how})
 
 
+def guard_check(model: ModelLike, calibration: str | os.PathLike, inputs: InputsLike, *,
+                arch: str | None = None, accelerate: bool = True, mean: list[float] | None = None,
+                std: list[float] | None = None, trusted: bool = False) -> CheckRecord:
+    """Predict and flag each input with a saved guard; each row names the detector that flagged it
+    (members screen in order, so only the first one that flags an input is named)."""
+    inputs = as_run_inputs(inputs)
+    module, x = model_and_inputs(model, inputs, arch, mean, std, trusted)
+    guard = Guard.load(calibration, module, accelerate=accelerate)
+    start = time.perf_counter()
+    flags, by = guard.screen(x)
+    labels = guard.labels(x)
+    seconds = time.perf_counter() - start
+    names = list(guard.detectors)
+    return CheckRecord(
+        command="guard check", inputs=inputs.source, count=len(x), flagged=int(flags.sum()),
+        seconds=seconds, settings={
+            "trojaned": int(flags.sum()), "frr": guard.frr, "detectors": names,
+            "thresholds": guard.thresholds_, "accelerated": guard.accelerated,
+            "inputs_per_second": len(x) / seconds if seconds else None, "model_trusted": trusted,
+            "inputs_read_as": inputs.how},
+        results=_with_files([{"index": i, "label": int(lab), "trojaned": bool(f),
+                              "flagged_by": names[b] if b >= 0 else None}
+                             for i, (lab, f, b) in enumerate(zip(labels, flags, by, strict=True))], inputs))
+
+
 def filter_check(model: ModelLike, filter_path: str | os.PathLike, inputs: InputsLike, *,
                  arch: str | None = None, mean: list[float] | None = None,
                  std: list[float] | None = None, trusted: bool = False) -> CheckRecord:
@@ -178,19 +242,47 @@ class StripRun:
     rates: dict[str, Any]
 
 
+def evaluation_inputs(dataset: Dataset, trigger: Trigger | None, samples: int,
+                      seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``samples`` clean test images and (with a trigger) as many stamped test images of other
+    labels: the held-out draws every guard's FRR and FAR are measured on."""
+    g = held_out_generator("evaluation", seed)
+    benign = dataset.x_test[torch.randperm(len(dataset.x_test), generator=g)[:samples]]
+    if trigger is None:
+        return benign, None
+    others = dataset.x_test[dataset.y_test != trigger.target]
+    return benign, trigger.apply(others[torch.randperm(len(others), generator=g)[:samples]])
+
+
+CALIBRATION_SPLITS = ("train", "test")
+
+
+def calibration_images(dataset: Dataset, split: str, n: int, samples: int, seed: int) -> torch.Tensor:
+    """``n`` benign calibration images: held-out training images (``"train"``, as STRIP's), or test
+    images that :func:`evaluation_inputs` with ``samples`` does not use (``"test"``: the next ones in
+    its draw order). A model is more confident on images it was trained on, so ``"test"`` is the
+    fairer stand-in for a user's own clean data."""
+    check_choice("calibration split", split, CALIBRATION_SPLITS)
+    if split == "train":
+        return held_out(dataset, "calibration", n, seed)[0]
+    order = torch.randperm(len(dataset.x_test), generator=held_out_generator("evaluation", seed))
+    if samples + n > len(order):
+        raise TrojanscanError(f"{dataset.name}: {len(order)} test images are too few for {samples} "
+                              f"evaluation and {n} calibration images; calibrate on the training split "
+                              "or use fewer")
+    return dataset.x_test[order[samples:samples + n]]
+
+
 def strip_rates(strip: Strip, dataset: Dataset, trigger: Trigger | None, *, samples: int = 2000,
                 calibration_samples: int = 2000, seed: int = 0) -> StripRun:
     """Calibrate ``strip`` on training images, then measure FRR on ``samples`` clean test images
     and (with a trigger) FAR on as many stamped ones of other labels."""
     strip.calibrate(held_out(dataset, "calibration", calibration_samples, seed)[0])
-    g = held_out_generator("evaluation", seed)
-    benign = dataset.x_test[torch.randperm(len(dataset.x_test), generator=g)[:samples]]
+    benign, stamped = evaluation_inputs(dataset, trigger, samples, seed)
     h_benign = strip.entropy(benign)
-    if trigger is None:  # a clean model: only the false rejections can be measured
+    if stamped is None:  # a clean model: only the false rejections can be measured
         return StripRun(benign, h_benign, None, None,
                         far_frr(h_benign < strip.boundary_, torch.zeros(0)))
-    others = dataset.x_test[dataset.y_test != trigger.target]
-    stamped = trigger.apply(others[torch.randperm(len(others), generator=g)[:samples]])
     h_trojan = strip.entropy(stamped)
     return StripRun(benign, h_benign, stamped, h_trojan,
                     far_frr(h_benign < strip.boundary_, h_trojan < strip.boundary_))
@@ -292,4 +384,124 @@ def strip_evaluate(model: ModelLike, data: DataLike, trigger: Trigger | str | os
         out = Path(out_dir)
         record.write(out / "strip.json")
         write_strip_report(record.to_dict(), h_benign, h_trojan, out / "report.html")
+    return record
+
+
+def _guard_throughput(guard: Guard, benign: torch.Tensor, stamped: torch.Tensor) -> dict[str, Any]:
+    """Inputs per second: plain inference (by the module the guard classifies with), guarded
+    prediction (labels + early-exit flags) of benign and of stamped inputs, and each detector alone
+    on benign inputs; ``cost_*`` are the slowdowns against plain inference."""
+    guard.predict(benign[:8])  # builds the frozen copies outside the timings
+    plain = _per_second(lambda: guard.labels(benign), len(benign))
+    guarded = {"benign": _per_second(lambda: guard.predict(benign), len(benign)),
+               "trojaned": _per_second(lambda: guard.predict(stamped), len(stamped))}
+    members = {name: _per_second(lambda m=m: m.detect(benign), len(benign))
+               for name, m in guard.members.items()}
+    return {"inputs": len(benign), "plain_inputs_per_second": plain,
+            **{f"guarded_{k}_inputs_per_second": v for k, v in guarded.items()},
+            **{f"cost_{k}": plain / v for k, v in guarded.items()},
+            "detectors": {name: {"benign_inputs_per_second": v, "cost_benign": plain / v}
+                          for name, v in members.items()}}
+
+
+def _spread(scores: torch.Tensor) -> dict[str, float]:
+    return {"mean": float(scores.mean()), "std": float(scores.std())}
+
+
+@dataclass
+class GuardEvaluation(Record):
+    """The combined guard's FAR and FRR on one model, each detector's alone and inside the guard,
+    and the throughput against plain inference."""
+
+    far: float
+    frr: float
+    target_frr: float
+    detector_order: list[str]
+    thresholds: dict[str, float]
+    detectors: dict[str, dict[str, Any]]
+    benign_inputs: int
+    trojaned_inputs: int
+    throughput: dict[str, Any]
+    options: dict[str, Any]
+    calibration: dict[str, Any]
+    trigger: dict[str, Any]
+    seed: int
+    model_sha256: str | None
+    model_trust: dict[str, Any]
+    data: dict[str, Any]
+    environment: dict[str, str]
+    summary: dict[str, str]
+    command: str = "guard evaluate"
+    guard: Guard | None = internal()  # the calibrated guard, ready for predict()
+    benign_scores: dict[str, torch.Tensor] | None = internal()
+    trojaned_scores: dict[str, torch.Tensor] | None = internal()
+
+
+@locks_out_dir()
+def guard_evaluate(model: ModelLike, data: DataLike, trigger: Trigger | str | os.PathLike | None = None, *,
+                   samples: int = 2000, calibration_samples: int = 2000, calibration_split: str = "train",
+                   throughput_inputs: int = 500, arch: str | None = None,
+                   out_dir: str | os.PathLike | None = None, mean: list[float] | None = None,
+                   std: list[float] | None = None, trusted: bool = False,
+                   progress: bool | ProgressCallback = True, **options: Any) -> GuardEvaluation:
+    """Calibrate the combined guard on benign training images, then measure its FRR on ``samples``
+    clean test images and its FAR on as many stamped ones, with every detector's own figures (alone
+    at the same FRR, and inside the guard) and the throughput on ``throughput_inputs`` of each.
+    ``calibration_split``: where the benign calibration images come from (see
+    :func:`calibration_images`).
+
+    ``options`` are :class:`~trojanscan.defenses.guard.Guard`'s keywords. Writes ``guard.json`` and
+    ``report.html`` to ``out_dir`` if given.
+    """
+    resolved = resolve(model, data, arch=arch, mean=mean, std=std, trusted=trusted)
+    dataset = resolved.dataset
+    trig = known_trigger(trigger, resolved)
+    if trig is None:
+        raise TrojanscanError("guard evaluate needs the trigger (--trigger FILE) to stamp inputs")
+    if throughput_inputs < 8:
+        raise TrojanscanError(f"throughput_inputs must be at least 8, got {throughput_inputs}")
+    guard = _guard(resolved.module, options)
+    calibration = calibration_images(dataset, calibration_split, calibration_samples, samples, guard.seed)
+    with progress_bars(progress is True) as bars, Stages(bars or progress, "guard evaluate", 3) as stage:
+        stage(f"calibrating {' + '.join(guard.detectors)} on {calibration_samples} images")
+        guard.fit(calibration)
+        stage(f"FRR and FAR on 2 × {samples} test images")
+        benign, stamped = evaluation_inputs(dataset, trig, samples, guard.seed)
+        assert stamped is not None  # a trigger was given
+        s_benign, s_trojan = guard.scores(benign), guard.scores(stamped)
+        rates = far_frr(guard.decide(s_benign), guard.decide(s_trojan))
+        stage(f"throughput on 2 × {min(throughput_inputs, len(benign))} inputs")
+        speed = _guard_throughput(guard, benign[:throughput_inputs], stamped[:throughput_inputs])
+    detail = {}
+    for name in guard.detectors:
+        b, t = s_benign[name], s_trojan[name]
+        alone = upper_threshold(guard.calibration_scores_[name], guard.frr)
+        detail[name] = {
+            "alone": {"threshold": alone, **far_frr(b > alone, t > alone)},
+            "in_guard": {"threshold": guard.thresholds_[name], **far_frr(b > guard.thresholds_[name],
+                                                                        t > guard.thresholds_[name])},
+            "auroc": roc_auc(torch.cat([b, t]).tolist(), [False] * len(b) + [True] * len(t)),
+            "benign_score": _spread(b), "trojaned_score": _spread(t)}
+    record = GuardEvaluation(
+        far=rates["far"], frr=rates["frr"], target_frr=guard.frr, detector_order=list(guard.detectors),
+        thresholds=guard.thresholds_, detectors=detail, benign_inputs=len(benign),
+        trojaned_inputs=len(stamped), throughput=speed, options=vars(guard.options()),
+        calibration={"samples": guard.n_calibration_, "split": calibration_split,
+                     "tail_per_detector": guard.tail_, "tail_allowed": guard.tail_allowed_},
+        trigger={"target": trig.target, "kind": trig.kind}, seed=guard.seed, model_sha256=resolved.sha256,
+        model_trust=resolved.trust_record(), data={"name": dataset.name, "sha256": dataset.sha256},
+        environment=environment(), guard=guard, benign_scores=s_benign, trojaned_scores=s_trojan,
+        summary={
+            "FRR (benign flagged)": f"{100 * rates['frr']:.2f}%",
+            "FAR (trojaned accepted)": f"{100 * rates['far']:.2f}%",
+            **{f"{name} alone: FAR at FRR": f"{100 * d['alone']['far']:.2f}% at "
+               f"{100 * d['alone']['frr']:.2f}%" for name, d in detail.items()},
+            "plain inference inputs/s": f"{speed['plain_inputs_per_second']:.0f}",
+            "guarded benign inputs/s": f"{speed['guarded_benign_inputs_per_second']:.0f}",
+            "cost against plain inference (benign)": f"{speed['cost_benign']:.1f}×",
+        })
+    if out_dir is not None:
+        out = Path(out_dir)
+        record.write(out / "guard.json")
+        write_guard_report(record.to_dict(), s_benign, s_trojan, out / "report.html")
     return record

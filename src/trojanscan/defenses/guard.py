@@ -1,0 +1,383 @@
+"""The combined run-time guard: STRIP plus detectors that see other signals, one calibration, one decision.
+
+STRIP catches triggers that survive superimposed images (patches) but not faint whole-image blends;
+TeCo catches inputs whose robustness differs across corruptions (blends, and patches a blur wipes
+out); SCALE-UP, optionally, inputs that keep their label when amplified. A user should not need to
+know which trigger they face, so the guard rejects an input when **any** member flags it (the OR
+rule), and calibrates that rule as a whole on benign inputs only:
+
+Each member turns its statistic into a suspicion score (STRIP: minus the entropy) and gets the same
+share of the benign tail: its threshold is its (k+1)-th largest benign calibration score, so it
+flags k of the n calibration inputs. k is the largest count for which the members together flag at
+most ⌊frr·(n+1)⌋ − 1 calibration inputs: the OR rule's own conformal quantile, so a fresh benign
+input is rejected with probability about ``frr`` overall (not per member). Each member's share lies
+between Bonferroni's ``frr/M`` (members that never flag the same benign inputs) and the whole
+``frr`` (members that always do); calibrating the rule on the data, not splitting the budget
+blindly, keeps whatever the members' agreement leaves.
+
+Screening goes member by member: an input one member flags is not shown to the next, and STRIP and
+SCALE-UP stop copying an input as soon as their verdict is sure. STRIP always screens first: it draws
+each input's overlays by the input's position in the batch it is shown, so only when it sees the
+whole batch are its verdicts those of :meth:`Guard.scores`; the others follow in the order of
+``detectors``.
+
+Example::
+
+    guard = Guard(model).fit(clean_images)          # STRIP + TeCo at FRR 1%
+    labels, trojaned = guard.predict(incoming_images)
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from trojanscan.defenses.base import InputGuard
+from trojanscan.defenses.consistency import (
+    ConsistencyGuard,
+    FieldReader,
+    check_same_model,
+    tail_count,
+)
+from trojanscan.defenses.scale_up import DEFAULT_SCALES, ScaleUp
+from trojanscan.defenses.strip import Strip
+from trojanscan.defenses.teco import DEFAULT_CORRUPTIONS, TeCo
+from trojanscan.errors import TrojanscanError, TrojanscanWarning
+from trojanscan.fileio import load_npz_record, module_sha256, save_npz_record
+from trojanscan.validation import check_choice, check_fraction
+
+MEMBERS: dict[str, type[InputGuard]] = {cls.name: cls for cls in (Strip, TeCo, ScaleUp)}
+DEFAULT_DETECTORS = ("strip", "teco")
+FILE_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class GuardOptions:
+    """The combined guard's settings (the constructor's keywords; see :class:`Guard`)."""
+
+    detectors: tuple[str, ...] = DEFAULT_DETECTORS
+    frr: float = 0.01
+    n: int = 10
+    temperature: float | str = "auto"
+    corruptions: tuple[str, ...] = DEFAULT_CORRUPTIONS
+    severity: int = 2
+    deviation: str = "mahalanobis"
+    scales: tuple[float, ...] = DEFAULT_SCALES
+    batch_size: int = 256
+    seed: int = 0
+    accelerate: bool = True
+
+
+def parse_detectors(detectors: object) -> tuple[str, ...]:
+    """One or more distinct member names, as a tuple (a comma-separated string is split)."""
+    if isinstance(detectors, str):
+        detectors = [d.strip() for d in detectors.split(",") if d.strip()]
+    names = tuple(detectors) if isinstance(detectors, (tuple, list)) else ()
+    for name in names:
+        check_choice("detector", name, MEMBERS)
+    if not names or len(set(names)) != len(names):
+        raise TrojanscanError(f"detectors must be one or more distinct names of {', '.join(MEMBERS)}, "
+                              f"got {detectors!r}")
+    return names
+
+
+def joint_thresholds(benign: dict[str, torch.Tensor], frr: float) -> tuple[dict[str, float], int]:
+    """Per-member thresholds for the OR rule at an overall ``frr``, from benign suspicion scores.
+
+    Every member flags its k highest benign scores (threshold: its (k+1)-th largest); k is the
+    largest count at which the union of flagged calibration inputs stays within
+    ⌊frr·(n+1)⌋ − 1. Returns ``(thresholds, k)``; flag an input when a score exceeds its threshold.
+    """
+    check_fraction("frr", frr)
+    if not benign:
+        raise TrojanscanError("the guard needs at least one detector's benign scores")
+    scores = {m: torch.as_tensor(s, dtype=torch.float64).flatten() for m, s in benign.items()}
+    n = len(next(iter(scores.values())))
+    if n < 2 or any(len(s) != n for s in scores.values()):
+        raise TrojanscanError(f"every detector needs the same benign inputs (at least 2), got "
+                              f"{ {m: len(s) for m, s in scores.items()} }")
+    if not all(torch.isfinite(s).all() for s in scores.values()):
+        raise TrojanscanError("benign scores contain NaN or infinity; check the model's outputs")
+    allowed = tail_count(n, frr)
+    if allowed < 0:
+        warnings.warn(f"{n} benign inputs are too few for FRR {frr:g}; each detector flags only inputs "
+                      "above its largest benign score", TrojanscanWarning, stacklevel=2)
+        allowed = 0
+    ordered = {m: s.sort(descending=True).values for m, s in scores.items()}
+
+    def union(k: int) -> int:  # calibration inputs flagged when every member flags its k highest
+        return int(torch.stack([s > ordered[m][k] for m, s in scores.items()]).any(0).sum())
+
+    best, worst = 0, allowed + 1  # union(best) ≤ allowed < union(worst); union grows with k
+    while worst - best > 1:
+        mid = (best + worst) // 2
+        best, worst = (mid, worst) if union(mid) <= allowed else (best, mid)
+    return {m: float(ordered[m][best]) for m in scores}, best
+
+
+class _Member:
+    """A detector seen by the guard: suspicion scores (higher = more likely trojaned), a threshold,
+    early-exit flags and a record to embed in the guard's file."""
+
+    def __init__(self, detector: InputGuard) -> None:
+        self.detector = detector
+
+    def fit(self, x: torch.Tensor) -> torch.Tensor:
+        """Calibrate alone on benign ``x``; their suspicion scores."""
+        return self.detector.fit(x).calibration_scores_
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        return self.detector.score(x)
+
+    @property
+    def threshold(self) -> float:
+        return self.detector.threshold_
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        self.detector.threshold_ = value
+
+    def detect(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.detector.detect(x, labels)
+
+    def labels(self, x: torch.Tensor) -> torch.Tensor:
+        return self.detector.labels(x)
+
+    def record(self) -> dict[str, Any]:
+        return self.detector.to_record()
+
+    @staticmethod
+    def restore(kind: type[ConsistencyGuard], fields: dict[str, np.ndarray], path: Path, model: nn.Module,
+                **settings: Any) -> InputGuard:
+        """The member's detector from its fields in the guard's file at ``path``."""
+        return kind.from_record(fields, path, model, **settings)
+
+
+class _StripMember(_Member):
+    """STRIP inside the guard: suspicion = −entropy, its boundary = −threshold."""
+
+    detector: Strip
+
+    def fit(self, x: torch.Tensor) -> torch.Tensor:
+        with warnings.catch_warnings():  # its own boundary is replaced by the joint one
+            warnings.simplefilter("ignore", UserWarning)
+            self.detector.calibrate(x)
+        return -self.detector.calibration_entropies_.double()
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        return -self.detector.entropy(x).double()
+
+    @property
+    def threshold(self) -> float:
+        return -self.detector.boundary_
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        self.detector.boundary_ = -value
+
+    def detect(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.detector.screen(x)[0]
+
+    def record(self) -> dict[str, Any]:  # STRIP writes files only: its own file, read back
+        with tempfile.TemporaryDirectory() as tmp:
+            self.detector.save(Path(tmp) / "strip.npz")
+            return load_npz_record(Path(tmp) / "strip.npz", "STRIP calibration")
+
+    @staticmethod
+    def restore(kind: type[Strip], fields: dict[str, np.ndarray], path: Path, model: nn.Module,
+                **settings: Any) -> InputGuard:
+        with tempfile.TemporaryDirectory() as tmp:
+            part = Path(tmp) / "strip.npz"
+            save_npz_record(part, fields)
+            try:
+                return kind.load(part, model, **settings)
+            except TrojanscanError as e:  # name the user's file, not the temporary one
+                problem = str(e).replace(f"{part}: ", "")
+                raise TrojanscanError(f"{path}: its STRIP part: {problem}") from None
+
+
+def _member(detector: InputGuard) -> _Member:
+    return _StripMember(detector) if isinstance(detector, Strip) else _Member(detector)
+
+
+class Guard(InputGuard):
+    """STRIP plus TeCo (and optionally SCALE-UP) under one calibration and one OR decision.
+
+    Args:
+        model: the classifier, taking N×C×H×W images in [0, 1] and returning logits.
+        detectors: the members, of ``"strip"``, ``"teco"``, ``"scale-up"`` (STRIP screens first, the
+            others in this order).
+        frr: the overall false rejection rate of benign inputs (see :func:`joint_thresholds`).
+        n: STRIP's perturbed copies per input (10 is the paper's figure for GTSRB).
+        temperature: STRIP's softmax temperature, or ``"auto"``.
+        corruptions, severity, deviation: TeCo's corruption types, their severity (1–5) and statistic.
+        scales: SCALE-UP's amplification factors.
+        batch_size: about how many images go to the model in one call.
+        seed: seeds STRIP's overlays and TeCo's noise fields.
+        accelerate: on CPU, classify through a frozen oneDNN copy of the model where that is safe.
+    """
+
+    name = "guard"
+    title = "combined guard"
+    options_type = GuardOptions
+
+    def __init__(self, model: nn.Module, detectors: tuple[str, ...] | str = DEFAULT_DETECTORS,
+                 frr: float = 0.01, n: int = 10, temperature: float | str = "auto",
+                 corruptions: tuple[str, ...] = DEFAULT_CORRUPTIONS, severity: int = 2,
+                 deviation: str = "mahalanobis", scales: tuple[float, ...] = DEFAULT_SCALES,
+                 batch_size: int = 256, seed: int = 0, accelerate: bool = True) -> None:
+        named = parse_detectors(detectors)
+        self.detectors = tuple(sorted(named, key=lambda d: d != "strip"))  # STRIP first, see the module notes
+        self.frr = check_fraction("frr", frr)
+        common = {"frr": self.frr, "batch_size": batch_size, "seed": seed, "accelerate": accelerate}
+        built = {"strip": lambda: Strip(model, n=n, temperature=temperature, boundary="quantile", **common),
+                 "teco": lambda: TeCo(model, corruptions=corruptions, severity=severity, deviation=deviation,
+                                      **common),
+                 "scale-up": lambda: ScaleUp(model, scales=scales, **common)}
+        self.members = {name: _member(built[name]()) for name in self.detectors}
+        self.model, self.n, self.temperature = model, n, temperature
+        self.severity, self.deviation = severity, deviation
+        self.corruptions, self.scales = tuple(corruptions), tuple(float(s) for s in scales)
+        self.batch_size, self.seed, self.accelerate = batch_size, int(seed), bool(accelerate)
+
+    # -- calibration ------------------------------------------------------------------------------
+
+    def fit(self, x: torch.Tensor) -> Guard:  # type: ignore[override]
+        """Calibrate every member on benign images ``x``, then the OR rule at ``frr`` (see
+        :func:`joint_thresholds`). Returns ``self`` with ``thresholds_``, ``tail_``, ``tail_allowed_``,
+        ``calibration_scores_`` (member → benign suspicion scores) and ``n_calibration_`` set."""
+        self.calibration_scores_ = {name: m.fit(x) for name, m in self.members.items()}
+        self._decide_thresholds()
+        self.n_calibration_ = len(x)
+        self.model_sha256_ = module_sha256(self.model)
+        return self
+
+    def _decide_thresholds(self) -> None:
+        self.thresholds_, self.tail_ = joint_thresholds(self.calibration_scores_, self.frr)
+        self.tail_allowed_ = max(0, tail_count(len(next(iter(self.calibration_scores_.values()))), self.frr))
+        for name, t in self.thresholds_.items():
+            self.members[name].threshold = t
+
+    def _require_fitted(self) -> None:
+        if not hasattr(self, "thresholds_"):
+            raise TrojanscanError("this guard is not calibrated; call fit(clean_images) or "
+                                  "Guard.load(path, model) first")
+
+    # -- decisions --------------------------------------------------------------------------------
+
+    def decide(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The OR rule on members' suspicion scores (as :meth:`scores` gives them): flagged where any
+        member's score exceeds its threshold."""
+        self._require_fitted()
+        missing = sorted(set(self.detectors) - set(scores))
+        if missing:
+            raise TrojanscanError(f"scores are missing for detector(s) {', '.join(missing)}")
+        return torch.stack([torch.as_tensor(scores[m], dtype=torch.float64) > self.thresholds_[m]
+                            for m in self.detectors]).any(0)
+
+    def scores(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every member's full suspicion score for every input (no early exit)."""
+        self._require_fitted()
+        return {name: m.scores(x) for name, m in self.members.items()}
+
+    def screen(self, x: torch.Tensor,
+               labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(flags, flagged_by)``: the OR rule's flags, screening member by member (an input one
+        member flags is not shown to the next; members stop early where they can); ``flagged_by``
+        holds the index in ``detectors`` of the member that flagged each input, −1 for none.
+        ``labels``: the model's labels for ``x`` if known (saves TeCo and SCALE-UP a forward pass)."""
+        self._require_fitted()
+        by = torch.full((len(x),), -1, dtype=torch.long)
+        active = torch.arange(len(x))
+        for i, member in enumerate(self.members.values()):
+            if not len(active):
+                break
+            hit = member.detect(x[active], None if labels is None else labels[active])
+            by[active[hit]] = i
+            active = active[~hit]
+        return by >= 0, by
+
+    def detect(self, x: torch.Tensor) -> torch.Tensor:
+        """Boolean flags, True where an input is rejected by any member."""
+        return self.screen(x)[0]
+
+    def labels(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's labels for the unchanged inputs."""
+        self._require_fitted()
+        return next(iter(self.members.values())).labels(x)
+
+    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's labels for the unchanged inputs and the guard's flags."""
+        labels = self.labels(x)
+        return labels, self.screen(x, labels)[0]
+
+    @property
+    def accelerated(self) -> bool:
+        """Whether the members classified through frozen copies of the model in their last calls."""
+        return all(m.detector.accelerated for m in self.members.values())  # type: ignore[attr-defined]
+
+    # -- persistence ------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Save the whole calibration as one ``.npz`` of plain arrays (no pickles), atomically."""
+        self._require_fitted()
+        record: dict[str, Any] = {
+            "format_version": np.int64(FILE_FORMAT_VERSION), "method": self.name,
+            "detectors": np.asarray(self.detectors), "frr": np.float64(self.frr),
+            "tail": np.int64(self.tail_), "n_calibration": np.int64(self.n_calibration_),
+            "model_sha256": self.model_sha256_,
+            **{f"option.{k}": np.asarray(v) for k, v in vars(self.options()).items() if k != "detectors"}}
+        for name, member in self.members.items():
+            record[f"calibration.{name}"] = self.calibration_scores_[name].numpy()
+            record.update({f"{name}.{k}": v for k, v in member.record().items()})
+        save_npz_record(path, record)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module, batch_size: int | None = None,
+             accelerate: bool | None = None) -> Guard:
+        """Read a guard saved by :meth:`save` for the same ``model``; never unpickles."""
+        path = Path(path)
+        required = {"format_version", "method", "detectors", "frr", "tail", "n_calibration", "model_sha256"}
+        fields = load_npz_record(path, "guard calibration", required, fix="; recalibrate")
+        num = FieldReader(fields, path)
+        if num.text("method") != cls.name or num.int("format_version") != FILE_FORMAT_VERSION:
+            raise TrojanscanError(f"{path}: not a guard calibration of format {FILE_FORMAT_VERSION}; "
+                                  "recalibrate")
+        check_same_model(path, model, num.text("model_sha256"), "the guard")
+        try:
+            options = {k.partition(".")[2]: ConsistencyGuard._read_option(k, v)
+                       for k, v in fields.items() if k.startswith("option.")}
+            options.update(frr=num.float("frr"),
+                           detectors=tuple(str(d) for d in np.asarray(fields["detectors"]).ravel()))
+            if batch_size is not None:
+                options["batch_size"] = batch_size
+            if accelerate is not None:
+                options["accelerate"] = accelerate
+            guard = cls(model, **options)
+            scores = {m: torch.from_numpy(np.asarray(fields[f"calibration.{m}"], dtype=np.float64))
+                      for m in guard.detectors}
+        except (TrojanscanError, KeyError, TypeError, ValueError) as e:
+            raise TrojanscanError(f"{path}: {e}; the file is damaged, recalibrate") from None
+        settings = {"batch_size": guard.batch_size, "accelerate": guard.accelerate}
+        for name, member in guard.members.items():
+            sub = {k.partition(".")[2]: v for k, v in fields.items() if k.startswith(f"{name}.")}
+            member.detector = member.restore(MEMBERS[name], sub, path, model, **settings)
+        guard.calibration_scores_ = scores
+        try:
+            guard._decide_thresholds()
+        except TrojanscanError as e:
+            raise TrojanscanError(f"{path}: {e}; the file is damaged, recalibrate") from None
+        if guard.tail_ != num.int("tail"):
+            raise TrojanscanError(f"{path}: its thresholds do not follow from its calibration scores; "
+                                  "the file is damaged, recalibrate")
+        guard.n_calibration_ = num.int("n_calibration")
+        guard.model_sha256_ = num.text("model_sha256")
+        return guard
