@@ -6,7 +6,8 @@
 - training: :func:`train_classifier`, :func:`train_and_save`, :func:`evaluate_model`, :func:`evaluate_file`
 - attacking a trained model: :func:`attack_model`
 - scanning: :func:`scan`, :func:`scan_repeated`
-- guarding: :func:`strip_calibrate`, :func:`strip_check`, :func:`strip_evaluate`, :func:`filter_check`
+- guarding: :func:`strip_calibrate`, :func:`strip_check`, :func:`strip_evaluate`, :func:`filter_check`,
+  :func:`guard_calibrate`, :func:`guard_check`, :func:`guard_evaluate`
 - repairing: :func:`repair`, :func:`build_filter`
 """
 
@@ -16,9 +17,13 @@ from trojanscan.models import LoadedModel, load_model
 from trojanscan.workflows.attacking import AttackRecord, attack_model
 from trojanscan.workflows.guarding import (
     CheckRecord,
+    GuardEvaluation,
     StripEvaluation,
     StripRun,
     filter_check,
+    guard_calibrate,
+    guard_check,
+    guard_evaluate,
     strip_calibrate,
     strip_check,
     strip_evaluate,
@@ -56,3 +61,4 @@ __all__ = ["HELD_OUT", "AttackRecord", "CheckRecord", "Dataset", "EvaluationReco
            "load_inputs", "load_model", "make_attack", "model_and_inputs", "repair", "resolve",
            "reversed_triggers", "scan", "scan_repeated", "strip_calibrate", "strip_check", "strip_evaluate",
            "strip_rates", "train_and_save", "train_classifier"]
+__all__ += ["GuardEvaluation", "guard_calibrate", "guard_check", "guard_evaluate"]

@@ -27,6 +27,9 @@ from trojanscan.api import (
     build_filter,
     evaluate_file,
     filter_check,
+    guard_calibrate,
+    guard_check,
+    guard_evaluate,
     repair,
     scan,
     scan_repeated,
@@ -40,7 +43,7 @@ from trojanscan.bench.zoo import DEFAULT_DATASETS, ZooOptions, run_zoo
 from trojanscan.bench.zoo import METHODS as ZOO_METHODS
 from trojanscan.bench.zoo_spec import MORE_ATTACKS as MORE_ZOO_ATTACKS
 from trojanscan.data.images import RunInputs, read_inputs
-from trojanscan.defenses.registry import REVERSERS, reverser
+from trojanscan.defenses.registry import GUARDS, REVERSERS, reverser
 from trojanscan.errors import TrojanscanError, TrojanscanWarning
 from trojanscan.fileio import folder_lock
 from trojanscan.models import ARCH_HELP, ARCHITECTURES
@@ -616,6 +619,12 @@ def repair_warnings(record: dict[str, Any], budget_points: float) -> list[str]:
     a clean accuracy cost over the budget, an attack that still works."""
     out = []
     p = record.get("pruning")
+    fp = record.get("fine_pruning")
+    if fp and fp.get("over_budget"):
+        cost = 100 * (fp["curve"][0]["clean_accuracy"] - fp["over_budget"]["clean_accuracy"])
+        out.append(f"fine-pruning stopped at {fp['fraction']:.1%} of the channels: one more step would cost "
+                   f"{cost:.1f} points of clean accuracy before fine-tuning (budget {budget_points:g} "
+                   "points, --max-accuracy-drop; the paper allows 4)")
     if p and p.get("over_budget"):
         nxt = p["over_budget"]
         cost = 100 * (p["curve"][0]["clean_accuracy"] - nxt["clean_accuracy"])
@@ -666,25 +675,32 @@ def filter_check_cmd(
 @friendly_errors
 def repair_cmd(
     model: Path = typer.Argument(..., help="model file (safetensors, TorchScript or checkpoint)"),
-    scan_path: Path = typer.Option(..., "--scan", help="the scan folder or its scan.json"),
+    scan_path: Path = typer.Option(None, "--scan", help="the scan folder or its scan.json (optional for "
+                                   "fine-prune, which needs no trigger; with it the reversed trigger is "
+                                   "measured and the scan report gains the result)"),
     data: str = typer.Option(..., "--data", help="clean data (training split fine-tunes or ranks)"),
-    method: str = typer.Option("unlearn", "--method", help="unlearn or prune"),
+    method: str = typer.Option("unlearn", "--method", help="unlearn, prune or fine-prune (Fine-Pruning: "
+                               "remove the channels clean data leaves dormant, then fine-tune)"),
     out: Path = typer.Option(..., "--out", help="repaired model (.safetensors or .pt)"),
     json_path: Path = typer.Option(None, "--json", help="result JSON (CA/ASR before and after)"),
     labels: str = typer.Option(None, "--label", help="use these labels' triggers, not the flagged ones"),
     trigger: Path = typer.Option(None, "--trigger", help="the real trigger, to measure (default: beside "
                                  "the model)"),
-    layer: str = typer.Option(None, "--layer", help="prune: a Linear/Conv2d module name"),
+    layer: str = typer.Option(None, "--layer", help="prune, fine-prune: a Linear/Conv2d module name "
+                              "(fine-prune default: the last convolution)"),
     asr_threshold: float = typer.Option(0.01, "--asr-threshold", help="prune: stop below this ASR"),
-    step: float = typer.Option(0.01, "--step", help="prune: share of neurons removed per step"),
-    samples: int = typer.Option(2000, "--samples", help="prune: clean images to rank and measure"),
+    step: float = typer.Option(0.01, "--step", help="prune, fine-prune: share of neurons removed per step"),
+    samples: int = typer.Option(2000, "--samples", help="prune, fine-prune: clean images to rank and "
+                                "measure"),
     max_accuracy_drop: float = typer.Option(2.0, "--max-accuracy-drop",
-                                            help="prune: stop before a step that costs more clean "
-                                                 "accuracy than this, in points"),
-    fraction: float = typer.Option(0.1, "--fraction", help="unlearn: share of the training data"),
+                                            help="prune, fine-prune: stop before a step that costs more "
+                                                 "clean accuracy than this, in points"),
+    fraction: float = typer.Option(0.1, "--fraction", help="unlearn, fine-prune: share of the training "
+                                   "data fine-tuned on"),
     stamp_fraction: float = typer.Option(0.2, "--stamp-fraction", help="unlearn: share stamped"),
-    epochs: int = typer.Option(1, "--epochs", help="unlearn: fine-tuning epochs"),
-    lr: float = typer.Option(2e-3, "--lr", help="unlearn: Adam learning rate (one-cycle peak is 2×)"),
+    epochs: int = typer.Option(1, "--epochs", help="unlearn, fine-prune: fine-tuning epochs"),
+    lr: float = typer.Option(None, "--lr", help="unlearn, fine-prune: Adam learning rate (default: "
+                             "2e-3 one-cycle, peak 2×, for unlearn; 2e-4 constant for fine-prune)"),
     baselines: bool = typer.Option(False, "--baselines", help="unlearn: also fine-tune on clean "
                                    "images only and with the real trigger, for comparison"),
     seed: int = typer.Option(0, "--seed"),
@@ -693,7 +709,8 @@ def repair_cmd(
     trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
     arch: str = typer.Option(None, "--arch", help=ARCH_HELP),
 ) -> None:
-    """Remove the backdoor a scan found: unlearning (fine-tune) or neuron pruning."""
+    """Remove the backdoor a scan found: unlearning (fine-tune) or neuron pruning; or Fine-Pruning,
+    which needs no scan."""
     record = repair(model, scan_path, data, method=method, out=out, labels=_labels(labels, "--label"),
                     trigger=trigger, layer=layer, samples=samples, asr_threshold=asr_threshold,
                     step=step, max_accuracy_drop=max_accuracy_drop / 100, fraction=fraction,
@@ -706,10 +723,18 @@ def repair_cmd(
         p = record["pruning"]
         console.print(f"pruned {p['pruned']} of {p['units']} neurons ({p['fraction']:.1%}) of "
                       f"{record['layer']}", highlight=False)
+    if "fine_pruning" in record:
+        fp = record["fine_pruning"]
+        console.print(f"pruned {fp['pruned']} of {fp['units']} dormant channels ({fp['fraction']:.1%}) of "
+                      f"{record['layer']}, then fine-tuned on {fp['images']} clean images; after pruning "
+                      f"alone: CA {_fmt(fp['pruned_only']['clean_accuracy'])}, real-trigger ASR "
+                      f"{_fmt(fp['pruned_only']['real_asr'])}", highlight=False)
     for w in repair_warnings(record.to_dict(), max_accuracy_drop):
         warn(w)
-    console.print(f"{record['seconds']:.1f} s → {out}", highlight=False)
-    _print_published(scan_path, json_path)
+    console.print(f"{record['seconds']:.1f} s → {out}" + (f", {json_path}" if json_path and not scan_path
+                                                           else ""), highlight=False)
+    if scan_path is not None:
+        _print_published(scan_path, json_path)
 
 
 TEMPERATURE_HELP = ("softmax temperature (1 = the paper), or auto: the one that makes benign entropies "
@@ -820,6 +845,139 @@ def strip_evaluate_cmd(
         [json_path] if json_path is not None else [])
     console.print("→ " + ", ".join(map(str, written)) if written else
                   "nothing written: pass --out DIR for strip.json and report.html", highlight=False)
+
+
+DETECTORS_HELP = ("the guard's detectors: strip, teco, scale-up (default strip,teco); an input is "
+                  "rejected when any of them flags it")
+GUARD_TEMPERATURE_HELP = "STRIP's " + TEMPERATURE_HELP + " (default auto)"
+GUARD_OPTION_HELP = ("a guard option KEY=VALUE (repeatable): severity, corruptions (a/b/c), scales (3/5/7), "
+                     "batch_size …")
+guard_app = typer.Typer(no_args_is_help=True,
+                        help="A combined run-time guard: STRIP plus TeCo (and SCALE-UP), one calibration "
+                             "at one overall FRR.")
+app.add_typer(guard_app, name="guard")
+
+
+def _guard_options(detectors: str | None, frr: float, n: int | None, temperature: str | None, seed: int,
+                   eager: bool, pairs: list[str] | None) -> dict[str, Any]:
+    """The Guard's keywords from the command line: the flags given, then each ``--option KEY=VALUE``."""
+    given = {"detectors": detectors, "frr": frr, "n": n, "temperature": temperature, "seed": seed,
+             "accelerate": False if eager else None}
+    return _method_options(GUARDS["guard"], pairs, given, "input guard")
+
+
+def _print_guard_table(title: str, record: dict[str, Any]) -> None:
+    table = Table(title=title)
+    for column in ("detector", "FAR alone", "FRR alone", "FAR in the guard", "FRR in the guard"):
+        table.add_column(column, justify="left" if column == "detector" else "right")
+    for name, d in record["detectors"].items():
+        table.add_row(name, _fmt(d["alone"]["far"]), _fmt(d["alone"]["frr"]), _fmt(d["in_guard"]["far"]),
+                      _fmt(d["in_guard"]["frr"]))
+    table.add_row("[bold]guard[/bold]", "", "", f"[bold]{_fmt(record['far'])}[/bold]",
+                  f"[bold]{_fmt(record['frr'])}[/bold]")
+    console.print(table)
+    t = record["throughput"]
+    console.print(f"plain inference {t['plain_inputs_per_second']:.0f} inputs/s; guarded "
+                  f"{t['guarded_benign_inputs_per_second']:.0f} benign inputs/s ({t['cost_benign']:.1f}× the "
+                  f"cost), {t['guarded_trojaned_inputs_per_second']:.0f} stamped inputs/s", highlight=False)
+
+
+@guard_app.command("calibrate")
+@friendly_errors
+def guard_calibrate_cmd(
+    model: Path = typer.Argument(..., help="model file"),
+    data: str = typer.Option(..., "--data", help="benign data (its training split is used)"),
+    out: Path = typer.Option(..., "--out", help="calibration file (.npz)"),
+    frr: float = typer.Option(0.01, "--frr", help="overall false-rejection rate of benign inputs"),
+    detectors: str = typer.Option(None, "--detectors", help=DETECTORS_HELP),
+    n: int = typer.Option(None, "--n", help="STRIP's perturbed copies per input (default 10)"),
+    samples: int = typer.Option(2000, "--samples", help="benign calibration images"),
+    temperature: str = typer.Option(None, "--temperature", help=GUARD_TEMPERATURE_HELP),
+    option: list[str] = typer.Option(None, "--option", help=GUARD_OPTION_HELP),
+    seed: int = typer.Option(0, "--seed"),
+    mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
+    std: str = typer.Option(None, "--std", help=STD_HELP),
+    trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
+    arch: str = typer.Option(None, "--arch", help=ARCH_HELP),
+    eager: bool = typer.Option(False, "--eager", help=EAGER_HELP),
+) -> None:
+    """Calibrate the detectors and their OR rule on benign inputs for one overall FRR."""
+    guard = guard_calibrate(model, data, samples=samples, arch=arch, out=out,
+                            **_convention(mean, std, trust_model),
+                            **_guard_options(detectors, frr, n, temperature, seed, eager, option))
+    console.print(f"calibrated {' + '.join(guard.detectors)} on {guard.n_calibration_} benign images for "
+                  f"FRR {frr:.1%}: each flags its {guard.tail_} highest benign scores → {out}",
+                  highlight=False)
+
+
+@guard_app.command("check")
+@friendly_errors
+def guard_check_cmd(
+    model: Path = typer.Argument(..., help="model file"),
+    calibration: Path = typer.Option(..., "--calibration", help="file from guard calibrate"),
+    inputs: str = typer.Option(..., "--inputs", help=INPUTS_HELP),
+    key: str = typer.Option(None, "--key", help=KEY_HELP),
+    layout: str = typer.Option(None, "--layout", help=LAYOUT_HELP),
+    value_range: int = typer.Option(None, "--range", help=RANGE_HELP),
+    json_path: Path = typer.Option(None, "--json"),
+    mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
+    std: str = typer.Option(None, "--std", help=STD_HELP),
+    trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
+    arch: str = typer.Option(None, "--arch", help=ARCH_HELP),
+    eager: bool = typer.Option(False, "--eager", help=EAGER_HELP),
+) -> None:
+    """Predict each input and flag the trojaned ones, naming the detector that flagged each."""
+    found = _read_inputs(inputs, key, layout, value_range)
+    record = guard_check(model, calibration, found, arch=arch, accelerate=not eager,
+                         **_convention(mean, std, trust_model))
+    if json_path is not None:
+        record.write(json_path)
+    by: dict[str, int] = {}
+    for row in record.results:
+        if row["flagged_by"]:
+            by[row["flagged_by"]] = by.get(row["flagged_by"], 0) + 1
+    console.print(f"{record['trojaned']} of {record['count']} inputs flagged as trojaned"
+                  + (f" ({', '.join(f'{k} {v}' for k, v in by.items())})" if by else "")
+                  + f", {record['inputs_per_second']:.0f} inputs/s"
+                  + (f" → {json_path}" if json_path else ""), highlight=False)
+
+
+@guard_app.command("evaluate")
+@friendly_errors
+def guard_evaluate_cmd(
+    model: Path = typer.Argument(..., help="model file"),
+    data: str = typer.Option(..., "--data"),
+    trigger: Path = typer.Option(None, "--trigger", help="trigger file (default: beside the model)"),
+    frr: float = typer.Option(0.01, "--frr"),
+    detectors: str = typer.Option(None, "--detectors", help=DETECTORS_HELP),
+    n: int = typer.Option(None, "--n", help="STRIP's perturbed copies per input (default 10)"),
+    samples: int = typer.Option(2000, "--samples", help="benign and trojaned test inputs each"),
+    calibrate_on: str = typer.Option("train", "--calibrate-on",
+                                     help="train: held-out training images (as strip evaluate); test: "
+                                          "test images the evaluation does not use"),
+    temperature: str = typer.Option(None, "--temperature", help=GUARD_TEMPERATURE_HELP),
+    option: list[str] = typer.Option(None, "--option", help=GUARD_OPTION_HELP),
+    seed: int = typer.Option(0, "--seed"),
+    mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
+    std: str = typer.Option(None, "--std", help=STD_HELP),
+    trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
+    arch: str = typer.Option(None, "--arch", help=ARCH_HELP),
+    out: Path = typer.Option(None, "--out", help="folder for guard.json and report.html"),
+    json_path: Path = typer.Option(None, "--json"),
+    eager: bool = typer.Option(False, "--eager", help=EAGER_HELP),
+) -> None:
+    """FRR on clean and FAR on trigger-stamped test images, for the guard and each detector, and speed."""
+    record = guard_evaluate(model, data, trigger, samples=samples, calibration_split=calibrate_on,
+                            arch=arch, out_dir=out,
+                            **_convention(mean, std, trust_model),
+                            **_guard_options(detectors, frr, n, temperature, seed, eager, option))
+    if json_path is not None:
+        record.write(json_path)
+    _print_guard_table(f"guard on {model} (FRR target {frr:.1%})", record.to_dict())
+    written = ([out / "guard.json", out / "report.html"] if out is not None else []) + (
+        [json_path] if json_path is not None else [])
+    console.print("→ " + ", ".join(map(str, written)) if written else
+                  "nothing written: pass --out DIR for guard.json and report.html", highlight=False)
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks of the detectors over many models.")

@@ -1,8 +1,9 @@
 """Attacks that plant backdoors, to evaluate the defences.
 
 Poisoning attacks (BadNets patches, blended and scattered triggers, pixel patterns, the clean-label
-label-consistent and SIG attacks) change training data; model attacks (fine-tuning injection) change
-a trained model. ``ATTACKS`` is the one registry: a new attack is one module plus one entry here.
+label-consistent and SIG attacks) change training data; model attacks (fine-tuning injection, TBT bit
+flips, TrojanNN) change a trained model. ``ATTACKS`` is the one registry: a new attack is one module
+plus one entry here.
 """
 
 from trojanscan.attacks.all_to_all import AllToAll
@@ -14,11 +15,12 @@ from trojanscan.attacks.finetune import FineTuneBackdoor
 from trojanscan.attacks.pattern import Pattern
 from trojanscan.attacks.scatter import Scatter
 from trojanscan.attacks.tbt import TBT
+from trojanscan.attacks.trojannn import TrojanNN
 from trojanscan.attacks.two_target import TwoTarget
 
 ATTACKS: dict[str, type[Attack]] = {
     cls.name: cls for cls in (BadNets, Blend, Scatter, AllToAll, TwoTarget, Pattern, LabelConsistent, SIG,
-                              FineTuneBackdoor, TBT)}
+                              FineTuneBackdoor, TBT, TrojanNN)}
 
 
 def attacks_of_kind(kind: type[Attack]) -> dict[str, type[Attack]]:
@@ -28,4 +30,4 @@ def attacks_of_kind(kind: type[Attack]) -> dict[str, type[Attack]]:
 
 __all__ = ["ATTACKS", "SIG", "AllToAll", "Attack", "AttackedModel", "BadNets", "Blend", "CleanLabelAttack",
            "CleanLabelData", "FineTuneBackdoor", "LabelConsistent", "ModelAttack", "Pattern", "PoisonedData",
-           "PoisoningAttack", "Scatter", "TBT", "TwoTarget", "attacks_of_kind"]
+           "PoisoningAttack", "Scatter", "TBT", "TrojanNN", "TwoTarget", "attacks_of_kind"]

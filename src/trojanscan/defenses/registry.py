@@ -6,17 +6,21 @@ instead of naming methods.
 
 from __future__ import annotations
 
+from trojanscan.defenses.autoencoder_guard import AutoencoderGuard
 from trojanscan.defenses.base import InputGuard, ModelInspector, TriggerReverser
+from trojanscan.defenses.guard import Guard
 from trojanscan.defenses.input_filter import InputFilter
 from trojanscan.defenses.mmbd import MMBD
 from trojanscan.defenses.neural_cleanse import NeuralCleanse
 from trojanscan.defenses.pairs import PairSearch
 from trojanscan.defenses.strip import Strip
 from trojanscan.defenses.tabor import Tabor
+from trojanscan.defenses.teco import TeCo
 from trojanscan.validation import check_choice
 
 REVERSERS: dict[str, type[TriggerReverser]] = {cls.name: cls for cls in (NeuralCleanse, Tabor)}
-GUARDS: dict[str, type[InputGuard]] = {cls.name: cls for cls in (Strip, InputFilter)}
+GUARDS: dict[str, type[InputGuard]] = {cls.name: cls for cls in (Strip, InputFilter, TeCo, Guard,
+                                                                   AutoencoderGuard)}
 INSPECTORS: dict[str, type[ModelInspector]] = {cls.name: cls for cls in (MMBD, PairSearch)}
 
 

@@ -1,10 +1,14 @@
-"""Turn a scan into a fix: the input filter, neuron pruning and unlearning, measured before and after.
+"""Turn a scan into a fix: the input filter, neuron pruning and unlearning, measured before and after;
+and Fine-Pruning, which needs no scan.
 
 Each entry point takes a model, the scan that found its backdoor (``DIR`` or ``DIR/scan.json``) and
 the clean data, uses the flagged labels' reversed triggers, and returns a JSON-able record: clean
 accuracy (CA) and attack success rate (ASR) of the reversed trigger, and of the real one when it is
 known, before and after. With the scan folder at hand the record is added to ``mitigation.json``
-there and the scan's ``report.html`` gains a mitigation section.
+there and the scan's ``report.html`` gains a mitigation section. Fine-Pruning (``method="fine-prune"``)
+uses only clean data, so its scan is optional: without one it reports the real trigger's ASR (when
+known) and publishes nowhere; with one it also measures the reversed trigger and publishes as the
+others do.
 
 Example::
 
@@ -27,6 +31,7 @@ from torch import nn
 
 from trojanscan.data import Dataset
 from trojanscan.data.triggers import Trigger
+from trojanscan.defenses.fine_pruning import fine_prune
 from trojanscan.defenses.input_filter import InputFilter
 from trojanscan.defenses.pruning import prune
 from trojanscan.defenses.scan_result import SCAN_JSON, ScanResult
@@ -44,7 +49,9 @@ from trojanscan.workflows.inputs import DataLike, ModelLike, Resolved, held_out,
 from trojanscan.workflows.records import MITIGATION_JSON, Record, environment, internal, mitigation_records
 from trojanscan.workflows.training import check_model_suffix
 
-REPAIR_METHODS = ("unlearn", "prune")
+REPAIR_METHODS = ("unlearn", "prune", "fine-prune")
+SCAN_FREE_METHODS = ("fine-prune",)  # repairs that use clean data only, so a scan is optional
+DEFAULT_LR = {"unlearn": 2e-3, "fine-prune": 2e-4}  # fine-pruning's constant rate; unlearning's one-cycle
 
 
 def reversed_triggers(scan: ScanResult | str | os.PathLike, labels: list[int] | None = None,
@@ -71,10 +78,10 @@ def reversed_triggers(scan: ScanResult | str | os.PathLike, labels: list[int] | 
 
 def _scores(model: nn.Module, data: Dataset, triggers: list[Trigger],
             real: Trigger | None) -> dict[str, float | None]:
-    """CA on the test split, the worst reversed-trigger ASR and the real trigger's ASR."""
+    """CA on the test split, the worst reversed-trigger ASR (None without one) and the real trigger's ASR."""
     base = evaluate(model, data.x_test, data.y_test, real)
-    rev = max(attack_success_rate(predict(model, data.x_test, transform=t.apply), data.y_test, t.target)
-              for t in triggers)
+    rev = max((attack_success_rate(predict(model, data.x_test, transform=t.apply), data.y_test, t.target)
+               for t in triggers), default=None)
     return {"clean_accuracy": base["clean_accuracy"], "reversed_asr": rev,
             "real_asr": base["attack_success_rate"]}
 
@@ -86,18 +93,18 @@ def _mitigation_images(data: Dataset, n: int, seed: int) -> tuple[torch.Tensor, 
     return held_out(data, "mitigation", n, seed)
 
 
-def _scan_dir(scan: ScanResult | str | os.PathLike) -> Path | None:
-    if isinstance(scan, ScanResult):
+def _scan_dir(scan: ScanResult | str | os.PathLike | None) -> Path | None:
+    if scan is None or isinstance(scan, ScanResult):
         return None
     p = Path(scan)
     return p.parent if p.name == SCAN_JSON else p
 
 
-def _publish(record: MitigationRecord, scan: ScanResult | str | os.PathLike, result: ScanResult,
+def _publish(record: MitigationRecord, scan: ScanResult | str | os.PathLike | None, result: ScanResult | None,
              real: Trigger | None) -> None:
     """Add the record to the scan folder's mitigation.json and redraw its report with the section."""
     folder = _scan_dir(scan)
-    if folder is None:
+    if folder is None or result is None:
         return
     path = folder / MITIGATION_JSON
     # a damaged file only held earlier summaries; records of an earlier scan in the folder are dropped
@@ -128,15 +135,17 @@ class _Setup:
     """What every mitigation starts from: the model and data, the scan, its triggers, the real one."""
 
     resolved: Resolved
-    result: ScanResult
+    result: ScanResult | None  # None: a repair that needs no scan was run without one
     triggers: list[Trigger]
     real: Trigger | None
 
 
-def _start(model: ModelLike, scan: ScanResult | str | os.PathLike, data: DataLike,
+def _start(model: ModelLike, scan: ScanResult | str | os.PathLike | None, data: DataLike,
            labels: list[int] | None, trigger: Any, arch: str | None, mean: list[float] | None,
            std: list[float] | None, trusted: bool = False) -> _Setup:
     resolved = resolve(model, data, arch=arch, mean=mean, std=std, trusted=trusted)
+    if scan is None:
+        return _Setup(resolved, None, [], known_trigger(trigger, resolved, "real trigger"))
     # a scan of a file records the file's sha256, a scan of a module its weights' hash
     hashes = {h for h in (resolved.sha256, module_sha256(resolved.module)) if h}
     result, triggers = reversed_triggers(scan, labels, hashes, resolved.convention)
@@ -156,7 +165,7 @@ class MitigationRecord(Record):
     seed: int
     seconds: float
     model_sha256: str | None
-    scan: dict[str, Any]
+    scan: dict[str, Any] | None  # None: fine-pruning without a scan
     data: dict[str, Any]
     environment: dict[str, str]
     before: dict[str, float | None] | None = None
@@ -165,6 +174,7 @@ class MitigationRecord(Record):
     filter: dict[str, Any] | None = None
     pruning: dict[str, Any] | None = None
     unlearning: dict[str, Any] | None = None
+    fine_pruning: dict[str, Any] | None = None
     baselines: dict[str, Any] | None = None
     input_convention: str = PLAIN_CONVENTION
     model_trust: dict[str, Any] | None = None
@@ -182,9 +192,10 @@ def _record(command: str, method: str, setup: _Setup, seed: int, start: float,
     return MitigationRecord(
         command=command, method=method, labels=[t.target for t in setup.triggers], parameters=parameters,
         seed=seed, seconds=time.perf_counter() - start, model_sha256=setup.resolved.sha256,
-        scan={"model_sha256": result.model_sha256, "flagged_labels": result.flagged_labels,
-              "anomaly_index": result.anomaly_index, "method": result.method,
-              "fingerprint": result.parameters.get("fingerprint")},
+        scan=None if result is None else {
+            "model_sha256": result.model_sha256, "flagged_labels": result.flagged_labels,
+            "anomaly_index": result.anomaly_index, "method": result.method,
+            "fingerprint": result.parameters.get("fingerprint")},
         data={"name": dataset.name, "sha256": dataset.sha256}, environment=environment(),
         input_convention=setup.resolved.convention, model_trust=setup.resolved.trust_record(), **parts)
 
@@ -231,24 +242,28 @@ def build_filter(model: ModelLike, scan: ScanResult | str | os.PathLike, data: D
 
 
 @_locks_scan_folder
-def repair(model: ModelLike, scan: ScanResult | str | os.PathLike, data: DataLike, *,
+def repair(model: ModelLike, scan: ScanResult | str | os.PathLike | None, data: DataLike, *,
            method: str = "unlearn", out: str | os.PathLike | None = None, labels: list[int] | None = None,
            trigger: Trigger | str | os.PathLike | None = None, layer: str | None = None,
            samples: int = 2000, asr_threshold: float = 0.01, step: float = 0.01,
            max_fraction: float = 0.9, max_accuracy_drop: float | None = 0.02,
            fraction: float = 0.1, stamp_fraction: float = 0.2,
-           epochs: int = 1, lr: float = 2e-3, batch_size: int = 128, baselines: bool = False,
+           epochs: int = 1, lr: float | None = None, batch_size: int = 128, baselines: bool = False,
            seed: int = 0, arch: str | None = None, progress: bool = True, publish: bool = True,
            mean: list[float] | None = None, std: list[float] | None = None,
            trusted: bool = False) -> MitigationRecord:
-    """Repair ``model`` by ``method`` ("unlearn" or "prune"), save it to ``out`` in the model's own
-    input convention, and return the record (the repaired module is ``record.model``). Pruning stops
-    before a step that costs more than ``max_accuracy_drop`` of clean accuracy (0.02 = 2 points;
-    None: no budget).
+    """Repair ``model`` by ``method`` ("unlearn", "prune" or "fine-prune"), save it to ``out`` in the
+    model's own input convention, and return the record (the repaired module is ``record.model``).
+    Pruning and fine-pruning stop before a step that costs more than ``max_accuracy_drop`` of clean
+    accuracy (0.02 = 2 points; None: no budget; the Fine-Pruning paper allows 0.04). Fine-pruning
+    silences the last convolution's (or ``layer``'s) dormant channels, ``step`` at a time up to
+    ``max_fraction``, then fine-tunes on ``fraction`` of the clean training split for ``epochs``.
+    ``lr`` defaults by method: 2e-3 for unlearning (one-cycle), 2e-4 for fine-pruning (constant).
 
     Args:
         model: an ``nn.Module``, a :class:`~trojanscan.models.LoadedModel` or a model file.
-        scan: the scan that flagged the backdoor: a :class:`ScanResult` or its folder.
+        scan: the scan that flagged the backdoor: a :class:`ScanResult` or its folder; optional (None)
+            for fine-pruning, which uses clean data only.
         data: clean data, anything :func:`~trojanscan.workflows.inputs.as_dataset` takes (a name or
             path, a Dataset, (x, y) tensors or arrays, a torch Dataset or a DataLoader); unlearning
             fine-tunes on its train split, CA and ASR are measured on its test split.
@@ -263,6 +278,10 @@ def repair(model: ModelLike, scan: ScanResult | str | os.PathLike, data: DataLik
         fixed = record.model
     """
     check_choice("repair method", method, REPAIR_METHODS)
+    if scan is None and method not in SCAN_FREE_METHODS:
+        raise TrojanscanError(f"repair by {method} needs the scan that found the backdoor (--scan DIR); "
+                              f"only {', '.join(SCAN_FREE_METHODS)} works without one")
+    lr = DEFAULT_LR.get(method, DEFAULT_LR["unlearn"]) if lr is None else lr
     if out is not None:
         check_model_suffix(out)
     start = time.perf_counter()
@@ -291,6 +310,22 @@ def repair(model: ModelLike, scan: ScanResult | str | os.PathLike, data: DataLik
                                 "over_budget": pruned.over_budget}
             params = {"layer": layer, "samples": samples, "asr_threshold": asr_threshold, "step": step,
                       "max_fraction": max_fraction, "max_accuracy_drop": max_accuracy_drop}
+        elif method == "fine-prune":
+            x, y = _mitigation_images(dataset, samples, seed)
+            params = {"layer": layer, "samples": samples, "step": step, "max_fraction": max_fraction,
+                      "max_accuracy_drop": max_accuracy_drop, "fraction": fraction, "epochs": epochs,
+                      "lr": lr, "batch_size": batch_size, "seed": seed}
+            done = fine_prune(module, x, y, dataset.x_train, dataset.y_train, layer=layer, step=step,
+                              max_fraction=max_fraction, max_accuracy_drop=max_accuracy_drop,
+                              fraction=fraction, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                              triggers=triggers, real_trigger=real, progress=progress)
+            fixed = done.model
+            parts["layer"] = done.layer
+            parts["fine_pruning"] = {"pruned": len(done.pruned), "units": done.units,
+                                     "fraction": done.fraction, "neurons": done.pruned, "curve": done.curve,
+                                     "max_accuracy_drop": max_accuracy_drop, "over_budget": done.over_budget,
+                                     "pruned_only": _scores(done.pruned_model, dataset, triggers, real),
+                                     "images": done.images, "loss": done.history.loss if done.history else []}
         else:
             settings = {"fraction": fraction, "stamp_fraction": stamp_fraction, "epochs": epochs, "lr": lr,
                         "batch_size": batch_size, "seed": seed}
