@@ -60,8 +60,8 @@ def required_args(func, tmp: Path) -> list[str]:
     args, options = [], []
     for p in inspect.signature(inspect.unwrap(func)).parameters.values():
         info = p.default
-        if getattr(info, "default", None) is not ... and p.name not in ("data", "out"):
-            continue  # an optional --data or --out (bench zoo, demo) must not default to real work
+        if getattr(info, "default", None) is not ... and p.name not in ("data", "out", "scan_path"):
+            continue  # an optional --data, --out or --scan (bench zoo, demo, repair): never real work
         flag = next((d for d in getattr(info, "param_decls", None) or () if d.startswith("--")), None)
         value = "tbt" if p.name == "name" else str(tmp / f"nope-{p.name}")
         if flag is None:
