@@ -99,3 +99,21 @@ def test_repair_fine_prune_needs_no_scan(trojaned_digits, digits, tmp_path):
     result = runner.invoke(app, ["repair", str(model_file), "--data", "digits", "--method", "prune",
                                  "--out", str(tmp_path / "x.safetensors")])
     assert result.exit_code == 2 and "needs the scan" in result.output
+
+
+def test_with_a_scan_it_measures_the_reversed_trigger_and_publishes(trojaned_digits, digits, tmp_path):
+    from trojanscan import scan
+
+    model_file = tmp_path / "m.safetensors"
+    save_model(trojaned_digits.model, model_file)
+    result = scan(model_file, digits, clean_samples=300, steps=60, seed=0, out_dir=tmp_path / "scan",
+                  progress=False)
+    assert result.flagged_labels == [0]
+    record = repair(model_file, tmp_path / "scan", digits, method="fine-prune", samples=300, fraction=0.3,
+                    epochs=2, progress=False)
+    d = record.to_dict()
+    assert d["scan"]["flagged_labels"] == [0] and d["before"]["reversed_asr"] > 0.5
+    assert all(p["reversed_asr"] is not None for p in d["fine_pruning"]["curve"])
+    published = json.loads((tmp_path / "scan" / "mitigation.json").read_text())
+    assert published["fine-prune"]["method"] == "fine-prune"
+    assert "fine-prune" in (tmp_path / "scan" / "report.html").read_text()
