@@ -110,7 +110,7 @@ def test_accelerated_copies_match_the_eager_model_and_follow_its_weights(trojane
         model.features[0].weight.data.mul_(-1.0)
     torch.testing.assert_close(fast.entropy(x), eager.entropy(x), atol=1e-5, rtol=1e-5)
     assert torch.equal(fast.predict(x)[0], eager.predict(x)[0])
-    assert isinstance(fast._fast[1], torch.jit.ScriptModule)  # which pickle cannot take: left out
+    assert isinstance(fast._runner._fast[1], torch.jit.ScriptModule)  # which pickle cannot take: left out
     torch.testing.assert_close(pickle.loads(pickle.dumps(fast)).entropy(x), eager.entropy(x),
                                atol=1e-5, rtol=1e-5)
     model.classifier.register_forward_hook(_uniform)

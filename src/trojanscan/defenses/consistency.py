@@ -15,7 +15,6 @@ This module also holds the chores every guard shares: the frozen oneDNN copy of 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import warnings
@@ -33,7 +32,7 @@ from trojanscan.defenses.strip import _model_device as model_device
 from trojanscan.defenses.strip import _ScalarReader as FieldReader
 from trojanscan.errors import TrojanscanError, TrojanscanWarning
 from trojanscan.fileio import load_npz_record, module_sha256, save_npz_record, tensor_sha256
-from trojanscan.models.inference import frozen_for_inference, model_fingerprint, on_cpu, same_logits
+from trojanscan.models.inference import Classifier
 from trojanscan.models.modes import evaluating
 from trojanscan.validation import SEED, check_fraction, check_images, check_number
 
@@ -76,55 +75,6 @@ def check_same_model(path: Path, model: nn.Module, recorded: str, what: str) -> 
     if module_sha256(model) != recorded:
         raise TrojanscanError(f"{path}: calibrated for a different model (weights differ); "
                               f"recalibrate {what} on this model")
-
-
-class Classifier:
-    """Runs ``model`` in eval mode without gradients, through a frozen oneDNN copy on CPU where that
-    is safe (see :func:`~trojanscan.models.inference.frozen_for_inference`); the copy is rebuilt
-    whenever the model's fingerprint changes or it stops giving the model's logits on a probe."""
-
-    def __init__(self, model: nn.Module, accelerate: bool = True) -> None:
-        self.model, self.accelerate = model, bool(accelerate)
-        self._fast: tuple[str, nn.Module] | None = None
-        self._current: nn.Module | None = None
-
-    def _module(self, probe: torch.Tensor) -> nn.Module:
-        if not self.accelerate or not on_cpu(self.model):
-            self._fast = None
-            return self.model
-        if len(probe) == 0:
-            return self.model
-        probe = probe[:8].to(torch.float32)
-        key = model_fingerprint(self.model)
-        if self._fast is not None and self._fast[0] == key and (
-                self._fast[1] is self.model or same_logits(self._fast[1], self.model, probe[:2])):
-            return self._fast[1]
-        if len(probe) < 2:  # too few to check a new copy with: this call runs the model as it is
-            return self.model
-        fast = frozen_for_inference(self.model, probe[:8])
-        self._fast = (key, fast if fast is not None else self.model)
-        return self._fast[1]
-
-    @property
-    def accelerated(self) -> bool:
-        """Whether the last call went through a frozen copy of the model."""
-        return self.accelerate and self._fast is not None and self._fast[1] is not self.model
-
-    @contextlib.contextmanager
-    def running(self, probe: torch.Tensor) -> Iterator[nn.Module]:
-        """The module to classify with; nested uses share the outer one (one fingerprint per call)."""
-        if self._current is not None:
-            yield self._current
-            return
-        try:
-            with evaluating(self.model), torch.no_grad():
-                self._current = self._module(probe)
-                yield self._current
-        finally:
-            self._current = None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_fast": None, "_current": None}  # TorchScript copies do not pickle
 
 
 class ConsistencyGuard(InputGuard):

@@ -34,7 +34,7 @@ from torch import nn
 from trojanscan.defenses.base import InputGuard
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import load_npz_record, module_sha256, save_npz_record, tensor_sha256
-from trojanscan.models.inference import frozen_for_inference, model_fingerprint, on_cpu, same_logits
+from trojanscan.models.inference import Classifier
 from trojanscan.models.modes import evaluating
 from trojanscan.validation import (
     SEED,
@@ -219,8 +219,7 @@ class Strip(InputGuard):
         self.boundary = boundary
         self.batch_size = batch_size
         self.accelerate = bool(accelerate)
-        self._fast: tuple[str, nn.Module] | None = None
-        self._current: nn.Module | None = None  # set while a _classifying block runs
+        self._runner = Classifier(model, self.accelerate)
         self.seed = int(seed)
         self.temperature = parse_temperature(temperature)
         if self.temperature != "auto":
@@ -305,46 +304,16 @@ class Strip(InputGuard):
         gen = torch.Generator().manual_seed(self.seed)
         return torch.randint(len(self.overlays_), (m, self.n), generator=gen)
 
-    def _classifier(self) -> nn.Module:
-        """The module that classifies the copies: the model, or its frozen copy. The copy is rebuilt
-        whenever :func:`~trojanscan.models.inference.model_fingerprint` changes or it stops giving
-        the model's logits on two overlays (e.g. an attribute of a scripted model was changed).
-        Call with the model in eval mode and no gradients."""
-        if not self.accelerate or not on_cpu(self.model):
-            self._fast = None
-            return self.model
-        key = model_fingerprint(self.model)
-        probe = self.overlays_[:2]
-        if self._fast is None or self._fast[0] != key or (
-                self._fast[1] is not self.model and not same_logits(self._fast[1], self.model, probe)):
-            fast = frozen_for_inference(self.model, self.overlays_[:8])
-            self._fast = (key, fast if fast is not None else self.model)
-        return self._fast[1]
-
     @property
     def accelerated(self) -> bool:
         """Whether the copies went through a frozen copy of the model in the last call."""
-        return self.accelerate and self._fast is not None and self._fast[1] is not self.model
+        return self._runner.accelerated
 
-    @contextlib.contextmanager
-    def _classifying(self) -> Iterator[nn.Module]:
-        """The classifying module, with the model in eval mode and no gradients; mode restored after.
-
-        Nested uses (``predict`` = ``screen`` + ``labels``) share the outer one, so the model's
-        weights are fingerprinted once per public call.
-        """
-        if self._current is not None:
-            yield self._current
-            return
-        try:
-            with evaluating(self.model), torch.no_grad():
-                self._current = self._classifier()
-                yield self._current
-        finally:
-            self._current = None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_fast": None, "_current": None}  # TorchScript copies do not pickle
+    def _classifying(self) -> contextlib.AbstractContextManager[nn.Module]:
+        """The classifying module (the model, or its frozen copy checked on the overlays), with the
+        model in eval mode and no gradients; nested uses (``predict`` = ``screen`` + ``labels``)
+        share the outer one, so the weights are fingerprinted once per public call."""
+        return self._runner.running(getattr(self, "overlays_", torch.empty(0)))
 
     def _copy_logits(self, classify: nn.Module, x: torch.Tensor,
                      idx: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:

@@ -11,8 +11,10 @@ weights as constants; :func:`model_fingerprint` tells when it must be rebuilt.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import warnings
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -85,3 +87,52 @@ def frozen_for_inference(model: nn.Module, example: torch.Tensor) -> nn.Module |
             return fast if all(same_logits(fast, model, b) for b in (example, example[:3])) else None
     except Exception:  # any failure of the optional speed-up: run the model eagerly instead
         return None
+
+
+class Classifier:
+    """Runs ``model`` in eval mode without gradients, through a frozen oneDNN copy on CPU where that
+    is safe (see :func:`frozen_for_inference`); the copy is rebuilt
+    whenever the model's fingerprint changes or it stops giving the model's logits on a probe."""
+
+    def __init__(self, model: nn.Module, accelerate: bool = True) -> None:
+        self.model, self.accelerate = model, bool(accelerate)
+        self._fast: tuple[str, nn.Module] | None = None
+        self._current: nn.Module | None = None
+
+    def _module(self, probe: torch.Tensor) -> nn.Module:
+        if not self.accelerate or not on_cpu(self.model):
+            self._fast = None
+            return self.model
+        if len(probe) == 0:
+            return self.model
+        probe = probe[:8].to(torch.float32)
+        key = model_fingerprint(self.model)
+        if self._fast is not None and self._fast[0] == key and (
+                self._fast[1] is self.model or same_logits(self._fast[1], self.model, probe[:2])):
+            return self._fast[1]
+        if len(probe) < 2:  # too few to check a new copy with: this call runs the model as it is
+            return self.model
+        fast = frozen_for_inference(self.model, probe[:8])
+        self._fast = (key, fast if fast is not None else self.model)
+        return self._fast[1]
+
+    @property
+    def accelerated(self) -> bool:
+        """Whether the last call went through a frozen copy of the model."""
+        return self.accelerate and self._fast is not None and self._fast[1] is not self.model
+
+    @contextlib.contextmanager
+    def running(self, probe: torch.Tensor) -> Iterator[nn.Module]:
+        """The module to classify with; nested uses share the outer one (one fingerprint per call)."""
+        if self._current is not None:
+            yield self._current
+            return
+        try:
+            with evaluating(self.model), torch.no_grad():
+                self._current = self._module(probe)
+                yield self._current
+        finally:
+            self._current = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fast": None, "_current": None}  # TorchScript copies do not pickle
