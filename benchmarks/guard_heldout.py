@@ -1,0 +1,109 @@
+"""The combined run-time guard on models it was never tuned on: every trojaned model of a world zoo
+(``trojanscan bench zoo --preset world``: MLP, residual and depthwise nets, normalised inputs, patches,
+pixels, blends, two-target and all-to-all backdoors), with the guard's default settings.
+Models whose attack did not take (ASR < 50%) are left out, as in the verdict benchmark.
+
+    python benchmarks/guard_heldout.py ZOO_DIR --out benchmarks/results/guard_heldout_seed400.json
+
+The guard's settings (detectors, calibration, FRR split) were chosen on ``guard_bench.py``'s six
+reference-architecture models; this measures them once on other models. Per model: FAR/FRR of the
+guard and of each detector inside it, for both calibration sets (see ``guard_bench.py``). ``far`` is
+over every stamped input, as ``guard evaluate`` counts it; ``far_effective`` only over the stamped
+inputs the model sends to the attacker's label (the trojaned inputs proper: an attack with 90% ASR
+leaves 10% of stamped inputs that a guard rightly lets through).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trojanscan.api import guard_evaluate
+from trojanscan.bench.zoo_scores import attack_took
+from trojanscan.data.triggers import Trigger
+from trojanscan.errors import TrojanscanError
+from trojanscan.fileio import write_json
+from trojanscan.workflows.guarding import evaluation_inputs
+from trojanscan.workflows.inputs import as_dataset, held_out_generator
+
+GOAL = {"far": 0.02, "frr": 0.02}
+DATASETS = {"mnist": "mnist", "fashion-mnist": "fashion_mnist", "gtsrb": "gtsrb"}
+
+
+def _row(zoo: Path, m: dict[str, Any], split: str, samples: int) -> dict[str, Any]:
+    record = json.loads((zoo / "models" / f"{m['key']}.json").read_text())
+    start = time.perf_counter()
+    dataset = as_dataset(DATASETS[m["spec"]["dataset"]])
+    trigger = Trigger.load(zoo / "models" / f"{m['key']}.trigger.npz")
+    evaluation = guard_evaluate(zoo / "models" / m["model_file"], dataset, trigger, samples=samples,
+                                calibration_samples=samples, calibration_split=split, frr=0.01,
+                                throughput_inputs=8, mean=record.get("mean"), std=record.get("std"),
+                                progress=False)
+    ev = evaluation.to_dict()
+    effective = _effective(evaluation.guard, dataset, trigger, samples, ev["seed"])
+    return {"far": ev["far"], "frr": ev["frr"], **effective, "seconds": time.perf_counter() - start,
+            "detectors": {k: {"far": d["in_guard"]["far"], "frr": d["in_guard"]["frr"], "auroc": d["auroc"]}
+                          for k, d in ev["detectors"].items()},
+            "meets_goal": ev["far"] <= GOAL["far"] and ev["frr"] <= GOAL["frr"]}
+
+
+def _effective(guard: Any, dataset: Any, trigger: Trigger, samples: int, seed: int) -> dict[str, Any]:
+    """FAR over the stamped inputs that reach the attacker's label (the draw of ``evaluation_inputs``)."""
+    _, stamped = evaluation_inputs(dataset, trigger, samples, seed)
+    g = held_out_generator("evaluation", seed)
+    torch.randperm(len(dataset.x_test), generator=g)  # the benign draw comes first
+    y = dataset.y_test[dataset.y_test != trigger.target]
+    y = y[torch.randperm(len(y), generator=g)[:samples]]
+    labels, flags = guard.predict(stamped)
+    intended = trigger.intended(y)
+    hit = (labels == intended) | torch.isin(labels, torch.tensor(trigger.targets)) if not trigger.all_to_all \
+        else labels == intended
+    return {"stamped_reaching_target": float(hit.float().mean()),
+            "far_effective": float((~flags[hit]).float().mean()) if hit.any() else float("nan")}
+
+
+def _meets(run: dict[str, Any], far: str) -> bool:
+    return run.get(far, 1.0) <= GOAL["far"] and run.get("frr", 1.0) <= GOAL["frr"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("zoo", type=Path)
+    ap.add_argument("--samples", type=int, default=1000)
+    ap.add_argument("--splits", nargs="*", default=["train", "test"])
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    results = json.loads((args.zoo / "results.json").read_text())
+    rows = []
+    for m in results["models"]:
+        if not m["trojaned"] or not attack_took(m):
+            continue
+        row = {"name": m["name"], "arch": m.get("arch"), "dataset": m["spec"]["dataset"],
+               "attack": m["spec"]["attack"], "attack_options": m["spec"].get("attack_options"),
+               "normalised": bool(m["spec"].get("normalised")), "asr": m.get("attack_success_rate")}
+        for split in args.splits:
+            try:
+                row[split] = _row(args.zoo, m, split, args.samples)
+            except TrojanscanError as e:
+                row[split] = {"error": str(e)}
+            shown = {k: row[split].get(k) for k in ("far", "far_effective", "frr", "error")}
+            print(json.dumps({"model": m["name"], split: shown}), flush=True)
+        rows.append(row)
+        summary = {s: {"models": sum(1 for r in rows if "far" in r[s]),
+                       "meets_goal": sum(1 for r in rows if r[s].get("meets_goal")),
+                       "meets_goal_effective": sum(1 for r in rows if _meets(r[s], "far_effective")),
+                       "errors": sum(1 for r in rows if "error" in r[s])} for s in args.splits}
+        write_json(args.out, {"benchmark": "guard-heldout", "zoo": str(args.zoo), "goal": GOAL,
+                              "samples": args.samples, "target_frr": 0.01, "summary": summary,
+                              "models": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
