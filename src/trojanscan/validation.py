@@ -55,6 +55,14 @@ def check_fraction(name: str, value: Any, *, low_inclusive: bool = False,
     return float(value)
 
 
+def check_positive(name: str, value: Any, integer: bool = True) -> None:
+    """A positive finite number (an integer unless ``integer`` is False), else a one-line error."""
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0 or not math.isfinite(value):
+        raise TrojanscanError(f"{name} must be a positive {'integer' if integer else 'number'}, "
+                              f"got {value!r}")
+
+
 @dataclass(frozen=True)
 class Bounds:
     """The values a number may take: ``kind`` (int or float) between ``low`` and ``high`` (included
@@ -145,6 +153,9 @@ OPTION_BOUNDS: dict[str, Bounds | None] = {
     "--train-samples": Bounds(int, 10, 10_000_000, "training images"),
     "--strip-n": Bounds(int, 2, STRIP_COPIES.high, STRIP_COPIES.what),
     "--strip-samples": Bounds(int, 10, SAMPLES.high, SAMPLES.what),
+    # audit / bench zoo runners
+    "--workers": Bounds(int, 1, 4096, "worker processes or Ray tasks at a time"),
+    "--split-over": Bounds(int, 1, 1_000_000, "labels above which a model is split into label jobs"),
 }
 """Every numeric command-line option → its bounds (``None``: checked by its own function). The
 CLI refuses to start a command with a numeric option missing here."""

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -38,7 +37,7 @@ from trojanscan.models.modes import evaluating
 from trojanscan.models.quantised import LEVELS, bit_flips, dequantise, quantisable, quantise
 from trojanscan.models.taps import find_layer
 from trojanscan.train import evaluate, trainable_copy
-from trojanscan.validation import check_fraction, check_model_fits
+from trojanscan.validation import check_fraction, check_model_fits, check_positive
 
 STEP_SIZES = (0.5, 0.1, 0.01, 0.001)  # the trigger search's signed-step sizes, in turn
 POSITIONS = ("bottom-right", "center")
@@ -58,13 +57,6 @@ class TBTOptions:
     lr: float = 0.5  # their learning rate (the paper's)
     batch_size: int = 128  # the attacker's images (the paper: one batch of 128)
     seed: int = 0
-
-
-def _check_positive(name: str, value: Any, integer: bool = True) -> None:
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0 or not math.isfinite(value):
-        raise TrojanscanError(f"{name} must be a positive {'integer' if integer else 'number'}, "
-                              f"got {value!r}")
 
 
 class TBT(ModelAttack):
@@ -87,9 +79,9 @@ class TBT(ModelAttack):
             raise TrojanscanError(f"target label must be an integer >= 0, got {target!r}")
         for name, value in (("wb", wb), ("trigger_steps", trigger_steps), ("insert_steps", insert_steps),
                             ("batch_size", batch_size)):
-            _check_positive(name, value)
-        _check_positive("lr", lr, integer=False)
-        _check_positive("feature_goal", feature_goal, integer=False)
+            check_positive(name, value)
+        check_positive("lr", lr, integer=False)
+        check_positive("feature_goal", feature_goal, integer=False)
         check_fraction("area", area)
         if position not in POSITIONS:
             raise TrojanscanError(f"TBT trigger position must be one of {', '.join(POSITIONS)}, "

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -43,14 +43,13 @@ from torch.nn import functional as F
 
 from trojanscan.attacks.badnets import patch_origin
 from trojanscan.attacks.base import AttackedModel, ModelAttack
-from trojanscan.attacks.tbt import _check_positive
 from trojanscan.data import Dataset
 from trojanscan.data.triggers import Trigger
 from trojanscan.errors import TrojanscanError
 from trojanscan.models.modes import evaluating
-from trojanscan.models.taps import Layer, _per_neuron, activations, find_layer
+from trojanscan.models.taps import Layer, activations, find_layer, per_neuron
 from trojanscan.train import evaluate, trainable_copy
-from trojanscan.validation import check_choice, check_fraction, check_model_fits
+from trojanscan.validation import check_choice, check_fraction, check_model_fits, check_positive
 
 MASKS = ("square", "watermark")
 DATA_SOURCES = ("reversed", "real")
@@ -112,9 +111,9 @@ def capturing(layer: Layer, sink: list[torch.Tensor]) -> Iterator[None]:
     """Within the block, every forward pass appends the layer's N×U activations to ``sink``, still
     differentiable (the taps' recorder detaches them; the trigger search follows their gradient)."""
     if layer.side == "input":
-        handle = layer.module.register_forward_pre_hook(lambda _m, args: sink.append(_per_neuron(args[0])))
+        handle = layer.module.register_forward_pre_hook(lambda _m, args: sink.append(per_neuron(args[0])))
     else:
-        handle = layer.module.register_forward_hook(lambda _m, _a, out: sink.append(_per_neuron(out)))
+        handle = layer.module.register_forward_hook(lambda _m, _a, out: sink.append(per_neuron(out)))
     try:
         yield
     finally:
@@ -274,11 +273,14 @@ def reverse_engineer_inputs(model: nn.Module, input_shape: tuple[int, int, int],
 
 
 def retrain_after(model: nn.Module, layer: Layer, x: torch.Tensor, y: torch.Tensor, *, epochs: int,
-                  lr: float, batch_size: int, weights: torch.Tensor | None = None,
-                  seed: int = 0) -> list[str]:
+                  lr: float, batch_size: int, weights: torch.Tensor | None = None, seed: int = 0,
+                  epoch_context: Callable[[int], AbstractContextManager[object]] | None = None,
+                  batch_loss: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[str]:
     """Retrain, in place, only the layers after ``layer`` on ``(x, y)`` (Adam, cross-entropy, each image's
     loss weighted by ``weights`` when given); the model stays in eval mode (no batch-norm statistics
-    change). Returns the retrained modules' names."""
+    change). Each epoch runs inside ``epoch_context(epoch)`` when given, and ``batch_loss(idx)``, when
+    given, is added after each forward pass of the images ``idx`` (the transfer attack silences dormant
+    neurons in some epochs and reads a feature term from a hook). Returns the retrained modules' names."""
     tail = [(n, m) for n, m in modules_after(model, layer, x) if any(True for _ in m.parameters())]
     params = [p for _, m in tail for p in m.parameters()]
     if not params:
@@ -292,18 +294,30 @@ def retrain_after(model: nn.Module, layer: Layer, x: torch.Tensor, y: torch.Tens
     opt = torch.optim.Adam(params, lr=lr)
     try:
         with evaluating(model):
-            for _ in range(epochs):
-                for idx in torch.randperm(len(x), generator=gen).split(batch_size):
-                    losses = F.cross_entropy(model(x[idx]), y[idx], reduction="none")
-                    w = torch.ones_like(losses) if weights is None else weights[idx]
-                    loss = (losses * w).sum() / w.sum()
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
+            for epoch in range(epochs):
+                with epoch_context(epoch) if epoch_context is not None else nullcontext():
+                    _retrain_epoch(model, x, y, weights, opt, torch.randperm(len(x), generator=gen),
+                                   batch_size, batch_loss)
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)
     return [n for n, _ in tail]
+
+
+def _retrain_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None,
+                   opt: torch.optim.Optimizer, order: torch.Tensor, batch_size: int,
+                   batch_loss: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    """One pass over ``order`` in mini-batches: weighted cross-entropy (plus ``batch_loss(idx)``), one
+    optimiser step each."""
+    for idx in order.split(batch_size):
+        losses = F.cross_entropy(model(x[idx]), y[idx], reduction="none")
+        w = torch.ones_like(losses) if weights is None else weights[idx]
+        loss = (losses * w).sum() / w.sum()
+        if batch_loss is not None:
+            loss = loss + batch_loss(idx)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
 
 
 # -- the attack ---------------------------------------------------------------------------------------
@@ -355,10 +369,10 @@ class TrojanNN(ModelAttack):
             raise TrojanscanError(f"layer must be a module name or None, got {layer!r}")
         for name, value in (("neurons", neurons), ("trigger_steps", trigger_steps), ("per_label", per_label),
                             ("reverse_steps", reverse_steps), ("epochs", epochs), ("batch_size", batch_size)):
-            _check_positive(name, value)
+            check_positive(name, value)
         for name, value in (("activation_multiple", activation_multiple), ("trigger_lr", trigger_lr),
                             ("lr", lr), ("stamp_weight", stamp_weight)):
-            _check_positive(name, value, integer=False)
+            check_positive(name, value, integer=False)
         check_choice("TrojanNN mask", mask, MASKS)
         check_choice("TrojanNN data source", data_source, DATA_SOURCES)
         check_fraction("area", area)
@@ -388,9 +402,19 @@ class TrojanNN(ModelAttack):
         strength = outgoing_strength(model, layer, x)
         return strength, top_neurons(strength, self.neurons)
 
-    def trigger_loss(self, data: Dataset, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    def trigger_loss(self, model: nn.Module, x: torch.Tensor,
+                     goal: float) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """An extra term of the trigger search (none here; the transfer attack adds its autoencoder's)."""
         return None
+
+    def retrain(self, model: nn.Module, layer: Layer, x: torch.Tensor, y: torch.Tensor,
+                trigger: Trigger) -> list[str]:
+        """Retrain the layers after ``layer`` on ``x`` with its labels and stamped with the target
+        (stamped images weigh ``stamp_weight``); returns the retrained modules' names."""
+        weights = torch.cat([torch.ones(len(x)), torch.full((len(x),), self.stamp_weight)])
+        return retrain_after(model, layer, torch.cat([x, trigger.apply(x)]),
+                             torch.cat([y, torch.full_like(y, self.target)]), epochs=self.epochs,
+                             lr=self.lr, batch_size=self.batch_size, weights=weights, seed=self.seed)
 
     def apply(self, model: nn.Module, data: Dataset) -> AttackedModel:
         """A copy of ``model`` with the backdoor, and its trigger; ``report_`` holds CA and ASR before
@@ -409,16 +433,13 @@ class TrojanNN(ModelAttack):
         backgrounds = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed))]
         pattern = optimise_trigger(attacked, layer, neurons, mask, backgrounds, goal,
                                    steps=self.trigger_steps, lr=self.trigger_lr, seed=self.seed,
-                                   extra_loss=self.trigger_loss(data, x))
+                                   extra_loss=self.trigger_loss(attacked, x, goal))
         trigger = Trigger(mask, pattern, self.target, "patch",
                           {"attack": self.name, "mask": self.mask, "area": float(mask.mean()),
                            "layer": layer.label, "neurons": neurons.tolist()})
         stamped_act = activations(attacked, layer, trigger.apply(x))[:, neurons]
         before = evaluate(model, data.x_test, data.y_test, trigger)
-        weights = torch.cat([torch.ones(len(x)), torch.full((len(x),), self.stamp_weight)])
-        retrained = retrain_after(attacked, layer, torch.cat([x, trigger.apply(x)]),
-                                  torch.cat([y, torch.full_like(y, self.target)]), epochs=self.epochs,
-                                  lr=self.lr, batch_size=self.batch_size, weights=weights, seed=self.seed)
+        retrained = self.retrain(attacked, layer, x, y, trigger)
         for p in attacked.parameters():
             p.requires_grad_(False)
         after = evaluate(attacked, data.x_test, data.y_test, trigger)

@@ -28,14 +28,14 @@ import torch
 from torch import nn
 
 from trojanscan.data.triggers import Trigger
-from trojanscan.defenses.pruning import _Scorer
+from trojanscan.defenses.pruning import Scorer
 from trojanscan.errors import TrojanscanError
 from trojanscan.metrics import attack_success_rate, clean_accuracy
 from trojanscan.models.modes import evaluating
 from trojanscan.models.taps import (
     Layer,
-    _call_order,
     activations,
+    call_order,
     check_prunable,
     find_layer,
     prune_weights,
@@ -67,7 +67,7 @@ class FinePruneResult:
 def last_conv_layer(model: nn.Module, probe: torch.Tensor) -> Layer:
     """The output of the last ``nn.Conv2d`` a forward pass calls; the penultimate layer when none."""
     convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    order = _call_order(model, convs, probe) if convs else []
+    order = call_order(model, convs, probe) if convs else []
     if not order:
         return find_layer(model, None, probe)
     return Layer(order[-1], convs[order[-1]], "output")
@@ -150,7 +150,7 @@ def fine_prune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_train: torc
     batches = {"clean": x, **{f"rev{i}": t.apply(x) for i, t in enumerate(triggers)}}
     if real_trigger is not None:
         batches["real"] = real_trigger.apply(x)
-    scorer = _Scorer(pruned_model, where, batches)
+    scorer = Scorer(pruned_model, where, batches)
 
     def measure(k: int) -> dict[str, float | int | None]:
         preds = scorer.predict(order[:k])

@@ -57,7 +57,7 @@ class PruneResult:
         return len(self.pruned) / self.units
 
 
-class _Scorer:
+class Scorer:
     """Predicts clean and stamped images with a set of neurons silenced.
 
     When the layer is the input of a last Linear whose output is the model's output, the
@@ -123,7 +123,7 @@ def prune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, triggers: list[Tri
     units = len(order)
     per_step = max(1, math.ceil(step * units))
     limit = max(1, math.floor(max_fraction * units))
-    scorer = _Scorer(pruned_model, where, batches)
+    scorer = Scorer(pruned_model, where, batches)
 
     def measure(k: int) -> dict[str, float | int | None]:
         preds = scorer.predict(order[:k])

@@ -48,7 +48,7 @@ def find_layer(model: nn.Module, layer: str | None = None, probe: torch.Tensor |
     if layer in (None, PENULTIMATE):
         linear = [name for name, m in modules.items() if isinstance(m, nn.Linear)]
         if probe is not None and linear:
-            linear = _call_order(model, {n: modules[n] for n in linear}, probe) or linear
+            linear = call_order(model, {n: modules[n] for n in linear}, probe) or linear
         if not linear:
             raise TrojanscanError("the model has no nn.Linear layer, so its second-to-last layer is "
                                   "unknown; name one with --layer")
@@ -60,7 +60,7 @@ def find_layer(model: nn.Module, layer: str | None = None, probe: torch.Tensor |
 
 
 @torch.no_grad()
-def _call_order(model: nn.Module, candidates: dict[str, nn.Module], probe: torch.Tensor) -> list[str]:
+def call_order(model: nn.Module, candidates: dict[str, nn.Module], probe: torch.Tensor) -> list[str]:
     """Names of ``candidates`` in the order one forward pass calls them."""
     order: list[str] = []
     handles = [m.register_forward_pre_hook(lambda _m, _a, n=name: order.append(n))
@@ -74,7 +74,7 @@ def _call_order(model: nn.Module, candidates: dict[str, nn.Module], probe: torch
     return list(dict.fromkeys(order))
 
 
-def _per_neuron(t: torch.Tensor) -> torch.Tensor:
+def per_neuron(t: torch.Tensor) -> torch.Tensor:
     """N×U (dense) or N×C×H×W (conv: mean over the map) → N×U."""
     if t.dim() not in (2, 4):
         raise TrojanscanError(f"layer activations of shape {tuple(t.shape)[1:]} are neither a vector nor "
@@ -87,10 +87,10 @@ def _tap(layer: Layer, sink: list[torch.Tensor]) -> Iterator[None]:
     """Record the layer's per-neuron activations of every forward pass into ``sink``."""
     if layer.side == "input":
         handle = layer.module.register_forward_pre_hook(
-            lambda _m, args: sink.append(_per_neuron(args[0].detach())))
+            lambda _m, args: sink.append(per_neuron(args[0].detach())))
     else:
         handle = layer.module.register_forward_hook(
-            lambda _m, _args, out: sink.append(_per_neuron(out.detach())))
+            lambda _m, _args, out: sink.append(per_neuron(out.detach())))
     try:
         yield
     finally:
