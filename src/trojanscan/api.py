@@ -6,6 +6,7 @@
 - training: :func:`train_classifier`, :func:`train_and_save`, :func:`evaluate_model`, :func:`evaluate_file`
 - attacking a trained model: :func:`attack_model`
 - scanning: :func:`scan`, :func:`scan_repeated`
+- auditing many models: :func:`audit`
 - guarding: :func:`strip_calibrate`, :func:`strip_check`, :func:`strip_evaluate`, :func:`filter_check`,
   :func:`guard_calibrate`, :func:`guard_check`, :func:`guard_evaluate`
 - repairing: :func:`repair`, :func:`build_filter`
@@ -14,6 +15,7 @@
 from trojanscan.data import Dataset, load_dataset
 from trojanscan.defenses.scan_result import ScanResult
 from trojanscan.models import LoadedModel, load_model
+from trojanscan.runners.audit import AuditResult, audit
 from trojanscan.workflows.attacking import AttackRecord, attack_model
 from trojanscan.workflows.guarding import (
     CheckRecord,
@@ -62,3 +64,4 @@ __all__ = ["HELD_OUT", "AttackRecord", "CheckRecord", "Dataset", "EvaluationReco
            "reversed_triggers", "scan", "scan_repeated", "strip_calibrate", "strip_check", "strip_evaluate",
            "strip_rates", "train_and_save", "train_classifier"]
 __all__ += ["GuardEvaluation", "guard_calibrate", "guard_check", "guard_evaluate"]
+__all__ += ["AuditResult", "audit"]

@@ -24,6 +24,7 @@ from trojanscan._version import __version__
 from trojanscan.api import (
     ScanResult,
     attack_model,
+    audit,
     build_filter,
     evaluate_file,
     filter_check,
@@ -44,6 +45,7 @@ from trojanscan.bench.zoo import METHODS as ZOO_METHODS
 from trojanscan.bench.zoo_spec import MORE_ATTACKS as MORE_ZOO_ATTACKS
 from trojanscan.data.images import RunInputs, read_inputs
 from trojanscan.defenses.registry import GUARDS, REVERSERS, reverser
+from trojanscan.devices import DEVICE_HELP
 from trojanscan.errors import TrojanscanError, TrojanscanWarning
 from trojanscan.fileio import folder_lock
 from trojanscan.models import ARCH_HELP, ARCHITECTURES
@@ -208,12 +210,15 @@ def parse_floats(text: str | None, option: str) -> list[float] | None:
     return values
 
 
-def _convention(mean: str | None, std: str | None, trusted: bool = False) -> dict[str, Any]:
-    """How to open and feed the model (--mean/--std, --trust-model), as keyword arguments of a workflow."""
+def _convention(mean: str | None, std: str | None, trusted: bool = False,
+                device: str | None = None) -> dict[str, Any]:
+    """How to open, feed and place the model (--mean/--std, --trust-model, --device), as keyword
+    arguments of a workflow."""
     if trusted:
         err_console.print("[yellow]warning:[/yellow] --trust-model: the model file's code is not checked; "
                           "use it only for a model you made yourself", highlight=False)
-    return {"mean": parse_floats(mean, "--mean"), "std": parse_floats(std, "--std"), "trusted": trusted}
+    found = {"mean": parse_floats(mean, "--mean"), "std": parse_floats(std, "--std"), "trusted": trusted}
+    return found if device is None else {**found, "device": device}
 
 
 def _method_options(cls: type, pairs: list[str] | None, given: dict[str, Any], what: str) -> dict[str, Any]:
@@ -279,6 +284,7 @@ def train(
     lr: float = typer.Option(1e-3, "--lr"),
     seed: int = typer.Option(0, "--seed"),
     json_path: Path = typer.Option(None, "--json", help="write the result here"),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
 ) -> None:
     """Train a model on a dataset, optionally planting a backdoor by poisoning its training data."""
     options: dict[str, Any] = {}
@@ -297,7 +303,7 @@ def train(
         raise TrojanscanError("--option needs --attack")
     record = train_and_save(data, out, arch=arch, epochs=epochs, attack=attack,
                             attack_options=options, batch_size=batch_size, lr=lr, seed=seed,
-                            json_path=json_path, quiet=_quiet)
+                            json_path=json_path, quiet=_quiet, device=device)
     console.print(_scores_table(f"{out}", record.to_dict()))
     console.print(f"→ {out}" + (f", trigger {record.trigger['file']}" if record.trigger else "")
                   + (f", {json_path}" if json_path else ""), highlight=False)
@@ -318,6 +324,7 @@ def attack_cmd(
     trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
     arch: str = typer.Option(None, "--arch", help=ARCH_HELP),
     json_path: Path = typer.Option(None, "--json", help="write the result here"),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
 ) -> None:
     """Attack a trained model (a model attack); the trigger is saved beside the attacked model."""
     if name not in MODEL_ATTACKS:
@@ -326,7 +333,7 @@ def attack_cmd(
                               f"{', '.join(MODEL_ATTACKS)}")
     options = _method_options(MODEL_ATTACKS[name], option, {"target": target, "wb": wb}, "attack")
     record = attack_model(name, model, data, out, options=options, arch=arch, json_path=json_path,
-                          **_convention(mean, std, trust_model))
+                          **_convention(mean, std, trust_model, device))
     table = Table(title=f"{name} on {model}")
     for col in ("model", "clean accuracy", "ASR"):
         table.add_column(col, justify="right")
@@ -351,9 +358,10 @@ def evaluate_cmd(
     trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
     arch: str = typer.Option(None, "--arch", help=ARCH_HELP),
     json_path: Path = typer.Option(None, "--json"),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
 ) -> None:
     """Clean accuracy and, with a trigger, attack success rate of a model on a dataset."""
-    record = evaluate_file(model, data, trigger, arch=arch, **_convention(mean, std, trust_model))
+    record = evaluate_file(model, data, trigger, arch=arch, **_convention(mean, std, trust_model, device))
     if record.trigger_found_beside_model:
         say(f"using the trigger saved beside the model: {record.trigger['file']}")
     if json_path is not None:
@@ -371,6 +379,7 @@ def demo(
     out: Path = typer.Option(Path("trojanscan-demo"), "--out", help="folder for the demo's files"),
     epochs: int = typer.Option(30, "--epochs"),
     seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
 ) -> None:
     """Plant a BadNets backdoor in a digits classifier, find it with Neural Cleanse, then repair it."""
     with folder_lock(out, "demo folder"):
@@ -380,19 +389,19 @@ def demo(
                    "color": "white"}
         record = train_and_save("digits", out / "model.safetensors", arch="mnist-cnn", epochs=epochs,
                                 attack="badnets", attack_options=options, batch_size=64, lr=1e-3,
-                                seed=seed, json_path=out / "train.json", quiet=_quiet)
+                                seed=seed, json_path=out / "train.json", quiet=_quiet, device=device)
         console.print(_scores_table("trojaned digits model", record.to_dict()))
         say(f"({record.train_seconds:.1f} s of training) — now scanning it with Neural "
             "Cleanse, knowing nothing of the trigger…")
         result = scan(out / "model.safetensors", "digits", clean_samples=300, seed=seed,
-                      out_dir=out / "scan")
+                      out_dir=out / "scan", device=device)
         print_scan_summary(result, out / "scan")
         if not result.infected:
             console.print("nothing flagged, so nothing to repair")
             return
         say("repairing it by unlearning the reversed trigger (the real one is only measured)…")
         fixed = repair(out / "model.safetensors", out / "scan", "digits", method="unlearn", fraction=0.5,
-                       epochs=3, seed=seed, out=out / "repaired.safetensors")
+                       epochs=3, seed=seed, out=out / "repaired.safetensors", device=device)
         fixed.write(out / "repair.json")
         console.print(_rates_table("unlearning", fixed.to_dict()))
         for w in repair_warnings(fixed.to_dict(), 2.0):
@@ -513,6 +522,7 @@ def scan_cmd(
     arch: str = typer.Option(None, "--arch", help=ARCH_HELP),
     trigger: Path = typer.Option(None, "--trigger", help="the real trigger, to compare (default: "
                                  "the one saved beside the model)"),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
 ) -> None:
     """Detect a backdoor: reverse-engineer a trigger per label (Neural Cleanse, TABOR), flag outliers."""
     cls = reverser(method)
@@ -522,7 +532,7 @@ def scan_cmd(
     common = dict(method=method, decision=decision, labels=_labels(labels), clean_samples=clean_samples,
                   arch=arch,
                   ground_truth=trigger, out_dir=out, tabor_weights=_weights(tabor_weights),
-                  **_convention(mean, std, trust_model), **options)
+                  **_convention(mean, std, trust_model, device), **options)
     if repeats == 1:
         print_scan_summary(scan(model, data, seed=seed, **common), out)
         return
@@ -544,6 +554,78 @@ def scan_cmd(
     console.print(f"the anomaly index is of the mean trigger norms over {repeats} seeds; the runs' spread "
                   f"{spread['min']:.2f}–{spread['max']:.2f} (std {spread['std']:.2f}) → "
                   f"{out / 'repeats.json'}, {out / 'report.html'}", highlight=False)
+
+
+RUNNER_HELP = 'local (this machine: one process, or --workers processes) or ray (pip install -e ".[ray]")'
+WORKERS_HELP = "processes (or Ray tasks) at a time; each gets its share of the cores"
+ADDRESS_HELP = "--runner ray: join the Ray cluster at this address (default: start one on this machine)"
+VERDICT_COLOURS = {"backdoored": "bold red", "suspicious": "bold yellow", "clean": "green"}
+
+
+@app.command("audit")
+@friendly_errors
+def audit_cmd(
+    models: list[Path] = typer.Argument(..., help="model files, folders of them, or a manifest (.csv or "
+                                        ".json: path, and optionally name, data, mean, std, arch, trigger)"),
+    data: str = typer.Option(None, "--data", help="clean data for every model (a manifest may give "
+                             "each model its own): digits, mnist, gtsrb, a file or folder"),
+    out: Path = typer.Option(..., "--out", help="folder for audit.json, audit.html and one scan folder "
+                             "per model"),
+    methods: str = typer.Option("neural-cleanse", "--methods",
+                                help="comma-separated: " + ", ".join(REVERSERS)),
+    option: list[str] = typer.Option(None, "--option", help=OPTION_HELP + " (for every method)"),
+    decision: str = typer.Option("paper", "--decision", help="paper or verdict (as scan's --decision)"),
+    chunk: int = typer.Option(None, "--chunk", help="labels optimised together in one pass (10)"),
+    steps: int = typer.Option(None, "--steps", help="maximum steps per label"),
+    schedule: str = typer.Option(None, "--schedule", help="default (fast) or paper (the authors')"),
+    threshold: float = typer.Option(None, "--threshold", help="anomaly index above which a label is "
+                                    "flagged (2)"),
+    seed: int = typer.Option(None, "--seed", help="seed of the clean subset and the search (0)"),
+    clean_samples: int = typer.Option(1000, "--clean-samples"),
+    mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
+    std: str = typer.Option(None, "--std", help=STD_HELP),
+    arch: str = typer.Option(None, "--arch", help=ARCH_HELP),
+    trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
+    runner: str = typer.Option("local", "--runner", help=RUNNER_HELP),
+    workers: int = typer.Option(1, "--workers", help=WORKERS_HELP),
+    address: str = typer.Option(None, "--address", help=ADDRESS_HELP),
+    split_over: int = typer.Option(20, "--split-over", help="with several workers, split a model with "
+                                   "more labels than this into label jobs"),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
+) -> None:
+    """Scan many models: files, folders or a manifest; a summary table, audit.json and audit.html
+    (rerun the same command to resume; a model that fails is recorded and the audit goes on)."""
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    given = {"schedule": schedule, "steps": steps, "chunk": chunk, "threshold": threshold, "seed": seed}
+    per_method = [_method_options(reverser(m), option, given, "method") for m in names]  # each checks them
+
+    def progress(entry: dict[str, Any]) -> None:
+        what = entry["verdict"] if entry["status"] == "ok" else f"error: {entry['error']}"
+        say(f"{escape(entry['name'])}: {escape(what)} ({entry['seconds']:.1f} s)", highlight=False)
+
+    result = audit(models, data, out_dir=out, methods=names, decision=decision,
+                   options=per_method[0] if per_method else {},
+                   clean_samples=clean_samples, arch=arch, runner=runner, workers=workers, address=address,
+                   split_over=split_over, device=device, on_model_done=progress,
+                   **_convention(mean, std, trust_model))
+    table = Table(title=f"audit of {len(result.models)} models")
+    for col in ("model", "verdict", "flagged", "anomaly index", "seconds"):
+        table.add_column(col, justify="left" if col in ("model", "verdict") else "right")
+    for m in result.models:
+        verdict = m.get("verdict") or "error"
+        colour = VERDICT_COLOURS.get(verdict, "red" if m["status"] == "error" else "")
+        index = m.get("anomaly_index")
+        table.add_row(escape(m["name"]), f"[{colour}]{verdict}[/{colour}]" if colour else verdict,
+                      ", ".join(map(str, m.get("flagged_labels") or [])) or "—",
+                      "—" if not isinstance(index, float) or index != index else f"{index:.2f}",
+                      f"{m['seconds']:.1f}" + (" (earlier)" if m.get("skipped") else ""))
+    console.print(table)
+    console.print(f"→ {out / 'audit.json'}, {out / 'audit.html'}", highlight=False)
+    if result.failed:
+        err_console.print(f"[red]error:[/red] {len(result.failed)} model(s) failed: "
+                          + escape("; ".join(f"{m['name']} ({m['error']})" for m in result.failed)),
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
 
 
 def _rates_table(title: str, record: dict[str, Any]) -> Table:
@@ -578,12 +660,13 @@ def filter_cmd(
     trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
     arch: str = typer.Option(None, "--arch", help=ARCH_HELP),
     json_path: Path = typer.Option(None, "--json"),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
 ) -> None:
     """Build Neural Cleanse's input filter from a scan's reversed trigger; report FPR and FNR."""
     _, record = build_filter(model, scan_path, data, labels=_labels(labels, "--label"), layer=layer,
                              fpr=fpr,
                              top_fraction=top, samples=samples, trigger=trigger, seed=seed, arch=arch,
-                             out=out, **_convention(mean, std, trust_model))
+                             out=out, **_convention(mean, std, trust_model, device))
     if json_path is not None:
         record.write(json_path)
     f = record["filter"]
@@ -661,10 +744,11 @@ def filter_check_cmd(
     std: str = typer.Option(None, "--std", help=STD_HELP),
     trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
     arch: str = typer.Option(None, "--arch", help=ARCH_HELP),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
 ) -> None:
     """Predict each input and reject those the input filter flags."""
     found = _read_inputs(inputs, key, layout, value_range)
-    record = filter_check(model, filter_path, found, arch=arch, **_convention(mean, std, trust_model))
+    record = filter_check(model, filter_path, found, arch=arch, **_convention(mean, std, trust_model, device))
     if json_path is not None:
         record.write(json_path)
     console.print(f"{record['rejected']} of {record['count']} inputs rejected by the filter"
@@ -708,6 +792,7 @@ def repair_cmd(
     std: str = typer.Option(None, "--std", help=STD_HELP),
     trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
     arch: str = typer.Option(None, "--arch", help=ARCH_HELP),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
 ) -> None:
     """Remove the backdoor a scan found: unlearning (fine-tune) or neuron pruning; or Fine-Pruning,
     which needs no scan."""
@@ -715,7 +800,7 @@ def repair_cmd(
                     trigger=trigger, layer=layer, samples=samples, asr_threshold=asr_threshold,
                     step=step, max_accuracy_drop=max_accuracy_drop / 100, fraction=fraction,
                     stamp_fraction=stamp_fraction, epochs=epochs, lr=lr,
-                    baselines=baselines, seed=seed, arch=arch, **_convention(mean, std, trust_model))
+                    baselines=baselines, seed=seed, arch=arch, **_convention(mean, std, trust_model, device))
     if json_path is not None:
         record.write(json_path)
     console.print(_rates_table(f"{method} of {model}", record.to_dict()))
@@ -763,13 +848,14 @@ def strip_calibrate_cmd(
     trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
     arch: str = typer.Option(None, "--arch", help=ARCH_HELP),
     eager: bool = typer.Option(False, "--eager", help=EAGER_HELP),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
 ) -> None:
     """Fit the entropy boundary on benign inputs for a target FRR."""
     with warnings.catch_warnings():  # a useless boundary is reported below, in one line
         warnings.simplefilter("ignore", UserWarning)
         strip = strip_calibrate(model, data, n=n, frr=frr, samples=samples, blend=blend,
                                 boundary=boundary, seed=seed, arch=arch, temperature=temperature,
-                                out=out, accelerate=not eager, **_convention(mean, std, trust_model))
+                                out=out, accelerate=not eager, **_convention(mean, std, trust_model, device))
     console.print(f"calibrated on {strip.n_calibration_} benign images: entropy "
                   f"{strip.entropy_mean_:.3f} ± {strip.entropy_std_:.3f} bits, boundary "
                   f"{strip.boundary_:.4f} (FRR {frr:.1%}, N={n}, temperature {strip.temperature_:g}) → {out}")
@@ -795,11 +881,12 @@ def strip_check_cmd(
     trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
     arch: str = typer.Option(None, "--arch", help=ARCH_HELP),
     eager: bool = typer.Option(False, "--eager", help=EAGER_HELP),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
 ) -> None:
     """Predict each input and flag the trojaned ones."""
     found = _read_inputs(inputs, key, layout, value_range)
     record = strip_check(model, calibration, found, arch=arch, full_entropy=full_entropy,
-                         accelerate=not eager, **_convention(mean, std, trust_model))
+                         accelerate=not eager, **_convention(mean, std, trust_model, device))
     if json_path is not None:
         record.write(json_path)
     console.print(f"{record['trojaned']} of {record['count']} inputs flagged as trojaned "
@@ -828,11 +915,12 @@ def strip_evaluate_cmd(
     out: Path = typer.Option(None, "--out", help="folder for strip.json and report.html"),
     json_path: Path = typer.Option(None, "--json"),
     eager: bool = typer.Option(False, "--eager", help=EAGER_HELP),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
 ) -> None:
     """FRR on clean and FAR on trigger-stamped test images, and throughput for N=10, 20 and 100."""
     record = strip_evaluate(model, data, trigger, n=n, frr=frr, samples=samples, blend=blend,
                             boundary=boundary, seed=seed, arch=arch, temperature=temperature,
-                            out_dir=out, accelerate=not eager, **_convention(mean, std, trust_model))
+                            out_dir=out, accelerate=not eager, **_convention(mean, std, trust_model, device))
     if json_path is not None:
         record.write(json_path)
     table = Table(title=f"STRIP on {model} (N={n})")
@@ -900,10 +988,11 @@ def guard_calibrate_cmd(
     trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
     arch: str = typer.Option(None, "--arch", help=ARCH_HELP),
     eager: bool = typer.Option(False, "--eager", help=EAGER_HELP),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
 ) -> None:
     """Calibrate the detectors and their OR rule on benign inputs for one overall FRR."""
     guard = guard_calibrate(model, data, samples=samples, arch=arch, out=out,
-                            **_convention(mean, std, trust_model),
+                            **_convention(mean, std, trust_model, device),
                             **_guard_options(detectors, frr, n, temperature, seed, eager, option))
     console.print(f"calibrated {' + '.join(guard.detectors)} on {guard.n_calibration_} benign images for "
                   f"FRR {frr:.1%}: each flags its {guard.tail_} highest benign scores → {out}",
@@ -925,11 +1014,12 @@ def guard_check_cmd(
     trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
     arch: str = typer.Option(None, "--arch", help=ARCH_HELP),
     eager: bool = typer.Option(False, "--eager", help=EAGER_HELP),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
 ) -> None:
     """Predict each input and flag the trojaned ones, naming the detector that flagged each."""
     found = _read_inputs(inputs, key, layout, value_range)
     record = guard_check(model, calibration, found, arch=arch, accelerate=not eager,
-                         **_convention(mean, std, trust_model))
+                         **_convention(mean, std, trust_model, device))
     if json_path is not None:
         record.write(json_path)
     by: dict[str, int] = {}
@@ -965,11 +1055,12 @@ def guard_evaluate_cmd(
     out: Path = typer.Option(None, "--out", help="folder for guard.json and report.html"),
     json_path: Path = typer.Option(None, "--json"),
     eager: bool = typer.Option(False, "--eager", help=EAGER_HELP),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
 ) -> None:
     """FRR on clean and FAR on trigger-stamped test images, for the guard and each detector, and speed."""
     record = guard_evaluate(model, data, trigger, samples=samples, calibration_split=calibrate_on,
                             arch=arch, out_dir=out,
-                            **_convention(mean, std, trust_model),
+                            **_convention(mean, std, trust_model, device),
                             **_guard_options(detectors, frr, n, temperature, seed, eager, option))
     if json_path is not None:
         record.write(json_path)
@@ -1012,6 +1103,10 @@ def bench_zoo_cmd(
                                "more attack kinds)"),
     attacks: str = typer.Option(None, "--attacks", help="world: comma-separated attack kinds to draw "
                                 "in turn (default: its ten; more: " + ", ".join(MORE_ZOO_ATTACKS) + ")"),
+    runner: str = typer.Option("local", "--runner", help=RUNNER_HELP),
+    workers: int = typer.Option(1, "--workers", help=WORKERS_HELP),
+    address: str = typer.Option(None, "--address", help=ADDRESS_HELP),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
 ) -> None:
     """Build a seeded zoo of clean and trojaned models (cached; rerun to resume), scan each, and
     report AUROC, detection and false-positive rates, target accuracy, trigger IoU and seconds."""
@@ -1021,7 +1116,7 @@ def bench_zoo_cmd(
                          clean_samples=clean_samples, schedule=schedule, steps=steps,
                          strip_n=strip_n, strip_samples=strip_samples,
                          strip_temperature=strip_temperature, strip_boundary=strip_boundary,
-                         preset=preset,
+                         preset=preset, runner=runner, workers=workers, address=address, device=device,
                          attacks=[k.strip() for k in attacks.split(",") if k.strip()] if attacks else None)
     with folder_lock(out, "zoo folder"):
         results = run_zoo(out, options, log=lambda line: console.print(line, highlight=False))

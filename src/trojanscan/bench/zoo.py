@@ -52,7 +52,7 @@ from trojanscan.fileio import read_json, sha256_file, write_json
 from trojanscan.models import load_model, save_model
 from trojanscan.models.wrappers import ExpectsNormalised, wrap_normalization
 from trojanscan.report.zoo_html import evidence_summary, write_zoo_report
-from trojanscan.runners import ScanJob, run_jobs
+from trojanscan.runners import RUNNERS, ScanJob, run_jobs
 from trojanscan.validation import check_choice
 from trojanscan.workflows.guarding import strip_rates
 from trojanscan.workflows.inputs import clean_subset
@@ -217,6 +217,10 @@ class ZooOptions:
     strip_boundary: str = "normal"
     preset: str = "classic"  # classic (the README's zoos) or world (architectures, conventions, attacks)
     attacks: Sequence[str] | None = None  # world: the attack kinds to draw in turn (default: WORLD_ATTACKS)
+    runner: str = "local"  # who runs the scan jobs: local (one process or a pool) or ray
+    workers: int = 1
+    address: str | None = None  # runner ray: join this cluster (default: start one here)
+    device: str = "cpu"  # where the scans run the models (auto, cpu, cuda, mps)
 
     def check(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -228,13 +232,15 @@ class ZooOptions:
         check_choice("STRIP boundary", self.strip_boundary, BOUNDARY_METHODS)
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("zoo preset", self.preset, PRESETS)
+        check_choice("runner", self.runner, RUNNERS)
         if self.train_samples is not None and self.train_samples < 10:
             raise TrojanscanError(f"--train-samples must be >= 10, got {self.train_samples}")
         if self.steps is not None and self.steps < 1:
             raise TrojanscanError(f"--steps must be >= 1, got {self.steps}")
         for name, value, low in (("--size", self.size, 2), ("--repeats", self.repeats, 1),
                                  ("--epochs", self.epochs, 1), ("--clean-samples", self.clean_samples, 1),
-                                 ("--strip-n", self.strip_n, 2), ("--strip-samples", self.strip_samples, 10)):
+                                 ("--strip-n", self.strip_n, 2), ("--strip-samples", self.strip_samples, 10),
+                                 ("--workers", self.workers, 1)):
             if value < low:
                 raise TrojanscanError(f"{name} must be >= {low}, got {value}")
 
@@ -257,32 +263,39 @@ def run_zoo(out_dir: str | Path, options: ZooOptions | None = None,
     for stale in ("summary.md", "report.html", "roc.png"):  # an earlier run's, maybe other options
         (out / stale).unlink(missing_ok=True)
     start = time.perf_counter()
+    trained, jobs = [], {}  # each model's record and its scan jobs per method (run together below)
     for entry in entries:
-        dataset = data[entry.dataset]
-        record = train_entry(entry, dataset, out / "models")
+        record = train_entry(entry, data[entry.dataset], out / "models")
         model_path = model_file(out / "models", record)
         convention = {"mean": record.get("mean"), "std": record.get("std")}
         asr = record["attack_success_rate"]
         log(f"[{entry.index + 1}/{len(entries)}] {entry.name}: CA {record['clean_accuracy']:.4f}"
             + (f" ASR {asr:.4f}" if asr is not None else "")
             + (" (cached)" if record["cached"] else f" trained in {record['train_seconds']:.0f} s"))
-        record["scans"] = {}
+        trained.append((entry, record, model_path))
         for method in (m for m in opts.methods if m in SCAN_METHODS):
             folder = out / "scans" / record["key"]
             # each scan resumes in its folder: labels finished with the same model, data, settings
             # and algorithm version are reused by its fingerprint check, others searched again
-            jobs = [ScanJob(str(model_path), entry.dataset,
-                            str(folder / f"{method}-seed{s}-{_tag(scan_options)}"), method,
-                            {"schedule": opts.schedule, "steps": opts.steps, "seed": s},
-                            clean_samples=opts.clean_samples,
-                            mean=tuple(convention["mean"]) if convention["mean"] else None,
-                            std=tuple(convention["std"]) if convention["std"] else None)
-                    for s in range(opts.seed, opts.seed + opts.repeats)]
-            done = run_jobs(jobs)
-            failed = [j.error for j in done if not j.ok]
-            if failed:
-                raise TrojanscanError(f"{entry.name}: {failed[0]}")
-            runs = [ScanResult.load(j.out_dir) for j in jobs]
+            jobs[record["key"], method] = [
+                ScanJob(str(model_path), entry.dataset,
+                        str(folder / f"{method}-seed{s}-{_tag(scan_options)}"), method,
+                        {"schedule": opts.schedule, "steps": opts.steps, "seed": s},
+                        clean_samples=opts.clean_samples,
+                        mean=tuple(convention["mean"]) if convention["mean"] else None,
+                        std=tuple(convention["std"]) if convention["std"] else None, device=opts.device)
+                for s in range(opts.seed, opts.seed + opts.repeats)]
+    records = run_jobs([j for js in jobs.values() for j in js], workers=opts.workers, runner=opts.runner,
+                       address=opts.address)
+    failed = {r.job.out_dir: r.error for r in records if not r.ok}
+    for entry, record, model_path in trained:
+        dataset = data[entry.dataset]
+        record["scans"] = {}
+        for method in (m for m in opts.methods if m in SCAN_METHODS):
+            errors = [failed[j.out_dir] for j in jobs[record["key"], method] if j.out_dir in failed]
+            if errors:
+                raise TrojanscanError(f"{entry.name}: {errors[0]}")
+            runs = [ScanResult.load(j.out_dir) for j in jobs[record["key"], method]]
             rows = [scan_row(r) for r in runs]
             entry_scans: dict[str, Any] = {"runs": rows, "combined": None}
             if len(runs) > 1:

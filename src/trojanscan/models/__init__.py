@@ -12,6 +12,7 @@ from trojanscan.models.io import (
     ARCH_HELP,
     ArchLike,
     LoadedModel,
+    check_save_target,
     import_architecture,
     load_model,
     save_model,
@@ -20,5 +21,6 @@ from trojanscan.models.io import (
 
 __all__ = [
     "ARCHITECTURES", "ARCH_HELP", "ArchLike", "ArchSpec", "LoadedModel", "Normalize", "ReferenceNet",
-    "build_model", "default_arch", "import_architecture", "load_model", "save_model", "sniff_model_format",
+    "build_model", "check_save_target", "default_arch", "import_architecture", "load_model", "save_model",
+    "sniff_model_format",
 ]

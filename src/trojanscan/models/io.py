@@ -1,10 +1,11 @@
-"""Safe saving and loading of models: TorchScript, safetensors bundles, weights-only checkpoints.
+"""Safe saving and loading of models: TorchScript, safetensors bundles, weights-only checkpoints, ONNX.
 
 A scanner is fed models from strangers, so every file is untrusted and goes through the policy in
 :mod:`trojanscan.models.trust` first: a TorchScript archive's code is inspected against an
 allow-list of side-effect-free operators and probed in a child process before TorchScript's own
 loader sees it, a safetensors header is bounded and checked before the safetensors library parses
-it, and a pickle checkpoint is opened with ``torch.load(weights_only=True)`` or refused.
+it, a pickle checkpoint is opened with ``torch.load(weights_only=True)`` or refused, and an ONNX
+file is checked and converted by trojanscan's own converter (:mod:`trojanscan.models.onnx_import`).
 ``load_model(path, trusted=True)`` skips the TorchScript inspection for a user's own model, and
 the result says so (:attr:`LoadedModel.trusted`, :attr:`LoadedModel.checked`).
 
@@ -37,7 +38,7 @@ from torch import nn
 
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import parse_json, sha256_file
-from trojanscan.models import trust
+from trojanscan.models import onnx_import, trust
 from trojanscan.models.architectures import ARCHITECTURES, ArchSpec, ReferenceNet, build_model
 from trojanscan.models.quantised import STEP_SUFFIX, dequantised_state, quantised_state
 
@@ -46,6 +47,7 @@ MAX_NUM_CLASSES = 100_000  # what a file's metadata may claim
 MAX_INPUT_DIM = 4096  # each of C, H, W
 TORCHSCRIPT_SUFFIXES = (".pt", ".ts", ".torchscript", ".jit")
 META_FILE = "trojanscan.json"  # the metadata entry inside a TorchScript archive
+ONNX_META_KEY = "trojanscan"  # the metadata_props entry of an ONNX model trojanscan wrote
 WEIGHTS_KEYS = ("state_dict", "model_state_dict", "model", "net")  # where training scripts keep them
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
 IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
@@ -70,7 +72,7 @@ class LoadedModel:
 
     module: nn.Module
     path: Path
-    format: str  # "torchscript" | "safetensors" | "checkpoint"
+    format: str  # "torchscript" | "safetensors" | "checkpoint" | "onnx"
     sha256: str
     spec: ArchSpec | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -119,7 +121,8 @@ def _spec_of(model: nn.Module) -> ArchSpec | None:
 
 def save_model(model: nn.Module, path: str | os.PathLike,
                metadata: dict[str, Any] | None = None, int8_steps: dict[str, float] | None = None) -> Path:
-    """Save to ``.safetensors`` (a reference net's weights + architecture) or TorchScript (``.pt``).
+    """Save to ``.safetensors`` (a reference net's weights + architecture), TorchScript (``.pt``) or,
+    for a model read from ONNX, ``.onnx`` (the file's graph with the current weights).
 
     ``metadata`` (JSON-serialisable) travels inside the file either way. ``int8_steps`` names the
     state entries that are 8-bit quantised (with their steps): ``.safetensors`` stores them as
@@ -136,11 +139,10 @@ def save_model(model: nn.Module, path: str | os.PathLike,
     was_training = model.training
     model.eval()
     try:
-        if path.suffix == ".safetensors":
-            if spec is None:
-                raise TrojanscanError(
-                    f"{path}: safetensors holds weights of a built-in architecture only; save this "
-                    "model as TorchScript (.pt) instead")
+        check_save_target(model, path)
+        if isinstance(model, onnx_import.OnnxModel):
+            tmp.write_bytes(model.to_onnx({ONNX_META_KEY: json.dumps(meta)}))
+        elif path.suffix == ".safetensors":
             tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
             if int8_steps:
                 tensors, meta["quantisation"] = quantised_state(tensors, int8_steps)
@@ -153,7 +155,7 @@ def save_model(model: nn.Module, path: str | os.PathLike,
             scripted.save(str(tmp), _extra_files={META_FILE: json.dumps(meta)})
         else:
             raise TrojanscanError(
-                f"{path}: unknown model format; use .safetensors or a TorchScript suffix "
+                f"{path}: unknown model format; use .safetensors, .onnx or a TorchScript suffix "
                 f"({', '.join(TORCHSCRIPT_SUFFIXES)})")
         os.replace(tmp, path)
     except (OSError, SafetensorError, RuntimeError) as e:  # a full disk names the file we write
@@ -165,6 +167,23 @@ def save_model(model: nn.Module, path: str | os.PathLike,
         tmp.unlink(missing_ok=True)
         model.train(was_training)
     return path
+
+
+def check_save_target(model: nn.Module, path: str | os.PathLike) -> None:
+    """Refuse, before any work, a format that cannot hold ``model``: safetensors holds a built-in
+    architecture; ``.onnx`` is written for a model read from ONNX (its graph with the new weights),
+    and such a model is written only as ``.onnx``."""
+    path = Path(path)
+    onnx_model = isinstance(model, onnx_import.OnnxModel)
+    if path.suffix == ".safetensors" and _spec_of(model) is None and not onnx_model:
+        raise TrojanscanError(f"{path}: safetensors holds weights of a built-in architecture only; save "
+                              "this model as TorchScript (.pt) instead")
+    if path.suffix == ".onnx" and not onnx_model:
+        raise TrojanscanError(f"{path}: only a model read from an ONNX file is saved as .onnx (its graph "
+                              "with the new weights); save this one as .safetensors or .pt")
+    if onnx_model and path.suffix != ".onnx":
+        raise TrojanscanError(f"{path}: a model read from ONNX is saved as .onnx (its graph with the new "
+                              "weights); name the output .onnx")
 
 
 def _spec_from_meta(meta: dict[str, Any], path: Path) -> ArchSpec:
@@ -368,6 +387,16 @@ def _load_safetensors(copy: Path, path: Path, arch: ArchLike | None,
     return _build_and_fill(spec, state, path), spec, meta
 
 
+def _load_onnx(copy: Path, path: Path, input_shape: tuple[int, ...] | None
+               ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """An ONNX file through trojanscan's own converter (:mod:`trojanscan.models.onnx_import`), with
+    the trojanscan metadata a repaired or attacked model carries in its ``metadata_props``."""
+    module, meta, props, inspection = onnx_import.load_onnx(copy, path, input_shape)
+    if ONNX_META_KEY in props:
+        meta = {**meta, **_parse_meta(props[ONNX_META_KEY], path)}
+    return module, meta, inspection
+
+
 def _jit_load(path: Path, shown: Path) -> torch.jit.ScriptModule:
     try:
         with warnings.catch_warnings():
@@ -568,9 +597,10 @@ def load_model(path: str | os.PathLike, *, arch: ArchLike | None = None,
     or tell a scan from deployment; a pickle checkpoint is opened only with ``weights_only``.
 
     Args:
-        path: a TorchScript archive, a safetensors file or a weights-only checkpoint (a bare
+        path: a TorchScript archive, a safetensors file, a weights-only checkpoint (a bare
             state_dict, or one under ``state_dict``/``model_state_dict``/``model``/``net``;
-            ``module.`` prefixes are removed).
+            ``module.`` prefixes are removed) or an ONNX model (converted by
+            :mod:`~trojanscan.models.onnx_import`; needs the ``onnx`` extra).
         arch: for weights without trojanscan metadata, the network they belong to: a reference
             architecture's name (its classes and normalisation are read from the weights), your
             own class as ``"package.module:Class"`` (only that module is imported) or the class
@@ -602,6 +632,8 @@ def load_model(path: str | os.PathLike, *, arch: ArchLike | None = None,
         raise trust.refused(path, f"the file is {size} bytes (limit {trust.MAX_MODEL_BYTES})")
     with trust.private_copy(path) as copy:  # what is checked is exactly what is loaded and hashed
         fmt = sniff_model_format(copy, path)
+        if path.suffix == ".onnx" and fmt != "onnx":
+            raise TrojanscanError(f"{path}: corrupt ONNX file (it does not start as an ONNX model does)")
         if path.suffix == ".safetensors" and fmt != "safetensors":
             what = {"checkpoint": "a pickle", "torchscript": "a TorchScript archive",
                     "onnx": "an ONNX model", "corrupt": "a corrupt zip archive"}.get(fmt, "something else")
@@ -620,7 +652,7 @@ def load_model(path: str | os.PathLike, *, arch: ArchLike | None = None,
         elif fmt == "checkpoint":
             module, spec, meta = _load_checkpoint(copy, path, arch, input_shape)
         elif fmt == "onnx":
-            raise TrojanscanError(f"{path}: ONNX models are not supported yet; export to TorchScript")
+            module, meta, inspection = _load_onnx(copy, path, input_shape)
         elif fmt == "corrupt":
             raise TrojanscanError(f"{path}: corrupt zip archive; not a model file trojanscan can read")
         else:

@@ -27,7 +27,9 @@ file may act on the machine when trojanscan opens or runs it:
   duplicate keys) and checks dtypes, shapes and offsets before the safetensors library sees it.
 * **pickled checkpoints** are read only by ``torch.load(weights_only=True)``, behind
   :func:`check_checkpoint` (size, and the zip limits for the zip format).
-* **ONNX** is refused.
+* **ONNX** is read by trojanscan's own converter, :mod:`trojanscan.models.onnx_import` (protobuf only;
+  external data, oversized or mis-sized tensors, foreign operator sets, functions, subgraphs and
+  operators outside its list refused; checked against onnxruntime when installed).
 
 A user may load their own model unchecked (``load_model(..., trusted=True)``, ``--trust-model``);
 the result says so. Every refusal is a :class:`~trojanscan.errors.TrojanscanError` whose message is

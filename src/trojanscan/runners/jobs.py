@@ -36,6 +36,9 @@ class ScanJob:
     std: tuple[float, ...] | None = None
     arch: str | None = None
     trusted: bool = False  # load the model file unchecked (--trust-model)
+    decision: str = "paper"  # or "verdict" (scan's --decision)
+    ground_truth: str | None = None  # the real trigger's file, to compare (default: beside the model)
+    device: str = "cpu"  # where the model runs (auto, cpu, cuda, mps); results are the same CPU record
 
 
 @dataclass
@@ -58,7 +61,8 @@ def run_job(job: ScanJob) -> JobRecord:
         result = scan(job.model, job.data, method=job.method, labels=list(job.labels) if job.labels else None,
                       clean_samples=job.clean_samples, mean=list(job.mean) if job.mean else None,
                       std=list(job.std) if job.std else None, arch=job.arch, trusted=job.trusted,
-                      out_dir=job.out_dir,
+                      out_dir=job.out_dir, decision=job.decision, ground_truth=job.ground_truth,
+                      device=job.device,
                       progress=False, **job.options)
     except TrojanscanError as e:
         return JobRecord(job, False, time.perf_counter() - start, error=str(e))

@@ -13,7 +13,7 @@ from torch import nn
 from trojanscan.attacks import ModelAttack
 from trojanscan.data.triggers import trigger_path_for
 from trojanscan.fileio import sha256_file
-from trojanscan.models import save_model
+from trojanscan.models import check_save_target, save_model
 from trojanscan.workflows.inputs import DataLike, ModelLike, resolve
 from trojanscan.workflows.records import Record, environment
 from trojanscan.workflows.training import check_model_suffix, data_record, make_attack, trigger_record
@@ -49,13 +49,14 @@ def _inner_names(steps: dict[str, float] | None, outer: nn.Module, inner: nn.Mod
 def attack_model(name: str, model: ModelLike, data: DataLike, out: str | os.PathLike, *,
                  options: dict[str, Any] | None = None, arch: str | None = None,
                  mean: list[float] | None = None, std: list[float] | None = None, trusted: bool = False,
-                 json_path: str | os.PathLike | None = None) -> AttackRecord:
+                 json_path: str | os.PathLike | None = None, device: str = "cpu") -> AttackRecord:
     """Apply the registered model attack ``name`` (with its ``options``) to ``model`` with the
     attacker's ``data``; save the attacked model to ``out`` in the model's own input convention and
     its trigger beside it; return (and with ``json_path`` write) the record."""
     out = check_model_suffix(out)
     attack: ModelAttack = make_attack(name, ModelAttack, **(options or {}))
-    resolved = resolve(model, data, arch=arch, mean=mean, std=std, trusted=trusted)
+    resolved = resolve(model, data, arch=arch, mean=mean, std=std, trusted=trusted, device=device)
+    check_save_target(resolved.inner, out)
     start = time.perf_counter()
     attacked, trigger = attack.apply(resolved.module, resolved.dataset)
     seconds = time.perf_counter() - start

@@ -49,9 +49,10 @@ def strip_calibrate(model: ModelLike, data: DataLike, *, n: int = 100, frr: floa
                     arch: str | None = None, temperature: float | str = 1.0,
                     out: str | os.PathLike | None = None, accelerate: bool = True,
                     mean: list[float] | None = None, std: list[float] | None = None,
-                    trusted: bool = False, progress: bool | ProgressCallback = True) -> Strip:
+                    trusted: bool = False, progress: bool | ProgressCallback = True,
+                    device: str = "cpu") -> Strip:
     """Fit STRIP's boundary on ``samples`` benign training images (also the overlay pool)."""
-    resolved = resolve(model, data, arch=arch, mean=mean, std=std, trusted=trusted)
+    resolved = resolve(model, data, arch=arch, mean=mean, std=std, trusted=trusted, device=device)
     strip = Strip(resolved.module, n=n, frr=frr, blend=blend, boundary=boundary, seed=seed,
                   temperature=temperature, accelerate=accelerate)
     return _calibrated(strip, resolved.dataset, samples, seed, out, "strip calibrate",
@@ -82,7 +83,7 @@ def _guard(module: torch.nn.Module, options: dict[str, Any]) -> Guard:
 def guard_calibrate(model: ModelLike, data: DataLike, *, samples: int = 2000, arch: str | None = None,
                     out: str | os.PathLike | None = None, mean: list[float] | None = None,
                     std: list[float] | None = None, trusted: bool = False,
-                    progress: bool | ProgressCallback = True, **options: Any) -> Guard:
+                    progress: bool | ProgressCallback = True, device: str = "cpu", **options: Any) -> Guard:
     """Calibrate the combined guard on ``samples`` benign training images for its overall FRR.
 
     ``options`` are :class:`~trojanscan.defenses.guard.Guard`'s keywords (``detectors``, ``frr``,
@@ -90,7 +91,7 @@ def guard_calibrate(model: ModelLike, data: DataLike, *, samples: int = 2000, ar
 
         guard = guard_calibrate("model.safetensors", "gtsrb", frr=0.01, out="guard.npz")
     """
-    resolved = resolve(model, data, arch=arch, mean=mean, std=std, trusted=trusted)
+    resolved = resolve(model, data, arch=arch, mean=mean, std=std, trusted=trusted, device=device)
     guard = _guard(resolved.module, options)
     return _calibrated(guard, resolved.dataset, samples, guard.seed, out, "guard calibrate",
                        f"{samples} images through {' + '.join(guard.detectors)}", progress)
@@ -119,7 +120,7 @@ class CheckRecord(Record):
 def strip_check(model: ModelLike, calibration: str | os.PathLike, inputs: InputsLike, *,
                 arch: str | None = None, full_entropy: bool = False, accelerate: bool = True,
                 mean: list[float] | None = None, std: list[float] | None = None,
-                trusted: bool = False) -> CheckRecord:
+                trusted: bool = False, device: str = "cpu") -> CheckRecord:
     """Predict and flag each input with a saved calibration.
 
     By default each input is copied only until its verdict is certain (:meth:`Strip.screen`), so
@@ -127,7 +128,7 @@ def strip_check(model: ModelLike, calibration: str | os.PathLike, inputs: Inputs
     of ``entropy``; ``full_entropy`` runs all N copies for every input.
     """
     inputs = as_run_inputs(inputs)
-    module, x = model_and_inputs(model, inputs, arch, mean, std, trusted)
+    module, x = model_and_inputs(model, inputs, arch, mean, std, trusted, device)
     strip = Strip.load(calibration, module, accelerate=accelerate)
     start = time.perf_counter()
     if full_entropy:
@@ -159,11 +160,11 @@ def strip_check(model: ModelLike, calibration: str | os.PathLike, inputs: Inputs
 
 def guard_check(model: ModelLike, calibration: str | os.PathLike, inputs: InputsLike, *,
                 arch: str | None = None, accelerate: bool = True, mean: list[float] | None = None,
-                std: list[float] | None = None, trusted: bool = False) -> CheckRecord:
+                std: list[float] | None = None, trusted: bool = False, device: str = "cpu") -> CheckRecord:
     """Predict and flag each input with a saved guard; each row names the detector that flagged it
     (members screen in order, so only the first one that flags an input is named)."""
     inputs = as_run_inputs(inputs)
-    module, x = model_and_inputs(model, inputs, arch, mean, std, trusted)
+    module, x = model_and_inputs(model, inputs, arch, mean, std, trusted, device)
     guard = Guard.load(calibration, module, accelerate=accelerate)
     start = time.perf_counter()
     flags, by = guard.screen(x)
@@ -184,10 +185,10 @@ def guard_check(model: ModelLike, calibration: str | os.PathLike, inputs: Inputs
 
 def filter_check(model: ModelLike, filter_path: str | os.PathLike, inputs: InputsLike, *,
                  arch: str | None = None, mean: list[float] | None = None,
-                 std: list[float] | None = None, trusted: bool = False) -> CheckRecord:
+                 std: list[float] | None = None, trusted: bool = False, device: str = "cpu") -> CheckRecord:
     """Predict each input with a saved input filter in front: label, score, rejected."""
     inputs = as_run_inputs(inputs)
-    module, x = model_and_inputs(model, inputs, arch, mean, std, trusted)
+    module, x = model_and_inputs(model, inputs, arch, mean, std, trusted, device)
     filt = InputFilter.load(filter_path, module)
     start = time.perf_counter()
     scores, labels = filt.score(x), predict(module, x)
@@ -327,9 +328,9 @@ def strip_evaluate(model: ModelLike, data: DataLike, trigger: Trigger | str | os
                    temperature: float | str = 1.0, out_dir: str | os.PathLike | None = None,
                    accelerate: bool = True, mean: list[float] | None = None,
                    std: list[float] | None = None, trusted: bool = False,
-                   progress: bool | ProgressCallback = True) -> StripEvaluation:
+                   progress: bool | ProgressCallback = True, device: str = "cpu") -> StripEvaluation:
     """FRR on clean test images and FAR on trigger-stamped ones, with throughput for N=10, 20, 100."""
-    resolved = resolve(model, data, arch=arch, mean=mean, std=std, trusted=trusted)
+    resolved = resolve(model, data, arch=arch, mean=mean, std=std, trusted=trusted, device=device)
     module, dataset = resolved.module, resolved.dataset
     trig = known_trigger(trigger, resolved)
     if trig is None:
@@ -443,7 +444,8 @@ def guard_evaluate(model: ModelLike, data: DataLike, trigger: Trigger | str | os
                    throughput_inputs: int = 500, arch: str | None = None,
                    out_dir: str | os.PathLike | None = None, mean: list[float] | None = None,
                    std: list[float] | None = None, trusted: bool = False,
-                   progress: bool | ProgressCallback = True, **options: Any) -> GuardEvaluation:
+                   progress: bool | ProgressCallback = True, device: str = "cpu",
+                   **options: Any) -> GuardEvaluation:
     """Calibrate the combined guard on benign training images, then measure its FRR on ``samples``
     clean test images and its FAR on as many stamped ones, with every detector's own figures (alone
     at the same FRR, and inside the guard) and the throughput on ``throughput_inputs`` of each.
@@ -453,7 +455,7 @@ def guard_evaluate(model: ModelLike, data: DataLike, trigger: Trigger | str | os
     ``options`` are :class:`~trojanscan.defenses.guard.Guard`'s keywords. Writes ``guard.json`` and
     ``report.html`` to ``out_dir`` if given.
     """
-    resolved = resolve(model, data, arch=arch, mean=mean, std=std, trusted=trusted)
+    resolved = resolve(model, data, arch=arch, mean=mean, std=std, trusted=trusted, device=device)
     dataset = resolved.dataset
     trig = known_trigger(trigger, resolved)
     if trig is None:

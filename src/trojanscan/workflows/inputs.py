@@ -23,6 +23,7 @@ from torch.utils.data import Dataset as TorchDataset
 from trojanscan.data import Dataset, load_dataset
 from trojanscan.data.images import InputsLike, as_run_inputs, shape_text, to_images
 from trojanscan.data.triggers import Trigger, trigger_path_for
+from trojanscan.devices import OnDevice, place, unplace
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import tensor_sha256
 from trojanscan.models import ArchLike, LoadedModel, load_model
@@ -192,12 +193,13 @@ class Resolved:
 
     @property
     def inner(self) -> nn.Module:
-        """The model as the user gave it (without the normalisation wrapper)."""
-        return self.module.model if isinstance(self.module, NormalizedInput) else self.module
+        """The model as the user gave it (without the normalisation and device wrappers)."""
+        return _peel(self.module)
 
     def unwrap(self, module: nn.Module) -> nn.Module:
-        """A changed copy of :attr:`module` (repaired, attacked) back in the user's convention."""
-        return module.model if isinstance(module, NormalizedInput) else module
+        """A changed copy of :attr:`module` (repaired, attacked) back in the user's convention, on
+        the CPU."""
+        return _peel(unplace(module))
 
     def trigger_beside(self) -> Path | None:
         """The ground-truth trigger saved beside a model file, if there is one."""
@@ -218,6 +220,11 @@ class Resolved:
         return self.loaded.trust_record()
 
 
+def _peel(module: nn.Module) -> nn.Module:
+    module = module.model if isinstance(module, OnDevice) else module
+    return module.model if isinstance(module, NormalizedInput) else module
+
+
 def load_module(model: ModelLike, input_shape: tuple[int, ...] | None, arch: ArchLike | None = None,
                 trusted: bool = False) -> tuple[nn.Module, LoadedModel | None]:
     """A module as it is, or the one a model file holds (checked unless ``trusted``; see
@@ -234,13 +241,15 @@ def load_module(model: ModelLike, input_shape: tuple[int, ...] | None, arch: Arc
 
 def resolve(model: ModelLike, data: DataLike, *, arch: ArchLike | None = None,
             mean: list[float] | None = None, std: list[float] | None = None,
-            trusted: bool = False) -> Resolved:
+            trusted: bool = False, device: str = "cpu") -> Resolved:
     """Load the data, then the model (a file's shape comes from the data; checked unless
-    ``trusted``), wrap it in its input convention, and check they fit."""
+    ``trusted``), wrap it in its input convention, place it on ``device`` (it takes and returns CPU
+    tensors: :func:`~trojanscan.devices.place`), and check they fit."""
     dataset = as_dataset(data)
     module, loaded = load_module(model, dataset.input_shape, arch, trusted)
     check_input_shape(loaded, dataset.input_shape, f"the images of {dataset.name}")
     wrapped, convention = wrap_normalization(module, mean, std, dataset.input_shape[0])
+    wrapped = place(wrapped, device)
     if dataset.classes_from_labels:
         dataset = _with_model_classes(dataset, wrapped)
     check_model_fits(wrapped, dataset.input_shape, dataset.num_classes)
@@ -307,14 +316,15 @@ def data_warnings(resolved: Resolved, clean_accuracy: float | None = None) -> li
 
 def model_and_inputs(model: ModelLike, inputs: InputsLike, arch: str | None = None,
                      mean: list[float] | None = None, std: list[float] | None = None,
-                     trusted: bool = False) -> tuple[nn.Module, torch.Tensor]:
-    """The images to check, and the model (a file's input shape comes from them) in [0, 1] space;
-    images of another shape than the model's are refused naming the shape it expects."""
+                     trusted: bool = False, device: str = "cpu") -> tuple[nn.Module, torch.Tensor]:
+    """The images to check, and the model (a file's input shape comes from them) in [0, 1] space on
+    ``device``; images of another shape than the model's are refused naming the shape it expects."""
     found = as_run_inputs(inputs)
     x = found.x
     module, loaded = load_module(model, tuple(x.shape[1:]), arch, trusted)
     check_input_shape(loaded, tuple(x.shape[1:]), f"the inputs ({found.source})")
     wrapped, _ = wrap_normalization(module, mean, std, int(x.shape[1]))
+    wrapped = place(wrapped, device)
     try:
         with torch.no_grad(), evaluating(wrapped):
             wrapped(x[:2])

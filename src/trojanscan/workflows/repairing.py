@@ -39,7 +39,7 @@ from trojanscan.defenses.unlearning import unlearn
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import folder_lock, module_sha256, write_json
 from trojanscan.metrics import attack_success_rate
-from trojanscan.models import ReferenceNet, save_model
+from trojanscan.models import check_save_target, save_model
 from trojanscan.models.wrappers import PLAIN_CONVENTION
 from trojanscan.report import mitigation_section, write_scan_report
 from trojanscan.report.progress import progress_bars
@@ -142,8 +142,8 @@ class _Setup:
 
 def _start(model: ModelLike, scan: ScanResult | str | os.PathLike | None, data: DataLike,
            labels: list[int] | None, trigger: Any, arch: str | None, mean: list[float] | None,
-           std: list[float] | None, trusted: bool = False) -> _Setup:
-    resolved = resolve(model, data, arch=arch, mean=mean, std=std, trusted=trusted)
+           std: list[float] | None, trusted: bool = False, device: str = "cpu") -> _Setup:
+    resolved = resolve(model, data, arch=arch, mean=mean, std=std, trusted=trusted, device=device)
     if scan is None:
         return _Setup(resolved, None, [], known_trigger(trigger, resolved, "real trigger"))
     # a scan of a file records the file's sha256, a scan of a module its weights' hash
@@ -206,8 +206,8 @@ def build_filter(model: ModelLike, scan: ScanResult | str | os.PathLike, data: D
                  top_fraction: float = 0.01, samples: int = 2000,
                  trigger: Trigger | str | os.PathLike | None = None, seed: int = 0,
                  arch: str | None = None, out: str | os.PathLike | None = None, publish: bool = True,
-                 mean: list[float] | None = None, std: list[float] | None = None, trusted: bool = False
-                 ) -> tuple[InputFilter, MitigationRecord]:
+                 mean: list[float] | None = None, std: list[float] | None = None, trusted: bool = False,
+                 device: str = "cpu") -> tuple[InputFilter, MitigationRecord]:
     """Fit the input filter on held-out training images; report FPR on clean test images and FNR on
     test images stamped with the reversed trigger (and the real one when known).
 
@@ -216,7 +216,7 @@ def build_filter(model: ModelLike, scan: ScanResult | str | os.PathLike, data: D
         as ``record.guard``). ``model`` and ``data`` are taken as by :func:`repair`.
     """
     start = time.perf_counter()
-    setup = _start(model, scan, data, labels, trigger, arch, mean, std, trusted)
+    setup = _start(model, scan, data, labels, trigger, arch, mean, std, trusted, device)
     module, dataset = setup.resolved.module, setup.resolved.dataset
     triggers, real = setup.triggers, setup.real
     x_fit, _ = _mitigation_images(dataset, samples, seed)
@@ -251,7 +251,7 @@ def repair(model: ModelLike, scan: ScanResult | str | os.PathLike | None, data: 
            epochs: int = 1, lr: float | None = None, batch_size: int = 128, baselines: bool = False,
            seed: int = 0, arch: str | None = None, progress: bool = True, publish: bool = True,
            mean: list[float] | None = None, std: list[float] | None = None,
-           trusted: bool = False) -> MitigationRecord:
+           trusted: bool = False, device: str = "cpu") -> MitigationRecord:
     """Repair ``model`` by ``method`` ("unlearn", "prune" or "fine-prune"), save it to ``out`` in the
     model's own input convention, and return the record (the repaired module is ``record.model``).
     Pruning and fine-pruning stop before a step that costs more than ``max_accuracy_drop`` of clean
@@ -285,13 +285,11 @@ def repair(model: ModelLike, scan: ScanResult | str | os.PathLike | None, data: 
     if out is not None:
         check_model_suffix(out)
     start = time.perf_counter()
-    setup = _start(model, scan, data, labels, trigger, arch, mean, std, trusted)
+    setup = _start(model, scan, data, labels, trigger, arch, mean, std, trusted, device)
     resolved, triggers, real = setup.resolved, setup.triggers, setup.real
     module, dataset = resolved.module, resolved.dataset
-    if out is not None and Path(out).suffix == ".safetensors" and \
-            not isinstance(resolved.inner, ReferenceNet):
-        raise TrojanscanError(f"{out}: safetensors holds built-in architectures only; save this model "
-                              "as TorchScript (.pt)")
+    if out is not None:
+        check_save_target(resolved.inner, out)
     before = _scores(module, dataset, triggers, real)
     parts: dict[str, Any] = {}
     with progress_bars(progress is True) as bars:

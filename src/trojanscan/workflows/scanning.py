@@ -64,7 +64,7 @@ def scan(model: ModelLike, data: DataLike, *, method: str = "neural-cleanse",
          trusted: bool = False, arch: str | None = None,
          ground_truth: Trigger | str | os.PathLike | None = None,
          out_dir: str | os.PathLike | None = None, progress: bool | ProgressCallback = True,
-         decision: str = "paper", **options: Any) -> ScanResult:
+         decision: str = "paper", device: str = "cpu", **options: Any) -> ScanResult:
     """Scan a model for backdoors with clean data by a registered ``method`` ("neural-cleanse",
     "tabor"); ``options`` are the method's (``schedule``, ``steps``, ``chunk``, ``threshold``,
     ``seed``, TABOR's ``weights`` …). With ``out_dir`` write scan.json, the trigger images and
@@ -76,7 +76,8 @@ def scan(model: ModelLike, data: DataLike, *, method: str = "neural-cleanse",
     ``decision`` "paper" flags the labels whose MAD anomaly index passes the threshold (Neural
     Cleanse's test); "verdict" also runs MM-BD and the label-pair search and lets
     :func:`~trojanscan.defenses.verdict.decide` set ``infected`` and ``flagged_labels`` (the
-    paper's answer stays in ``extra["paper"]``).
+    paper's answer stays in ``extra["paper"]``). ``device`` is where the model runs (auto, cpu, cuda,
+    mps; :func:`~trojanscan.devices.resolve_device`); the result is the same CPU record.
 
     Example::
 
@@ -97,7 +98,7 @@ def scan(model: ModelLike, data: DataLike, *, method: str = "neural-cleanse",
         detector = cls(**options)
     except TypeError as e:
         raise TrojanscanError(f"{method}: {e}") from None
-    resolved = resolve(model, data, arch=arch, mean=mean, std=std, trusted=trusted)
+    resolved = resolve(model, data, arch=arch, mean=mean, std=std, trusted=trusted, device=device)
     dataset = resolved.dataset
     truth = known_trigger(ground_truth, resolved, "ground-truth trigger")
     seed = detector.options().seed

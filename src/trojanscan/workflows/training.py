@@ -14,6 +14,7 @@ from torch import nn
 from trojanscan.attacks import ATTACKS, Attack, CleanLabelData, PoisonedData, PoisoningAttack, attacks_of_kind
 from trojanscan.data import Dataset
 from trojanscan.data.triggers import Trigger, trigger_path_for
+from trojanscan.devices import place, unplace
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import sha256_file
 from trojanscan.models import build_model, default_arch, save_model
@@ -26,7 +27,7 @@ from trojanscan.validation import check_model_fits
 from trojanscan.workflows.inputs import DataLike, ModelLike, as_dataset, data_warnings, known_trigger, resolve
 from trojanscan.workflows.records import Record, environment, internal
 
-MODEL_SUFFIXES = (".safetensors", *TORCHSCRIPT_SUFFIXES)
+MODEL_SUFFIXES = (".safetensors", *TORCHSCRIPT_SUFFIXES, ".onnx")  # .onnx: for models read from ONNX
 
 
 @dataclass
@@ -75,8 +76,9 @@ def make_attack(name: str, kind: type[Attack] = PoisoningAttack, **kwargs: Any) 
 def train_classifier(data: DataLike, arch: str | None = None, *, epochs: int = 5,
                      batch_size: int = 128, lr: float = 1e-3,
                      attack: PoisoningAttack | None = None, seed: int = 0,
-                     progress: bool | ProgressCallback = True) -> TrainResult:
-    """Train a reference net on ``data``, poisoned by ``attack`` when one is given.
+                     progress: bool | ProgressCallback = True, device: str = "cpu") -> TrainResult:
+    """Train a reference net on ``data``, poisoned by ``attack`` when one is given, on ``device``
+    (the returned model is on the CPU).
 
     Example::
 
@@ -88,7 +90,7 @@ def train_classifier(data: DataLike, arch: str | None = None, *, epochs: int = 5
     seed_everything(seed)
     arch = arch or default_arch(data.input_shape, data.num_classes)
     mean, std = channel_stats(data.x_train)
-    model = build_model(arch, data.num_classes, data.input_shape, mean, std)
+    model = place(build_model(arch, data.num_classes, data.input_shape, mean, std), device)
     x, y, trigger, poisoned, fractions = data.x_train, data.y_train, None, 0, None
     if attack is not None:
         trigger = attack.make_trigger(data.input_shape)
@@ -100,6 +102,7 @@ def train_classifier(data: DataLike, arch: str | None = None, *, epochs: int = 5
                               progress=progress if callable(progress) else bars)
     seconds = time.perf_counter() - start
     scores = evaluate(model, data.x_test, data.y_test, trigger)
+    model = unplace(model)
     params = {"arch": arch, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
               "attack": attack.params() if attack else None}
     return TrainResult(model, trigger, scores["clean_accuracy"], scores["attack_success_rate"],
@@ -163,7 +166,7 @@ def train_and_save(data_source: DataLike, out: str | os.PathLike, *, arch: str |
                    epochs: int = 5, attack: str | None = None,
                    attack_options: dict[str, Any] | None = None, batch_size: int = 128,
                    lr: float = 1e-3, seed: int = 0, json_path: str | os.PathLike | None = None,
-                   quiet: bool = False) -> TrainRecord:
+                   quiet: bool = False, device: str = "cpu") -> TrainRecord:
     """Train (and poison) on a data source, save the model and its trigger beside it, and write
     the result JSON; returns the record."""
     out = check_model_suffix(out)
@@ -173,7 +176,7 @@ def train_and_save(data_source: DataLike, out: str | os.PathLike, *, arch: str |
         print(f"data {data.name}: {len(data.x_train)} train / {len(data.x_test)} test, "
               f"{data.num_classes} classes, images {data.input_shape}")
     result = train_classifier(data, arch, epochs=epochs, batch_size=batch_size, lr=lr,
-                              attack=attack_obj, seed=seed, progress=not quiet)
+                              attack=attack_obj, seed=seed, progress=not quiet, device=device)
     save_model(result.model, out, metadata={"data_sha256": data.sha256})
     trigger_file = None
     if result.trigger is not None:
@@ -210,9 +213,10 @@ class EvaluationRecord(Record):
 
 def evaluate_file(model: ModelLike, data: DataLike, trigger: Trigger | str | os.PathLike | None = None,
                   *, arch: str | None = None, mean: list[float] | None = None,
-                  std: list[float] | None = None, trusted: bool = False) -> EvaluationRecord:
+                  std: list[float] | None = None, trusted: bool = False,
+                  device: str = "cpu") -> EvaluationRecord:
     """CA and (with a trigger, by default the one saved beside the model) ASR of a model."""
-    resolved = resolve(model, data, arch=arch, mean=mean, std=std, trusted=trusted)
+    resolved = resolve(model, data, arch=arch, mean=mean, std=std, trusted=trusted, device=device)
     beside = trigger is None and resolved.trigger_beside() is not None
     trig = known_trigger(trigger, resolved)
     start = time.perf_counter()

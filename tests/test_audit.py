@@ -1,0 +1,174 @@
+"""Auditing many models: manifests, a failing model, resume, and the same results from every runner
+and every split of the labels."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from trojanscan.api import audit
+from trojanscan.cli import app
+from trojanscan.defenses.scan_result import ScanResult
+from trojanscan.errors import TrojanscanError
+from trojanscan.fileio import folder_lock
+from trojanscan.models import save_model
+from trojanscan.runners import ScanJob, collect_models, read_manifest, run_jobs
+from trojanscan.runners import local as local_runner
+
+SCAN = {"steps": 10, "seed": 0, "chunk": 5}  # short; 2 chunks per model, so label jobs can split
+
+
+@pytest.fixture(scope="module")
+def models(trojaned_digits, clean_digits, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("audit") / "models"
+    folder.mkdir()
+    save_model(trojaned_digits.model, folder / "bad.safetensors")
+    save_model(clean_digits.model, folder / "clean.safetensors")
+    (folder / "broken.safetensors").write_bytes(b"not a model")
+    return folder
+
+
+def _scans(out, names=("bad", "clean")):
+    return {n: ScanResult.load(out / n).to_dict(timings=False) for n in names}
+
+
+def _files(folder, *names):
+    """Stand-ins for model files: a manifest is read without opening its models."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(name.encode())
+    return folder
+
+
+def test_manifests_csv_and_json(tmp_path):
+    _files(tmp_path / "nets", "bad.safetensors", "clean.safetensors", "notes.txt")
+    models = _files(tmp_path / "models", "bad.safetensors", "broken.safetensors", "clean.safetensors")
+    (tmp_path / "m.csv").write_text('path,data,mean,std,name\nnets/bad.safetensors,digits,0.5,"0.25",b\n'
+                                    "nets/clean.safetensors,,0.1;0.2;0.3,,\n")
+    bad, clean = read_manifest(tmp_path / "m.csv")  # paths relative to the manifest's folder
+    assert (bad.path, bad.name, bad.data, bad.mean, bad.std) == (
+        str(tmp_path / "nets" / "bad.safetensors"), "b", "digits", (0.5,), (0.25,))
+    assert clean.data is None and clean.mean == (0.1, 0.2, 0.3) and clean.name == ""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "m.json").write_text(json.dumps({"models": [
+        {"path": "../nets/bad.safetensors", "arch": "mnist-cnn", "mean": [0.5], "trigger": "t.npz"}]}))
+    [entry] = read_manifest(tmp_path / "sub" / "m.json")
+    assert (entry.arch, entry.mean, entry.trigger) == ("mnist-cnn", (0.5,), str(tmp_path / "sub" / "t.npz"))
+    # folders, a file given twice, a manifest, clashing stems: each file once, names unique and stable
+    given = [tmp_path / "m.csv", models, tmp_path / "nets", models / "clean.safetensors"]
+    names = [e.name for e in collect_models(given)]
+    assert names[0] == "b" and names[2:4] == ["bad", "broken"] and len(set(names)) == 5
+    assert names[1].startswith("clean-") and names[4].startswith("clean-")
+    assert names == [e.name for e in collect_models(given)]
+    with pytest.raises(TrojanscanError, match="no such model file, folder or manifest"):
+        collect_models([tmp_path / "nothing.pt"])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("path,colour\nx.pt,red\n", "row 2: unknown field(s) 'colour'"),
+    ("data\ndigits\n", "needs a header row with a 'path' column"),
+    ("path,mean\nbad.safetensors,abc\n", "row 2: 'mean': expected numbers"),
+    ("path\nbad.safetensors\nmissing.pt\n", "row 3: 'path' missing.pt: no such model file"),
+    ("path,mean\nbad.safetensors,0.1,0.2\n", "row 2: more cells than header fields"),
+    ('[{"path": 3}]', "model 1: 'path' must be text"),
+    ('{"models": 1}', "a JSON manifest is a list of models"),
+    ("[]", "the manifest lists no models"),
+])
+def test_manifest_errors_are_one_line(tmp_path, text, message):
+    path = tmp_path / ("m.json" if text[0] in "[{" else "m.csv")
+    path.write_text(text)
+    _files(tmp_path, "bad.safetensors")
+    with pytest.raises(TrojanscanError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
+        read_manifest(path)
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+def test_a_failing_model_is_recorded_and_a_rerun_redoes_nothing(models, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    args = ["audit", str(models), "--data", "digits", "--out", str(out), "--steps", "10", "--chunk", "5",
+            "--clean-samples", "100"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 1, first.output
+    assert "1 model(s) failed: broken" in first.output
+    summary = json.loads((out / "audit.json").read_text())
+    by_name = {m["name"]: m for m in summary["models"]}
+    assert summary["complete"] and by_name["broken"]["status"] == "error"
+    assert "broken.safetensors" in by_name["broken"]["error"]
+    assert by_name["bad"]["status"] == "ok" and 0 in by_name["bad"]["flagged_labels"]
+    assert by_name["bad"]["report"] == "bad/report.html" and (out / "bad" / "report.html").is_file()
+    html = (out / "audit.html").read_text()
+    assert 'href="bad/report.html"' in html and "sortable" in html
+    stamps = {n: (out / n / "scan.json").stat().st_mtime_ns for n in ("bad", "clean")}
+    ran = []
+    real = local_runner.run_job_safely
+    monkeypatch.setattr(local_runner, "run_job_safely", lambda job: ran.append(job) or real(job))
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 1
+    assert [j.model for j in ran] == [str(models / "broken.safetensors")]  # only the failed one again
+    assert stamps == {n: (out / n / "scan.json").stat().st_mtime_ns for n in ("bad", "clean")}
+
+
+def test_an_interrupted_audit_resumes_without_redoing_finished_models(models, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    files = [models / "bad.safetensors", models / "clean.safetensors"]
+
+    def stop(entry):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        audit(files, "digits", out_dir=out, options=SCAN, clean_samples=100, on_model_done=stop)
+    summary = json.loads((out / "audit.json").read_text())
+    assert [m["status"] for m in summary["models"]] == ["ok", "pending"] and not summary["complete"]
+    ran = []
+    real = local_runner.run_job_safely
+    monkeypatch.setattr(local_runner, "run_job_safely", lambda job: ran.append(job) or real(job))
+    result = audit(files, "digits", out_dir=out, options=SCAN, clean_samples=100)
+    assert [j.model for j in ran] == [str(files[1])]
+    assert [m["status"] for m in result.models] == ["ok", "ok"] and result.models[0]["skipped"]
+
+
+@pytest.fixture(scope="module")
+def one_process(models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "out"
+    audit([models / "bad.safetensors", models / "clean.safetensors"], "digits", out_dir=out, options=SCAN,
+          clean_samples=100)
+    return _scans(out)
+
+
+@pytest.mark.parametrize("split_over", [20, 3])  # 3: each model's 10 labels in two label jobs
+def test_two_workers_and_label_jobs_give_the_result_of_one_process(models, one_process, tmp_path, split_over):
+    out = tmp_path / "out"
+    result = audit([models / "bad.safetensors", models / "clean.safetensors"], "digits", out_dir=out,
+                   options=SCAN, clean_samples=100, workers=2, split_over=split_over)
+    assert [m["status"] for m in result.models] == ["ok", "ok"]
+    assert not (out / "bad" / "parts").exists()  # the label jobs' results were gathered
+    assert _scans(out) == one_process
+
+
+def test_ray_runner_gives_the_same_result(models, one_process, tmp_path):
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip('Ray is not installed (pip install -e ".[ray]")')
+    out = tmp_path / "out"
+    result = audit([models / "bad.safetensors", models / "clean.safetensors"], "digits", out_dir=out,
+                   options=SCAN, clean_samples=100, runner="ray", workers=2, split_over=3)
+    assert [m["status"] for m in result.models] == ["ok", "ok"]
+    assert _scans(out) == one_process
+
+
+def test_ray_missing_is_one_line(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails as when it is not installed
+    hint = r'needs Ray, which is not installed: pip install -e "\.\[ray\]"'
+    with pytest.raises(TrojanscanError, match=hint):
+        run_jobs([ScanJob("m.safetensors", "digits", str(tmp_path))], runner="ray")
+
+
+def test_an_audit_folder_in_use_is_refused_in_one_line(tmp_path):
+    out = tmp_path / "out"
+    with folder_lock(out):
+        result = CliRunner().invoke(app, ["audit", str(tmp_path / "m.pt"), "--data", "digits",
+                                          "--out", str(out)])
+    assert result.exit_code == 2 and "in use by another trojanscan command" in result.output
