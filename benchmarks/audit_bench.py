@@ -1,5 +1,7 @@
 """How an audit scales: the same models audited with 1 worker, 2 worker processes and Ray with 2
-workers; the wall time of each, whether their results are identical, and a cost model.
+workers; the wall time of each, whether their results are identical, and a cost model; beside them, the same
+models scanned one after another by ``scan`` with torch's own thread count (the baseline a user has
+without ``audit``: every audit job runs on one thread so that the runners agree).
 
     python benchmarks/audit_bench.py --zoo zoo-out --out benchmarks/results/audit_bench.json
     python benchmarks/audit_bench.py --train 4 --steps 20 --clean-samples 200   # a quick check
@@ -24,12 +26,14 @@ import sys
 import time
 from pathlib import Path
 
-from trojanscan.api import audit, load_dataset, train_classifier
+import torch
+
+from trojanscan.api import audit, load_dataset, scan, train_classifier
 from trojanscan.attacks import BadNets
 from trojanscan.defenses.scan_result import ScanResult
 from trojanscan.fileio import read_json, write_json
 from trojanscan.models import save_model
-from trojanscan.runners import runner_session
+from trojanscan.runners import collect_models, runner_session
 from trojanscan.workflows.records import environment
 
 NODES = (1, 2, 4, 8, 16, 32)
@@ -63,6 +67,18 @@ def train_models(n: int, work: Path) -> tuple[Path, int]:
                                   progress=False)
         save_model(result.model, folder / f"digits-{i:02d}.safetensors")
     return folder, data.num_classes
+
+
+def sequential_scans(models: Path, data: str | None, options: dict, clean_samples: int, out: Path) -> float:
+    """The baseline an audit competes with: ``scan`` of each model in turn in this process, with
+    torch's own thread count (every core); returns the wall time."""
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    for entry in collect_models([models]):
+        scan(entry.path, entry.data or data, mean=list(entry.mean) if entry.mean else None,
+             std=list(entry.std) if entry.std else None, clean_samples=clean_samples,
+             out_dir=out / entry.name, progress=False, **options)
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -104,6 +120,9 @@ def main() -> None:
                      "seconds_per_model_label_per_worker": wall * workers / max(1, len(ok) * labels),
                      "job_seconds_per_model": sum(m["seconds"] for m in ok) / max(1, len(ok))})
         print(f"{runner} × {workers}: {wall:.1f} s for {len(ok)} models", flush=True)
+    baseline = sequential_scans(models, None if args.zoo else args.data, options, args.clean_samples,
+                                args.work / "sequential")
+    print(f"sequential scans, {torch.get_num_threads()} threads: {baseline:.1f} s", flush=True)
     one = runs[0]
     s = one["wall_seconds"] / max(1, one["models"] * labels)  # one worker, per model-label
     by = {(r["runner"], r["workers"]): r for r in runs}
@@ -116,6 +135,8 @@ def main() -> None:
         "settings": {"steps": args.steps, "clean_samples": args.clean_samples, "workers": args.workers},
         "runs": runs,
         "ratio_workers_to_one": local_w / one["wall_seconds"],
+        "sequential_scans_seconds": baseline, "sequential_scans_threads": torch.get_num_threads(),
+        "ratio_workers_to_sequential_scans": local_w / baseline,
         "ratio_ray_to_local": (by["ray", args.workers]["wall_seconds"] / local_w
                                if ("ray", args.workers) in by else None),
         "identical_results": all(v == scans["local", 1] for v in scans.values()),

@@ -172,3 +172,24 @@ def test_an_audit_folder_in_use_is_refused_in_one_line(tmp_path):
         result = CliRunner().invoke(app, ["audit", str(tmp_path / "m.pt"), "--data", "digits",
                                           "--out", str(out)])
     assert result.exit_code == 2 and "in use by another trojanscan command" in result.output
+
+
+def test_every_job_of_an_audit_runs_on_one_thread_whatever_the_runner(monkeypatch):
+    import os
+
+    import torch
+
+    from trojanscan.runners import audit as audit_module
+    from trojanscan.runners.jobs import JobRecord
+
+    seen = []
+    monkeypatch.setattr(local_runner, "run_job",
+                        lambda job: seen.append((torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")))
+                        or JobRecord(job, True, 0.0))
+    before = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    jobs = [ScanJob("m.safetensors", "digits", "out")]
+    run_jobs(jobs, threads=audit_module.JOB_THREADS)
+    assert seen == [(1, "1")]
+    assert (torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")) == before  # restored after
+    run_jobs(jobs)
+    assert seen[-1][0] == before[0]  # without threads= the process is left as it is

@@ -587,7 +587,9 @@ def audit_cmd(
     arch: str = typer.Option(None, "--arch", help=ARCH_HELP),
     trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
     runner: str = typer.Option("local", "--runner", help=RUNNER_HELP),
-    workers: int = typer.Option(1, "--workers", help=WORKERS_HELP),
+    workers: int = typer.Option(None, "--workers", help="processes (or Ray tasks) at a time, each scan on "
+                                "one thread so that every runner gives the same results [default: one "
+                                "per core]"),
     address: str = typer.Option(None, "--address", help=ADDRESS_HELP),
     split_over: int = typer.Option(20, "--split-over", help="with several workers, split a model with "
                                    "more labels than this into label jobs"),

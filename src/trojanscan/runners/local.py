@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any
 
@@ -30,6 +30,25 @@ def pin_threads(threads: int) -> None:
     for name in THREAD_VARIABLES:
         os.environ[name] = str(threads)
     torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def pinned(threads: int | None) -> Iterator[None]:
+    """This process limited to ``threads`` compute threads for the block (nothing when None)."""
+    if threads is None:
+        yield
+        return
+    saved = torch.get_num_threads(), {name: os.environ.get(name) for name in THREAD_VARIABLES}
+    pin_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        for name, value in saved[1].items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def run_job_safely(job: ScanJob) -> JobRecord:
@@ -55,11 +74,15 @@ def runner_session(runner: str = "local", workers: int = 1, address: str | None 
 
 
 def run_jobs(jobs: Iterable[ScanJob], *, workers: int = 1, runner: str = "local", address: str | None = None,
+             threads: int | None = None,
              on_done: Callable[[JobRecord], None] | None = None) -> list[JobRecord]:
     """Run every job and return their records in the jobs' order; ``on_done`` sees each record as it
     finishes. ``workers > 1`` runs that many processes (each job is a pure function of its paths and
     settings, so they share nothing but the disk); ``runner="ray"`` hands the jobs to Ray tasks, on
-    the cluster at ``address`` or on a local one of ``workers`` CPUs."""
+    the cluster at ``address`` or on a local one of ``workers`` CPUs. ``threads``: the compute
+    threads of every job, whatever the runner (CPU kernels round differently with different thread
+    counts, so equal ``threads`` is what makes runs of different runners identical); by default the
+    cores shared out among the workers."""
     check_choice("runner", runner, RUNNERS)
     jobs = list(jobs)
     if not jobs:
@@ -67,17 +90,18 @@ def run_jobs(jobs: Iterable[ScanJob], *, workers: int = 1, runner: str = "local"
     if runner == "ray":
         from trojanscan.runners.ray_runner import run_jobs_on_ray
 
-        return run_jobs_on_ray(jobs, workers=workers, address=address, on_done=on_done)
+        return run_jobs_on_ray(jobs, workers=workers, address=address, threads=threads, on_done=on_done)
     records: list[JobRecord | None] = [None] * len(jobs)
     if workers <= 1 or len(jobs) <= 1:
-        for i, job in enumerate(jobs):
-            records[i] = run_job_safely(job)
-            if on_done is not None:
-                on_done(records[i])
+        with pinned(threads):
+            for i, job in enumerate(jobs):
+                records[i] = run_job_safely(job)
+                if on_done is not None:
+                    on_done(records[i])
         return records  # type: ignore[return-value]
     workers = min(workers, len(jobs))
     with ProcessPoolExecutor(max_workers=workers, initializer=pin_threads,
-                             initargs=(threads_per_worker(workers),)) as pool:
+                             initargs=(threads or threads_per_worker(workers),)) as pool:
         futures = {pool.submit(run_job_safely, job): i for i, job in enumerate(jobs)}
         for future in as_completed(futures):
             records[futures[future]] = record = future.result()

@@ -59,14 +59,14 @@ def ray_session(workers: int = 1, address: str | None = None) -> Iterator[Any]:
 
 
 def run_jobs_on_ray(jobs: Sequence[ScanJob], *, workers: int = 1, address: str | None = None,
-                    on_done: Callable[[JobRecord], None] | None = None,
+                    threads: int | None = None, on_done: Callable[[JobRecord], None] | None = None,
                     in_flight: int | None = None) -> list[JobRecord]:
     """Run ``jobs`` as Ray tasks (one CPU each, at most ``in_flight`` submitted at a time, by default
     twice the cluster's CPUs) and return their records in the jobs' order (see :func:`ray_session`
-    for ``workers`` and ``address``)."""
+    for ``workers`` and ``address``, :func:`~trojanscan.runners.local.run_jobs` for ``threads``)."""
     with ray_session(workers, address) as ray:
         cpus = max(1, int(ray.cluster_resources().get("CPU", workers)))
-        threads = 1 if address else threads_per_worker(min(workers, cpus))
+        threads = threads or (1 if address else threads_per_worker(min(workers, cpus)))
         task = ray.remote(num_cpus=1, max_retries=2)(_run_pinned)
         limit = in_flight or 2 * cpus
         records: list[JobRecord | None] = [None] * len(jobs)
