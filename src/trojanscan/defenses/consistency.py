@@ -117,9 +117,10 @@ class ConsistencyGuard(InputGuard):
     def _scores(self, kept: torch.Tensor) -> torch.Tensor:
         """m×K kept log-odds → m suspicion scores (higher = more likely trojaned)."""
 
-    def _terms(self, kept: torch.Tensor) -> torch.Tensor:
-        """For a :attr:`mean_score` method: the per-view terms in [0, 1] whose mean is minus the score."""
-        raise NotImplementedError
+    def _terms(self, kept: torch.Tensor) -> torch.Tensor | None:
+        """For a :attr:`mean_score` method: the per-view terms in [0, 1] whose mean is minus the score;
+        ``None`` for the others (their score is not such a mean)."""
+        return None
 
     def _calibrate(self, kept: torch.Tensor) -> torch.Tensor:
         """Fit any state from the benign ``kept`` and return their scores (default: :meth:`_scores`)."""
@@ -236,7 +237,9 @@ class ConsistencyGuard(InputGuard):
                 if not len(active):
                     break
                 kept = self.kept(x[active], range(j, j + 1), labels[active])[1]
-                total[active] += self._terms(kept)[:, 0].double()
+                terms = self._terms(kept)
+                assert terms is not None, "a mean_score method defines _terms"
+                total[active] += terms[:, 0].double()
                 used[active] = j + 1
                 sure = (total[active] >= need + tol) | (total[active] + (k - j - 1) < need - tol)
                 active = active[~sure]
