@@ -120,7 +120,8 @@ def test_an_interrupted_audit_resumes_without_redoing_finished_models(models, tm
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        audit(files, "digits", out_dir=out, options=SCAN, clean_samples=100, on_model_done=stop)
+        audit(files, "digits", out_dir=out, options=SCAN, clean_samples=100, workers=1,  # in order
+              on_model_done=stop)
     summary = json.loads((out / "audit.json").read_text())
     assert [m["status"] for m in summary["models"]] == ["ok", "pending"] and not summary["complete"]
     ran = []
@@ -135,7 +136,7 @@ def test_an_interrupted_audit_resumes_without_redoing_finished_models(models, tm
 def one_process(models, tmp_path_factory):
     out = tmp_path_factory.mktemp("one") / "out"
     audit([models / "bad.safetensors", models / "clean.safetensors"], "digits", out_dir=out, options=SCAN,
-          clean_samples=100)
+          clean_samples=100, workers=1)
     return _scans(out)
 
 
