@@ -47,7 +47,7 @@ from trojanscan.data import Dataset
 from trojanscan.data.triggers import Trigger
 from trojanscan.errors import TrojanscanError
 from trojanscan.models.modes import evaluating
-from trojanscan.models.taps import Layer, activations, find_layer, per_neuron
+from trojanscan.models.taps import Layer, activations, find_layer, per_neuron, probe_pass
 from trojanscan.train import evaluate, trainable_copy
 from trojanscan.validation import check_choice, check_fraction, check_model_fits, check_positive
 
@@ -120,17 +120,6 @@ def capturing(layer: Layer, sink: list[torch.Tensor]) -> Iterator[None]:
         handle.remove()
 
 
-@torch.no_grad()
-def _probe(model: nn.Module, probe: torch.Tensor, handles: list[torch.utils.hooks.RemovableHandle]) -> None:
-    """One forward pass of two probe images in eval mode, to fire ``handles``' hooks; they are removed."""
-    try:
-        with evaluating(model):
-            model(probe[:2])
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def modules_after(model: nn.Module, layer: Layer, probe: torch.Tensor) -> list[tuple[str, nn.Module]]:
     """The leaf modules one forward pass first calls after ``layer`` is read, in call order."""
     order: list[str] = []
@@ -143,7 +132,7 @@ def modules_after(model: nn.Module, layer: Layer, probe: torch.Tensor) -> list[t
     for name, m in modules.items():
         if not any(True for _ in m.children()):
             handles.append(m.register_forward_pre_hook(lambda *_, n=name: order.append(n)))
-    _probe(model, probe, handles)
+    probe_pass(model, probe, handles)
     if tap not in order:
         raise TrojanscanError(f"the forward pass never reaches layer {layer.name!r}")
     cut = order.index(tap)
@@ -160,7 +149,7 @@ def default_layer(model: nn.Module, probe: torch.Tensor) -> Layer:
     calls: list[tuple[str, nn.Module, int]] = []
     handles = [m.register_forward_hook(lambda mod, _a, out, n=name: calls.append((n, mod, out.dim())))
                for name, m in model.named_modules() if not any(True for _ in m.children()) and name]
-    _probe(model, probe, handles)
+    probe_pass(model, probe, handles)
     first = next((i for i, (_, m, _d) in enumerate(calls) if isinstance(m, nn.Linear)), None)
     if first is None:
         raise TrojanscanError("the model has no nn.Linear layer; name the layer to attack with layer=NAME")

@@ -60,17 +60,22 @@ def find_layer(model: nn.Module, layer: str | None = None, probe: torch.Tensor |
 
 
 @torch.no_grad()
-def call_order(model: nn.Module, candidates: dict[str, nn.Module], probe: torch.Tensor) -> list[str]:
-    """Names of ``candidates`` in the order one forward pass calls them."""
-    order: list[str] = []
-    handles = [m.register_forward_pre_hook(lambda _m, _a, n=name: order.append(n))
-               for name, m in candidates.items()]
+def probe_pass(model: nn.Module, probe: torch.Tensor,
+               handles: list[torch.utils.hooks.RemovableHandle]) -> None:
+    """One forward pass of two probe images in eval mode, to fire ``handles``' hooks; they are removed."""
     try:
         with evaluating(model):
             model(probe[:2])
     finally:
         for h in handles:
             h.remove()
+
+
+def call_order(model: nn.Module, candidates: dict[str, nn.Module], probe: torch.Tensor) -> list[str]:
+    """Names of ``candidates`` in the order one forward pass calls them."""
+    order: list[str] = []
+    probe_pass(model, probe, [m.register_forward_pre_hook(lambda _m, _a, n=name: order.append(n))
+                              for name, m in candidates.items()])
     return list(dict.fromkeys(order))
 
 
