@@ -125,3 +125,12 @@ def test_a_repair_says_what_its_table_does_not():
     fine = {"before": {"clean_accuracy": 0.95}, "after": {"clean_accuracy": 0.95, "real_asr": 0.001,
                                                           "reversed_asr": 0.0}}
     assert repair_warnings(fine, 2.0) == []
+
+
+def test_help_shows_no_type_beside_a_flag():
+    """An on/off flag takes no value, so its help line shows no ``<bool>``; options with values keep
+    their type."""
+    out = runner.invoke(app, ["scan", "--help"], env={"COLUMNS": "160"}).output
+    assert "--quiet" in out and "--trust-model" in out
+    assert "<bool>" not in out
+    assert "<int>" in out

@@ -82,6 +82,23 @@ class OneLineErrors(typer.core.TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
 
+def _hide_flag_types() -> None:
+    """Show no ``<bool>`` beside an on/off flag in ``--help`` (typer 0.2x prints one): a flag takes no
+    value, and ``--quiet <bool>`` reads as if it did. Other typers are left as they are."""
+    option = getattr(typer.core, "TyperOption", None)
+    shown = getattr(option, "display_type_rich", None)
+    if shown is None or getattr(shown, "_flags_hidden", False):
+        return
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        flag = getattr(self, "is_flag", False) and not getattr(self, "count", False)
+        return None if flag else shown(self, ctx)
+
+    display_type_rich._flags_hidden = True  # type: ignore[attr-defined]
+    option.display_type_rich = display_type_rich  # type: ignore[union-attr]
+
+
+_hide_flag_types()
 app = typer.Typer(add_completion=False, no_args_is_help=True, cls=OneLineErrors,
                   help="Audit neural networks for backdoors (trojans) and repair them.")
 F = TypeVar("F", bound=Callable[..., Any])
