@@ -213,3 +213,6 @@ def test_demo_plants_finds_and_repairs(tmp_path):
     assert repaired["before"]["real_asr"] > 0.9 and repaired["after"]["real_asr"] < 0.2
     assert (tmp_path / "demo" / "repaired.safetensors").is_file()
     assert "Mitigation" in (tmp_path / "demo" / "scan" / "report.html").read_text()
+    for name in ("model.safetensors", "model.trigger.npz", "train.json", "scan/report.html", "scan/scan.json",
+                 "repaired.safetensors", "repair.json"):  # every file the demo wrote, named at the end
+        assert f"{tmp_path / 'demo' / name} — " in proc.stdout

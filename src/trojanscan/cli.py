@@ -415,6 +415,7 @@ def demo(
         print_scan_summary(result, out / "scan")
         if not result.infected:
             console.print("nothing flagged, so nothing to repair")
+            _print_files(out, DEMO_FILES)
             return
         say("repairing it by unlearning the reversed trigger (the real one is only measured)…")
         fixed = repair(out / "model.safetensors", out / "scan", "digits", method="unlearn", fraction=0.5,
@@ -423,8 +424,26 @@ def demo(
         console.print(_rates_table("unlearning", fixed.to_dict()))
         for w in repair_warnings(fixed.to_dict(), 2.0):
             warn(w)
-        console.print(f"repaired model: {out / 'repaired.safetensors'}; report: "
-                      f"{out / 'scan' / 'report.html'}")
+        _print_files(out, DEMO_FILES)
+
+
+DEMO_FILES = {
+    "model.safetensors": "the trojaned model (weights only, no code)",
+    "model.trigger.npz": "the trigger the attacker planted (mask, pattern, target)",
+    "train.json": "its training record: clean accuracy and attack success rate",
+    "scan/report.html": "the scan's report: verdict, every label's reversed trigger, the repair",
+    "scan/scan.json": "the scan's result, machine-readable",
+    "repaired.safetensors": "the model after unlearning",
+    "repair.json": "the repair's record: accuracy and attack success before and after",
+}
+
+
+def _print_files(out: Path, files: dict[str, str]) -> None:
+    """Every file a command wrote under ``out`` that exists, with what it holds."""
+    console.print(f"files in {out}:", highlight=False)
+    for name, what in files.items():
+        if (out / name).is_file():
+            console.print(f"  {out / name} — {what}", highlight=False)
 
 
 def _labels(text: str | None, option: str = "--labels") -> list[int] | None:
