@@ -3,7 +3,8 @@
     python benchmarks/defence_table.py --data mnist --out benchmarks/results/defence_table_mnist.json
 
 Per dataset: the clean reference net of ``benchmarks/trojannn.py`` (``--clean-dir``, trained there when
-missing), the BadNets model of ``benchmarks/train_zoo.py`` (``--models-dir``), and the model attacks made
+missing), the poisoned models of ``benchmarks/train_zoo.py`` (``--models-dir``: BadNets, the 4-pixel
+pattern, label-consistent and SIG, each where it was trained), and the model attacks made
 here from the clean net with ``attack_model`` (TrojanNN square/watermark × reverse-engineered/real
 retraining data; the transfer-learning backdoor when it is registered; TBT with 50 weights), each saved
 with its trigger in ``--work``. For each attacked model, with the trigger the attacker used:
@@ -41,6 +42,8 @@ from trojanscan.workflows.records import environment
 
 HERE = Path(__file__).resolve().parent
 TARGET = 3  # the model attacks' target (trojannn.py's default)
+# rows whose models are trained poisoned by benchmarks/train_zoo.py (``--models-dir``), where present
+POISONED_ROWS = ("badnets", "pattern", "label-consistent", "sig")
 
 
 def _trojannn_bench() -> Any:
@@ -68,12 +71,15 @@ def attacked_models(source: str, args: argparse.Namespace, bench: Any) -> dict[s
     if not clean.is_file():
         bench.clean_model(source, data, args.clean_dir)
     models: dict[str, Path] = {}
-    badnets = args.models_dir / f"{source}-badnets.safetensors"
-    if badnets.is_file():
-        models["badnets"] = badnets
-    else:
-        print(f"{badnets}: missing (benchmarks/train_zoo.py --only {source}-badnets); row left out",
-              file=sys.stderr)
+    for name in POISONED_ROWS:
+        if args.rows and name not in args.rows:
+            continue
+        trained = args.models_dir / f"{source}-{name}.safetensors"
+        if trained.is_file():
+            models[name] = trained
+        else:
+            print(f"{trained}: missing (benchmarks/train_zoo.py --only {source}-{name}); row left out",
+                  file=sys.stderr)
     work = args.work / source
     work.mkdir(parents=True, exist_ok=True)
     for name, (attack, options) in model_attacks().items():
