@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
+import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -21,9 +23,38 @@ from pathlib import Path
 from trojanscan.defenses.mmbd import MarginEvidence
 from trojanscan.defenses.pairs import PairEvidence
 from trojanscan.defenses.scan_result import ScanResult
-from trojanscan.defenses.verdict import RULE_VERSION, decide
+from trojanscan.defenses.verdict import ALPHA, RULE_VERSION, combined_p_value, decide, smallest_normal
 from trojanscan.fileio import write_json
 from trojanscan.metrics import roc_auc
+
+# A candidate for audits of many models on one dataset, fixed on the development zoos (seeds 100, 200, 300
+# and 400) before the seed-500 zoo was looked at: a natural shortcut (Fashion-MNIST's bag, GTSRB's
+# priority-road and stop signs) is easy on every model of a dataset, an injected target only on its own
+# model. Each label's log(L1 / median L1) minus the median of the same label over the zoo's other models
+# of that dataset (at least POPULATION_MIN others; labels unknown, trojaned models included); the
+# smallest, scaled like the size ratio by the expected smallest of K normals, against a normal fitted
+# to the 64 clean development models; combined with MM-BD's p-value by Fisher's method, flagged below
+# the verdict's ALPHA. Development, 124 models of the five development zoos: AUROC 0.953, 75% detected,
+# 0% of clean flagged, 93% right targets (null fitted on the same models; with each zoo's null fitted on
+# the other zoos, AUROC 0.922, 72% and 0%), against rule 4's 0.911, 70% and 1.6% on the same models.
+POPULATION_NULL = (-0.348, 0.168)
+POPULATION_MIN = 3
+
+
+def population_evidence(rows: list[dict]) -> None:
+    """Add the population-referenced size evidence (see POPULATION_NULL) to each row, in place."""
+    for r in rows:
+        others = [q["log_ratios"] for q in rows if q is not r and q["zoo_seed"] == r["zoo_seed"]
+                  and q["dataset"] == r["dataset"] and len(q["log_ratios"]) == len(r["log_ratios"])]
+        r["population_score"] = r["population_target"] = None
+        if len(others) < POPULATION_MIN:
+            continue
+        excess = [v - statistics.median(o[k] for o in others) for k, v in enumerate(r["log_ratios"])]
+        target = min(range(len(excess)), key=excess.__getitem__)
+        z = excess[target] / smallest_normal(len(excess))
+        p = statistics.NormalDist(*POPULATION_NULL).cdf(z)
+        r["population_score"] = combined_p_value([p, r["mmbd_p"]])
+        r["population_target"] = target
 
 
 def attack_kind(spec: dict) -> str:
@@ -66,8 +97,15 @@ def _row(zoo: Path, m: dict) -> dict | None:
             "score": verdict.score,
             "paper_flagged": scan.flagged_labels, "size_ratio": scan.size_ratio,
             "anomaly_index": scan.anomaly_index,
+            "log_ratios": _log_ratios(scan),
             "mmbd_p": mm["p_value"], "seconds": scan.seconds + evidence["mm-bd"]["seconds"]
             + evidence["pairs"]["seconds"]}
+
+
+def _log_ratios(scan: ScanResult) -> list[float]:
+    """Each label's log(reversed trigger L1 / the median label's)."""
+    median = statistics.median(r.l1_norm for r in scan.labels)
+    return [math.log(r.l1_norm / median) for r in sorted(scan.labels, key=lambda r: r.label)]
 
 
 def _rates(rows: list[dict]) -> dict:
@@ -100,7 +138,21 @@ def _rates(rows: list[dict]) -> dict:
             if bad and good else None,
             "auroc_size_ratio": roc_auc([-r["size_ratio"] for r in rows], [r["trojaned"] for r in rows])
             if bad and good else None,
+            **_population_rates(bad, good, single, share),
             "mean_seconds": sum(r["seconds"] for r in rows) / len(rows) if rows else None}
+
+
+def _population_rates(bad: list[dict], good: list[dict], single: list[dict], share) -> dict:
+    scored = [r for r in bad + good if r.get("population_score") is not None]
+    flagged = lambda r: r.get("population_score") is not None and r["population_score"] < ALPHA  # noqa: E731
+    both = any(r["trojaned"] for r in scored) and any(not r["trojaned"] for r in scored)
+    return {"population_scored": len(scored),
+            "population_detected": share(bad, flagged),
+            "population_false_positive": share(good, flagged),
+            "population_right_target_single": share(single,
+                                                    lambda r: r.get("population_target") == r["target"]),
+            "auroc_population": roc_auc([-r["population_score"] for r in scored],
+                                        [r["trojaned"] for r in scored]) if both else None}
 
 
 def main() -> int:
@@ -114,6 +166,7 @@ def main() -> int:
         seeds.append(results["options"]["seed"])
         rows += [{**r, "zoo_seed": seeds[-1]} for m in results["models"] if (r := _row(zoo, m)) is not None]
     usable = [r for r in rows if r["attack_took"]]
+    population_evidence(usable)
     by: dict[str, dict] = {"overall": _rates(usable)}
     for key in ("attack", "arch", "dataset"):
         groups = defaultdict(list)
@@ -128,7 +181,7 @@ def main() -> int:
         print(f"{r['name'][:44]:44s} {r['verdict']:10s} {r['targets']!s:12s} {r['kind']!s:15s} "
               f"true {r['true_targets']!s:8s} score {r['score']:.2g} paper {r['paper_flagged']} "
               f"ratio {r['size_ratio']:.2f} "
-              f"mmbd {r['mmbd_p']:.3f}")
+              f"mmbd {r['mmbd_p']:.3f} population {r.get('population_score') or math.nan:.2g}")
     print(json.dumps(by["overall"], indent=1))
     return 0
 
