@@ -15,46 +15,32 @@ import argparse
 import glob
 import json
 import math
-import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 from trojanscan.defenses.mmbd import MarginEvidence
 from trojanscan.defenses.pairs import PairEvidence
+from trojanscan.defenses.population import log_ratios, population_evidence
 from trojanscan.defenses.scan_result import ScanResult
-from trojanscan.defenses.verdict import ALPHA, RULE_VERSION, combined_p_value, decide, smallest_normal
+from trojanscan.defenses.verdict import ALPHA, RULE_VERSION, decide
 from trojanscan.fileio import write_json
 from trojanscan.metrics import roc_auc
 
-# A candidate for audits of many models on one dataset, fixed on the development zoos (seeds 100, 200, 300
-# and 400) before the seed-500 zoo was looked at: a natural shortcut (Fashion-MNIST's bag, GTSRB's
-# priority-road and stop signs) is easy on every model of a dataset, an injected target only on its own
-# model. Each label's log(L1 / median L1) minus the median of the same label over the zoo's other models
-# of that dataset (at least POPULATION_MIN others; labels unknown, trojaned models included); the
-# smallest, scaled like the size ratio by the expected smallest of K normals, against a normal fitted
-# to the 64 clean development models; combined with MM-BD's p-value by Fisher's method, flagged below
-# the verdict's ALPHA. Development, 124 models of the five development zoos: AUROC 0.953, 75% detected,
-# 0% of clean flagged, 93% right targets (null fitted on the same models; with each zoo's null fitted on
-# the other zoos, AUROC 0.922, 72% and 0%), against rule 4's 0.911, 70% and 1.6% on the same models.
-POPULATION_NULL = (-0.348, 0.168)
-POPULATION_MIN = 3
 
-
-def population_evidence(rows: list[dict]) -> None:
-    """Add the population-referenced size evidence (see POPULATION_NULL) to each row, in place."""
+def add_population(rows: list[dict]) -> None:
+    """The population-referenced size candidate (``trojanscan.defenses.population``), each zoo's models of
+    one dataset held to each other, added to each row in place."""
+    groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in rows:
-        others = [q["log_ratios"] for q in rows if q is not r and q["zoo_seed"] == r["zoo_seed"]
-                  and q["dataset"] == r["dataset"] and len(q["log_ratios"]) == len(r["log_ratios"])]
-        r["population_score"] = r["population_target"] = None
-        if len(others) < POPULATION_MIN:
-            continue
-        excess = [v - statistics.median(o[k] for o in others) for k, v in enumerate(r["log_ratios"])]
-        target = min(range(len(excess)), key=excess.__getitem__)
-        z = excess[target] / smallest_normal(len(excess))
-        p = statistics.NormalDist(*POPULATION_NULL).cdf(z)
-        r["population_score"] = combined_p_value([p, r["mmbd_p"]])
-        r["population_target"] = target
+        groups[(r["zoo_seed"], r["dataset"])][r["name"]] = r
+    for group in groups.values():
+        found = population_evidence({n: r["log_ratios"] for n, r in group.items()},
+                                    {n: r["mmbd_p"] for n, r in group.items()})
+        for n, r in group.items():
+            e = found.get(n)
+            r["population_score"] = e.score if e else None
+            r["population_target"] = e.target if e else None
 
 
 def attack_kind(spec: dict) -> str:
@@ -97,15 +83,9 @@ def _row(zoo: Path, m: dict) -> dict | None:
             "score": verdict.score,
             "paper_flagged": scan.flagged_labels, "size_ratio": scan.size_ratio,
             "anomaly_index": scan.anomaly_index,
-            "log_ratios": _log_ratios(scan),
+            "log_ratios": log_ratios([r.l1_norm for r in sorted(scan.labels, key=lambda r: r.label)]),
             "mmbd_p": mm["p_value"], "seconds": scan.seconds + evidence["mm-bd"]["seconds"]
             + evidence["pairs"]["seconds"]}
-
-
-def _log_ratios(scan: ScanResult) -> list[float]:
-    """Each label's log(reversed trigger L1 / the median label's)."""
-    median = statistics.median(r.l1_norm for r in scan.labels)
-    return [math.log(r.l1_norm / median) for r in sorted(scan.labels, key=lambda r: r.label)]
 
 
 def _rates(rows: list[dict]) -> dict:
@@ -155,6 +135,10 @@ def _population_rates(bad: list[dict], good: list[dict], single: list[dict], sha
                                         [r["trojaned"] for r in scored]) if both else None}
 
 
+def _or_nan(x: float | None) -> float:
+    return math.nan if x is None else x
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("zoo", type=Path, nargs="+")
@@ -166,7 +150,7 @@ def main() -> int:
         seeds.append(results["options"]["seed"])
         rows += [{**r, "zoo_seed": seeds[-1]} for m in results["models"] if (r := _row(zoo, m)) is not None]
     usable = [r for r in rows if r["attack_took"]]
-    population_evidence(usable)
+    add_population(usable)
     by: dict[str, dict] = {"overall": _rates(usable)}
     for key in ("attack", "arch", "dataset"):
         groups = defaultdict(list)
@@ -181,7 +165,7 @@ def main() -> int:
         print(f"{r['name'][:44]:44s} {r['verdict']:10s} {r['targets']!s:12s} {r['kind']!s:15s} "
               f"true {r['true_targets']!s:8s} score {r['score']:.2g} paper {r['paper_flagged']} "
               f"ratio {r['size_ratio']:.2f} "
-              f"mmbd {r['mmbd_p']:.3f} population {r.get('population_score') or math.nan:.2g}")
+              f"mmbd {r['mmbd_p']:.3f} population {_or_nan(r.get('population_score')):.2g}")
     print(json.dumps(by["overall"], indent=1))
     return 0
 

@@ -181,3 +181,28 @@ def test_too_few_labels_give_no_size_evidence():
     assert decide(_scan([30.0])).verdict == "clean"  # no division by the zero of one label
     v = decide(_scan([30.0, 12.0]), _margins([30.0, 90.0], 0.001))  # MM-BD alone still decides
     assert (v.verdict, v.targets) == ("backdoored", [1])
+
+
+def test_population_evidence_holds_each_label_to_the_same_label_on_other_models():
+    """A label small on every model of the data (a natural shortcut) is not evidence; one small only
+    on its own model is, with that label as the target; too few other models give no evidence; MM-BD's
+    p-value joins by Fisher's method."""
+    from trojanscan.defenses.population import POPULATION_MIN, log_ratios, population_evidence
+
+    natural = [60.0, 90, 100, 95, 110, 105, 98, 102, 30.0, 97]  # label 8 easy everywhere (the "bag")
+    profiles = {f"clean{i}": log_ratios([v * (1 + 0.03 * ((i + k) % 3 - 1)) for k, v in enumerate(natural)])
+                for i in range(4)}
+    injected = list(natural)
+    injected[3] = 8.0  # label 3 easy only here
+    profiles["trojaned"] = log_ratios(injected)
+    found = population_evidence(profiles)
+    assert set(found) == set(profiles)
+    assert found["trojaned"].target == 3 and found["trojaned"].p_value < 0.01
+    assert all(found[f"clean{i}"].p_value > 0.05 for i in range(4))
+    assert found["trojaned"].models == 4
+    # the raw size ratio would call the clean models' label 8 (30 / ~97) as small as an injected one
+    assert min(natural) / sorted(natural)[5] < 0.35
+    with_margin = population_evidence(profiles, {"trojaned": 0.01})
+    assert with_margin["trojaned"].score < found["trojaned"].score
+    few = dict(list(profiles.items())[:POPULATION_MIN])  # each model has POPULATION_MIN - 1 others
+    assert population_evidence(few) == {}
