@@ -194,3 +194,40 @@ def test_every_job_of_an_audit_runs_on_one_thread_whatever_the_runner(monkeypatc
     assert (torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")) == before  # restored after
     run_jobs(jobs)
     assert seen[-1][0] == before[0]  # without threads= the process is left as it is
+
+
+def test_population_evidence_joins_each_model_of_a_large_enough_group(tmp_path):
+    """Models of one data with Neural Cleanse scans get the population evidence (a label easy on one
+    model only is flagged, a shortcut all share is not); a group too small, a failed model and another
+    data's lone model get none; audit.html and the CLI table show it."""
+    from trojanscan.cli import _population_text
+    from trojanscan.defenses.verdict import combined_p_value
+    from trojanscan.report.audit_html import write_audit_report
+    from trojanscan.runners.audit import AuditResult, add_population
+
+    natural = [60.0, 90, 100, 95, 110, 105, 98, 102, 30.0, 97]
+    folders, entries = {}, []
+    for i, name in enumerate(["a", "b", "c", "d", "trojaned", "failed", "other"]):
+        norms = [v * (1 + 0.03 * ((i + k) % 3 - 1)) for k, v in enumerate(natural)]
+        if name == "trojaned":
+            norms[3] = 8.0
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "scan.json").write_text(json.dumps(
+            {"labels": [{"label": k, "l1_norm": v} for k, v in enumerate(norms)],
+             **({"mm-bd": {"p_value": 0.2}} if name == "a" else {})}))
+        folders[name] = ("mnist" if name != "other" else "gtsrb", tmp_path / name)
+        entries.append({"name": name, "status": "error" if name == "failed" else "ok"})
+    result = AuditResult(tmp_path, entries)
+    add_population(result, folders)
+    got = {m["name"]: m.get("population") for m in result.models}
+    assert got["trojaned"]["says"] == "backdoor" and got["trojaned"]["target"] == 3
+    assert all(got[n]["says"] == "clean" and got[n]["models"] == 4 for n in "abcd")
+    assert got["failed"] is None and got["other"] is None
+    assert got["a"]["score"] == pytest.approx(combined_p_value([got["a"]["p_value"], 0.2]))  # MM-BD's
+    assert got["b"]["score"] == got["b"]["p_value"]  # no MM-BD: the size evidence alone
+    page = write_audit_report(result.to_dict(), tmp_path / "audit.html").read_text()
+    assert "backdoor: " in page and "(label 3)" in page
+    assert _population_text(got["trojaned"]).startswith("backdoor p ")
+    small = AuditResult(tmp_path, [{"name": n, "status": "ok"} for n in "abc"])
+    add_population(small, {n: folders[n] for n in "abc"})
+    assert all("population" not in m for m in small.models)

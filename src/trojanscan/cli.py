@@ -598,6 +598,13 @@ ADDRESS_HELP = "--runner ray: join the Ray cluster at this address (default: sta
 VERDICT_COLOURS = {"backdoored": "bold red", "suspicious": "bold yellow", "clean": "green"}
 
 
+def _population_text(population: dict[str, Any] | None) -> str:
+    """The audit table's population cell: what it says, its score and label."""
+    if not population:
+        return "—"
+    return f"{population['says']} p {population['score']:.2g} (label {population['target']})"
+
+
 @app.command("audit")
 @friendly_errors
 def audit_cmd(
@@ -647,7 +654,7 @@ def audit_cmd(
                    split_over=split_over, device=device, on_model_done=progress,
                    **_convention(mean, std, trust_model))
     table = Table(title=f"audit of {len(result.models)} models")
-    for col in ("model", "verdict", "flagged", "anomaly index", "seconds"):
+    for col in ("model", "verdict", "flagged", "anomaly index", "population", "seconds"):
         table.add_column(col, justify="left" if col in ("model", "verdict") else "right")
     for m in result.models:
         verdict = m.get("verdict") or "error"
@@ -656,6 +663,7 @@ def audit_cmd(
         table.add_row(escape(m["name"]), f"[{colour}]{verdict}[/{colour}]" if colour else verdict,
                       ", ".join(map(str, m.get("flagged_labels") or [])) or "—",
                       "—" if not isinstance(index, float) or index != index else f"{index:.2f}",
+                      _population_text(m.get("population")),
                       f"{m['seconds']:.1f}" + (" (earlier)" if m.get("skipped") else ""))
     console.print(table)
     console.print(f"→ {out / 'audit.json'}, {out / 'audit.html'}", highlight=False)

@@ -28,7 +28,14 @@ document.querySelectorAll("table.sortable th").forEach(function (th, col) {
 });
 </script>"""
 
-COLUMNS = ("model", "verdict", "flagged labels", "anomaly index", "seconds", "status", "sha256")
+COLUMNS = ("model", "verdict", "flagged labels", "anomaly index", "population", "seconds", "status", "sha256")
+
+
+POPULATION_NOTE = ("population: each model's reversed trigger sizes held to the same labels on the audit's "
+                   "other Neural Cleanse scans of the same data (at least four models): the combined "
+                   "p-value with MM-BD's where known, what it says, and the label with the smallest "
+                   "excess. A shortcut every model of the data has is not evidence; a label easy on one "
+                   "model only is.")
 
 
 def _number(value: Any, digits: int) -> tuple[str, str]:
@@ -43,11 +50,16 @@ def _row(m: dict[str, Any]) -> str:
     model = f'<a href="{escape(m["report"])}">{name}</a>' if m.get("report") else name
     index, index_key = _number(m.get("anomaly_index"), 2)
     seconds, seconds_key = _number(m.get("seconds"), 1)
+    population = m.get("population") or {}
+    shown, population_key = _number(population.get("score"), 4)
+    if population:
+        shown = f"{population['says']}: {shown} (label {population['target']})"
     status = m["status"] if m["status"] != "error" else f"error: {m.get('error') or ''}"
     flag = ' class="flag"' if m.get("infected") or m["status"] == "error" else ""
     cells = [f'<td class="l">{model}</td>', f'<td class="l">{escape(str(m.get("verdict") or "—"))}</td>',
              f'<td>{escape(", ".join(map(str, m.get("flagged_labels") or [])) or "—")}</td>',
-             f'<td data-v="{index_key}">{index}</td>', f'<td data-v="{seconds_key}">{seconds}</td>',
+             f'<td data-v="{index_key}">{index}</td>', f'<td data-v="{population_key}">{escape(shown)}</td>',
+             f'<td data-v="{seconds_key}">{seconds}</td>',
              f'<td class="l">{escape(status)}</td>',
              f'<td class="l"><code>{escape((m.get("sha256") or "")[:12])}</code></td>']
     return f"<tr{flag}>{''.join(cells)}</tr>"
@@ -68,4 +80,5 @@ def write_audit_report(summary: dict[str, Any], path: str | Path) -> Path:
     return write_page(path, "Audit", [
         f"<h1>Audit: {len(models)} models, {infected} flagged, {failed} failed</h1>",
         f"<p>{escape(facts)}. Click a column's head to sort; a model's name opens its scan report.</p>",
+        f"<p>{escape(POPULATION_NOTE)}</p>",
         f'<div class="scroll">{table}</div>', SORT_SCRIPT])

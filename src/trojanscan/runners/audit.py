@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trojanscan.defenses.population import POPULATION_MIN, log_ratios, population_evidence
 from trojanscan.defenses.registry import reverser
 from trojanscan.defenses.scan_result import LABELS_DIR, SCAN_JSON
+from trojanscan.defenses.verdict import ALPHA, SUSPICIOUS
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import atomic_write_bytes, locks_out_dir, read_json, sha256_file, write_json
 from trojanscan.report.audit_html import write_audit_report
@@ -49,6 +51,7 @@ SPLIT_OVER = 20  # with several workers, a model with more labels than this is s
 # norms differ from a 1-thread one's by up to 0.07), and an audit's results must not depend on how
 # it was run. The cores are used by running one worker per core instead (the default).
 JOB_THREADS = 1
+POPULATION_METHOD = "neural-cleanse"  # the scans whose trigger sizes are held to each other
 
 
 @dataclass
@@ -90,6 +93,39 @@ def _scan_summary(out: Path, root: Path) -> dict[str, Any]:
             "flagged_labels": result.get("flagged_labels", []), "anomaly_index": index,
             "report": (out / "report.html").relative_to(root).as_posix(),
             "warnings": result.get("warnings", [])}
+
+
+def _profile(folder: Path) -> tuple[list[float], float | None] | None:
+    """A finished trigger-search scan's per-label log size ratios and MM-BD's p-value (when its verdict
+    gathered one); ``None`` for a scan without per-label trigger sizes."""
+    try:
+        result = read_json(folder / SCAN_JSON, "scan result")
+        norms = [float(r["l1_norm"]) for r in sorted(result["labels"], key=lambda r: int(r["label"]))]
+        margin = result.get("mm-bd", {}).get("p_value") if isinstance(result.get("mm-bd"), dict) else None
+    except (TrojanscanError, KeyError, TypeError, ValueError):
+        return None
+    return (log_ratios(norms), float(margin) if isinstance(margin, (int, float)) else None) if norms else None
+
+
+def add_population(result: AuditResult, folders: dict[str, tuple[str, Path]]) -> None:
+    """Hold each model's trigger sizes to the same labels on the audit's other models of the same data
+    (``trojanscan.defenses.population``), for every group of at least POPULATION_MIN + 1 models; the
+    evidence goes in each model's entry as ``population``. ``folders``: name → (data, scan folder)."""
+    groups: dict[str, dict[str, tuple[list[float], float | None]]] = {}
+    for m in result.models:
+        if m["status"] == "ok" and m["name"] in folders:
+            data, folder = folders[m["name"]]
+            if (profile := _profile(folder)) is not None:
+                groups.setdefault(data, {})[m["name"]] = profile
+    by_name = {m["name"]: m for m in result.models}
+    for members in groups.values():
+        if len(members) <= POPULATION_MIN:
+            continue
+        found = population_evidence({n: p for n, (p, _) in members.items()},
+                                    {n: q for n, (_, q) in members.items() if q is not None})
+        for name, e in found.items():
+            says = "backdoor" if e.score < ALPHA else "suspicious" if e.score < SUSPICIOUS else "clean"
+            by_name[name]["population"] = {**e.to_dict(), "says": says, "threshold": ALPHA}
 
 
 def _gather_parts(parts: list[ScanJob], out: Path) -> None:
@@ -247,6 +283,9 @@ def audit(models: Sequence[str | os.PathLike | ModelEntry], data: str | None = N
         run_jobs(closing, workers=workers, runner=runner, address=address, threads=JOB_THREADS,
                  on_done=lambda record: scan_done(note(record)))
     result.settings["wall_seconds"] = time.perf_counter() - start
+    if POPULATION_METHOD in methods:  # the null was fitted on Neural Cleanse's trigger sizes
+        add_population(result, {e.name: (e.data or str(data), out / e.name if len(methods) == 1
+                                         else out / e.name / POPULATION_METHOD) for e in entries})
     write_json(out / AUDIT_JSON, result.to_dict())
     write_audit_report(result.to_dict(), out / AUDIT_HTML)
     return result
