@@ -231,3 +231,18 @@ def test_population_evidence_joins_each_model_of_a_large_enough_group(tmp_path):
     small = AuditResult(tmp_path, [{"name": n, "status": "ok"} for n in "abc"])
     add_population(small, {n: folders[n] for n in "abc"})
     assert all("population" not in m for m in small.models)
+
+
+def test_an_audit_of_four_models_of_one_data_carries_the_population_evidence(models, tmp_path):
+    """The audit itself adds the evidence once four models of the same data are scanned (here three
+    copies of the clean model beside the trojaned one, short scans)."""
+    import shutil
+
+    files = [models / "bad.safetensors"]
+    for i in range(3):
+        files.append(tmp_path / f"clean{i}.safetensors")
+        shutil.copy(models / "clean.safetensors", files[-1])
+    result = audit(files, "digits", out_dir=tmp_path / "out", options=SCAN, clean_samples=100, workers=1)
+    assert all(m["status"] == "ok" and m["population"]["models"] == 3 for m in result.models)
+    saved = json.loads((tmp_path / "out" / "audit.json").read_text())
+    assert saved["models"][0]["population"] == result.models[0]["population"]
