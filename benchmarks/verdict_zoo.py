@@ -41,6 +41,7 @@ def add_population(rows: list[dict]) -> None:
             e = found.get(n)
             r["population_score"] = e.score if e else None
             r["population_target"] = e.target if e else None
+            r["population_targets"] = e.targets if e else []
 
 
 def attack_kind(spec: dict) -> str:
@@ -118,17 +119,21 @@ def _rates(rows: list[dict]) -> dict:
             if bad and good else None,
             "auroc_size_ratio": roc_auc([-r["size_ratio"] for r in rows], [r["trojaned"] for r in rows])
             if bad and good else None,
-            **_population_rates(bad, good, single, share),
+            **_population_rates(bad, good, single, two, share),
             "mean_seconds": sum(r["seconds"] for r in rows) / len(rows) if rows else None}
 
 
-def _population_rates(bad: list[dict], good: list[dict], single: list[dict], share) -> dict:
+def _population_rates(bad: list[dict], good: list[dict], single: list[dict], two: list[dict], share) -> dict:
     scored = [r for r in bad + good if r.get("population_score") is not None]
     flagged = lambda r: r.get("population_score") is not None and r["population_score"] < ALPHA  # noqa: E731
     both = any(r["trojaned"] for r in scored) and any(not r["trojaned"] for r in scored)
     return {"population_scored": len(scored),
             "population_detected": share(bad, flagged),
             "population_false_positive": share(good, flagged),
+            "population_two_target_flagged_with_both": share(two, lambda r: flagged(r) and set(
+                r["true_targets"]) <= set(r["population_targets"])),
+            "population_single_with_a_wrong_extra_target": share(single, lambda r: flagged(r) and bool(
+                set(r["population_targets"]) - set(r["true_targets"]))),
             "population_right_target_single": share(single,
                                                     lambda r: r.get("population_target") == r["target"]),
             "auroc_population": roc_auc([-r["population_score"] for r in scored],

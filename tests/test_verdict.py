@@ -198,11 +198,15 @@ def test_population_evidence_holds_each_label_to_the_same_label_on_other_models(
     found = population_evidence(profiles)
     assert set(found) == set(profiles)
     assert found["trojaned"].target == 3 and found["trojaned"].p_value < 0.01
+    assert found["trojaned"].targets == [3]
     assert all(found[f"clean{i}"].p_value > 0.05 for i in range(4))
     assert found["trojaned"].models == 4
     # the raw size ratio would call the clean models' label 8 (30 / ~97) as small as an injected one
     assert min(natural) / sorted(natural)[5] < 0.35
     with_margin = population_evidence(profiles, {"trojaned": 0.01})
     assert with_margin["trojaned"].score < found["trojaned"].score
+    two = list(injected)
+    two[5] = 9.0  # a second injected target
+    assert population_evidence({**profiles, "trojaned": log_ratios(two)})["trojaned"].targets == [3, 5]
     few = dict(list(profiles.items())[:POPULATION_MIN])  # each model has POPULATION_MIN - 1 others
     assert population_evidence(few) == {}

@@ -50,6 +50,7 @@ from trojanscan.errors import TrojanscanError, TrojanscanWarning
 from trojanscan.fileio import folder_lock
 from trojanscan.models import ARCH_HELP, ARCHITECTURES
 from trojanscan.options import describe_options, option_fields, parse_options
+from trojanscan.report.audit_html import labels_text
 from trojanscan.report.html import evidence_strength, score_phrase, size_ratio_text, verdict_banner
 from trojanscan.report.progress import set_quiet
 from trojanscan.validation import OPTION_BOUNDS, check_option
@@ -602,7 +603,7 @@ def _population_text(population: dict[str, Any] | None) -> str:
     """The audit table's population cell: what it says, its score and label."""
     if not population:
         return "—"
-    return f"{population['says']} p {population['score']:.2g} (label {population['target']})"
+    return f"{population['says']} p {population['score']:.2g} ({labels_text(population)})"
 
 
 @app.command("audit")

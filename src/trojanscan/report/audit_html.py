@@ -38,6 +38,12 @@ POPULATION_NOTE = ("population: each model's reversed trigger sizes held to the 
                    "model only is.")
 
 
+def labels_text(population: dict[str, Any]) -> str:
+    """The population evidence's label(s): "label 3" or "labels 3, 5"."""
+    targets = population.get("targets") or [population["target"]]
+    return f"label{'s' if len(targets) > 1 else ''} {', '.join(map(str, targets))}"
+
+
 def _number(value: Any, digits: int) -> tuple[str, str]:
     """(shown text, sort key) of a number that may be missing or NaN."""
     if not isinstance(value, (int, float)) or math.isnan(value):
@@ -53,7 +59,7 @@ def _row(m: dict[str, Any]) -> str:
     population = m.get("population") or {}
     shown, population_key = _number(population.get("score"), 4)
     if population:
-        shown = f"{population['says']}: {shown} (label {population['target']})"
+        shown = f"{population['says']}: {shown} ({labels_text(population)})"
     status = m["status"] if m["status"] != "error" else f"error: {m.get('error') or ''}"
     flag = ' class="flag"' if m.get("infected") or m["status"] == "error" else ""
     cells = [f'<td class="l">{model}</td>', f'<td class="l">{escape(str(m.get("verdict") or "—"))}</td>',
