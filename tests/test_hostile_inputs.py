@@ -472,17 +472,25 @@ def test_a_killed_scan_keeps_its_labels_and_the_rerun_finishes(centroid_model, t
     args = ["scan", str(centroid_model), "--data", "digits", "--out", str(out), "--chunk", "1",
             "--steps", "30", "--clean-samples", "200", "--labels", "0,1,2,3"]
     save_label = scan_module.save_label
+    kills = []
 
     def save_then_kill(*a, **k):  # the signal arrives right after the first label is written
         save_label(*a, **k)
+        kills.append(signal.getsignal(sig))
         os.kill(os.getpid(), sig)
 
     monkeypatch.setattr(scan_module, "save_label", save_then_kill)
-    handler = signal.getsignal(signal.SIGTERM)
-    result = runner.invoke(app, args)
+    # Ctrl-C as a fresh `trojanscan` process meets it: Python's own SIGINT handler (an earlier test in
+    # this process, or a library it loaded, may have left another one)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        handler = signal.getsignal(signal.SIGTERM)
+        result = runner.invoke(app, args)
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert signal.getsignal(signal.SIGTERM) is handler  # the command's own handler is gone again
     assert result.exit_code == code and result.stderr.strip() == (
-        f"{word}; finished work is saved, rerun the same command to resume"), result.output
+        f"{word}; finished work is saved, rerun the same command to resume"), (kills, result.output)
     assert [p.name for p in out.glob("labels/label_*.npz")] == ["label_000.npz"]
     assert not (out / LOCK_FILE).exists() and not list(out.rglob("*.tmp"))
     CORPUS[f"scan stopped by {sig.name} after a label", f"one line, exit {code}, the label kept"] += 1
