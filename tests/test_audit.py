@@ -228,7 +228,8 @@ def test_population_evidence_joins_each_model_of_a_large_enough_group(tmp_path):
     page = write_audit_report(result.to_dict(), tmp_path / "audit.html").read_text()
     assert "backdoor: " in page and "(label 3)" in page
     assert _population_text(got["trojaned"]).startswith("backdoor p ")
-    small = AuditResult(tmp_path, [{"name": n, "status": "ok"} for n in "abc"])
+    # a resumed audit whose group shrank: the entries carried over lose their old evidence
+    small = AuditResult(tmp_path, [{"name": n, "status": "ok", "population": got[n]} for n in "abc"])
     add_population(small, {n: folders[n] for n in "abc"})
     assert all("population" not in m for m in small.models)
 

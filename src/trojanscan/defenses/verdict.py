@@ -144,7 +144,8 @@ def _label_p_values(scan: ScanResult) -> dict[int, float]:
             for k, v in norms.items()}
 
 
-def _says(p: float) -> str:
+def p_value_says(p: float) -> str:
+    """What a p-value says against the verdict's thresholds: "backdoor", "suspicious" or "clean"."""
     return "backdoor" if p < ALPHA else "suspicious" if p < SUSPICIOUS else "clean"
 
 
@@ -153,7 +154,7 @@ def _size_evidence(scan: ScanResult, label_p: dict[int, float]) -> EvidenceItem:
     median = statistics.median(norms.values())
     smallest = min(norms, key=norms.get)
     p = label_p[smallest]
-    says = _says(p)
+    says = p_value_says(p)
     targets = sorted(k for k, q in label_p.items() if q < ALPHA) if says == "backdoor" else (
         [smallest] if says == "suspicious" else [])
     return EvidenceItem("trigger size ratio", norms[smallest] / median if median > 0 else math.nan,
@@ -174,7 +175,7 @@ def _ratio_at(p: float, labels: int) -> float:
 def _margin_evidence(mmbd: MarginEvidence) -> EvidenceItem:
     top = margin_top(mmbd)
     p = mmbd.p_value
-    says = _says(p)
+    says = p_value_says(p)
     return EvidenceItem("maximum margin (MM-BD)", p, ALPHA, says, [top] if says != "clean" else [], p,
                         f"largest margin {mmbd.statistics[top]:.1f} at label {top}")
 

@@ -23,7 +23,7 @@ from typing import Any
 from trojanscan.defenses.population import POPULATION_MIN, log_ratios, population_evidence
 from trojanscan.defenses.registry import reverser
 from trojanscan.defenses.scan_result import LABELS_DIR, SCAN_JSON
-from trojanscan.defenses.verdict import ALPHA, SUSPICIOUS
+from trojanscan.defenses.verdict import ALPHA, p_value_says
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import atomic_write_bytes, locks_out_dir, read_json, sha256_file, write_json
 from trojanscan.report.audit_html import write_audit_report
@@ -113,6 +113,7 @@ def add_population(result: AuditResult, folders: dict[str, tuple[str, Path]]) ->
     evidence goes in each model's entry as ``population``. ``folders``: name → (data, scan folder)."""
     groups: dict[str, dict[str, tuple[list[float], float | None]]] = {}
     for m in result.models:
+        m.pop("population", None)  # a resumed audit's entries may carry an earlier group's evidence
         if m["status"] == "ok" and m["name"] in folders:
             data, folder = folders[m["name"]]
             if (profile := _profile(folder)) is not None:
@@ -124,8 +125,7 @@ def add_population(result: AuditResult, folders: dict[str, tuple[str, Path]]) ->
         found = population_evidence({n: p for n, (p, _) in members.items()},
                                     {n: q for n, (_, q) in members.items() if q is not None})
         for name, e in found.items():
-            says = "backdoor" if e.score < ALPHA else "suspicious" if e.score < SUSPICIOUS else "clean"
-            by_name[name]["population"] = {**e.to_dict(), "says": says, "threshold": ALPHA}
+            by_name[name]["population"] = {**e.to_dict(), "says": p_value_says(e.score), "threshold": ALPHA}
 
 
 def _gather_parts(parts: list[ScanJob], out: Path) -> None:
