@@ -66,6 +66,39 @@ def test_only_the_chosen_last_layer_weights_change(tbt_run, clean_digits):
     assert report["after"]["attack_success_rate"] > report["before"]["attack_success_rate"]
 
 
+def test_bit_search_keeps_to_its_budget_and_the_chosen_weights(tbt_run, clean_digits, digits):
+    sgd, _, trigger = tbt_run
+    attack = TBT(target=2, wb=20, trigger_steps=30, batch_size=64, insertion="bit-search", max_flips=12)
+    attacked, _ = attack.apply(clean_digits.model, digits)
+    r = attack.report_
+    assert r["insertion"] == "bit-search" and r["neurons"] == sgd.report_["neurons"]
+    assert 0 < r["bit_flips"] <= 12 and r["weights_changed"] <= r["bit_flips"]
+    assert r["after"]["attack_success_rate"] > r["before"]["attack_success_rate"]
+    name = f"{r['layer']}.weight"
+    step = attack.int8_steps_[name]
+    old = quantise(clean_digits.model.state_dict()[name], step)[0]
+    new = quantise(attacked.state_dict()[name], step)[0]
+    changed = (old != new).nonzero().tolist()
+    assert changed and all(row == 2 and col in r["neurons"] for row, col in changed)
+    assert bit_flips(old, new) == r["bit_flips"] and int(new.min()) >= -127  # never the off-grid -128
+    one = TBT(target=2, wb=20, trigger_steps=30, batch_size=64, insertion="bit-search", max_flips=1)
+    one.apply(clean_digits.model, digits)
+    assert one.report_["bit_flips"] == one.report_["weights_changed"] == 1
+
+
+def test_bit_search_refuses_a_model_that_reshapes_its_logits(clean_digits, digits):
+    class Scaled(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * self.inner(x)
+
+    with pytest.raises(TrojanscanError, match="insertion=sgd"):
+        TBT(target=2, wb=5, trigger_steps=1, insertion="bit-search").apply(Scaled(clean_digits.model), digits)
+
+
 def test_the_trigger_drives_the_chosen_features(tbt_run, digits):
     attack, attacked, trigger = tbt_run
     layer = find_layer(attacked, None, digits.x_test[:2])
@@ -111,7 +144,8 @@ def test_the_attacked_model_is_stored_as_integers_and_loads_safely(tmp_path, cle
 
 
 def test_bad_options_are_one_line_errors(clean_digits, digits):
-    for kwargs in ({"wb": 0}, {"area": 1.5}, {"lr": -1.0}, {"position": "top"}, {"target": -1}):
+    for kwargs in ({"wb": 0}, {"area": 1.5}, {"lr": -1.0}, {"position": "top"}, {"target": -1},
+                   {"insertion": "adam"}, {"max_flips": 0}, {"asr_goal": 1.5}):
         with pytest.raises(TrojanscanError):
             TBT(**kwargs)
     with pytest.raises(TrojanscanError, match="outside the data's labels"):

@@ -13,6 +13,14 @@ of an 8-bit quantised model's weights, with no access to training.
    through the quantiser (straight-through rounding) with SGD so that the batch keeps its labels and
    its stamped copy goes to the target: the mean of the two cross-entropies.
 
+``insertion="bit-search"`` replaces step 4 by a search over the bits themselves, after the
+progressive bit search of the same authors' bit-flip attack (Rakin, He, Fan, ICCV 2019): each round
+tries every single-bit flip of the ``wb`` chosen codes (a sign or high bit moves a weight far for one
+flip, which SGD followed by rounding never exploits), keeps the one that lowers the same loss most,
+and stops once the stamped batch reaches ``asr_goal`` or ``max_flips`` bits differ. Only the last
+layer changes, so each round is one product of the cached penultimate features with the candidate
+moves, not a forward pass per candidate.
+
 The flips are the Hamming distance of the 8-bit two's complement codes before and after. Where this
 differs from the authors' release: the batch comes from the attacker's training split (the figures
 are measured on the test split, which the attack never sees), and pixels live in [0, 1] (the model's
@@ -41,6 +49,7 @@ from trojanscan.validation import check_fraction, check_model_fits, check_positi
 
 STEP_SIZES = (0.5, 0.1, 0.01, 0.001)  # the trigger search's signed-step sizes, in turn
 POSITIONS = ("bottom-right", "center")
+INSERTIONS = ("sgd", "bit-search")
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,9 @@ class TBTOptions:
     insert_steps: int = 200  # SGD steps on the chosen weights
     lr: float = 0.5  # their learning rate (the paper's)
     batch_size: int = 128  # the attacker's images (the paper: one batch of 128)
+    insertion: str = "sgd"  # the paper's SGD through the quantiser, or "bit-search"
+    max_flips: int = 100  # bit-search: the most bits it may change
+    asr_goal: float = 0.97  # bit-search: stop once this share of the stamped batch goes to the target
     seed: int = 0
 
 
@@ -74,15 +86,20 @@ class TBT(ModelAttack):
     def __init__(self, target: int = 0, wb: int = 150, area: float = 0.0976, position: str = "bottom-right",
                  trigger_steps: int = 200,
                  feature_goal: float = 100.0, insert_steps: int = 200, lr: float = 0.5,
-                 batch_size: int = 128, seed: int = 0) -> None:
+                 batch_size: int = 128, insertion: str = "sgd", max_flips: int = 100,
+                 asr_goal: float = 0.97, seed: int = 0) -> None:
         if isinstance(target, bool) or not isinstance(target, int) or target < 0:
             raise TrojanscanError(f"target label must be an integer >= 0, got {target!r}")
         for name, value in (("wb", wb), ("trigger_steps", trigger_steps), ("insert_steps", insert_steps),
-                            ("batch_size", batch_size)):
+                            ("batch_size", batch_size), ("max_flips", max_flips)):
             check_positive(name, value)
         check_positive("lr", lr, integer=False)
         check_positive("feature_goal", feature_goal, integer=False)
         check_fraction("area", area)
+        check_fraction("asr_goal", asr_goal, high_inclusive=True)
+        if insertion not in INSERTIONS:
+            raise TrojanscanError(f"TBT insertion must be one of {', '.join(INSERTIONS)}, got {insertion!r}")
+        self.insertion, self.max_flips, self.asr_goal = insertion, max_flips, float(asr_goal)
         if position not in POSITIONS:
             raise TrojanscanError(f"TBT trigger position must be one of {', '.join(POSITIONS)}, "
                                   f"got {position!r}")
@@ -125,15 +142,19 @@ class TBT(ModelAttack):
             neurons = self._rank(attacked, lin_weight, x, y)
             trigger = self._trigger(attacked, layer.module, neurons, x, data.input_shape, gen)
             before = evaluate(attacked, data.x_test, data.y_test, trigger)
-            new_codes = self._insert(attacked, weight_name, lin_weight, steps[weight_name], neurons, x, y,
-                                     trigger)
+            if self.insertion == "sgd":
+                new_codes = self._insert(attacked, weight_name, lin_weight, steps[weight_name], neurons, x, y,
+                                         trigger)
+            else:
+                new_codes = self._bit_search(attacked, layer.module, codes[weight_name], steps[weight_name],
+                                             neurons, x, y, trigger)
             with torch.no_grad():
                 lin_weight.copy_(dequantise(new_codes, steps[weight_name]))
             after = evaluate(attacked, data.x_test, data.y_test, trigger)
         flips = bit_flips(codes[weight_name], new_codes)  # no other layer changed
         float_ca = evaluate(model, data.x_test, data.y_test)["clean_accuracy"]
         self.report_ = {"before": before, "after": after, "float_clean_accuracy": float_ca,
-                        "wb": self.wb, "bit_flips": flips,
+                        "wb": self.wb, "insertion": self.insertion, "bit_flips": flips,
                         "weights_changed": int((new_codes != codes[weight_name]).sum()),
                         "weights_total": sum(c.numel() for c in codes.values()),
                         "layer": layer.name, "neurons": neurons.tolist(),
@@ -194,6 +215,73 @@ class TBT(ModelAttack):
         new = quantise(fixed, step)[0]
         new[chosen] = (free.detach() / step).round().clamp(-LEVELS, LEVELS).to(torch.int8)
         return new
+
+    def _bit_search(self, model: nn.Module, last: nn.Module, codes: torch.Tensor, step: float,
+                    neurons: torch.Tensor, x: torch.Tensor, y: torch.Tensor, trigger: Trigger
+                    ) -> torch.Tensor:
+        """Flip one bit of the chosen codes at a time, the flip that lowers the loss most; return the
+        last layer's new codes."""
+        feats, logits = _last_layer_io(model, last, torch.cat([x, trigger.apply(x)]))
+        n, t = len(x), self.target
+        goal = torch.cat([y, torch.full_like(y, t)])
+        f = feats[:, neurons].double()  # the chosen features, clean batch then stamped batch
+        logits = logits.double()
+        others = logits.clone()
+        others[:, t] = -math.inf
+        rest = others.logsumexp(1)  # the other classes' share, fixed by the search
+        theirs = logits.gather(1, goal[:, None])[:, 0]
+        own = codes[t, neurons].to(torch.int64)
+        start = own.clone()
+        bits = 1 << torch.arange(8)
+        for _ in range(8 * self.max_flips):  # a flip may undo an earlier one, so bound the rounds too
+            target_logit = logits[:, t]
+            if ((logits[n:].argmax(1) == t).double().mean() >= self.asr_goal
+                    or _hamming(start, own) >= self.max_flips):
+                break
+            moved = (((own & 0xFF)[:, None] ^ bits) + 128) % 256 - 128  # every single flip, as int8 values
+            allowed = moved >= -LEVELS  # -128 is off the symmetric grid
+            change = (moved - own[:, None]).double() * step  # wb × 8 weight moves
+            new_t = target_logit[:, None, None] + f[:, :, None] * change  # N × wb × 8
+            lse = torch.logaddexp(rest[:, None, None], new_t)
+            picked = torch.where((goal == t)[:, None, None], new_t, theirs[:, None, None])
+            ce = lse - picked
+            loss = ce[:n].mean(0) + ce[n:].mean(0)
+            current = (torch.logaddexp(rest, target_logit) - torch.where(goal == t, target_logit, theirs))
+            now = current[:n].mean() + current[n:].mean()
+            loss[~allowed] = math.inf
+            best = int(loss.argmin())
+            j, b = divmod(best, 8)
+            if not loss.view(-1)[best] < now:
+                break
+            own[j] = moved[j, b]
+            logits[:, t] = new_t[:, j, b]
+            theirs = logits.gather(1, goal[:, None])[:, 0]
+        new = codes.clone()
+        new[t, neurons] = own.to(torch.int8)
+        return new
+
+
+def _hamming(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Bits that differ between two vectors of int8 values held as int64."""
+    return bit_flips(a.to(torch.int8), b.to(torch.int8))
+
+
+def _last_layer_io(model: nn.Module, last: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last layer's input and the model's logits on ``x``; refused when the model changes the last
+    layer's output further (the bit search computes the logits from the layer alone)."""
+    seen: list[torch.Tensor] = []
+    handles = [last.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach())),
+               last.register_forward_hook(lambda _m, _a, out: seen.append(out.detach()))]
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    if len(seen) != 2 or seen[1].shape != logits.shape or not torch.allclose(seen[1], logits, atol=1e-5):
+        raise TrojanscanError("TBT's bit search needs a model whose logits are its last layer's output; "
+                              "use insertion=sgd")
+    return seen[0].flatten(1), logits
 
 
 def _quantise_model(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
