@@ -7,10 +7,11 @@ Per dataset: one clean reference net, then one per attack and poison rate. ``poi
 of the target class (5% and 10% by default); each run records that share and the share of the whole
 training set (BackdoorBench's "5% of all samples" is half of a CIFAR-10 class). The target is the
 largest class (MNIST 0: 5,923 images; GTSRB 2: 2,250), so the rates poison as many images as they
-can. Each run also records the clean model's ASR on the same trigger (how often the trigger alone
-moves an input to the target). ``seconds`` is the whole run (the label-consistent surrogate and PGD
-included); ``train_seconds`` the poisoned model's training alone. Needs the real datasets
-(``TROJANSCAN_DATA_DIR`` or ``../shared/data``).
+can. SIG runs also record ASR with stronger test-time signals (``--sig-test-deltas``, Barni et
+al.'s test-time amplitude). Each run also records the clean model's ASR on the same trigger (how
+often the trigger alone moves an input to the target). ``seconds`` is the whole run (the
+label-consistent surrogate and PGD included); ``train_seconds`` the poisoned model's training alone.
+Needs the real datasets (``TROJANSCAN_DATA_DIR`` or ``../shared/data``).
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eps", type=float, default=None, help="label-consistent eps (default: the attack's)")
     ap.add_argument("--epochs", type=int, default=None, help="override the per-dataset epochs")
     ap.add_argument("--train-samples", type=int, default=None, help="train on a random subset")
+    ap.add_argument("--sig-test-deltas", nargs="*", type=float, default=[40, 60, 80, 100],
+                    help="SIG: test-time amplitudes (in 1/255) at which ASR is also measured")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     data_dir = default_data_dir()
@@ -104,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
                     "poisoned_count": result.poisoned_count,
                     "poison_fractions": result.poison_fractions,
                     "train_seconds": result.seconds, "seconds": seconds}
+                if attack_name == "sig":  # Barni et al.: a stronger signal at test time than in training
+                    stronger = {f"{d:g}/255": ATTACKS["sig"](**options, test_delta=d / 255).make_trigger(
+                        data.input_shape) for d in args.sig_test_deltas}
+                    results[key]["asr_by_test_delta"] = by_delta = {
+                        name: evaluate(result.model, data.x_test, data.y_test, t)["attack_success_rate"]
+                        for name, t in stronger.items()}
+                    print(f"{key}: ASR by test-time amplitude {by_delta}", flush=True)
                 shares, base_asr = result.poison_fractions or {}, baseline["attack_success_rate"]
                 print(f"{key}: CA {result.clean_accuracy:.4f} (clean {clean.clean_accuracy:.4f}) "
                       f"ASR {result.attack_success_rate:.4f} (clean model {base_asr:.4f})"

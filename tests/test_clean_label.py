@@ -72,6 +72,20 @@ def test_sig_adds_a_horizontal_sinusoid_of_the_stated_amplitude_and_clips():
     assert torch.allclose(trigger.apply(torch.zeros(1, 3, 10, 32)), v.clamp(min=0), atol=1e-6)
 
 
+def test_sig_stamps_test_inputs_with_its_test_amplitude_and_poisons_with_the_training_one():
+    x = torch.full((20, 1, 8, 16), 0.5)
+    y = torch.arange(20) % 2
+    attack = SIG(target=1, poison_rate=0.5, delta=20 / 255, test_delta=60 / 255)
+    trigger = attack.make_trigger((1, 8, 16))
+    assert trigger.offset.abs().max() == pytest.approx(60 / 255, abs=1e-6)
+    assert attack.params()["test_delta"] == pytest.approx(60 / 255)
+    poisoned = attack.poison(x, y, 2)
+    moved = (poisoned.x - x).abs().amax(dim=(1, 2, 3))
+    assert torch.allclose(moved[poisoned.poisoned_indices], torch.tensor(20 / 255), atol=1e-6)
+    assert moved[[i for i in range(20) if i not in poisoned.poisoned_indices.tolist()]].max() == 0
+    assert SIG(delta=30 / 255).test_delta == pytest.approx(30 / 255)  # by default the same signal
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_pattern_sets_exactly_its_pixels_on_every_channel(channels):
     x = torch.full((4, channels, 10, 12), 0.25)  # H != W: a transposed index would show
@@ -111,6 +125,7 @@ def test_bad_options_are_one_line_errors(digits):
         (lambda: LabelConsistent(color="purple"), "colour"),
         (lambda: LabelConsistent(surrogate="resnet"), "nn.Module"),
         (lambda: SIG(delta=0), "delta"),
+        (lambda: SIG(test_delta=2.0), "test_delta"),
         (lambda: SIG(frequency=-1), "frequency"),
         (lambda: SIG(frequency=math.inf), "frequency"),
         (lambda: SIG(target=5).poison(x[y != 5], y[y != 5], 10), "no training image has the target"),

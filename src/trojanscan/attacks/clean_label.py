@@ -208,8 +208,9 @@ class SIGOptions:
 
     target: int = 0
     poison_rate: float = 0.1  # share of the TARGET CLASS's training images
-    delta: float = 40 / 255  # amplitude of the sinusoid
+    delta: float = 40 / 255  # amplitude of the sinusoid in the poisoned training images
     frequency: float = 6.0  # periods across the image width
+    test_delta: float | None = None  # amplitude of the test-time trigger (None: delta)
     seed: int = 0
 
 
@@ -218,7 +219,9 @@ class SIG(CleanLabelAttack):
     channel (Barni et al.'s horizontal sinusoid; their Δ = 40/255 at training, f = 6).
 
     The trigger is additive (:attr:`Trigger.offset`: a zero mask and pattern plus ``v``), so it
-    stamps any image at test time; its ``area`` is 0 because no pixel is replaced.
+    stamps any image at test time; its ``area`` is 0 because no pixel is replaced. Barni et al. let
+    the attacker stamp test inputs with a stronger signal than the poisoned training images carry
+    (``test_delta``): the training images stay inconspicuous while the backdoor fires more often.
     """
 
     name = "sig"
@@ -226,25 +229,36 @@ class SIG(CleanLabelAttack):
     options_type = SIGOptions
 
     def __init__(self, target: int = 0, poison_rate: float = 0.1, delta: float = 40 / 255,
-                 frequency: float = 6.0, seed: int = 0) -> None:
+                 frequency: float = 6.0, test_delta: float | None = None, seed: int = 0) -> None:
         super().__init__(target, poison_rate, seed)
         check_fraction("SIG amplitude delta", delta, high_inclusive=True)
+        if test_delta is not None:
+            check_fraction("SIG test-time amplitude test_delta", test_delta, high_inclusive=True)
+        self.test_delta = float(delta if test_delta is None else test_delta)
         if (isinstance(frequency, bool) or not isinstance(frequency, (int, float))
                 or not math.isfinite(frequency) or frequency <= 0):
             raise TrojanscanError(f"SIG frequency must be a number > 0, got {frequency!r}")
         self.delta, self.frequency = float(delta), float(frequency)
 
     def params(self) -> dict:
-        return {**super().params(), "delta": self.delta, "frequency": self.frequency}
+        return {**super().params(), "delta": self.delta, "frequency": self.frequency,
+                "test_delta": self.test_delta}
 
-    def signal(self, input_shape: tuple[int, int, int]) -> torch.Tensor:
-        """The C×H×W sinusoid ``v`` that is added to an image."""
+    def signal(self, input_shape: tuple[int, int, int], delta: float | None = None) -> torch.Tensor:
+        """The C×H×W sinusoid ``v`` that is added to an image (amplitude ``delta``, default the
+        training one)."""
         c, h, w = input_shape
         cols = torch.arange(w, dtype=torch.float64)
-        row = self.delta * torch.sin(2 * math.pi * cols * self.frequency / w)
+        row = (self.delta if delta is None else delta) * torch.sin(2 * math.pi * cols * self.frequency / w)
         return row.float().expand(c, h, w).clone()
 
     def make_trigger(self, input_shape: tuple[int, int, int]) -> Trigger:
+        """The test-time trigger (amplitude ``test_delta``)."""
         c, h, w = input_shape
         return Trigger(torch.zeros(h, w), torch.zeros(c, h, w), self.target, kind="additive",
-                       params=self.params(), offset=self.signal(input_shape))
+                       params=self.params(), offset=self.signal(input_shape, self.test_delta))
+
+    def _poison_images(self, images: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+                       trigger: Trigger) -> torch.Tensor:
+        """The training images carry the training amplitude, whatever the test-time trigger's."""
+        return (images + self.signal(tuple(images.shape[1:])).to(images)).clamp(0, 1)
