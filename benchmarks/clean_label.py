@@ -31,11 +31,15 @@ from trojanscan.data import Dataset, default_data_dir
 from trojanscan.fileio import write_json
 from trojanscan.train import evaluate
 
-# dataset → (arch, epochs as in train_zoo.py, target label, per-attack options beyond the defaults)
+# dataset → (arch, epochs as in train_zoo.py, target label, per-attack options beyond the defaults);
+# label-consistent: MNIST's usual L-inf budget (0.3), a 5×5 patch and 60 PGD steps, picked in four
+# exploratory MNIST runs (ASR at 10% of the class 52% → 71% (eps 0.3) → 76% (5×5) → 86% (60 steps));
+# GTSRB gets the same recipe untuned
+LC_RECIPE = {"eps": 0.3, "size": 5, "steps": 60}
 DATASETS: dict[str, tuple[str, int, int, dict[str, dict[str, Any]]]] = {
-    "mnist": ("mnist-cnn", 4, 0, {"label-consistent": {}, "sig": {}}),
+    "mnist": ("mnist-cnn", 4, 0, {"label-consistent": LC_RECIPE, "sig": {}}),
     # a white patch is invisible on GTSRB's white corners (see train_zoo.py): a checker instead
-    "gtsrb": ("gtsrb-cnn", 6, 2, {"label-consistent": {"color": "checker"}, "sig": {}}),
+    "gtsrb": ("gtsrb-cnn", 6, 2, {"label-consistent": {**LC_RECIPE, "color": "checker"}, "sig": {}}),
 }
 
 
