@@ -61,6 +61,7 @@ def model_attacks() -> dict[str, tuple[str, dict[str, Any]]]:
     if "transfer" in ATTACKS:
         rows["transfer"] = ("transfer", {"target": TARGET})
     rows["tbt-50"] = ("tbt", {"target": TARGET, "wb": 50})
+    rows["tbt-bits-150"] = ("tbt", {"target": TARGET, "wb": 150, "insertion": "bit-search"})
     return rows
 
 
