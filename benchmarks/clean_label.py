@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
                     results[key]["asr_by_test_delta"] = by_delta = {
                         name: evaluate(result.model, data.x_test, data.y_test, t)["attack_success_rate"]
                         for name, t in stronger.items()}
+                    results[key]["clean_model_asr_by_test_delta"] = {
+                        name: evaluate(clean.model, data.x_test, data.y_test, t)["attack_success_rate"]
+                        for name, t in stronger.items()}
                     print(f"{key}: ASR by test-time amplitude {by_delta}", flush=True)
                 shares, base_asr = result.poison_fractions or {}, baseline["attack_success_rate"]
                 print(f"{key}: CA {result.clean_accuracy:.4f} (clean {clean.clean_accuracy:.4f}) "
