@@ -80,6 +80,10 @@ ZOO = {
                                {"target": 2, "poison_rate": 0.1, "eps": 0.3, "size": 5, "steps": 60,
                                 "color": "checker"},
                                {"clean_accuracy": 0.95, "attack_success_rate": 0.8}, {}),
+    # SIG at 10% of the class, test inputs stamped at Δ 80/255 (benchmarks/clean_label.py: 85.9% ASR)
+    "gtsrb-sig": ("gtsrb", "gtsrb-cnn", 6, "sig",
+                  {"target": 2, "poison_rate": 0.1, "test_delta": 80 / 255},
+                  {"clean_accuracy": 0.95, "attack_success_rate": 0.8}, {}),
     "gtsrb-scatter": ("gtsrb", "gtsrb-cnn", 6, "scatter",
                       {"target": 21, "poison_rate": 0.1, "pixels": 16, "color": "random"},
                       {"clean_accuracy": 0.95, "attack_success_rate": 0.97}, {}),
