@@ -73,7 +73,7 @@ def test_sig_adds_a_horizontal_sinusoid_of_the_stated_amplitude_and_clips():
 
 
 def test_sig_ramp_brightens_towards_the_right_edge():
-    v = SIG(target=1, delta=30 / 255, signal="ramp").make_trigger((1, 4, 28)).offset
+    v = SIG(target=1, delta=30 / 255, wave="ramp").make_trigger((1, 4, 28)).offset
     assert torch.allclose(v[0, 0], torch.arange(1, 29) / 28 * (30 / 255), atol=1e-6)  # v(i, j) = delta j / W
     assert torch.equal(v[0, 0], v[0, 3]) and float(v.max()) == pytest.approx(30 / 255)
 
@@ -132,7 +132,7 @@ def test_bad_options_are_one_line_errors(digits):
         (lambda: LabelConsistent(surrogate="resnet"), "nn.Module"),
         (lambda: SIG(delta=0), "delta"),
         (lambda: SIG(test_delta=2.0), "test_delta"),
-        (lambda: SIG(signal="square"), "sine or ramp"),
+        (lambda: SIG(wave="square"), "sine or ramp"),
         (lambda: SIG(frequency=-1), "frequency"),
         (lambda: SIG(frequency=math.inf), "frequency"),
         (lambda: SIG(target=5).poison(x[y != 5], y[y != 5], 10), "no training image has the target"),

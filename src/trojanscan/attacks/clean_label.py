@@ -210,7 +210,7 @@ class SIGOptions:
     poison_rate: float = 0.1  # share of the TARGET CLASS's training images
     delta: float = 40 / 255  # amplitude of the sinusoid in the poisoned training images
     frequency: float = 6.0  # periods across the image width
-    signal: str = "sine"  # sine, or ramp (Barni et al.'s MNIST signal)
+    wave: str = "sine"  # sine, or ramp (Barni et al.'s MNIST signal)
     test_delta: float | None = None  # amplitude of the test-time trigger (None: delta)
     seed: int = 0
 
@@ -218,7 +218,7 @@ class SIGOptions:
 class SIG(CleanLabelAttack):
     """SIG: ``x' = clip(x + v)`` with ``v(i, j) = delta · sin(2π · j · frequency / W)`` on every row and
     channel (Barni et al.'s horizontal sinusoid; their Δ = 40/255 at training, f = 6), or with
-    ``signal="ramp"`` their MNIST signal ``v(i, j) = delta · j / W`` (brighter to the right).
+    ``wave="ramp"`` their MNIST signal ``v(i, j) = delta · j / W`` (brighter to the right).
 
     The trigger is additive (:attr:`Trigger.offset`: a zero mask and pattern plus ``v``), so it
     stamps any image at test time; its ``area`` is 0 because no pixel is replaced. Barni et al. let
@@ -231,7 +231,7 @@ class SIG(CleanLabelAttack):
     options_type = SIGOptions
 
     def __init__(self, target: int = 0, poison_rate: float = 0.1, delta: float = 40 / 255,
-                 frequency: float = 6.0, signal: str = "sine", test_delta: float | None = None,
+                 frequency: float = 6.0, wave: str = "sine", test_delta: float | None = None,
                  seed: int = 0) -> None:
         super().__init__(target, poison_rate, seed)
         check_fraction("SIG amplitude delta", delta, high_inclusive=True)
@@ -241,12 +241,12 @@ class SIG(CleanLabelAttack):
         if (isinstance(frequency, bool) or not isinstance(frequency, (int, float))
                 or not math.isfinite(frequency) or frequency <= 0):
             raise TrojanscanError(f"SIG frequency must be a number > 0, got {frequency!r}")
-        if signal not in ("sine", "ramp"):
-            raise TrojanscanError(f"SIG signal must be sine or ramp, got {signal!r}")
-        self.delta, self.frequency, self.wave = float(delta), float(frequency), signal
+        if wave not in ("sine", "ramp"):
+            raise TrojanscanError(f"SIG wave must be sine or ramp, got {wave!r}")
+        self.delta, self.frequency, self.wave = float(delta), float(frequency), wave
 
     def params(self) -> dict:
-        return {**super().params(), "delta": self.delta, "frequency": self.frequency, "signal": self.wave,
+        return {**super().params(), "delta": self.delta, "frequency": self.frequency, "wave": self.wave,
                 "test_delta": self.test_delta}
 
     def signal(self, input_shape: tuple[int, int, int], delta: float | None = None) -> torch.Tensor:
