@@ -233,6 +233,8 @@ class TBT(ModelAttack):
         own = codes[t, neurons].to(torch.int64)
         start = own.clone()
         bits = 1 << torch.arange(8)
+        ce = torch.logaddexp(rest, logits[:, t]) - theirs
+        now = ce[:n].mean() + ce[n:].mean()  # the loss at the current codes
         for _ in range(8 * self.max_flips):  # a flip may undo an earlier one, so bound the rounds too
             target_logit = logits[:, t]
             if ((logits[n:].argmax(1) == t).double().mean() >= self.asr_goal
@@ -246,14 +248,12 @@ class TBT(ModelAttack):
             picked = torch.where((goal == t)[:, None, None], new_t, theirs[:, None, None])
             ce = lse - picked
             loss = ce[:n].mean(0) + ce[n:].mean(0)
-            current = (torch.logaddexp(rest, target_logit) - torch.where(goal == t, target_logit, theirs))
-            now = current[:n].mean() + current[n:].mean()
             loss[~allowed] = math.inf
             best = int(loss.argmin())
             j, b = divmod(best, 8)
             if not loss.view(-1)[best] < now:
                 break
-            own[j] = moved[j, b]
+            own[j], now = moved[j, b], loss[j, b]
             logits[:, t] = new_t[:, j, b]
             theirs = logits.gather(1, goal[:, None])[:, 0]
         new = codes.clone()
