@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from trojanscan.defenses.mmbd import MarginEvidence
-from trojanscan.defenses.pairs import SMALL_PAIR, PairEvidence
+from trojanscan.defenses.pairs import PAIR_PRIOR, SMALL_PAIR, PairEvidence
 from trojanscan.defenses.scan_result import ScanResult
 
 RULE_VERSION = 4
@@ -57,11 +57,6 @@ CLEAN_LOG_RATIO = (-0.421, 0.202)
 PAIR_SIZE = SMALL_PAIR  # the pair search reverses only pairs this small
 PAIR_SYMMETRY = 10.0  # K-Arm's bound; at 2.5 every clean Fashion-MNIST development model had injected pairs
 ALL_TO_ALL_PAIRS = 3  # injected pairs (to as many different targets) that make an all-to-all backdoor
-# Rule 3: a pair whose source's clean images already go to the target (mean softmax at least this)
-# needs no trigger one way, so its asymmetry says nothing. Set after the seed-300 measurement: its
-# clean GTSRB ResNet/MobileNet models were called all-to-all from such pairs (0.10-0.60), while every
-# injected pair of the MNIST/Fashion-MNIST zoos had at most 0.04.
-PAIR_PRIOR = 0.1
 VERDICTS = ("clean", "suspicious", "backdoored")
 # the size null was fitted on 10- and 43-label models; with 2 labels two ordinary triggers 2.5x apart
 # would read p 0.004, and with 1 the expected smallest normal is 0
