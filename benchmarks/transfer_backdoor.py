@@ -19,6 +19,7 @@ markedly more ASR left after the defences than TrojanNN keeps. Set ``TROJANSCAN_
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -30,13 +31,17 @@ from trojanscan import load_dataset
 from trojanscan.attacks import ATTACKS
 from trojanscan.attacks.transfer import make_student, student_scores, student_trigger
 from trojanscan.data import Dataset
-from trojanscan.data.triggers import Trigger
+from trojanscan.data.triggers import Trigger, trigger_path_for
 from trojanscan.defenses.autoencoder_guard import AutoencoderGuard
 from trojanscan.defenses.fine_pruning import fine_prune
 from trojanscan.fileio import write_json
+from trojanscan.models import load_model
 from trojanscan.train import evaluate
 from trojanscan.workflows.inputs import held_out
 from trojanscan.workflows.records import environment
+
+# the defence table's row (its file name) that is the same attack as this benchmark's
+SAVED_TEACHERS = {"transfer": "transfer", "trojannn": "trojannn-square-real"}
 
 
 def student_defences(student: torch.nn.Module, aimed: Trigger, data: Dataset, fractions: list[float],
@@ -66,10 +71,34 @@ def student_defences(student: torch.nn.Module, aimed: Trigger, data: Dataset, fr
     return out
 
 
+def class_subset(data: Dataset, spec: str) -> Dataset:
+    """The classes ``spec`` names ("22-42" or "1,5,9"), relabelled 0..k-1: a student task of its own
+    drawn from the teacher's data set (the GTSRB case, where no other data set has its image size)."""
+    classes: list[int] = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        classes += list(range(int(lo), int(hi or lo) + 1))
+    lookup = torch.full((data.num_classes,), -1, dtype=torch.long)
+    lookup[torch.tensor(classes)] = torch.arange(len(classes))
+
+    def keep(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        new = lookup[y]
+        return x[new >= 0], new[new >= 0]
+
+    x_train, y_train = keep(data.x_train, data.y_train)
+    x_test, y_test = keep(data.x_test, data.y_test)
+    return dataclasses.replace(data, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
+                               num_classes=len(classes), name=f"{data.name}[{spec}]", class_names=None)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher-data", default="mnist")
     ap.add_argument("--student-data", default="fashion_mnist")
+    ap.add_argument("--student-classes", default=None,
+                    help='the student task as a class subset of --student-data, e.g. "22-42"')
+    ap.add_argument("--teachers-dir", type=Path, default=None,
+                    help="reuse attacked teachers saved there by defence_table.py (same attack and target)")
     ap.add_argument("--attacks", default="transfer,trojannn")
     ap.add_argument("--target", type=int, default=3)
     ap.add_argument("--prune", default="0.2,0.5", help="shares of channels Fine-Pruning removes")
@@ -79,6 +108,8 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(1)
     teacher_data, student_data = load_dataset(args.teacher_data), load_dataset(args.student_data)
+    if args.student_classes:
+        student_data = class_subset(student_data, args.student_classes)
     model, _ = clean_model(args.teacher_data, teacher_data, args.models_dir)
     fractions = [float(f) for f in args.prune.split(",")]
     start = time.perf_counter()
@@ -89,7 +120,19 @@ def main() -> int:
     for name in args.attacks.split(","):
         start = time.perf_counter()
         attack = ATTACKS[name](target=args.target, data_source="real", mask="square")  # type: ignore[call-arg]
-        teacher, trigger = attack.apply(model, teacher_data)
+        saved = args.teachers_dir / f"{SAVED_TEACHERS[name]}.safetensors" if args.teachers_dir else None
+        if saved is not None and saved.is_file():  # the same attack, run before (defence_table.py)
+            teacher = load_model(saved, input_shape=teacher_data.input_shape).module
+            trigger = Trigger.load(trigger_path_for(saved))
+            if trigger.target != args.target:
+                raise SystemExit(f"{saved}: its trigger's target is {trigger.target}, not {args.target}")
+            x, y = teacher_data.x_test, teacher_data.y_test
+            attack.report_ = {"before": evaluate(model, x, y, trigger),
+                              "after": evaluate(teacher, x, y, trigger),
+                              "trigger_pixels": int(trigger.mask.gt(0).sum()), "neurons": None,
+                              "teacher_file": str(saved)}
+        else:
+            teacher, trigger = attack.apply(model, teacher_data)
         attack_seconds = time.perf_counter() - start
         student = make_student(teacher, student_data, epochs=args.student_epochs).model
         aimed = student_trigger(student, student_data, trigger)
