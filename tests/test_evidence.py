@@ -65,3 +65,36 @@ def test_pair_search_sees_an_all_to_all_backdoor_asymmetrically(digits):
     assert len(screened) == 20 and all(s != t for s, t, _ in screened)
     with pytest.raises(TrojanscanError, match="different labels"):
         PairSearch().search(trained.model, x, y, num_classes=10, pairs=[(3, 3)])
+
+
+def test_pair_search_spends_no_reverse_on_a_pair_the_source_already_leans_to(monkeypatch):
+    from types import SimpleNamespace
+
+    from trojanscan.defenses import pairs as pair_module
+    from trojanscan.defenses.pairs import PAIR_PRIOR
+
+    # logits per class image (one-hot pixels): class 0 already goes to 1 half the time (softmax 0.5 >=
+    # PAIR_PRIOR); every other class leans to its next-best label with under 1%
+    logits = torch.tensor([[0.0, 0, -9, -9], [-9, 5, -9, 0], [-9, -9, 5, 0], [0, -9, -9, 5]])
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 4, bias=False))
+    with torch.no_grad():
+        model[1].weight.copy_(logits.T)
+    y = torch.arange(4).repeat(10)
+    x = torch.nn.functional.one_hot(y, 4).float().view(-1, 1, 2, 2)
+    asked: list[list[tuple[int, int]]] = []
+    norms = {(0, 1): 1.0, (2, 3): 1.0}  # the small forward pairs; the others 9 (median 5)
+
+    def fake_search(model, pools, targets, keys, schedule, *, chunk, seed):
+        arms = [(k // 4, k % 4) for k in keys]
+        asked.append(arms)
+        return [SimpleNamespace(label=k, l1_norm=norms.get(a, 9.0), attack_success_rate=1.0, image_passes=1)
+                for k, a in zip(keys, arms, strict=True)]
+
+    monkeypatch.setattr(pair_module, "search_pair_triggers", fake_search)
+    evidence = PairSearch(candidates=1, mini_batches=1).search(model, x, y, num_classes=4)
+    assert asked[0] == [(0, 1), (1, 3), (2, 3), (3, 0)]
+    assert evidence.pairs[0].prescreen_probability >= PAIR_PRIOR > evidence.pairs[2].prescreen_probability
+    assert asked[1:] == [[(3, 2)]]  # (2, 3) is reversed; (0, 1) leans already and is not
+    assert evidence.options["mini_batches"] == 1
+    with pytest.raises(TrojanscanError, match="mini_batches"):
+        PairSearch(mini_batches=0)
