@@ -54,7 +54,7 @@ class PairSearchOptions:
     schedule: str = "default"  # the trigger-search schedule, as Neural Cleanse's
     steps: int | None = None
     # mini-batches a step (None: the schedule's, 2 by default). 1 halves the cost, but on the development
-    # zoos it made 2 of 30 clean models "suspicious" (README: "The pair search's cost")
+    # zoos it made 2 more of 38 clean models "suspicious" (README: "The pair search's cost")
     mini_batches: int | None = None
     chunk: int = 20  # pairs optimised together in one batched pass
     candidates: int = 2  # targets kept per source by the pre-screening
