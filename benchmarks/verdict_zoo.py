@@ -1,5 +1,5 @@
 """Score the combined verdict (and the paper's MAD test and the size ratio as baselines) on a zoo
-built by ``trojanscan bench zoo --methods neural-cleanse,mm-bd,pairs``, from its saved scans.
+built by ``trojanscan bench zoo --methods neural-cleanse,mm-bd,pairs,untargeted``, from its saved scans.
 
     python benchmarks/verdict_zoo.py ZOO_DIR [ZOO_DIR ...] --out bench_out/verdict_zoo.json
 
@@ -23,9 +23,12 @@ from trojanscan.defenses.mmbd import MarginEvidence
 from trojanscan.defenses.pairs import PairEvidence
 from trojanscan.defenses.population import log_ratios, population_evidence
 from trojanscan.defenses.scan_result import ScanResult
+from trojanscan.defenses.untargeted import UntargetedEvidence
 from trojanscan.defenses.verdict import ALPHA, RULE_VERSION, decide
 from trojanscan.fileio import write_json
 from trojanscan.metrics import roc_auc
+
+UNTARGETED = True  # use the untargeted trigger's evidence (--no-untargeted: the zoos scanned before it)
 
 
 def add_population(rows: list[dict]) -> None:
@@ -67,12 +70,13 @@ def attack_kind(spec: dict) -> str:
 def _row(zoo: Path, m: dict) -> dict | None:
     scans = sorted(glob.glob(str(zoo / "scans" / m["key"] / "neural-cleanse-*")))
     evidence = m.get("evidence", {})
-    if not scans or set(evidence) != {"mm-bd", "pairs"}:
+    if not scans or not {"mm-bd", "pairs"} <= set(evidence) or (UNTARGETED and "untargeted" not in evidence):
         return None
     scan = ScanResult.load(scans[0])
     mm = evidence["mm-bd"]["evidence"]
+    untargeted = (UntargetedEvidence.from_dict(evidence["untargeted"]["evidence"]) if UNTARGETED else None)
     verdict = decide(scan, MarginEvidence(mm["statistics"], mm["p_value"], mm["flagged_labels"], mm["null"]),
-                     PairEvidence.from_dict(evidence["pairs"]["evidence"]))
+                     PairEvidence.from_dict(evidence["pairs"]["evidence"]), untargeted)
     spec = m["spec"]
     return {"name": m["name"], "trojaned": m["trojaned"], "attack": attack_kind(spec),
             "dataset": spec["dataset"], "arch": m.get("arch"), "normalised": bool(spec.get("normalised")),
@@ -85,8 +89,8 @@ def _row(zoo: Path, m: dict) -> dict | None:
             "paper_flagged": scan.flagged_labels, "size_ratio": scan.size_ratio,
             "anomaly_index": scan.anomaly_index,
             "log_ratios": log_ratios([r.l1_norm for r in sorted(scan.labels, key=lambda r: r.label)]),
-            "mmbd_p": mm["p_value"], "seconds": scan.seconds + evidence["mm-bd"]["seconds"]
-            + evidence["pairs"]["seconds"]}
+            "mmbd_p": mm["p_value"], "untargeted_spread": untargeted.spread if untargeted else None,
+            "seconds": scan.seconds + sum(evidence[k]["seconds"] for k in evidence)}
 
 
 def _rates(rows: list[dict]) -> dict:
@@ -148,7 +152,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("zoo", type=Path, nargs="+")
     ap.add_argument("--out", type=Path, default=Path("bench_out/verdict_zoo.json"))
+    ap.add_argument("--no-untargeted", action="store_true",
+                    help="leave the untargeted trigger's evidence out (zoos scanned before it)")
     args = ap.parse_args()
+    global UNTARGETED
+    UNTARGETED = not args.no_untargeted
     rows, seeds = [], []
     for zoo in args.zoo:
         results = json.loads((zoo / "results.json").read_text())
@@ -162,7 +170,7 @@ def main() -> int:
         for r in usable:
             groups[str(r[key])].append(r)
         by[f"by_{key}"] = {k: _rates(v) for k, v in sorted(groups.items())}
-    write_json(args.out, {"benchmark": "verdict", "rule_version": RULE_VERSION,
+    write_json(args.out, {"benchmark": "verdict", "rule_version": RULE_VERSION, "untargeted": UNTARGETED,
                           "zoos": [str(z) for z in args.zoo], "zoo_seeds": seeds,
                           "left_out_attack_did_not_take": [r["name"] for r in rows if not r["attack_took"]],
                           "summary": by, "models": rows})

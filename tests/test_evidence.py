@@ -1,5 +1,6 @@
 """Evidence beyond the per-label trigger size: MM-BD's maximum-margin statistic and its p-value, and
-the label-pair (source-specific) trigger search with its symmetry ratio."""
+the label-pair (source-specific) trigger search with its symmetry ratio, and the universal untargeted
+trigger's label map."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from trojanscan.attacks import AllToAll
 from trojanscan.defenses.mmbd import MMBD, margins, order_statistic_p_value
 from trojanscan.defenses.pairs import PairEvidence, PairSearch, prescreen
+from trojanscan.defenses.untargeted import SourceShift, UntargetedEvidence, UntargetedSearch, label_shifts
 from trojanscan.errors import TrojanscanError
 
 
@@ -48,11 +50,17 @@ def test_mmbd_flags_a_blended_backdoor_without_data(digits):
     assert evidence.to_dict()["infected"] is True
 
 
-def test_pair_search_sees_an_all_to_all_backdoor_asymmetrically(digits):
+@pytest.fixture(scope="module")
+def all_to_all_digits(digits):
+    """A mnist-cnn on the digits with a 3×3 patch that sends label i to i+1."""
     from trojanscan import train_classifier
 
-    trained = train_classifier(digits, "mnist-cnn", epochs=15, batch_size=64, seed=0, progress=False,
-                               attack=AllToAll(poison_rate=0.15, size=3))
+    return train_classifier(digits, "mnist-cnn", epochs=15, batch_size=64, seed=0, progress=False,
+                            attack=AllToAll(poison_rate=0.15, size=3))
+
+
+def test_pair_search_sees_an_all_to_all_backdoor_asymmetrically(digits, all_to_all_digits):
+    trained = all_to_all_digits
     x, y = digits.x_test[:600], digits.y_test[:600]
     evidence = PairSearch(steps=100).search(trained.model, x, y, num_classes=10,
                                             pairs=[(0, 1), (1, 2), (5, 6)], reverse="all")
@@ -98,3 +106,33 @@ def test_pair_search_spends_no_reverse_on_a_pair_the_source_already_leans_to(mon
     assert evidence.options["mini_batches"] == 1
     with pytest.raises(TrojanscanError, match="mini_batches"):
         PairSearch(mini_batches=0)
+
+
+def test_label_shifts_on_hand_made_predictions():
+    before = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
+    after = torch.tensor([1, 1, 1, 0, 2, 0, 2, 2])
+    shifts = {s.source: s for s in label_shifts(before, after, 4)}
+    assert (shifts[0].target, shifts[0].moved, shifts[0].share) == (1, 0.75, 1.0) and shifts[0].mapped
+    assert shifts[1].moved == 1.0 and shifts[1].share == 0.5 and shifts[1].mapped  # a tie: one of the two
+    assert shifts[2].moved == 0.0 and not shifts[2].mapped  # nothing moved
+    assert 3 not in shifts  # no images of label 3
+
+
+def test_untargeted_trigger_maps_an_all_to_all_backdoor_and_not_a_clean_model(digits, all_to_all_digits,
+                                                                            clean_digits):
+    x, y = digits.x_test[:600], digits.y_test[:600]
+    weights = [p.clone() for p in all_to_all_digits.model.parameters()]
+    found = UntargetedSearch(steps=100, seed=0).inspect(all_to_all_digits.model, x, y, num_classes=10)
+    assert all(torch.equal(a, b) for a, b in zip(weights, all_to_all_digits.model.parameters(), strict=True))
+    shifted = [(s, t) for s, t in found.mapped_pairs() if t == (s + 1) % 10]
+    assert len(shifted) >= 7 and found.spread >= 7, found.mapped_pairs()  # the injected map, i → i+1
+    assert found.success_rate >= 0.6 and found.l1_norm < 15
+    clean = UntargetedSearch(steps=100, seed=0).inspect(clean_digits.model, x, y, num_classes=10)
+    assert clean.spread <= 3 and clean.l1_norm > 2 * found.l1_norm, clean.mapped_pairs()  # hub labels
+    again = UntargetedEvidence.from_dict(found.to_dict())
+    assert again.mapped_pairs() == found.mapped_pairs() and again.to_dict()["spread"] == found.spread
+    with pytest.raises(TrojanscanError, match="labels"):
+        UntargetedSearch().inspect(clean_digits.model, x, None, num_classes=10)
+    with pytest.raises(TrojanscanError, match="starts"):
+        UntargetedSearch(starts=0)
+    assert isinstance(found.shifts[0], SourceShift)

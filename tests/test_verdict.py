@@ -12,6 +12,7 @@ from trojanscan.cli import app
 from trojanscan.defenses.mmbd import MarginEvidence
 from trojanscan.defenses.pairs import PairEvidence, PairResult
 from trojanscan.defenses.scan_result import LabelResult, ScanResult
+from trojanscan.defenses.untargeted import SourceShift, UntargetedEvidence
 from trojanscan.defenses.verdict import (
     ALPHA,
     CLEAN_LOG_RATIO,
@@ -22,6 +23,7 @@ from trojanscan.defenses.verdict import (
     injected_pairs,
     size_ratio_p_value,
     smallest_normal,
+    spread_needed,
 )
 from trojanscan.fileio import to_jsonable
 from trojanscan.models import save_model
@@ -130,9 +132,32 @@ def test_asymmetric_pairs_from_most_sources_are_all_to_all():
     assert (lone.verdict, lone.kind, lone.targets) == ("suspicious", "source-specific", [1])
 
 
+def _shifts(targets: dict[int, int], k: int = 10, share: float = 0.9) -> UntargetedEvidence:
+    """Sources in ``targets`` move (80%) to their label; the others barely move (30%)."""
+    shifts = [SourceShift(s, targets.get(s, (s + 3) % k), 0.8 if s in targets else 0.3, share)
+              for s in range(k)]
+    return UntargetedEvidence(6.0, 0.8, True, shifts, k, 1.0, 100)
+
+
+def test_an_untargeted_trigger_that_maps_many_labels_apart_is_all_to_all():
+    shifted = _shifts({s: (s + 1) % 10 for s in range(5)})  # 5 sources of 10 to 5 different labels
+    v = decide(_scan(FLAT), _margins([40.0] * 10, 0.5), untargeted=shifted)
+    assert (v.verdict, v.kind, v.targets) == ("backdoored", "all-to-all", [1, 2, 3, 4, 5])
+    assert v.injected_pairs == [(s, s + 1) for s in range(5)]
+    assert v.evidence[-1].says == "backdoor" and v.evidence[-1].threshold == spread_needed(10) == 5
+    four = decide(_scan(FLAT), untargeted=_shifts({s: (s + 1) % 10 for s in range(4)}))
+    assert four.verdict == "clean" and four.evidence[-1].says == "clean"
+    hub = decide(_scan(FLAT), untargeted=_shifts({s: 3 for s in range(10) if s != 3}))  # a natural hub
+    assert hub.verdict == "clean" and hub.evidence[-1].value == 1
+    loose = _shifts({s: (s + 1) % 10 for s in range(8)}, share=0.4)  # moved, but scattered
+    assert decide(_scan(FLAT), untargeted=loose).verdict == "clean"
+    assert spread_needed(43) == 22 and spread_needed(4) == 3
+
+
 def test_the_verdict_round_trips_through_json():
     v = decide(_scan([6.0, *FLAT[1:]]), _margins([40.0] * 10, 0.5),
-               _pairs([(0, 1, 8.0, 95.0), (1, 2, 20.0, 21.0), (2, 3, 20.0, 20.0)]))
+               _pairs([(0, 1, 8.0, 95.0), (1, 2, 20.0, 21.0), (2, 3, 20.0, 20.0)]),
+               _shifts({0: 1, 1: 2}))
     back = Verdict.from_dict(json.loads(json.dumps(to_jsonable(v.to_dict()))))
     assert to_jsonable(back.to_dict()) == to_jsonable(v.to_dict())
 

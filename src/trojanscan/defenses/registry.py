@@ -16,12 +16,13 @@ from trojanscan.defenses.pairs import PairSearch
 from trojanscan.defenses.strip import Strip
 from trojanscan.defenses.tabor import Tabor
 from trojanscan.defenses.teco import TeCo
+from trojanscan.defenses.untargeted import UntargetedSearch
 from trojanscan.validation import check_choice
 
 REVERSERS: dict[str, type[TriggerReverser]] = {cls.name: cls for cls in (NeuralCleanse, Tabor)}
 GUARDS: dict[str, type[InputGuard]] = {cls.name: cls for cls in (Strip, InputFilter, TeCo, Guard,
                                                                    AutoencoderGuard)}
-INSPECTORS: dict[str, type[ModelInspector]] = {cls.name: cls for cls in (MMBD, PairSearch)}
+INSPECTORS: dict[str, type[ModelInspector]] = {cls.name: cls for cls in (MMBD, PairSearch, UntargetedSearch)}
 
 
 def reverser(name: str) -> type[TriggerReverser]:

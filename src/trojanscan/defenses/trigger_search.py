@@ -276,15 +276,39 @@ def search_pair_triggers(model: nn.Module, pools: Sequence[torch.Tensor], target
     return [results[k] for k in keys]
 
 
+def search_untargeted_triggers(model: nn.Module, x_clean: torch.Tensor, y_clean: torch.Tensor,
+                               schedule: SearchSchedule, *, starts: int = 1, seed: int = 0
+                               ) -> list[LabelSearch]:
+    """Universal *untargeted* triggers: one mask and pattern that move clean images off their own
+    label ``y_clean``, to any other (loss ``-log(1 - p_y)``; the success rate counts moved images),
+    kept small by the same λ schedule. ``starts`` arms from different random starts run together;
+    their results come back labelled 0..starts-1."""
+    if len(x_clean) == 0 or len(y_clean) != len(x_clean):
+        raise TrojanscanError("the untargeted search needs clean images and one label per image")
+    if starts < 1:
+        raise TrojanscanError(f"starts must be >= 1, got {starts}")
+    grads_before = [p.requires_grad for p in model.parameters()]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        with evaluating(model):
+            return _search_chunk(model, x_clean, y_clean.long(), list(range(starts)), schedule, seed, None,
+                                 None, None, away=True)
+    finally:
+        for p, g in zip(model.parameters(), grads_before, strict=True):
+            p.requires_grad_(g)
+
+
 def _search_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, labels: list[int],
                   s: SearchSchedule,
                   seed: int, regularizer: Regularizer | None, on_step: StepCallback | None,
                   on_label_done: Callable[[LabelSearch], None] | None,
                   pools: list[torch.Tensor] | None = None,
                   keys: list[int] | None = None,
-                  replay: Mapping[int, int] | None = None) -> list[LabelSearch]:
+                  replay: Mapping[int, int] | None = None, away: bool = False) -> list[LabelSearch]:
     """One batched pass over ``labels`` (the targets). All arms stamp the shared images ``x``, or,
     with ``pools``, arm i stamps only ``pools[i]``; ``keys`` name the arms (default: the labels).
+    With ``away`` the arms are untargeted: each pushes the images off their own labels ``y``.
     An arm in ``replay`` only holds its place for the given number of steps (see
     :func:`search_triggers`)."""
     c, h, w = x.shape[1:]
@@ -336,8 +360,14 @@ def _search_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, lab
             pattern = _to_unit(b_act)  # A×C×H×W
             stamped = (1 - mask).unsqueeze(1) * arms_x + (mask * pattern).unsqueeze(1)
             logits = model(stamped.reshape(-1, c, h, w))
-            targets = targets_all[idx].repeat_interleave(arms_x.shape[1])
-            ce = F.cross_entropy(logits, targets, reduction="none").view(len(active), -1).mean(1)
+            if away:  # every arm stamps the same batch: the targets are the images' own labels
+                targets = y[batch].repeat(len(active))
+                log_p = F.log_softmax(logits, 1)
+                log_rest = log_p.scatter(1, targets[:, None], -math.inf).logsumexp(1)  # log(1 - p_y)
+                ce = -log_rest.view(len(active), -1).mean(1)
+            else:
+                targets = targets_all[idx].repeat_interleave(arms_x.shape[1])
+                ce = F.cross_entropy(logits, targets, reduction="none").view(len(active), -1).mean(1)
             l1 = mask.sum(dim=(1, 2, 3))
             costs = torch.tensor([states[i].cost for i in active])
             loss = ce + costs * l1
@@ -353,7 +383,8 @@ def _search_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, lab
                     m_hat = m1[idx] / (1 - beta1 ** t)
                     v_hat = m2[idx] / (1 - beta2 ** t)
                     p[idx] = p[idx] - s.lr * m_hat / (v_hat.sqrt() + 1e-8)
-                hits = (logits.argmax(1) == targets).float().view(len(active), -1).mean(1)
+                hits = ((logits.argmax(1) != targets) if away else (logits.argmax(1) == targets)
+                        ).float().view(len(active), -1).mean(1)
                 sums += torch.stack([hits, l1.detach(), loss.detach(),
                                      torch.ones(len(active))], 1)
         share = (time.perf_counter() - step_start) / len(active)

@@ -45,6 +45,7 @@ from typing import Any
 from trojanscan.defenses.mmbd import MarginEvidence
 from trojanscan.defenses.pairs import PAIR_PRIOR, SMALL_PAIR, PairEvidence
 from trojanscan.defenses.scan_result import ScanResult
+from trojanscan.defenses.untargeted import UntargetedEvidence
 
 RULE_VERSION = 4
 ALPHA = 0.01  # the score below which a model is backdoored (the module notes say why)
@@ -57,6 +58,9 @@ CLEAN_LOG_RATIO = (-0.421, 0.202)
 PAIR_SIZE = SMALL_PAIR  # the pair search reverses only pairs this small
 PAIR_SYMMETRY = 10.0  # K-Arm's bound; at 2.5 every clean Fashion-MNIST development model had injected pairs
 ALL_TO_ALL_PAIRS = 3  # injected pairs (to as many different targets) that make an all-to-all backdoor
+# the share of the labels that the untargeted trigger's mapped sources must reach, all different, for an
+# all-to-all verdict (at least ALL_TO_ALL_PAIRS); the module notes say where it was set
+ALL_TO_ALL_SPREAD = 0.5
 VERDICTS = ("clean", "suspicious", "backdoored")
 # the size null was fitted on 10- and 43-label models; with 2 labels two ordinary triggers 2.5x apart
 # would read p 0.004, and with 1 the expected smallest normal is 0
@@ -202,8 +206,24 @@ def _pair_evidence(pairs: PairEvidence) -> EvidenceItem:
                                 else f"no injected pair among {sources} sources"))
 
 
+def spread_needed(labels: int) -> int:
+    """How many different labels an untargeted trigger's map must reach to read as all-to-all."""
+    return max(ALL_TO_ALL_PAIRS, math.ceil(ALL_TO_ALL_SPREAD * labels))
+
+
+def _untargeted_evidence(untargeted: UntargetedEvidence) -> EvidenceItem:
+    mapped = untargeted.mapped_pairs()
+    needed = spread_needed(untargeted.num_classes)
+    says = "backdoor" if untargeted.spread >= needed else "clean"
+    return EvidenceItem("untargeted trigger map", untargeted.spread, needed, says,
+                        sorted({t for _, t in mapped}) if says == "backdoor" else [],
+                        detail=f"a {untargeted.l1_norm:.1f}-px universal trigger moves "
+                               f"{untargeted.success_rate:.0%} of the clean images; mapped sources "
+                               f"{mapped or 'none'} reach {untargeted.spread} different labels")
+
+
 def decide(scan: ScanResult, mmbd: MarginEvidence | None = None,
-           pairs: PairEvidence | None = None) -> Verdict:
+           pairs: PairEvidence | None = None, untargeted: UntargetedEvidence | None = None) -> Verdict:
     """Combine the evidence into one :class:`Verdict` (see the module notes for the rule)."""
     size_p = _label_p_values(scan)
     items = [_size_evidence(scan, size_p)]
@@ -211,18 +231,25 @@ def decide(scan: ScanResult, mmbd: MarginEvidence | None = None,
     if mmbd is not None:
         items.append(_margin_evidence(mmbd))
         label_p.setdefault(margin_top(mmbd), []).append(mmbd.p_value)
+    pair_says = untargeted_says = "clean"
     if pairs is not None:
         items.append(_pair_evidence(pairs))
+        pair_says = items[-1].says
+    if untargeted is not None:
+        items.append(_untargeted_evidence(untargeted))
+        untargeted_says = items[-1].says
     p_values = [e.p_value for e in items if math.isfinite(e.p_value)]
     score = combined_p_value(p_values) if p_values else math.nan
     per_label = {k: combined_p_value([p for p in ps if math.isfinite(p)]) for k, ps in label_p.items()
                  if any(math.isfinite(p) for p in ps)}
     found = injected_pairs(pairs) if pairs is not None else []
-    pair_says = items[-1].says if pairs is not None else "clean"
-    verdict = ("backdoored" if score < ALPHA or pair_says == "backdoor" else
+    all_to_all = "backdoor" in (pair_says, untargeted_says)
+    verdict = ("backdoored" if score < ALPHA or all_to_all else
                "suspicious" if score < SUSPICIOUS or pair_says == "suspicious" else "clean")
     strongest = [min(per_label, key=per_label.get)] if per_label else []
-    if pair_says == "backdoor":
+    if all_to_all:
+        if untargeted_says == "backdoor":
+            found = sorted(set(found) | set(untargeted.mapped_pairs()))  # type: ignore[union-attr]
         kind, targets = "all-to-all", sorted({t for _, t in found})
     elif verdict == "backdoored":  # each label on its own evidence; else the label with the strongest
         targets = sorted(k for k, p in per_label.items() if p < ALPHA) or strongest

@@ -12,7 +12,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from trojanscan.defenses.outliers import SIZE_RATIO_THRESHOLD
-from trojanscan.defenses.registry import REVERSERS
+from trojanscan.defenses.registry import INSPECTORS, REVERSERS
+from trojanscan.defenses.untargeted import MAPPED
 from trojanscan.fileio import atomic_write_bytes
 from trojanscan.report.page import img_tag, write_page
 
@@ -93,7 +94,12 @@ def _attack_text(m: dict[str, Any]) -> str:
 
 
 def evidence_summary(method: str, evidence: dict[str, Any]) -> str:
-    """One line of MM-BD's or the pair search's evidence, for the zoo's log."""
+    """One line of MM-BD's, the pair search's or the untargeted trigger's evidence, for the zoo's log."""
+    if method == "untargeted":
+        mapped = [(s["source"], s["target"]) for s in evidence["shifts"]
+                  if s["moved"] >= MAPPED and s["share"] >= MAPPED]
+        return (f"{evidence['l1_norm']:.1f}-px trigger moves {evidence['success_rate']:.0%}; "
+                f"{len(mapped)} mapped sources to {len({t for _, t in mapped})} labels")
     if method == "mm-bd":
         top = max(range(len(evidence["statistics"])), key=lambda k: evidence["statistics"][k])
         return (f"p {evidence['p_value']:.3g}, largest margin at label {top}, "
@@ -109,14 +115,15 @@ def evidence_summary(method: str, evidence: dict[str, Any]) -> str:
 
 def _model_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     methods = [m for m in results["options"]["methods"] if m in REVERSERS]
-    evidence = [m for m in results["options"]["methods"] if m in ("mm-bd", "pairs")]
+    evidence = [m for m in results["options"]["methods"] if m in INSPECTORS]
     head = ["model", "attack", "target", "CA", "ASR"]
     seed = results["options"]["seed"]
     for method in methods:
         head += [f"{method} AI (per seed)", f"smallest / median (seed {seed})",
                  f"flagged (seed {seed})", f"patch IoU (seed {seed})"]
     for e in evidence:
-        head.append("MM-BD p (flagged)" if e == "mm-bd" else "pairs (easiest per source)")
+        head.append({"mm-bd": "MM-BD p (flagged)", "pairs": "pairs (easiest per source)"}.get(
+            e, INSPECTORS[e].title))
     if "strip" in results.get("summary", {}):
         head += ["STRIP FRR", "STRIP FAR"]
     rows = []

@@ -16,6 +16,7 @@ from trojanscan.defenses.pairs import PairSearch
 from trojanscan.defenses.registry import reverser
 from trojanscan.defenses.repeats import RepeatedScan, combine_runs
 from trojanscan.defenses.scan_result import ScanResult
+from trojanscan.defenses.untargeted import UntargetedSearch
 from trojanscan.defenses.verdict import decide
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import locks_out_dir, tensor_sha256, write_json
@@ -45,15 +46,18 @@ DECISIONS = ("paper", "verdict")
 
 
 def _decide(result: ScanResult, model: nn.Module, x: Any, y: Any, num_classes: int, seed: int) -> None:
-    """Gather MM-BD's and the pair search's evidence and let the verdict set the scan's answer."""
+    """Gather MM-BD's, the pair search's and the untargeted trigger's evidence and let the verdict set
+    the scan's answer."""
     mmbd = MMBD(seed=seed).inspect(model, num_classes=num_classes, input_shape=tuple(x.shape[1:]))
     pairs = PairSearch(seed=seed).search(model, x, y, num_classes=num_classes)
-    verdict = decide(result, mmbd, pairs)
+    untargeted = UntargetedSearch(seed=seed).inspect(model, x, y, num_classes=num_classes)
+    verdict = decide(result, mmbd, pairs, untargeted)
     result.extra["paper"] = {"infected": result.infected, "flagged_labels": result.flagged_labels,
                              "anomaly_index": result.anomaly_index, "threshold": result.threshold}
     result.extra["verdict"] = verdict.to_dict()
     result.extra["mm-bd"] = mmbd.to_dict()
     result.extra["pairs"] = pairs.to_dict()
+    result.extra["untargeted"] = untargeted.to_dict()
     result.infected, result.flagged_labels = verdict.infected, verdict.targets if verdict.infected else []
 
 
