@@ -132,11 +132,11 @@ def test_asymmetric_pairs_from_most_sources_are_all_to_all():
     assert (lone.verdict, lone.kind, lone.targets) == ("suspicious", "source-specific", [1])
 
 
-def _shifts(targets: dict[int, int], k: int = 10, share: float = 0.9) -> UntargetedEvidence:
+def _shifts(targets: dict[int, int], k: int = 10, share: float = 0.9, l1: float = 6.0) -> UntargetedEvidence:
     """Sources in ``targets`` move (80%) to their label; the others barely move (30%)."""
     shifts = [SourceShift(s, targets.get(s, (s + 3) % k), 0.8 if s in targets else 0.3, share)
               for s in range(k)]
-    return UntargetedEvidence(6.0, 0.8, True, shifts, k, 1.0, 100)
+    return UntargetedEvidence(l1, 0.8, True, shifts, k, 1.0, 100)
 
 
 def test_an_untargeted_trigger_that_maps_many_labels_apart_is_all_to_all():
@@ -152,6 +152,9 @@ def test_an_untargeted_trigger_that_maps_many_labels_apart_is_all_to_all():
     loose = _shifts({s: (s + 1) % 10 for s in range(8)}, share=0.4)  # moved, but scattered
     assert decide(_scan(FLAT), untargeted=loose).verdict == "clean"
     assert spread_needed(43) == 22 and spread_needed(4) == 3
+    # a map as wide, but from a stamp larger than the smallest per-label trigger (28): no small injected stamp
+    large = _shifts({s: (s + 1) % 10 for s in range(8)}, l1=29.0)
+    assert decide(_scan(FLAT), untargeted=large).verdict == "clean"
 
 
 def test_the_verdict_round_trips_through_json():

@@ -66,17 +66,29 @@ class SourceShift:
 
 
 @dataclass
-class UntargetedEvidence:
-    """The smallest universal untargeted trigger found and the label map it induces."""
+class StartResult:
+    """One start's trigger: its size, the share of clean images it moves, and its map's spread."""
 
     l1_norm: float
-    success_rate: float  # share of the clean images it moves, at the end
-    converged: bool  # some start reached the success rate
+    success_rate: float
+    converged: bool
+    spread: int
+
+
+@dataclass
+class UntargetedEvidence:
+    """The kept universal untargeted trigger (the most spreading of the starts that reached the
+    success rate), the label map it induces, and every start's outcome."""
+
+    l1_norm: float
+    success_rate: float  # share of the clean images it moves
+    converged: bool  # it reached the success rate
     shifts: list[SourceShift]
     num_classes: int
     seconds: float
     image_passes: int
     options: dict[str, Any] = field(default_factory=dict)
+    starts: list[StartResult] = field(default_factory=list)
     method: str = "untargeted"
 
     def mapped_pairs(self) -> list[tuple[int, int]]:
@@ -95,7 +107,8 @@ class UntargetedEvidence:
     def from_dict(cls, d: dict[str, Any]) -> UntargetedEvidence:
         keep = set(cls.__dataclass_fields__)
         d = {k: v for k, v in d.items() if k in keep}
-        return cls(**{**d, "shifts": [SourceShift(**s) for s in d["shifts"]]})
+        return cls(**{**d, "shifts": [SourceShift(**s) for s in d["shifts"]],
+                      "starts": [StartResult(**s) for s in d.get("starts", [])]})
 
 
 def label_shifts(before: torch.Tensor, after: torch.Tensor, num_classes: int) -> list[SourceShift]:
@@ -146,13 +159,18 @@ class UntargetedSearch(ModelInspector):
         start = time.perf_counter()
         schedule = get_schedule(self.schedule, steps=self.steps, asr_threshold=self.success)
         found = search_untargeted_triggers(model, x, y, schedule, starts=self.starts, seed=self.seed)
-        converged = [r for r in found if r.converged]
-        best = min(converged or found, key=lambda r: r.l1_norm)
-        with evaluating(model), torch.no_grad():
-            stamped = (1 - best.mask) * x + best.mask * best.pattern
-            after = torch.cat([model(stamped[i:i + 512]).argmax(1) for i in range(0, len(x), 512)])
         y = y.long()
-        return UntargetedEvidence(best.l1_norm, float((after != y).float().mean()), bool(converged),
-                                  label_shifts(y, after, num_classes), num_classes,
+        maps = []
+        with evaluating(model), torch.no_grad():
+            for r in found:
+                stamped = (1 - r.mask) * x + r.mask * r.pattern
+                after = torch.cat([model(stamped[i:i + 512]).argmax(1) for i in range(0, len(x), 512)])
+                shifts = label_shifts(y, after, num_classes)
+                maps.append((StartResult(r.l1_norm, float((after != y).float().mean()), r.converged,
+                                         len({s.target for s in shifts if s.mapped})), shifts))
+        # the injected map shows from any start that finds the injected stamp; the others find hubs
+        pool = [m for m in maps if m[0].converged] or maps
+        kept, shifts = max(pool, key=lambda m: (m[0].spread, -m[0].l1_norm))
+        return UntargetedEvidence(kept.l1_norm, kept.success_rate, kept.converged, shifts, num_classes,
                                   time.perf_counter() - start, sum(r.image_passes for r in found),
-                                  asdict(self.options()))
+                                  asdict(self.options()), [m[0] for m in maps])

@@ -211,15 +211,17 @@ def spread_needed(labels: int) -> int:
     return max(ALL_TO_ALL_PAIRS, math.ceil(ALL_TO_ALL_SPREAD * labels))
 
 
-def _untargeted_evidence(untargeted: UntargetedEvidence) -> EvidenceItem:
+def _untargeted_evidence(untargeted: UntargetedEvidence, scan: ScanResult) -> EvidenceItem:
     mapped = untargeted.mapped_pairs()
     needed = spread_needed(untargeted.num_classes)
-    says = "backdoor" if untargeted.spread >= needed else "clean"
+    smallest = min(r.l1_norm for r in scan.labels)
+    says = "backdoor" if untargeted.spread >= needed and untargeted.l1_norm < smallest else "clean"
     return EvidenceItem("untargeted trigger map", untargeted.spread, needed, says,
                         sorted({t for _, t in mapped}) if says == "backdoor" else [],
-                        detail=f"a {untargeted.l1_norm:.1f}-px universal trigger moves "
-                               f"{untargeted.success_rate:.0%} of the clean images; mapped sources "
-                               f"{mapped or 'none'} reach {untargeted.spread} different labels")
+                        detail=f"a {untargeted.l1_norm:.1f}-px universal trigger (the smallest per-label "
+                               f"trigger: {smallest:.1f}) moves {untargeted.success_rate:.0%} of the clean "
+                               f"images; mapped sources {mapped or 'none'} reach {untargeted.spread} "
+                               "different labels")
 
 
 def decide(scan: ScanResult, mmbd: MarginEvidence | None = None,
@@ -236,7 +238,7 @@ def decide(scan: ScanResult, mmbd: MarginEvidence | None = None,
         items.append(_pair_evidence(pairs))
         pair_says = items[-1].says
     if untargeted is not None:
-        items.append(_untargeted_evidence(untargeted))
+        items.append(_untargeted_evidence(untargeted, scan))
         untargeted_says = items[-1].says
     p_values = [e.p_value for e in items if math.isfinite(e.p_value)]
     score = combined_p_value(p_values) if p_values else math.nan
