@@ -5,19 +5,21 @@ trigger for any one label, and K-Arm's pre-screen of label pairs looks where cle
 lean, which an injected pair need not be. But the injected trigger is one small stamp that moves
 *every* class — each to its own label. So we search, with Neural Cleanse's engine and λ schedule, for
 the smallest mask and pattern that move a share ``success`` of clean images off their own label, to
-any other (loss ``-log(1 - p_y)``), from ``starts`` random starts, and keep the smallest. Then we
-read the map it induces on the clean images: a source is *mapped* to a label when at least
+any other (loss ``-log(1 - p_y)``), from ``starts`` random starts, and read the map each induces on
+the clean images: a source is *mapped* to a label when at least
 :data:`MAPPED` of its images move and at least :data:`MAPPED` of those land on that one label.
 
 On a clean model a small universal perturbation sends images to one or two hub labels or scatters
 them; on an all-to-all model it reproduces the injected map, many sources to as many different
 labels (the verdict's rule reads ``spread``, the number of distinct mapped labels).
 
-``success`` is 0.8, not Neural Cleanse's 0.99: an untargeted stamp cannot move the images that an
-injected trigger fails on, and the zoo's all-to-all models reach 80-94% attack success. Measured on
-the development zoos (README, "All-to-all backdoors"): one start left the two depthwise-separable
-all-to-all models at a natural 25-px trigger that maps 4 of 10 sources; four starts found the
-injected 9-11 px one (the cost is a few seconds: one batched pass of four arms).
+Fixed on the development zoos (world zoos of seeds 100-300 and a development all-to-all zoo, seed 700;
+README "All-to-all backdoors"): ``success`` is 0.7, not Neural Cleanse's 0.99, because an untargeted
+stamp cannot move the images an injected trigger fails on, and the development all-to-all models
+reach 59-98% attack success. One start can settle on a natural hub trigger (from their smallest
+start a depthwise-separable and an MLP all-to-all model mapped to 4 and 2 labels); of ``starts`` = 4
+we keep the start whose map spreads widest, which mapped every development all-to-all model to 5-10
+labels and clean ones to at most 4 of 10 (11 of 43). The four starts run as one batched pass.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class UntargetedOptions:
 
     schedule: str = "default"  # the trigger-search schedule, as Neural Cleanse's
     steps: int | None = None
-    success: float = 0.8  # share of clean images the trigger must move off their label
+    success: float = 0.7  # share of clean images the trigger must move off their label
     starts: int = 4  # random starts searched together; the smallest trigger is kept
     seed: int = 0
 
@@ -142,7 +144,7 @@ class UntargetedSearch(ModelInspector):
     options_type = UntargetedOptions
     needs_data = True
 
-    def __init__(self, schedule: str = "default", steps: int | None = None, success: float = 0.8,
+    def __init__(self, schedule: str = "default", steps: int | None = None, success: float = 0.7,
                  starts: int = 4, seed: int = 0) -> None:
         check_choice("schedule", schedule, SCHEDULES)
         if isinstance(starts, bool) or not isinstance(starts, int) or starts < 1:
