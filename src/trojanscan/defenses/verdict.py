@@ -15,12 +15,16 @@ Evidence (each optional but the first):
   forward norm), its reverse is ``PAIR_SYMMETRY`` times larger, and the model does not already send
   the source's clean images to the target (``PAIR_PRIOR``). ``ALL_TO_ALL_PAIRS`` injected pairs
   to as many different targets make an all-to-all backdoor; fewer make the model suspicious.
+- **untargeted trigger map** (:mod:`~trojanscan.defenses.untargeted`): one small universal stamp that
+  moves clean images off their own labels; when its mapped sources reach ``ALL_TO_ALL_SPREAD`` of the
+  labels, all different, and the stamp is smaller than every label's Neural Cleanse trigger, the
+  model has an all-to-all backdoor (rule 5; K-Arm's pre-screen of pairs misses most of its pairs).
 
 The score is Fisher's combination of the p-values (size and margin): the chance that a clean model
 shows evidence this strong, as far as the fitted null holds and the pieces are independent. The
 decision follows the score: ``backdoored`` below ``ALPHA``, ``suspicious`` below ``SUSPICIOUS``,
-otherwise ``clean`` — except that an all-to-all pattern of injected pairs is ``backdoored`` whatever
-the score. The targets are the labels whose own combined evidence (its size p-value, with MM-BD's
+otherwise ``clean`` — except that an all-to-all pattern of injected pairs or of the untargeted
+trigger's map is ``backdoored`` whatever the score. The targets are the labels whose own combined evidence (its size p-value, with MM-BD's
 when it is MM-BD's class) is below ``ALPHA`` — two or more make a multi-target backdoor — or else
 the label with the strongest.
 
@@ -47,7 +51,7 @@ from trojanscan.defenses.pairs import PAIR_PRIOR, SMALL_PAIR, PairEvidence
 from trojanscan.defenses.scan_result import ScanResult
 from trojanscan.defenses.untargeted import UntargetedEvidence
 
-RULE_VERSION = 4
+RULE_VERSION = 5  # 5: rule 4 and the untargeted trigger's map
 ALPHA = 0.01  # the score below which a model is backdoored (the module notes say why)
 SUSPICIOUS = 0.05  # the score below which it is suspicious
 # log(size ratio) / |expected smallest of K standard normals| of the 40 clean models of the world

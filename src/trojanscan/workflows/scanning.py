@@ -78,8 +78,8 @@ def scan(model: ModelLike, data: DataLike, *, method: str = "neural-cleanse",
     line.
 
     ``decision`` "paper" flags the labels whose MAD anomaly index passes the threshold (Neural
-    Cleanse's test); "verdict" also runs MM-BD and the label-pair search and lets
-    :func:`~trojanscan.defenses.verdict.decide` set ``infected`` and ``flagged_labels`` (the
+    Cleanse's test); "verdict" also runs MM-BD, the label-pair search and the untargeted search and
+    lets :func:`~trojanscan.defenses.verdict.decide` set ``infected`` and ``flagged_labels`` (the
     paper's answer stays in ``extra["paper"]``). ``device`` is where the model runs (auto, cpu, cuda,
     mps; :func:`~trojanscan.devices.resolve_device`); the result is the same CPU record.
 
