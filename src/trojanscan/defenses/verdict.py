@@ -24,9 +24,9 @@ The score is Fisher's combination of the p-values (size and margin): the chance 
 shows evidence this strong, as far as the fitted null holds and the pieces are independent. The
 decision follows the score: ``backdoored`` below ``ALPHA``, ``suspicious`` below ``SUSPICIOUS``,
 otherwise ``clean`` — except that an all-to-all pattern of injected pairs or of the untargeted
-trigger's map is ``backdoored`` whatever the score. The targets are the labels whose own combined evidence (its size p-value, with MM-BD's
-when it is MM-BD's class) is below ``ALPHA`` — two or more make a multi-target backdoor — or else
-the label with the strongest.
+trigger's map is ``backdoored`` whatever the score. The targets are the labels whose own combined
+evidence (its size p-value, with MM-BD's when it is MM-BD's class) is below ``ALPHA`` — two or more
+make a multi-target backdoor — or else the label with the strongest.
 
 Rule 4 and its thresholds were fixed on development data only: the world zoos of seeds 100, 200 and
 300 (MNIST, Fashion-MNIST and GTSRB, 78 models whose attack took). On them Fisher's combination
