@@ -113,12 +113,18 @@ def _rates(rows: list[dict]) -> dict:
                                                   and set(r["true_targets"]) <= set(r["targets"])),
             "all_to_all_flagged_as_such": share(a2a, lambda r: r["verdict"] == "backdoored"
                                                 and r["kind"] == "all-to-all"),
+            "other_called_all_to_all": share([r for r in bad if r not in a2a],
+                                             lambda r: r["kind"] == "all-to-all"),
+            "clean_called_all_to_all": share(good, lambda r: r["kind"] == "all-to-all"),
             "paper_detected": share(bad, lambda r: bool(r["paper_flagged"])),
             "paper_false_positive": share(good, lambda r: bool(r["paper_flagged"])),
             "ratio_detected": share(bad, lambda r: r["size_ratio"] < 0.4),
             "ratio_false_positive": share(good, lambda r: r["size_ratio"] < 0.4),
             "auroc_score": roc_auc([-r["score"] for r in rows], [r["trojaned"] for r in rows])
             if bad and good else None,
+            # the verdict's own order: an all-to-all pattern (whatever the score) first, then the score
+            "auroc_verdict": roc_auc([1.0 if r["kind"] == "all-to-all" else -r["score"] for r in rows],
+                                     [r["trojaned"] for r in rows]) if bad and good else None,
             "auroc_paper_index": roc_auc([r["anomaly_index"] for r in rows], [r["trojaned"] for r in rows])
             if bad and good else None,
             "auroc_size_ratio": roc_auc([-r["size_ratio"] for r in rows], [r["trojaned"] for r in rows])
