@@ -488,8 +488,10 @@ def print_verdict(verdict: dict[str, Any]) -> None:
               "clean": "bold green"}[verdict["verdict"]]
     what = (f" — target label(s) {', '.join(map(str, verdict['targets']))}" if verdict["targets"] else "")
     kind = f" ({verdict['kind']})" if verdict.get("kind") else ""
+    pattern = ("; the all-to-all pattern decides, whatever the score"
+               if verdict.get("kind") == "all-to-all" and verdict["verdict"] == "backdoored" else "")
     console.print(f"[{colour}]{verdict['verdict'].upper()}[/{colour}]{what}{kind}; "
-                  + score_phrase(verdict))
+                  + score_phrase(verdict) + pattern)
     for e in verdict["evidence"]:
         p = e.get("p_value")
         console.print(f"  {e['name']} alone: {e['says']} — value {e['value']:.3g} "
