@@ -19,7 +19,7 @@ stamp cannot move the images an injected trigger fails on, and the development a
 reach 59-98% attack success. One start can settle on a natural hub trigger (from their smallest
 start a depthwise-separable and an MLP all-to-all model mapped to 4 and 2 labels); of ``starts`` = 4
 we keep the start whose map spreads widest, which mapped every development all-to-all model to 5-10
-labels and clean ones to at most 4 of 10 (11 of 43). The four starts run as one batched pass.
+labels and the 48 clean ones to at most 4 of 10 (12 of 43). The four starts run as one batched pass.
 """
 
 from __future__ import annotations
