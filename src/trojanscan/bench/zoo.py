@@ -60,7 +60,7 @@ from trojanscan.workflows.records import environment
 from trojanscan.workflows.training import train_classifier
 
 SCAN_METHODS = tuple(REVERSERS)  # every registered trigger reverser
-EVIDENCE_METHODS = tuple(INSPECTORS)  # evidence for the verdict (MM-BD, the label-pair search)
+EVIDENCE_METHODS = tuple(INSPECTORS)  # evidence for the verdict (MM-BD, label pairs, the untargeted map)
 METHODS = (*SCAN_METHODS, "strip", *EVIDENCE_METHODS)
 
 
