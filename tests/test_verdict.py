@@ -130,6 +130,9 @@ def test_asymmetric_pairs_from_most_sources_are_all_to_all():
     one = [rows[0], *rows[10:]]
     lone = decide(_scan(FLAT), pairs=_pairs(one))
     assert (lone.verdict, lone.kind, lone.targets) == ("suspicious", "source-specific", [1])
+    # the untargeted map's evidence beside it (a hub: clean) leaves the pair's target and kind alone
+    beside = decide(_scan(FLAT), pairs=_pairs(one), untargeted=_shifts({s: 3 for s in range(10) if s != 3}))
+    assert (beside.verdict, beside.kind, beside.targets) == ("suspicious", "source-specific", [1])
 
 
 def _shifts(targets: dict[int, int], k: int = 10, share: float = 0.9, l1: float = 6.0) -> UntargetedEvidence:

@@ -238,9 +238,10 @@ def decide(scan: ScanResult, mmbd: MarginEvidence | None = None,
         items.append(_margin_evidence(mmbd))
         label_p.setdefault(margin_top(mmbd), []).append(mmbd.p_value)
     pair_says = untargeted_says = "clean"
+    pair_targets: list[int] = []
     if pairs is not None:
         items.append(_pair_evidence(pairs))
-        pair_says = items[-1].says
+        pair_says, pair_targets = items[-1].says, items[-1].targets
     if untargeted is not None:
         items.append(_untargeted_evidence(untargeted, scan))
         untargeted_says = items[-1].says
@@ -261,7 +262,7 @@ def decide(scan: ScanResult, mmbd: MarginEvidence | None = None,
         targets = sorted(k for k, p in per_label.items() if p < ALPHA) or strongest
         kind = "multi-target" if len(targets) > 1 else "all-to-one"
     elif verdict == "suspicious":
-        from_pairs = items[-1].targets if pair_says == "suspicious" else []
+        from_pairs = pair_targets if pair_says == "suspicious" else []
         targets = sorted(set(from_pairs) | (set(strongest) if score < SUSPICIOUS else set()))
         kind = "source-specific" if from_pairs and score >= SUSPICIOUS else None
     else:
