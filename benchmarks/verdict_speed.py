@@ -1,4 +1,5 @@
-"""Seconds of the full verdict (Neural Cleanse + MM-BD + the pair search) per model, on this machine.
+"""Seconds of the verdict (Neural Cleanse + MM-BD + the untargeted search, and with ``--decision
+verdict-pairs`` the pair search) per model, on this machine.
 
     python benchmarks/verdict_speed.py MODEL:DATA [MODEL:DATA ...] --out bench_out/verdict_speed.json
 
@@ -26,6 +27,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", help="MODEL:DATA pairs (a model file and a data source)")
     ap.add_argument("--out", type=Path, default=Path("bench_out/verdict_speed.json"))
+    ap.add_argument("--decision", default="verdict", choices=("verdict", "verdict-pairs"))
     args = ap.parse_args()
     runs = []
     for pair in args.models:
@@ -33,16 +35,18 @@ def main() -> int:
         load = os.getloadavg()[0]
         with tempfile.TemporaryDirectory() as folder:
             start = time.perf_counter()
-            result = scan(model, data, decision="verdict", out_dir=folder, progress=False)
+            result = scan(model, data, decision=args.decision, out_dir=folder, progress=False)
             wall = time.perf_counter() - start
         row = {"model": model, "data": data, "labels": len(result.labels), "wall_seconds": wall,
                "neural_cleanse_seconds": result.seconds,
                "mm_bd_seconds": result.extra["mm-bd"]["seconds"],
-               "pairs_seconds": result.extra["pairs"]["seconds"],
+               "untargeted_seconds": result.extra["untargeted"]["seconds"],
+               "pairs_seconds": result.extra["pairs"]["seconds"] if "pairs" in result.extra else None,
                "verdict": result.extra["verdict"]["verdict"], "load_average_before": load}
         print(row, flush=True)
         runs.append(row)
-    write_json(args.out, {"benchmark": "verdict speed", "threads": torch.get_num_threads(),
+    write_json(args.out, {"benchmark": "verdict speed", "decision": args.decision,
+                          "threads": torch.get_num_threads(),
                           "environment": environment(), "runs": runs})
     return 0
 

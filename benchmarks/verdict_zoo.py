@@ -29,6 +29,7 @@ from trojanscan.fileio import write_json
 from trojanscan.metrics import roc_auc
 
 UNTARGETED = True  # use the untargeted trigger's evidence (--no-untargeted: the zoos scanned before it)
+PAIRS = False  # use the pair search's evidence (--with-pairs: scan's --decision verdict-pairs; rule 4 had it)
 
 
 def add_population(rows: list[dict]) -> None:
@@ -75,8 +76,9 @@ def _row(zoo: Path, m: dict) -> dict | None:
     scan = ScanResult.load(scans[0])
     mm = evidence["mm-bd"]["evidence"]
     untargeted = (UntargetedEvidence.from_dict(evidence["untargeted"]["evidence"]) if UNTARGETED else None)
+    pairs = PairEvidence.from_dict(evidence["pairs"]["evidence"]) if PAIRS or not UNTARGETED else None
     verdict = decide(scan, MarginEvidence(mm["statistics"], mm["p_value"], mm["flagged_labels"], mm["null"]),
-                     PairEvidence.from_dict(evidence["pairs"]["evidence"]), untargeted)
+                     pairs, untargeted)
     spec = m["spec"]
     return {"name": m["name"], "trojaned": m["trojaned"], "attack": attack_kind(spec),
             "dataset": spec["dataset"], "arch": m.get("arch"), "normalised": bool(spec.get("normalised")),
@@ -90,7 +92,8 @@ def _row(zoo: Path, m: dict) -> dict | None:
             "anomaly_index": scan.anomaly_index,
             "log_ratios": log_ratios([r.l1_norm for r in sorted(scan.labels, key=lambda r: r.label)]),
             "mmbd_p": mm["p_value"], "untargeted_spread": untargeted.spread if untargeted else None,
-            "seconds": scan.seconds + sum(evidence[k]["seconds"] for k in evidence)}
+            "seconds": scan.seconds + sum(evidence[k]["seconds"] for k, used in (
+                ("mm-bd", True), ("untargeted", untargeted), ("pairs", pairs)) if used)}
 
 
 def _rates(rows: list[dict]) -> dict:
@@ -159,10 +162,13 @@ def main() -> int:
     ap.add_argument("zoo", type=Path, nargs="+")
     ap.add_argument("--out", type=Path, default=Path("bench_out/verdict_zoo.json"))
     ap.add_argument("--no-untargeted", action="store_true",
-                    help="leave the untargeted trigger's evidence out (zoos scanned before it)")
+                    help="rule 4: the pair search's evidence, not the untargeted trigger's "
+                    "(zoos scanned before it)")
+    ap.add_argument("--with-pairs", action="store_true",
+                    help="add the pair search's evidence (scan --decision verdict-pairs)")
     args = ap.parse_args()
-    global UNTARGETED
-    UNTARGETED = not args.no_untargeted
+    global UNTARGETED, PAIRS
+    UNTARGETED, PAIRS = not args.no_untargeted, args.with_pairs
     rows, seeds = [], []
     for zoo in args.zoo:
         results = json.loads((zoo / "results.json").read_text())
@@ -177,6 +183,7 @@ def main() -> int:
             groups[str(r[key])].append(r)
         by[f"by_{key}"] = {k: _rates(v) for k, v in sorted(groups.items())}
     write_json(args.out, {"benchmark": "verdict", "rule_version": RULE_VERSION, "untargeted": UNTARGETED,
+                          "pairs": PAIRS or not UNTARGETED,
                           "zoos": [str(z) for z in args.zoo], "zoo_seeds": seeds,
                           "left_out_attack_did_not_take": [r["name"] for r in rows if not r["attack_took"]],
                           "summary": by, "models": rows})

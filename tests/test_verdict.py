@@ -191,6 +191,16 @@ def test_decision_verdict_from_the_command_line(trojaned_digits, tmp_path):
     assert scan["paper"]["flagged_labels"] == [0] and "p_value" in scan["mm-bd"]
     assert ScanResult.load(tmp_path / "s").extra["verdict"]["targets"] == [0]
     assert "Verdict and its evidence" in (tmp_path / "s" / "report.html").read_text()
+    # the default verdict gathers the untargeted map, not the pair search; verdict-pairs adds it
+    names = [e["name"] for e in scan["verdict"]["evidence"]]
+    assert "untargeted trigger map" in names and "label pairs (symmetry)" not in names
+    assert "untargeted" in scan and "pairs" not in scan
+    both = CliRunner().invoke(app, ["scan", str(model), "--data", "digits", "--clean-samples", "300", "--steps",
+                                    "60", "--decision", "verdict-pairs", "--out", str(tmp_path / "p")])
+    assert both.exit_code == 0, both.output
+    with_pairs = json.loads((tmp_path / "p" / "scan.json").read_text())
+    assert "label pairs (symmetry)" in [e["name"] for e in with_pairs["verdict"]["evidence"]]
+    assert with_pairs["pairs"]["pairs"] and "label pairs" in both.output
 
 
 def test_a_pair_the_model_already_confuses_is_not_evidence():

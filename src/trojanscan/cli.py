@@ -541,8 +541,9 @@ def scan_cmd(
     method: str = typer.Option("neural-cleanse", "--method", help=", ".join(REVERSERS)),
     option: list[str] = typer.Option(None, "--option", help=OPTION_HELP),
     decision: str = typer.Option("paper", "--decision", help="paper (Neural Cleanse's MAD > threshold) "
-                                 "or verdict (also MM-BD, the label-pair search and the untargeted "
-                                 "trigger: one decision with its evidence; provisional thresholds)"),
+                                 "or verdict (also MM-BD and the untargeted trigger: one decision with "
+                                 "its evidence; provisional thresholds) or verdict-pairs (verdict and the "
+                                 "label-pair search for source-specific backdoors, about twice the time)"),
     labels: str = typer.Option(None, "--labels", help="only these labels, e.g. 0,3,7"),
     chunk: int = typer.Option(None, "--chunk", help="labels optimised together in one pass (10)"),
     steps: int = typer.Option(None, "--steps", help="maximum steps per label"),

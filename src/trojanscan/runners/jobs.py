@@ -36,7 +36,7 @@ class ScanJob:
     std: tuple[float, ...] | None = None
     arch: str | None = None
     trusted: bool = False  # load the model file unchecked (--trust-model)
-    decision: str = "paper"  # or "verdict" (scan's --decision)
+    decision: str = "paper"  # or "verdict", "verdict-pairs" (scan's --decision)
     ground_truth: str | None = None  # the real trigger's file, to compare (default: beside the model)
     device: str = "cpu"  # where the model runs (auto, cpu, cuda, mps); results are the same CPU record
 
