@@ -195,8 +195,9 @@ def test_decision_verdict_from_the_command_line(trojaned_digits, tmp_path):
     names = [e["name"] for e in scan["verdict"]["evidence"]]
     assert "untargeted trigger map" in names and "label pairs (symmetry)" not in names
     assert "untargeted" in scan and "pairs" not in scan
-    both = CliRunner().invoke(app, ["scan", str(model), "--data", "digits", "--clean-samples", "300", "--steps",
-                                    "60", "--decision", "verdict-pairs", "--out", str(tmp_path / "p")])
+    both = CliRunner().invoke(app, ["scan", str(model), "--data", "digits", "--clean-samples", "300",
+                                    "--steps", "60", "--decision", "verdict-pairs",
+                                    "--out", str(tmp_path / "p")])
     assert both.exit_code == 0, both.output
     with_pairs = json.loads((tmp_path / "p" / "scan.json").read_text())
     assert "label pairs (symmetry)" in [e["name"] for e in with_pairs["verdict"]["evidence"]]
