@@ -49,7 +49,7 @@ class UntargetedOptions:
     schedule: str = "default"  # the trigger-search schedule, as Neural Cleanse's
     steps: int | None = None
     success: float = 0.7  # share of clean images the trigger must move off their label
-    starts: int = 4  # random starts searched together; the smallest trigger is kept
+    starts: int = 4  # random starts searched together; the one whose map spreads widest is kept
     seed: int = 0
 
 
