@@ -136,3 +136,14 @@ def test_untargeted_trigger_maps_an_all_to_all_backdoor_and_not_a_clean_model(di
     with pytest.raises(TrojanscanError, match="starts"):
         UntargetedSearch(starts=0)
     assert isinstance(found.shifts[0], SourceShift)
+
+
+def test_untargeted_trigger_map_follows_any_shift_not_only_the_next_label(digits):
+    from trojanscan import train_classifier
+
+    trained = train_classifier(digits, "mnist-cnn", epochs=15, batch_size=64, seed=0, progress=False,
+                               attack=AllToAll(poison_rate=0.15, size=3, shift=3))
+    x, y = digits.x_test[:600], digits.y_test[:600]
+    found = UntargetedSearch(steps=100, seed=0).inspect(trained.model, x, y, num_classes=10)
+    shifted = [(s, t) for s, t in found.mapped_pairs() if t == (s + 3) % 10]
+    assert len(shifted) >= 7 and found.spread >= 7, found.mapped_pairs()  # measured: 9 of 9 mapped, i → i+3
