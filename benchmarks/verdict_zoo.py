@@ -28,9 +28,6 @@ from trojanscan.defenses.verdict import ALPHA, RULE_VERSION, decide
 from trojanscan.fileio import write_json
 from trojanscan.metrics import roc_auc
 
-UNTARGETED = True  # use the untargeted trigger's evidence (--no-untargeted: the zoos scanned before it)
-PAIRS = False  # use the pair search's evidence (--with-pairs: scan's --decision verdict-pairs; rule 4 had it)
-
 
 def add_population(rows: list[dict]) -> None:
     """The population-referenced size candidate (``trojanscan.defenses.population``), each zoo's models of
@@ -68,15 +65,18 @@ def attack_kind(spec: dict) -> str:
     return attack
 
 
-def _row(zoo: Path, m: dict) -> dict | None:
+def _row(zoo: Path, m: dict, use_untargeted: bool, use_pairs: bool) -> dict | None:
+    """One model's verdict from its saved evidence: the untargeted map and/or the pair search as asked
+    (rule 4 is the pairs without the map)."""
     scans = sorted(glob.glob(str(zoo / "scans" / m["key"] / "neural-cleanse-*")))
     evidence = m.get("evidence", {})
-    if not scans or not {"mm-bd", "pairs"} <= set(evidence) or (UNTARGETED and "untargeted" not in evidence):
+    needed = {"mm-bd"} | ({"untargeted"} if use_untargeted else set()) | ({"pairs"} if use_pairs else set())
+    if not scans or not needed <= set(evidence):
         return None
     scan = ScanResult.load(scans[0])
     mm = evidence["mm-bd"]["evidence"]
-    untargeted = (UntargetedEvidence.from_dict(evidence["untargeted"]["evidence"]) if UNTARGETED else None)
-    pairs = PairEvidence.from_dict(evidence["pairs"]["evidence"]) if PAIRS or not UNTARGETED else None
+    untargeted = UntargetedEvidence.from_dict(evidence["untargeted"]["evidence"]) if use_untargeted else None
+    pairs = PairEvidence.from_dict(evidence["pairs"]["evidence"]) if use_pairs else None
     verdict = decide(scan, MarginEvidence(mm["statistics"], mm["p_value"], mm["flagged_labels"], mm["null"]),
                      pairs, untargeted)
     spec = m["spec"]
@@ -167,13 +167,14 @@ def main() -> int:
     ap.add_argument("--with-pairs", action="store_true",
                     help="add the pair search's evidence (scan --decision verdict-pairs)")
     args = ap.parse_args()
-    global UNTARGETED, PAIRS
-    UNTARGETED, PAIRS = not args.no_untargeted, args.with_pairs
+    use_untargeted = not args.no_untargeted
+    use_pairs = args.with_pairs or args.no_untargeted
     rows, seeds = [], []
     for zoo in args.zoo:
         results = json.loads((zoo / "results.json").read_text())
         seeds.append(results["options"]["seed"])
-        rows += [{**r, "zoo_seed": seeds[-1]} for m in results["models"] if (r := _row(zoo, m)) is not None]
+        rows += [{**r, "zoo_seed": seeds[-1]} for m in results["models"]
+                 if (r := _row(zoo, m, use_untargeted, use_pairs)) is not None]
     usable = [r for r in rows if r["attack_took"]]
     add_population(usable)
     by: dict[str, dict] = {"overall": _rates(usable)}
@@ -182,8 +183,8 @@ def main() -> int:
         for r in usable:
             groups[str(r[key])].append(r)
         by[f"by_{key}"] = {k: _rates(v) for k, v in sorted(groups.items())}
-    write_json(args.out, {"benchmark": "verdict", "rule_version": RULE_VERSION, "untargeted": UNTARGETED,
-                          "pairs": PAIRS or not UNTARGETED,
+    write_json(args.out, {"benchmark": "verdict", "rule_version": RULE_VERSION, "untargeted": use_untargeted,
+                          "pairs": use_pairs,
                           "zoos": [str(z) for z in args.zoo], "zoo_seeds": seeds,
                           "left_out_attack_did_not_take": [r["name"] for r in rows if not r["attack_took"]],
                           "summary": by, "models": rows})

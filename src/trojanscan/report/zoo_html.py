@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 
 from trojanscan.defenses.outliers import SIZE_RATIO_THRESHOLD
 from trojanscan.defenses.registry import INSPECTORS, REVERSERS
-from trojanscan.defenses.untargeted import MAPPED
+from trojanscan.defenses.untargeted import UntargetedEvidence
 from trojanscan.fileio import atomic_write_bytes
 from trojanscan.report.page import img_tag, write_page
 
@@ -96,10 +96,9 @@ def _attack_text(m: dict[str, Any]) -> str:
 def evidence_summary(method: str, evidence: dict[str, Any]) -> str:
     """One line of MM-BD's, the pair search's or the untargeted trigger's evidence, for the zoo's log."""
     if method == "untargeted":
-        mapped = [(s["source"], s["target"]) for s in evidence["shifts"]
-                  if s["moved"] >= MAPPED and s["share"] >= MAPPED]
-        return (f"{evidence['l1_norm']:.1f}-px trigger moves {evidence['success_rate']:.0%}; "
-                f"{len(mapped)} mapped sources to {len({t for _, t in mapped})} labels")
+        found = UntargetedEvidence.from_dict(evidence)
+        return (f"{found.l1_norm:.1f}-px trigger moves {found.success_rate:.0%}; "
+                f"{len(found.mapped_pairs())} mapped sources to {found.spread} labels")
     if method == "mm-bd":
         top = max(range(len(evidence["statistics"])), key=lambda k: evidence["statistics"][k])
         return (f"p {evidence['p_value']:.3g}, largest margin at label {top}, "
