@@ -92,7 +92,7 @@ def test_the_device_boundary_changes_no_result(trojaned_digits, digits, monkeypa
     back without hooks."""
     options = dict(clean_samples=60, steps=8, labels=[0, 1, 2], progress=False)
     plain = scan(trojaned_digits.model, digits, **options)
-    monkeypatch.setattr(inputs, "place", lambda model, device: boundary(copy.deepcopy(model)))
+    monkeypatch.setattr(inputs, "place", lambda model, device, precision: boundary(copy.deepcopy(model)))
     hooked = scan(trojaned_digits.model, digits, device="auto", **options)
     assert [r.l1_norm for r in hooked.labels] == pytest.approx([r.l1_norm for r in plain.labels], rel=1e-6)
     record = api.repair(trojaned_digits.model, hooked, digits, method="unlearn", fraction=0.05, epochs=1,

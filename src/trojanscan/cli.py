@@ -45,7 +45,7 @@ from trojanscan.bench.zoo import METHODS as ZOO_METHODS
 from trojanscan.bench.zoo_spec import MORE_ATTACKS as MORE_ZOO_ATTACKS
 from trojanscan.data.images import RunInputs, read_inputs
 from trojanscan.defenses.registry import GUARDS, REVERSERS, reverser
-from trojanscan.devices import DEVICE_HELP
+from trojanscan.devices import DEVICE_HELP, PRECISION_HELP
 from trojanscan.errors import TrojanscanError, TrojanscanWarning
 from trojanscan.fileio import folder_lock
 from trojanscan.models import ARCH_HELP, ARCHITECTURES
@@ -563,6 +563,7 @@ def scan_cmd(
     trigger: Path = typer.Option(None, "--trigger", help="the real trigger, to compare (default: "
                                  "the one saved beside the model)"),
     device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
+    precision: str = typer.Option("float32", "--precision", help=PRECISION_HELP),
 ) -> None:
     """Detect a backdoor: reverse-engineer a trigger per label (Neural Cleanse, TABOR), flag outliers."""
     cls = reverser(method)
@@ -570,7 +571,7 @@ def scan_cmd(
                                             "threshold": threshold, "seed": seed}, "method")
     seed = options.pop("seed", 0)
     common = dict(method=method, decision=decision, labels=_labels(labels), clean_samples=clean_samples,
-                  arch=arch,
+                  arch=arch, precision=precision,
                   ground_truth=trigger, out_dir=out, tabor_weights=_weights(tabor_weights),
                   **_convention(mean, std, trust_model, device), **options)
     if repeats == 1:
@@ -641,6 +642,7 @@ def audit_cmd(
     split_over: int = typer.Option(20, "--split-over", help="with several workers, split a model with "
                                    "more labels than this into label jobs"),
     device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
+    precision: str = typer.Option("float32", "--precision", help=PRECISION_HELP),
 ) -> None:
     """Scan many models: files, folders or a manifest; a summary table, audit.json and audit.html
     (rerun the same command to resume; a model that fails is recorded and the audit goes on)."""
@@ -655,7 +657,7 @@ def audit_cmd(
     result = audit(models, data, out_dir=out, methods=names, decision=decision,
                    options=per_method[0] if per_method else {},
                    clean_samples=clean_samples, arch=arch, runner=runner, workers=workers, address=address,
-                   split_over=split_over, device=device, on_model_done=progress,
+                   split_over=split_over, device=device, precision=precision, on_model_done=progress,
                    **_convention(mean, std, trust_model))
     table = Table(title=f"audit of {len(result.models)} models")
     for col in ("model", "verdict", "flagged", "anomaly index", "population", "seconds"):
@@ -1157,6 +1159,7 @@ def bench_zoo_cmd(
     workers: int = typer.Option(1, "--workers", help=WORKERS_HELP),
     address: str = typer.Option(None, "--address", help=ADDRESS_HELP),
     device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
+    precision: str = typer.Option("float32", "--precision", help=PRECISION_HELP),
 ) -> None:
     """Build a seeded zoo of clean and trojaned models (cached; rerun to resume), scan each, and
     report AUROC, detection and false-positive rates, target accuracy, trigger IoU and seconds."""
@@ -1167,6 +1170,7 @@ def bench_zoo_cmd(
                          strip_n=strip_n, strip_samples=strip_samples,
                          strip_temperature=strip_temperature, strip_boundary=strip_boundary,
                          preset=preset, runner=runner, workers=workers, address=address, device=device,
+                         precision=precision,
                          attacks=[k.strip() for k in attacks.split(",") if k.strip()] if attacks else None)
     with folder_lock(out, "zoo folder"):
         results = run_zoo(out, options, log=lambda line: console.print(line, highlight=False))

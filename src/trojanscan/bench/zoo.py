@@ -47,6 +47,7 @@ from trojanscan.defenses.registry import INSPECTORS, REVERSERS
 from trojanscan.defenses.repeats import combine_runs
 from trojanscan.defenses.scan_result import ScanResult
 from trojanscan.defenses.strip import BOUNDARY_METHODS, Strip, parse_temperature
+from trojanscan.devices import PRECISIONS, place, resolve_precision
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import read_json, sha256_file, write_json
 from trojanscan.models import load_model, save_model
@@ -153,19 +154,27 @@ def _cached_row(out: Path, model_sha256: str, keys: set[str]) -> dict[str, Any] 
     return None
 
 
-def _module(model_path: Path, data: Dataset, record: dict[str, Any]) -> Any:
-    """A zoo model in [0, 1] pixel space (wrapped when it expects normalised inputs)."""
+def _precision_tag(precision: str) -> dict[str, str]:
+    """The precision as part of a cache tag: nothing for float32, so earlier zoos' caches hold."""
+    return {} if precision == "float32" else {"precision": precision}
+
+
+def _module(model_path: Path, data: Dataset, record: dict[str, Any], precision: str = "float32") -> Any:
+    """A zoo model in [0, 1] pixel space (wrapped when it expects normalised inputs), on the CPU in
+    ``precision``."""
     module = load_model(model_path, input_shape=data.input_shape).module
-    return wrap_normalization(module, record.get("mean"), record.get("std"), data.input_shape[0])[0]
+    module = wrap_normalization(module, record.get("mean"), record.get("std"), data.input_shape[0])[0]
+    cpu = torch.device("cpu")
+    return place(module, cpu, resolve_precision(precision, module, cpu))
 
 
 def _evidence_row(method: str, model_path: Path, record: dict[str, Any], data: Dataset, out: Path,
-                  seed: int, clean_samples: int) -> dict[str, Any]:
+                  seed: int, clean_samples: int, precision: str = "float32") -> dict[str, Any]:
     """MM-BD's or the pair search's evidence on one zoo model (cached beside its scans)."""
     cached = _cached_row(out, record["model_sha256"], {"evidence", "seconds"})
     if cached is not None:
         return cached
-    module = _module(model_path, data, record)
+    module = _module(model_path, data, record, precision)
     start = time.perf_counter()
     inspector = INSPECTORS[method](seed=seed)
     x, y = clean_subset(data, clean_samples, seed) if inspector.needs_data else (None, None)
@@ -221,6 +230,7 @@ class ZooOptions:
     workers: int = 1
     address: str | None = None  # runner ray: join this cluster (default: start one here)
     device: str = "cpu"  # where the scans run the models (auto, cpu, cuda, mps)
+    precision: str = "float32"  # the scans' arithmetic (float32, bfloat16, auto)
 
     def check(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -233,6 +243,7 @@ class ZooOptions:
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("zoo preset", self.preset, PRESETS)
         check_choice("runner", self.runner, RUNNERS)
+        check_choice("precision", self.precision, PRECISIONS)
         if self.train_samples is not None and self.train_samples < 10:
             raise TrojanscanError(f"--train-samples must be >= 10, got {self.train_samples}")
         if self.steps is not None and self.steps < 1:
@@ -256,8 +267,8 @@ def run_zoo(out_dir: str | Path, options: ZooOptions | None = None,
     shapes = {source: (d.input_shape, d.num_classes) for source, d in data.items()}
     entries = make_zoo(shapes, opts.size, opts.seed, epochs=opts.epochs,
                        train_samples=opts.train_samples, preset=opts.preset, attacks=opts.attacks)
-    scan_options = {"schedule": opts.schedule, "steps": opts.steps,
-                    "clean_samples": opts.clean_samples}
+    scan_options = {"schedule": opts.schedule, "steps": opts.steps, "clean_samples": opts.clean_samples,
+                    **_precision_tag(opts.precision)}
     results: dict[str, Any] = {"benchmark": "zoo", "options": dataclasses.asdict(opts),
                                "environment": environment(), "complete": False, "models": []}
     for stale in ("summary.md", "report.html", "roc.png"):  # an earlier run's, maybe other options
@@ -283,7 +294,8 @@ def run_zoo(out_dir: str | Path, options: ZooOptions | None = None,
                         {"schedule": opts.schedule, "steps": opts.steps, "seed": s},
                         clean_samples=opts.clean_samples,
                         mean=tuple(convention["mean"]) if convention["mean"] else None,
-                        std=tuple(convention["std"]) if convention["std"] else None, device=opts.device)
+                        std=tuple(convention["std"]) if convention["std"] else None, device=opts.device,
+                        precision=opts.precision)
                 for s in range(opts.seed, opts.seed + opts.repeats)]
     records = run_jobs([j for js in jobs.values() for j in js], workers=opts.workers, runner=opts.runner,
                        address=opts.address)
@@ -324,10 +336,11 @@ def run_zoo(out_dir: str | Path, options: ZooOptions | None = None,
                 + (f" FAR {record['strip']['far']:.3f}" if record["trojaned"] else ""))
         for method in (m for m in opts.methods if m in EVIDENCE_METHODS):
             settings = {"clean_samples": opts.clean_samples,  # a cached row only for the same settings
-                        **dataclasses.asdict(INSPECTORS[method](seed=opts.seed).options())}
+                        **dataclasses.asdict(INSPECTORS[method](seed=opts.seed).options()),
+                        **_precision_tag(opts.precision)}
             row = _evidence_row(method, model_path, record, dataset, out / "scans" / record["key"] /
                                 f"{method}-seed{opts.seed}-{_tag(settings)}.json", opts.seed,
-                                opts.clean_samples)
+                                opts.clean_samples, opts.precision)
             record.setdefault("evidence", {})[method] = row
             log(f"    {method}: {evidence_summary(method, row['evidence'])} ({row['seconds']:.1f} s)")
         results["models"].append(record)

@@ -38,6 +38,7 @@ class Provenance:
     model_sha256: str | None = None
     data_sha256: str | None = None
     input_convention: str = PLAIN_CONVENTION
+    precision: str = "float32"  # the model's arithmetic during the scan (``--precision``)
 
 
 @dataclass(frozen=True)

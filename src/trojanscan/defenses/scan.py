@@ -142,11 +142,13 @@ def run_scan(model: nn.Module, x_clean: torch.Tensor, y_clean: torch.Tensor | No
     data_sha256 = provenance.data_sha256 or tensor_sha256(x_clean)
     params = {"method": method, "schedule": schedule.to_dict(), "chunk": chunk,
               "threshold": threshold, "clean_samples": len(x_clean), "labels": labels,
-              **(method_params or {})}
+              "precision": provenance.precision, **(method_params or {})}
+    # float32 stays out of the fingerprint, so that scans made before --precision still resume
+    reduced = {} if provenance.precision == "float32" else {"precision": provenance.precision}
     fingerprint = hashlib.sha256(json.dumps(
         {"model": model_sha256, "data": data_sha256, "seed": seed, "method": method,
          "schedule": schedule.to_dict(), "input_convention": input_convention,
-         "version": ALGORITHM_VERSION, **(method_params or {})}, sort_keys=True,
+         "version": ALGORITHM_VERSION, **reduced, **(method_params or {})}, sort_keys=True,
         default=str).encode()).hexdigest()
     params["fingerprint"] = fingerprint
     out = Path(out_dir) if out_dir is not None else None

@@ -75,8 +75,10 @@ class AuditResult:
 
 def _settings_key(job: ScanJob) -> str:
     """What a finished scan must have been made with to be reused: everything but the paths and the
-    device (as in the scan's own fingerprint)."""
-    settings = {k: v for k, v in vars(job).items() if k not in ("model", "out_dir", "device")}
+    device (as in the scan's own fingerprint; float32, the default precision, is left out so that
+    earlier audits resume)."""
+    settings = {k: v for k, v in vars(job).items() if k not in ("model", "out_dir", "device")
+                and not (k == "precision" and v == "float32")}
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -142,15 +144,16 @@ def audit(models: Sequence[str | os.PathLike | ModelEntry], data: str | None = N
           out_dir: str | os.PathLike, methods: Sequence[str] = ("neural-cleanse",), decision: str = "paper",
           options: dict[str, Any] | None = None, clean_samples: int = 1000,
           mean: Sequence[float] | None = None, std: Sequence[float] | None = None, arch: str | None = None,
-          trusted: bool = False, device: str = "cpu", runner: str = "local", workers: int | None = None,
-          address: str | None = None, split_over: int = SPLIT_OVER,
+          trusted: bool = False, device: str = "cpu", precision: str = "float32", runner: str = "local",
+          workers: int | None = None, address: str | None = None, split_over: int = SPLIT_OVER,
           on_model_done: Callable[[dict[str, Any]], None] | None = None) -> AuditResult:
     """Scan every model of ``models`` (files, folders, CSV/JSON manifests or :class:`ModelEntry`)
     with clean ``data`` (a manifest may give each model its own), by each of ``methods`` with the
-    method ``options`` and ``decision``, on ``device``; results in ``out_dir``. A model that fails
-    gets its error in the summary and the audit goes on. ``runner``/``workers``/``address``: see
-    :func:`~trojanscan.runners.run_jobs`; by default one worker per core, each job on one thread
-    (:data:`JOB_THREADS`), so the results are the same whatever the runner and the workers.
+    method ``options`` and ``decision``, on ``device`` in ``precision``; results in ``out_dir``. A
+    model that fails gets its error in the summary and the audit goes on.
+    ``runner``/``workers``/``address``: see :func:`~trojanscan.runners.run_jobs`; by default one worker
+    per core, each job on one thread (:data:`JOB_THREADS`), so the results are the same whatever the
+    runner and the workers.
     ``on_model_done`` sees each model's summary entry.
 
     Example::
@@ -191,7 +194,7 @@ def audit(models: Sequence[str | os.PathLike | ModelEntry], data: str | None = N
                               m, dict(options or {}), clean_samples=clean_samples,
                               mean=e.mean or (tuple(mean) if mean else None),
                               std=e.std or (tuple(std) if std else None), arch=e.arch or arch,
-                              trusted=trusted, decision=decision, device=device,
+                              trusted=trusted, decision=decision, device=device, precision=precision,
                               ground_truth=str(Path(e.trigger).absolute()) if e.trigger else None)
                       for m in methods]
         entry: dict[str, Any] = {"name": e.name, "path": e.path, "sha256": None, "status": "pending",

@@ -39,6 +39,7 @@ class ScanJob:
     decision: str = "paper"  # or "verdict", "verdict-pairs" (scan's --decision)
     ground_truth: str | None = None  # the real trigger's file, to compare (default: beside the model)
     device: str = "cpu"  # where the model runs (auto, cpu, cuda, mps); results are the same CPU record
+    precision: str = "float32"  # the model's arithmetic (float32, bfloat16, auto)
 
 
 @dataclass
@@ -62,7 +63,7 @@ def run_job(job: ScanJob) -> JobRecord:
                       clean_samples=job.clean_samples, mean=list(job.mean) if job.mean else None,
                       std=list(job.std) if job.std else None, arch=job.arch, trusted=job.trusted,
                       out_dir=job.out_dir, decision=job.decision, ground_truth=job.ground_truth,
-                      device=job.device,
+                      device=job.device, precision=job.precision,
                       progress=False, **job.options)
     except TrojanscanError as e:
         return JobRecord(job, False, time.perf_counter() - start, error=str(e))

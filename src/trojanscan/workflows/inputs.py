@@ -23,7 +23,7 @@ from torch.utils.data import Dataset as TorchDataset
 from trojanscan.data import Dataset, load_dataset
 from trojanscan.data.images import InputsLike, as_run_inputs, shape_text, to_images
 from trojanscan.data.triggers import Trigger, trigger_path_for
-from trojanscan.devices import OnDevice, place, unplace
+from trojanscan.devices import OnDevice, Reduced, place, resolve_device, resolve_precision, unplace
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import tensor_sha256
 from trojanscan.models import ArchLike, LoadedModel, load_model
@@ -190,6 +190,7 @@ class Resolved:
     path: Path | None
     convention: str = PLAIN_CONVENTION
     loaded: LoadedModel | None = field(default=None, repr=False)
+    precision: str = "float32"  # the model's arithmetic (``--precision``, resolved)
 
     @property
     def inner(self) -> nn.Module:
@@ -221,6 +222,7 @@ class Resolved:
 
 
 def _peel(module: nn.Module) -> nn.Module:
+    module = module.model if isinstance(module, Reduced) else module
     module = module.model if isinstance(module, OnDevice) else module
     return module.model if isinstance(module, NormalizedInput) else module
 
@@ -241,20 +243,22 @@ def load_module(model: ModelLike, input_shape: tuple[int, ...] | None, arch: Arc
 
 def resolve(model: ModelLike, data: DataLike, *, arch: ArchLike | None = None,
             mean: list[float] | None = None, std: list[float] | None = None,
-            trusted: bool = False, device: str = "cpu") -> Resolved:
+            trusted: bool = False, device: str = "cpu", precision: str = "float32") -> Resolved:
     """Load the data, then the model (a file's shape comes from the data; checked unless
-    ``trusted``), wrap it in its input convention, place it on ``device`` (it takes and returns CPU
-    tensors: :func:`~trojanscan.devices.place`), and check they fit."""
+    ``trusted``), wrap it in its input convention, place it on ``device`` in ``precision`` (it takes
+    and returns CPU float32 tensors: :func:`~trojanscan.devices.place`), and check they fit."""
     dataset = as_dataset(data)
     module, loaded = load_module(model, dataset.input_shape, arch, trusted)
     check_input_shape(loaded, dataset.input_shape, f"the images of {dataset.name}")
     wrapped, convention = wrap_normalization(module, mean, std, dataset.input_shape[0])
-    wrapped = place(wrapped, device)
+    where = resolve_device(device)  # once: a missing device warns once
+    precision = resolve_precision(precision, wrapped, where)
+    wrapped = place(wrapped, where, precision)
     if dataset.classes_from_labels:
         dataset = _with_model_classes(dataset, wrapped)
     check_model_fits(wrapped, dataset.input_shape, dataset.num_classes)
     return Resolved(wrapped, dataset, loaded.sha256 if loaded else None,
-                    loaded.path if loaded else None, convention, loaded)
+                    loaded.path if loaded else None, convention, loaded, precision)
 
 
 def _with_model_classes(dataset: Dataset, module: nn.Module) -> Dataset:

@@ -72,7 +72,8 @@ def scan(model: ModelLike, data: DataLike, *, method: str = "neural-cleanse",
          trusted: bool = False, arch: str | None = None,
          ground_truth: Trigger | str | os.PathLike | None = None,
          out_dir: str | os.PathLike | None = None, progress: bool | ProgressCallback = True,
-         decision: str = "paper", device: str = "cpu", **options: Any) -> ScanResult:
+         decision: str = "paper", device: str = "cpu", precision: str = "float32",
+         **options: Any) -> ScanResult:
     """Scan a model for backdoors with clean data by a registered ``method`` ("neural-cleanse",
     "tabor"); ``options`` are the method's (``schedule``, ``steps``, ``chunk``, ``threshold``,
     ``seed``, TABOR's ``weights`` …). With ``out_dir`` write scan.json, the trigger images and
@@ -87,6 +88,8 @@ def scan(model: ModelLike, data: DataLike, *, method: str = "neural-cleanse",
     :func:`~trojanscan.defenses.verdict.decide` set ``infected`` and ``flagged_labels`` (the paper's
     answer stays in ``extra["paper"]``). ``device`` is where the model runs (auto, cpu, cuda,
     mps; :func:`~trojanscan.devices.resolve_device`); the result is the same CPU record.
+    ``precision`` is the model's arithmetic (float32, bfloat16, auto:
+    :func:`~trojanscan.devices.resolve_precision`), recorded in the result's parameters.
 
     Example::
 
@@ -107,7 +110,8 @@ def scan(model: ModelLike, data: DataLike, *, method: str = "neural-cleanse",
         detector = cls(**options)
     except TypeError as e:
         raise TrojanscanError(f"{method}: {e}") from None
-    resolved = resolve(model, data, arch=arch, mean=mean, std=std, trusted=trusted, device=device)
+    resolved = resolve(model, data, arch=arch, mean=mean, std=std, trusted=trusted, device=device,
+                       precision=precision)
     dataset = resolved.dataset
     truth = known_trigger(ground_truth, resolved, "ground-truth trigger")
     seed = detector.options().seed
@@ -121,7 +125,7 @@ def scan(model: ModelLike, data: DataLike, *, method: str = "neural-cleanse",
         result = detector.scan(resolved.module, x, y, num_classes=dataset.num_classes, labels=labels,
                                out_dir=out_dir,
                                provenance=Provenance(resolved.sha256, tensor_sha256(x, y),
-                                                     resolved.convention))
+                                                     resolved.convention, resolved.precision))
     trust = resolved.trust_record()
     if trust["trusted"] and not trust["checked"] and resolved.loaded is not None:
         notes.append("the model file was loaded with --trust-model: its TorchScript code was NOT "
