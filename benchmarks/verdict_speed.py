@@ -49,8 +49,8 @@ def main() -> int:
                "load_average_before": load}
         print(row, flush=True)
         runs.append(row)
-    write_json(args.out, {"benchmark": "verdict speed", "decision": args.decision, "precision": args.precision,
-                          "threads": torch.get_num_threads(),
+    write_json(args.out, {"benchmark": "verdict speed", "decision": args.decision,
+                          "precision": args.precision, "threads": torch.get_num_threads(),
                           "environment": environment(), "runs": runs})
     return 0
 
