@@ -95,3 +95,8 @@ def test_the_cli_takes_and_checks_a_precision(trojaned_digits, tmp_path):
                                  "--precision", "half"])
     assert result.exit_code != 0 and "--precision 'half': choose one of" in result.output
     assert "Traceback" not in result.output
+    result = runner.invoke(app, ["scan", str(model), "--data", "digits", "--out", str(tmp_path / "s"),
+                                 "--precision", "bfloat16", "--labels", "0,1", "--steps", "3",
+                                 "--clean-samples", "40"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "image passes in bfloat16" in result.output

@@ -528,7 +528,9 @@ def print_scan_summary(result: ScanResult, out: Path | None) -> None:
                       f"{truth['reversed_l1']:.1f}, IoU {truth['overlap']['iou']:.2f}")
     for w in result.warnings:
         warn(w)
+    precision = result.parameters.get("precision", "float32")
     console.print(f"{result.seconds:.1f} s, {result.image_passes:,} image passes"
+                  + (f" in {precision}" if precision != "float32" else "")
                   + (f" → {out / 'scan.json'}, {out / 'report.html'}" if out else ""), highlight=False)
 
 
