@@ -100,3 +100,9 @@ def test_the_cli_takes_and_checks_a_precision(trojaned_digits, tmp_path):
                                  "--clean-samples", "40"], terminal_width=200)
     assert result.exit_code == 0, result.output
     assert "image passes in bfloat16" in result.output
+
+
+
+def test_native_bfloat16_is_cpu_only():
+    from trojanscan.devices import native_bfloat16
+    assert native_bfloat16(torch.device("cuda")) is False and native_bfloat16(torch.device("mps")) is False

@@ -8,9 +8,9 @@ what trojanscan writes is CPU tensors and numpy. On the CPU nothing is hooked: `
 as before.
 
 ``--precision`` says how the model's arithmetic runs for a scan: ``float32`` as it was trained;
-``bfloat16`` under autocast with channels-last images (:class:`Reduced`), about twice as fast where
-the hardware has bfloat16 matrix units (Intel AMX, recent GPUs) and slower where it does not, and
-slower on depthwise (grouped) convolutions everywhere; ``auto`` takes bfloat16 only where both hold.
+``bfloat16`` under autocast with channels-last images (:class:`Reduced`), about twice as fast on a
+CPU with bfloat16 matrix units (Intel AMX) and slower on one without, and slower on depthwise
+(grouped) convolutions; ``auto`` takes bfloat16 only on an AMX CPU for ungrouped convolutions.
 Results stay float32 records; a scan's fingerprint names the precision, so a resumed scan never mixes
 the two.
 """
@@ -30,8 +30,8 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DEVICE_HELP = "where the model runs: auto (cuda, else mps, else cpu), cpu, cuda[:N] or mps"
 PRECISIONS = ("float32", "bfloat16", "auto")
 PRECISION_HELP = ("the model's arithmetic in a scan: float32, bfloat16 (autocast: about 2x faster on "
-                  "CPUs with AMX and on GPUs) or auto (bfloat16 where that is native and the model's "
-                  "convolutions are not grouped, else float32)")
+                  "CPUs with AMX) or auto (bfloat16 on a CPU with AMX for a model whose convolutions are "
+                  "not grouped, else float32)")
 
 
 def _mps_available() -> bool:
@@ -107,13 +107,12 @@ class Reduced(nn.Module):
 
 
 def native_bfloat16(device: torch.device) -> bool:
-    """Whether ``device`` has bfloat16 matrix units (a CPU with AMX, a CUDA GPU that supports it)."""
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    if device.type == "cpu":
-        check = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private in torch 2.x: absent is "no"
-        return bool(check()) if check is not None else False
-    return False
+    """Whether ``device`` is a CPU with bfloat16 matrix units (Intel AMX), where bfloat16 was measured
+    faster. GPUs are not chosen by ``auto`` (not measured here); ``bfloat16`` by name runs there too."""
+    if device.type != "cpu":
+        return False
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private in torch 2.x: absent is "no"
+    return bool(check()) if check is not None else False
 
 
 def plain_convolutions(model: nn.Module) -> bool:
