@@ -29,7 +29,7 @@ def main() -> int:
     ap.add_argument("models", nargs="+", help="MODEL:DATA pairs (a model file and a data source)")
     ap.add_argument("--out", type=Path, default=Path("bench_out/verdict_speed.json"))
     ap.add_argument("--decision", default="verdict", choices=("verdict", "verdict-pairs"))
-    ap.add_argument("--precision", default="float32", choices=("float32", "bfloat16", "auto"))
+    ap.add_argument("--precision", default="auto", choices=("float32", "bfloat16", "auto"))
     args = ap.parse_args()
     runs = []
     for pair in args.models:

@@ -90,7 +90,7 @@ def test_the_device_boundary_changes_no_result(trojaned_digits, digits, monkeypa
     """What a device run does besides moving tensors: the hooks at the model's boundary. Forced on
     the CPU, the scan and a repair give the default run's numbers, and the repaired model comes
     back without hooks."""
-    options = dict(clean_samples=60, steps=8, labels=[0, 1, 2], progress=False)
+    options = dict(clean_samples=60, steps=8, labels=[0, 1, 2], progress=False, precision="float32")
     plain = scan(trojaned_digits.model, digits, **options)
     monkeypatch.setattr(inputs, "place", lambda model, device, precision: boundary(copy.deepcopy(model)))
     hooked = scan(trojaned_digits.model, digits, device="auto", **options)

@@ -78,6 +78,7 @@ def test_a_scan_records_its_precision_and_never_resumes_across_precisions(trojan
     fresh = scan(trojaned_digits.model, digits, precision="float32", **options)
     assert low.parameters["precision"] == "bfloat16" and full.parameters["precision"] == "float32"
     assert low.parameters["fingerprint"] != full.parameters["fingerprint"]
+    assert low.model_sha256 == full.model_sha256  # the same model to a repair that checks the scan
     assert [r.l1_norm for r in full.labels] == [r.l1_norm for r in fresh.labels]  # searched again
 
 

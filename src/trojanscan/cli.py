@@ -565,7 +565,7 @@ def scan_cmd(
     trigger: Path = typer.Option(None, "--trigger", help="the real trigger, to compare (default: "
                                  "the one saved beside the model)"),
     device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
-    precision: str = typer.Option("float32", "--precision", help=PRECISION_HELP),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
 ) -> None:
     """Detect a backdoor: reverse-engineer a trigger per label (Neural Cleanse, TABOR), flag outliers."""
     cls = reverser(method)
@@ -644,7 +644,7 @@ def audit_cmd(
     split_over: int = typer.Option(20, "--split-over", help="with several workers, split a model with "
                                    "more labels than this into label jobs"),
     device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
-    precision: str = typer.Option("float32", "--precision", help=PRECISION_HELP),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
 ) -> None:
     """Scan many models: files, folders or a manifest; a summary table, audit.json and audit.html
     (rerun the same command to resume; a model that fails is recorded and the audit goes on)."""
@@ -1161,7 +1161,8 @@ def bench_zoo_cmd(
     workers: int = typer.Option(1, "--workers", help=WORKERS_HELP),
     address: str = typer.Option(None, "--address", help=ADDRESS_HELP),
     device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
-    precision: str = typer.Option("float32", "--precision", help=PRECISION_HELP),
+    precision: str = typer.Option("float32", "--precision", help=PRECISION_HELP + "; float32 by default "
+                                  "here, so that a zoo's figures are the same on every machine"),
 ) -> None:
     """Build a seeded zoo of clean and trojaned models (cached; rerun to resume), scan each, and
     report AUROC, detection and false-positive rates, target accuracy, trigger IoU and seconds."""

@@ -106,6 +106,11 @@ class Reduced(nn.Module):
         return out.float() if isinstance(out, torch.Tensor) and out.is_floating_point() else out
 
 
+def full_precision(model: nn.Module) -> nn.Module:
+    """``model`` without :class:`Reduced` (the weights as the user gave them, to hash or save)."""
+    return model.model if isinstance(model, Reduced) else model
+
+
 def native_bfloat16(device: torch.device) -> bool:
     """Whether ``device`` is a CPU with bfloat16 matrix units (Intel AMX), where bfloat16 was measured
     faster. GPUs are not chosen by ``auto`` (not measured here); ``bfloat16`` by name runs there too."""

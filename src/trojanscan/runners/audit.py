@@ -144,7 +144,7 @@ def audit(models: Sequence[str | os.PathLike | ModelEntry], data: str | None = N
           out_dir: str | os.PathLike, methods: Sequence[str] = ("neural-cleanse",), decision: str = "paper",
           options: dict[str, Any] | None = None, clean_samples: int = 1000,
           mean: Sequence[float] | None = None, std: Sequence[float] | None = None, arch: str | None = None,
-          trusted: bool = False, device: str = "cpu", precision: str = "float32", runner: str = "local",
+          trusted: bool = False, device: str = "cpu", precision: str = "auto", runner: str = "local",
           workers: int | None = None, address: str | None = None, split_over: int = SPLIT_OVER,
           on_model_done: Callable[[dict[str, Any]], None] | None = None) -> AuditResult:
     """Scan every model of ``models`` (files, folders, CSV/JSON manifests or :class:`ModelEntry`)

@@ -39,7 +39,7 @@ class ScanJob:
     decision: str = "paper"  # or "verdict", "verdict-pairs" (scan's --decision)
     ground_truth: str | None = None  # the real trigger's file, to compare (default: beside the model)
     device: str = "cpu"  # where the model runs (auto, cpu, cuda, mps); results are the same CPU record
-    precision: str = "float32"  # the model's arithmetic (float32, bfloat16, auto)
+    precision: str = "auto"  # the model's arithmetic (float32, bfloat16, auto)
 
 
 @dataclass

@@ -18,8 +18,9 @@ from trojanscan.defenses.repeats import RepeatedScan, combine_runs
 from trojanscan.defenses.scan_result import ScanResult
 from trojanscan.defenses.untargeted import UntargetedSearch
 from trojanscan.defenses.verdict import decide
+from trojanscan.devices import full_precision
 from trojanscan.errors import TrojanscanError
-from trojanscan.fileio import locks_out_dir, tensor_sha256, write_json
+from trojanscan.fileio import locks_out_dir, module_sha256, tensor_sha256, write_json
 from trojanscan.metrics import mask_overlap
 from trojanscan.options import option_fields, parse_options
 from trojanscan.progress import ProgressCallback
@@ -72,7 +73,7 @@ def scan(model: ModelLike, data: DataLike, *, method: str = "neural-cleanse",
          trusted: bool = False, arch: str | None = None,
          ground_truth: Trigger | str | os.PathLike | None = None,
          out_dir: str | os.PathLike | None = None, progress: bool | ProgressCallback = True,
-         decision: str = "paper", device: str = "cpu", precision: str = "float32",
+         decision: str = "paper", device: str = "cpu", precision: str = "auto",
          **options: Any) -> ScanResult:
     """Scan a model for backdoors with clean data by a registered ``method`` ("neural-cleanse",
     "tabor"); ``options`` are the method's (``schedule``, ``steps``, ``chunk``, ``threshold``,
@@ -88,8 +89,9 @@ def scan(model: ModelLike, data: DataLike, *, method: str = "neural-cleanse",
     :func:`~trojanscan.defenses.verdict.decide` set ``infected`` and ``flagged_labels`` (the paper's
     answer stays in ``extra["paper"]``). ``device`` is where the model runs (auto, cpu, cuda,
     mps; :func:`~trojanscan.devices.resolve_device`); the result is the same CPU record.
-    ``precision`` is the model's arithmetic (float32, bfloat16, auto:
-    :func:`~trojanscan.devices.resolve_precision`), recorded in the result's parameters.
+    ``precision`` is the model's arithmetic (float32, bfloat16, or auto: bfloat16 for ungrouped
+    convolutions on a CPU with AMX, :func:`~trojanscan.devices.resolve_precision`), recorded in the
+    result's parameters; float32 reproduces a scan bit for bit on any machine.
 
     Example::
 
@@ -124,8 +126,9 @@ def scan(model: ModelLike, data: DataLike, *, method: str = "neural-cleanse",
         detector.on_progress = progress if callable(progress) else bars
         result = detector.scan(resolved.module, x, y, num_classes=dataset.num_classes, labels=labels,
                                out_dir=out_dir,
-                               provenance=Provenance(resolved.sha256, tensor_sha256(x, y),
-                                                     resolved.convention, resolved.precision))
+                               provenance=Provenance(
+                                   resolved.sha256 or module_sha256(full_precision(resolved.module)),
+                                   tensor_sha256(x, y), resolved.convention, resolved.precision))
     trust = resolved.trust_record()
     if trust["trusted"] and not trust["checked"] and resolved.loaded is not None:
         notes.append("the model file was loaded with --trust-model: its TorchScript code was NOT "
