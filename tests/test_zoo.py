@@ -274,6 +274,19 @@ def test_world_zoo_draws_the_further_attack_kinds_on_request(tmp_path):
         zoo.make_zoo({"digits": ((1, 8, 8), 10)}, 4, preset="world", attacks=("magic",))
 
 
+def test_world_zoo_turns_through_the_architectures_asked_for():
+    shapes = {"digits": ((1, 8, 8), 10)}
+    entries = zoo.make_zoo(shapes, 12, seed=2, preset="world", archs=("mlp", "cnn"))
+    assert [e.arch for e in entries] == ["mlp", "mlp", None, None] * 3  # a clean/trojaned pair shares one
+    assert [e.spec() for e in zoo.make_zoo(shapes, 16, seed=2, preset="world")] == [
+        e.spec() for e in zoo.make_zoo(shapes, 16, seed=2, preset="world",
+                                       archs=("cnn", "mlp", "resnet-small", "mobilenet-small"))]
+    with pytest.raises(TrojanscanError, match="unknown: vgg"):
+        zoo.make_zoo(shapes, 4, preset="world", archs=("vgg",))
+    with pytest.raises(TrojanscanError, match="world preset"):
+        zoo.make_zoo(shapes, 4, archs=("mlp",))
+
+
 def test_a_tbt_zoo_entry_is_a_clean_model_attacked_afterwards(tmp_path, digits):
     entry = zoo.ZooEntry(1, "digits", 5, 10, attack="tbt",
                          attack_options={"target": 1, "wb": 20, "position": "center", "trigger_steps": 10,

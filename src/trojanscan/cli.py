@@ -1157,6 +1157,9 @@ def bench_zoo_cmd(
                                "more attack kinds)"),
     attacks: str = typer.Option(None, "--attacks", help="world: comma-separated attack kinds to draw "
                                 "in turn (default: its ten; more: " + ", ".join(MORE_ZOO_ATTACKS) + ")"),
+    archs: str = typer.Option(None, "--archs", help="world: comma-separated architectures to turn "
+                              "through (default: cnn,mlp,resnet-small,mobilenet-small; cnn is the "
+                              "paper's net for the data)"),
     runner: str = typer.Option("local", "--runner", help=RUNNER_HELP),
     workers: int = typer.Option(1, "--workers", help=WORKERS_HELP),
     address: str = typer.Option(None, "--address", help=ADDRESS_HELP),
@@ -1174,7 +1177,8 @@ def bench_zoo_cmd(
                          strip_temperature=strip_temperature, strip_boundary=strip_boundary,
                          preset=preset, runner=runner, workers=workers, address=address, device=device,
                          precision=precision,
-                         attacks=[k.strip() for k in attacks.split(",") if k.strip()] if attacks else None)
+                         attacks=[k.strip() for k in attacks.split(",") if k.strip()] if attacks else None,
+                         archs=[k.strip() for k in archs.split(",") if k.strip()] if archs else None)
     with folder_lock(out, "zoo folder"):
         results = run_zoo(out, options, log=lambda line: console.print(line, highlight=False))
     console.print((out / "summary.md").read_text().split("\n\n| model")[0])

@@ -226,6 +226,7 @@ class ZooOptions:
     strip_boundary: str = "normal"
     preset: str = "classic"  # classic (the README's zoos) or world (architectures, conventions, attacks)
     attacks: Sequence[str] | None = None  # world: the attack kinds to draw in turn (default: WORLD_ATTACKS)
+    archs: Sequence[str] | None = None  # world: the architectures to turn through (default: all four)
     runner: str = "local"  # who runs the scan jobs: local (one process or a pool) or ray
     workers: int = 1
     address: str | None = None  # runner ray: join this cluster (default: start one here)
@@ -266,7 +267,8 @@ def run_zoo(out_dir: str | Path, options: ZooOptions | None = None,
     data = {source: load_dataset(source) for source in opts.datasets}
     shapes = {source: (d.input_shape, d.num_classes) for source, d in data.items()}
     entries = make_zoo(shapes, opts.size, opts.seed, epochs=opts.epochs,
-                       train_samples=opts.train_samples, preset=opts.preset, attacks=opts.attacks)
+                       train_samples=opts.train_samples, preset=opts.preset, attacks=opts.attacks,
+                       archs=opts.archs)
     scan_options = {"schedule": opts.schedule, "steps": opts.steps, "clean_samples": opts.clean_samples,
                     **_precision_tag(opts.precision)}
     results: dict[str, Any] = {"benchmark": "zoo", "options": dataclasses.asdict(opts),

@@ -142,13 +142,14 @@ def _draw_world_attack(rng: random.Random, shape: tuple[int, int, int], num_clas
 
 def make_zoo(datasets: dict[str, tuple[tuple[int, int, int], int]], size: int, seed: int = 0, *,
              epochs: int = 2, train_samples: int | None = None, preset: str = "classic",
-             attacks: Sequence[str] | None = None) -> list[ZooEntry]:
+             attacks: Sequence[str] | None = None, archs: Sequence[str] | None = None) -> list[ZooEntry]:
     """A deterministic zoo of ``size`` models: datasets in turn, two at a time, clean then trojaned.
 
     ``datasets`` maps a data source to its (C, H, W) image shape and class count. The ``world``
     preset also turns through :data:`WORLD_ARCHITECTURES` (a clean/trojaned pair shares data and
     architecture) and makes about a third of the models expect normalised inputs; ``attacks``
-    (world only) replaces :data:`WORLD_ATTACKS` with other kinds, from it and :data:`MORE_ATTACKS`.
+    (world only) replaces :data:`WORLD_ATTACKS` with other kinds, from it and :data:`MORE_ATTACKS`;
+    ``archs`` (world only) the architectures to turn through (``cnn``: the paper's net for the data).
     """
     if preset not in PRESETS:
         raise TrojanscanError(f"unknown zoo preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -161,6 +162,7 @@ def make_zoo(datasets: dict[str, tuple[tuple[int, int, int], int]], size: int, s
         raise TrojanscanError("zoo attacks apply to the world preset: choose from "
                               f"{', '.join((*WORLD_ATTACKS, *MORE_ATTACKS))}"
                               + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+    families = _world_archs(archs, preset)
     rng = random.Random(seed)
     names = list(datasets)
     kinds = list(attacks or WORLD_ATTACKS)
@@ -171,7 +173,7 @@ def make_zoo(datasets: dict[str, tuple[tuple[int, int, int], int]], size: int, s
         source = names[(i // 2) % len(names)]
         entry = ZooEntry(i, source, rng.randrange(2**31), epochs, train_samples)
         if preset == "world":
-            entry.arch = WORLD_ARCHITECTURES[(i // (2 * len(names))) % len(WORLD_ARCHITECTURES)]
+            entry.arch = families[(i // (2 * len(names))) % len(families)]
             entry.normalised = rng.random() < 1 / 3
         if i % 2 == 1 and preset == "world":
             kind = kinds[(i // 2) % len(kinds)]
@@ -182,6 +184,18 @@ def make_zoo(datasets: dict[str, tuple[tuple[int, int, int], int]], size: int, s
             entry.attack, entry.attack_options = _draw_attack(rng, *datasets[source])
         entries.append(entry)
     return entries
+
+
+def _world_archs(archs: Sequence[str] | None, preset: str) -> tuple[str | None, ...]:
+    """The architectures a world zoo turns through (``cnn`` is the paper's net: None)."""
+    if archs is None:
+        return WORLD_ARCHITECTURES
+    names = {"cnn": None, **{a: a for a in WORLD_ARCHITECTURES if a}}
+    unknown = [a for a in archs if a not in names]
+    if unknown or not archs or preset != "world":
+        raise TrojanscanError("zoo architectures apply to the world preset: choose from "
+                              + ", ".join(names) + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+    return tuple(names[a] for a in archs)
 
 
 def attack_for(entry: ZooEntry) -> Any:
