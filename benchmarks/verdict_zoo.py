@@ -65,9 +65,10 @@ def attack_kind(spec: dict) -> str:
     return attack
 
 
-def _row(zoo: Path, m: dict, use_untargeted: bool, use_pairs: bool) -> dict | None:
+def _row(zoo: Path, m: dict, use_untargeted: bool, use_pairs: bool,
+         dense_null: bool = True) -> dict | None:
     """One model's verdict from its saved evidence: the untargeted map and/or the pair search as asked
-    (rule 4 is the pairs without the map)."""
+    (rule 4 is the pairs without the map; rule 5 without ``dense_null``, the MLPs' own size null)."""
     scans = sorted(glob.glob(str(zoo / "scans" / m["key"] / "neural-cleanse-*")))
     evidence = m.get("evidence", {})
     needed = {"mm-bd"} | ({"untargeted"} if use_untargeted else set()) | ({"pairs"} if use_pairs else set())
@@ -78,7 +79,7 @@ def _row(zoo: Path, m: dict, use_untargeted: bool, use_pairs: bool) -> dict | No
     untargeted = UntargetedEvidence.from_dict(evidence["untargeted"]["evidence"]) if use_untargeted else None
     pairs = PairEvidence.from_dict(evidence["pairs"]["evidence"]) if use_pairs else None
     verdict = decide(scan, MarginEvidence(mm["statistics"], mm["p_value"], mm["flagged_labels"], mm["null"]),
-                     pairs, untargeted)
+                     pairs, untargeted, dense=dense_null and m.get("arch") == "mlp")
     spec = m["spec"]
     return {"name": m["name"], "trojaned": m["trojaned"], "attack": attack_kind(spec),
             "dataset": spec["dataset"], "arch": m.get("arch"), "normalised": bool(spec.get("normalised")),
@@ -166,6 +167,8 @@ def main() -> int:
                     "(zoos scanned before it)")
     ap.add_argument("--with-pairs", action="store_true",
                     help="add the pair search's evidence (scan --decision verdict-pairs)")
+    ap.add_argument("--no-dense-null", action="store_true",
+                    help="rule 5: MLPs held to the convolutional nets' size-ratio null")
     args = ap.parse_args()
     use_untargeted = not args.no_untargeted
     use_pairs = args.with_pairs or args.no_untargeted
@@ -174,7 +177,7 @@ def main() -> int:
         results = json.loads((zoo / "results.json").read_text())
         seeds.append(results["options"]["seed"])
         rows += [{**r, "zoo_seed": seeds[-1]} for m in results["models"]
-                 if (r := _row(zoo, m, use_untargeted, use_pairs)) is not None]
+                 if (r := _row(zoo, m, use_untargeted, use_pairs, not args.no_dense_null)) is not None]
     usable = [r for r in rows if r["attack_took"]]
     add_population(usable)
     by: dict[str, dict] = {"overall": _rates(usable)}
@@ -183,8 +186,9 @@ def main() -> int:
         for r in usable:
             groups[str(r[key])].append(r)
         by[f"by_{key}"] = {k: _rates(v) for k, v in sorted(groups.items())}
-    write_json(args.out, {"benchmark": "verdict", "rule_version": RULE_VERSION, "untargeted": use_untargeted,
-                          "pairs": use_pairs,
+    rule = RULE_VERSION if not args.no_dense_null else 5
+    write_json(args.out, {"benchmark": "verdict", "rule_version": rule, "untargeted": use_untargeted,
+                          "pairs": use_pairs, "dense_null": not args.no_dense_null,
                           "zoos": [str(z) for z in args.zoo], "zoo_seeds": seeds,
                           "left_out_attack_did_not_take": [r["name"] for r in rows if not r["attack_took"]],
                           "summary": by, "models": rows})

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -16,10 +18,13 @@ from trojanscan.defenses.untargeted import SourceShift, UntargetedEvidence
 from trojanscan.defenses.verdict import (
     ALPHA,
     CLEAN_LOG_RATIO,
+    DENSE_NULL,
     SUSPICIOUS,
     Verdict,
     combined_p_value,
     decide,
+    dense_anomalies,
+    dense_p_value,
     injected_pairs,
     size_ratio_p_value,
     smallest_normal,
@@ -223,6 +228,55 @@ def test_too_few_labels_give_no_size_evidence():
     assert decide(_scan([30.0])).verdict == "clean"  # no division by the zero of one label
     v = decide(_scan([30.0, 12.0]), _margins([30.0, 90.0], 0.001))  # MM-BD alone still decides
     assert (v.verdict, v.targets) == ("backdoored", [1])
+
+
+EVEN = [30.0, 31, 29, 30, 30.5, 29.5, 30, 31, 29, 30]  # a dense net's labels: far more even than a CNN's
+
+
+def test_a_dense_net_is_held_to_its_own_labels_spread():
+    """Rule 6: an MLP's modest outlier among very even labels is a backdoor; the convolutional nets'
+    ratio null (whose natural shortcuts reach ratios like it) calls it clean."""
+    modest = [20.0, *EVEN[1:]]  # ratio 0.67
+    assert decide(_scan(modest)).verdict == "clean"
+    v = decide(_scan(modest), dense=True)
+    assert (v.verdict, v.targets, v.kind) == ("backdoored", [0], "all-to-one")
+    assert v.evidence[0].name == "trigger size (dense net)" and v.evidence[0].value < v.evidence[0].threshold
+    # a wide spread of its own makes the same dense net's smallest label ordinary
+    wide = [6.0, 10, 20, 40, 60, 80, 100, 120, 30, 50]
+    assert decide(_scan(wide)).verdict != "clean"  # the ratio null: 6 / 45 is small
+    assert decide(_scan(wide), dense=True).verdict == "clean"
+
+
+def test_the_dense_statistic_and_its_null_on_known_values():
+    t = dense_anomalies({k: v for k, v in enumerate([20.0, *EVEN[1:]])})
+    logs = [math.log(v) for v in [20.0, *EVEN[1:]]]
+    median = statistics.median(logs)
+    spread = 1.4826 * statistics.median(abs(v - median) for v in logs)
+    assert t[0] == pytest.approx((math.log(20.0) - median) / (spread * smallest_normal(10)))
+    mean, c = DENSE_NULL
+    assert dense_p_value(mean, 10) == pytest.approx(0.5)  # the clean mean is the median of the null
+    assert dense_p_value(mean - 2 * c / math.sqrt(43), 43) == pytest.approx(0.02275, abs=1e-4)
+    assert math.isnan(dense_p_value(-5.0, 3))  # too few labels: no evidence
+    assert all(math.isnan(v) for v in dense_anomalies({k: 30.0 for k in range(10)}).values())  # no spread
+
+
+def test_a_scan_holds_a_model_without_convolutions_to_the_dense_null(digits):
+    from trojanscan import scan
+    from trojanscan.attacks import BadNets
+    from trojanscan.workflows.training import train_classifier
+
+    mlp = train_classifier(digits, "mlp", epochs=15, batch_size=64, seed=0, progress=False,
+                           attack=BadNets(target=0, poison_rate=0.1, size=3, seed=0)).model
+    result = scan(mlp, digits, clean_samples=300, steps=60, decision="verdict", progress=False)
+    size = result.extra["verdict"]["evidence"][0]
+    assert size["name"] == "trigger size (dense net)" and size["targets"] == [0]
+    assert result.extra["verdict"]["verdict"] == "backdoored" and result.flagged_labels == [0]
+
+
+def test_a_dense_verdict_round_trips_through_json():
+    v = decide(_scan([20.0, *EVEN[1:]]), _margins([40.0] * 10, 0.5), dense=True)
+    back = Verdict.from_dict(json.loads(json.dumps(to_jsonable(v.to_dict()))))
+    assert to_jsonable(back.to_dict()) == to_jsonable(v.to_dict())
 
 
 def test_population_evidence_holds_each_label_to_the_same_label_on_other_models():

@@ -120,11 +120,16 @@ def native_bfloat16(device: torch.device) -> bool:
     return bool(check()) if check is not None else False
 
 
+def convolutions(model: nn.Module) -> list[nn.Module]:
+    """``model``'s 2-D convolutions (TorchScript modules too, by their original class name)."""
+    return [m for m in model.modules()
+            if isinstance(m, nn.Conv2d) or getattr(m, "original_name", None) == "Conv2d"]
+
+
 def plain_convolutions(model: nn.Module) -> bool:
     """Whether ``model`` has 2-D convolutions and none of them grouped (depthwise convolutions run
     slower in bfloat16 than in float32 on CPUs)."""
-    convs = [m for m in model.modules()
-             if isinstance(m, nn.Conv2d) or getattr(m, "original_name", None) == "Conv2d"]
+    convs = convolutions(model)
     return bool(convs) and all(getattr(m, "groups", 1) == 1 for m in convs)
 
 

@@ -8,6 +8,14 @@ Evidence (each optional but the first):
   ratio this small: ``log(ratio)`` divided by the expected smallest of ``K`` standard normals is
   taken as normal, fitted to the clean models of the 'world' development zoos
   (:data:`CLEAN_LOG_RATIO`: four architecture families, 10 and 43 labels, natural shortcuts).
+  A *dense* net (no convolution: an MLP) is held to its own null (rule 6, :data:`DENSE_NULL`): its
+  labels' trigger sizes are far more even than a convolutional net's, so the ratio null of the
+  convolutional nets' natural shortcuts hid its backdoors; and their spread depends on the data (the
+  smallest clean GTSRB ratio is much smaller than an MNIST one), so the statistic is the smallest
+  label's robust anomaly on the log scale — ``(log L1_min − median) / (1.4826 · MAD)`` over the
+  model's own labels, divided by the expected smallest of K standard normals — held to a normal of
+  mean ``DENSE_NULL[0]`` and deviation ``DENSE_NULL[1] / √K`` (the MAD of K labels is noisier for
+  small K).
 - **maximum margin** (MM-BD, data-free): its order-statistic p-value; its largest-margin class is
   its target. Catches large and blended triggers that have no small mask.
 - **label pairs** (source-specific search with the symmetry test): a source's easiest pair is
@@ -51,7 +59,7 @@ from trojanscan.defenses.pairs import PAIR_PRIOR, SMALL_PAIR, PairEvidence
 from trojanscan.defenses.scan_result import ScanResult
 from trojanscan.defenses.untargeted import UntargetedEvidence
 
-RULE_VERSION = 5  # 5: rule 4 and the untargeted trigger's map
+RULE_VERSION = 6  # 5: rule 4 and the untargeted trigger's map; 6: dense nets' own size null
 ALPHA = 0.01  # the score below which a model is backdoored (the module notes say why)
 SUSPICIOUS = 0.05  # the score below which it is suspicious
 # log(size ratio) / |expected smallest of K standard normals| of the 40 clean models of the world
@@ -59,6 +67,12 @@ SUSPICIOUS = 0.05  # the score below which it is suspicious
 # deviation of the fitted normal. The smallest of K labels is more extreme the more labels there
 # are: unscaled, the 10-label mean is -0.62 and the 43-label -1.03 (K-scaling predicts -0.89).
 CLEAN_LOG_RATIO = (-0.421, 0.202)
+# Dense nets: the smallest label's log-scale robust anomaly over the expected smallest of K normals,
+# of the 61 clean MLPs of the development zoos (seeds 100, 200, 300, 700, GTSRB 100 and the MLP zoo
+# of seed 910; 42 with 10 labels, 19 with 43): mean -1.133 (10 labels -1.125, 43 labels -1.153), and
+# sd·√K pooled 1.506 (10 labels: sd 0.495, 43: 0.213).
+DENSE_NULL = (-1.133, 1.506)
+ROBUST_SD = 1.4826  # MAD → standard deviation of a normal
 PAIR_SIZE = SMALL_PAIR  # the pair search reverses only pairs this small
 PAIR_SYMMETRY = 10.0  # K-Arm's bound; at 2.5 every clean Fashion-MNIST development model had injected pairs
 ALL_TO_ALL_PAIRS = 3  # injected pairs (to as many different targets) that make an all-to-all backdoor
@@ -139,9 +153,32 @@ def combined_p_value(p_values: list[float]) -> float:
     return min(1.0, math.exp(-x) * sum(x**i / math.factorial(i) for i in range(len(p_values))))
 
 
-def _label_p_values(scan: ScanResult) -> dict[int, float]:
-    """Each label's size-ratio p-value (each held to the null of the smallest, a conservative test)."""
+def dense_anomalies(norms: dict[int, float]) -> dict[int, float]:
+    """Each label's log-scale robust anomaly over the expected smallest of K normals (NaN where the
+    spread is zero or a norm is not positive): the dense-net size statistic."""
+    if len(norms) < MIN_SIZE_LABELS or min(norms.values()) <= 0:
+        return {k: math.nan for k in norms}
+    logs = {k: math.log(v) for k, v in norms.items()}
+    median = statistics.median(logs.values())
+    spread = ROBUST_SD * statistics.median(abs(v - median) for v in logs.values())
+    scale = spread * smallest_normal(len(norms))
+    return {k: ((v - median) / scale if scale > 0 else math.nan) for k, v in logs.items()}
+
+
+def dense_p_value(anomaly: float, labels: int) -> float:
+    """The chance that a clean dense net with ``labels`` labels has a smallest anomaly this low."""
+    if not math.isfinite(anomaly) or labels < MIN_SIZE_LABELS:
+        return math.nan
+    mean, spread = DENSE_NULL
+    return statistics.NormalDist(mean, spread / math.sqrt(labels)).cdf(anomaly)
+
+
+def _label_p_values(scan: ScanResult, dense: bool = False) -> dict[int, float]:
+    """Each label's size p-value (each held to the null of the smallest, a conservative test): the
+    size ratio's, or for a dense net its robust anomaly's."""
     norms = {r.label: r.l1_norm for r in scan.labels}
+    if dense:
+        return {k: dense_p_value(t, len(norms)) for k, t in dense_anomalies(norms).items()}
     median = statistics.median(norms.values())
     return {k: (size_ratio_p_value(v / median, len(norms)) if median > 0 else math.nan)
             for k, v in norms.items()}
@@ -152,7 +189,7 @@ def p_value_says(p: float) -> str:
     return "backdoor" if p < ALPHA else "suspicious" if p < SUSPICIOUS else "clean"
 
 
-def _size_evidence(scan: ScanResult, label_p: dict[int, float]) -> EvidenceItem:
+def _size_evidence(scan: ScanResult, label_p: dict[int, float], dense: bool = False) -> EvidenceItem:
     norms = {r.label: r.l1_norm for r in scan.labels}
     median = statistics.median(norms.values())
     smallest = min(norms, key=norms.get)
@@ -160,11 +197,22 @@ def _size_evidence(scan: ScanResult, label_p: dict[int, float]) -> EvidenceItem:
     says = p_value_says(p)
     targets = sorted(k for k, q in label_p.items() if q < ALPHA) if says == "backdoor" else (
         [smallest] if says == "suspicious" else [])
+    detail = (f"smallest reversed trigger L1 {norms[smallest]:.1f} (label {smallest}) against the "
+              f"median {median:.1f}, {norms[smallest] / scan.labels[0].mask.numel():.1%} of the image")
+    if dense:
+        anomaly = dense_anomalies(norms)[smallest]
+        return EvidenceItem("trigger size (dense net)", anomaly, _dense_at(ALPHA, len(norms)), says, targets,
+                            p, detail + "; held to the dense nets' null (log-scale robust anomaly)")
     return EvidenceItem("trigger size ratio", norms[smallest] / median if median > 0 else math.nan,
-                        _ratio_at(ALPHA, len(norms)), says, targets, p,
-                        f"smallest reversed trigger L1 {norms[smallest]:.1f} (label {smallest}) against the "
-                        f"median {median:.1f}, {norms[smallest] / scan.labels[0].mask.numel():.1%} "
-                        "of the image")
+                        _ratio_at(ALPHA, len(norms)), says, targets, p, detail)
+
+
+def _dense_at(p: float, labels: int) -> float:
+    """The dense-net anomaly whose p-value is ``p``."""
+    if labels < MIN_SIZE_LABELS:
+        return math.nan
+    mean, spread = DENSE_NULL
+    return statistics.NormalDist(mean, spread / math.sqrt(labels)).inv_cdf(p)
 
 
 def _ratio_at(p: float, labels: int) -> float:
@@ -229,10 +277,12 @@ def _untargeted_evidence(untargeted: UntargetedEvidence, scan: ScanResult) -> Ev
 
 
 def decide(scan: ScanResult, mmbd: MarginEvidence | None = None,
-           pairs: PairEvidence | None = None, untargeted: UntargetedEvidence | None = None) -> Verdict:
-    """Combine the evidence into one :class:`Verdict` (see the module notes for the rule)."""
-    size_p = _label_p_values(scan)
-    items = [_size_evidence(scan, size_p)]
+           pairs: PairEvidence | None = None, untargeted: UntargetedEvidence | None = None, *,
+           dense: bool = False) -> Verdict:
+    """Combine the evidence into one :class:`Verdict` (see the module notes for the rule); ``dense``:
+    the model has no convolution (its trigger sizes are held to the dense nets' null)."""
+    size_p = _label_p_values(scan, dense)
+    items = [_size_evidence(scan, size_p, dense)]
     label_p = {k: [p] for k, p in size_p.items()}
     if mmbd is not None:
         items.append(_margin_evidence(mmbd))
