@@ -171,12 +171,16 @@ def dense_anomalies(norms: dict[int, float]) -> dict[int, float]:
     return {k: ((v - median) / scale if scale > 0 else math.nan) for k, v in logs.items()}
 
 
+def _dense_null(labels: int) -> statistics.NormalDist:
+    mean, spread = DENSE_NULL
+    return statistics.NormalDist(mean, spread / math.sqrt(labels))
+
+
 def dense_p_value(anomaly: float, labels: int) -> float:
     """The chance that a clean dense net with ``labels`` labels has a smallest anomaly this low."""
     if not math.isfinite(anomaly) or labels < MIN_SIZE_LABELS:
         return math.nan
-    mean, spread = DENSE_NULL
-    return statistics.NormalDist(mean, spread / math.sqrt(labels)).cdf(anomaly)
+    return _dense_null(labels).cdf(anomaly)
 
 
 def _label_p_values(scan: ScanResult, dense: bool = False) -> dict[int, float]:
@@ -215,10 +219,7 @@ def _size_evidence(scan: ScanResult, label_p: dict[int, float], dense: bool = Fa
 
 def _dense_at(p: float, labels: int) -> float:
     """The dense-net anomaly whose p-value is ``p``."""
-    if labels < MIN_SIZE_LABELS:
-        return math.nan
-    mean, spread = DENSE_NULL
-    return statistics.NormalDist(mean, spread / math.sqrt(labels)).inv_cdf(p)
+    return _dense_null(labels).inv_cdf(p) if labels >= MIN_SIZE_LABELS else math.nan
 
 
 def _ratio_at(p: float, labels: int) -> float:
