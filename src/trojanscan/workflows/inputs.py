@@ -23,7 +23,7 @@ from torch.utils.data import Dataset as TorchDataset
 from trojanscan.data import Dataset, load_dataset
 from trojanscan.data.images import InputsLike, as_run_inputs, shape_text, to_images
 from trojanscan.data.triggers import Trigger, trigger_path_for
-from trojanscan.devices import OnDevice, Reduced, place, resolve_device, resolve_precision, unplace
+from trojanscan.devices import OnDevice, full_precision, place, resolve_device, resolve_precision, unplace
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import tensor_sha256
 from trojanscan.models import ArchLike, LoadedModel, load_model
@@ -222,7 +222,7 @@ class Resolved:
 
 
 def _peel(module: nn.Module) -> nn.Module:
-    module = module.model if isinstance(module, Reduced) else module
+    module = full_precision(module)
     module = module.model if isinstance(module, OnDevice) else module
     return module.model if isinstance(module, NormalizedInput) else module
 
