@@ -989,11 +989,11 @@ def strip_evaluate_cmd(
                   "nothing written: pass --out DIR for strip.json and report.html", highlight=False)
 
 
-DETECTORS_HELP = ("the guard's detectors: strip, teco, scale-up (default strip,teco); an input is "
+DETECTORS_HELP = ("the guard's detectors: strip, teco, scale-up, ibd-psc (default strip,teco); an input is "
                   "rejected when any of them flags it")
 GUARD_TEMPERATURE_HELP = "STRIP's " + TEMPERATURE_HELP + " (default auto)"
 GUARD_OPTION_HELP = ("a guard option KEY=VALUE (repeatable): severity, corruptions (a/b/c), scales (3/5/7), "
-                     "batch_size …")
+                     "copies, amplification, batch_size …")
 guard_app = typer.Typer(no_args_is_help=True,
                         help="A combined run-time guard: STRIP plus TeCo (and SCALE-UP), one calibration "
                              "at one overall FRR.")

@@ -38,8 +38,8 @@ from trojanscan.validation import SEED, check_fraction, check_images, check_numb
 
 MIN_CALIBRATION_SAMPLES = 20
 
-__all__ = ["MIN_CALIBRATION_SAMPLES", "Classifier", "ConsistencyGuard", "FieldReader", "check_same_model",
-           "model_device", "tail_count", "upper_threshold"]
+__all__ = ["MIN_CALIBRATION_SAMPLES", "Classifier", "ConsistencyGuard", "FieldReader", "LabelKeepingGuard",
+           "check_same_model", "model_device", "tail_count", "upper_threshold"]
 
 
 def tail_count(n: int, frr: float) -> int:
@@ -116,6 +116,11 @@ class ConsistencyGuard(InputGuard):
     @abstractmethod
     def _scores(self, kept: torch.Tensor) -> torch.Tensor:
         """m×K kept log-odds → m suspicion scores (higher = more likely trojaned)."""
+
+    def _view_logits(self, classify: nn.Module, x: torch.Tensor, which: range) -> torch.Tensor:
+        """The model's logits on views ``which`` of images ``x``: an m×len(which)×classes tensor
+        (default: ``classify`` on :meth:`views`; a method that changes the model overrides it)."""
+        return classify(self.views(x, which).flatten(0, 1)).float().view(len(x), len(which), -1)
 
     def _terms(self, kept: torch.Tensor) -> torch.Tensor | None:
         """For a :attr:`mean_score` method: the per-view terms in [0, 1] whose mean is minus the score;
@@ -205,8 +210,7 @@ class ConsistencyGuard(InputGuard):
             labels = self.labels(x) if labels is None else labels
             out = []
             for i, xb in self._chunks(x, len(which)):
-                v = self.views(xb, which)
-                logits = classify(v.flatten(0, 1)).float().view(len(xb), len(which), -1)
+                logits = self._view_logits(classify, xb, which)
                 y = labels[i:i + len(xb)].to(logits.device).view(-1, 1, 1).expand(-1, len(which), 1)
                 others = torch.logsumexp(logits.scatter(2, y, -math.inf), -1)
                 out.append((logits.gather(2, y)[..., 0] - others).cpu())
@@ -328,3 +332,19 @@ class ConsistencyGuard(InputGuard):
         path = Path(path)
         fields = load_npz_record(path, f"{cls.title} calibration", fix="; recalibrate")
         return cls.from_record(fields, path, model, batch_size=batch_size, accelerate=accelerate)
+
+
+class LabelKeepingGuard(ConsistencyGuard):
+    """A guard whose suspicion is how surely an input keeps its label on every view: minus the mean
+    over the views of the probability of *losing* it, 1 − p (the soft form of the share of views
+    that keep the label). Taken from the log-odds, so confident predictions keep their order instead
+    of all rounding to p = 1 (which would leave a benign tail of ties and a threshold that flags
+    nothing); a mean of terms in [0, 1], so :meth:`screen` can stop early."""
+
+    mean_score = True
+
+    def _terms(self, kept: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(-kept.double())  # 1 − p, exact near p = 1
+
+    def _scores(self, kept: torch.Tensor) -> torch.Tensor:
+        return -self._terms(kept).mean(1)

@@ -47,6 +47,7 @@ from trojanscan.defenses.consistency import (
     check_same_model,
     tail_count,
 )
+from trojanscan.defenses.ibd_psc import DEFAULT_AMPLIFICATION, DEFAULT_COPIES, DEFAULT_SELECTION_ERROR, IbdPsc
 from trojanscan.defenses.scale_up import DEFAULT_SCALES, ScaleUp
 from trojanscan.defenses.strip import Strip
 from trojanscan.defenses.teco import DEFAULT_CORRUPTIONS, TeCo
@@ -54,7 +55,7 @@ from trojanscan.errors import TrojanscanError, TrojanscanWarning
 from trojanscan.fileio import load_npz_record, module_sha256, save_npz_record
 from trojanscan.validation import check_choice, check_fraction
 
-MEMBERS: dict[str, type[InputGuard]] = {cls.name: cls for cls in (Strip, TeCo, ScaleUp)}
+MEMBERS: dict[str, type[InputGuard]] = {cls.name: cls for cls in (Strip, TeCo, ScaleUp, IbdPsc)}
 DEFAULT_DETECTORS = ("strip", "teco")
 FILE_FORMAT_VERSION = 1
 
@@ -71,6 +72,9 @@ class GuardOptions:
     severity: int = 2
     deviation: str = "mahalanobis"
     scales: tuple[float, ...] = DEFAULT_SCALES
+    copies: int = DEFAULT_COPIES
+    amplification: float = DEFAULT_AMPLIFICATION
+    selection_error: float = DEFAULT_SELECTION_ERROR
     batch_size: int = 256
     seed: int = 0
     accelerate: bool = True
@@ -220,6 +224,8 @@ class Guard(InputGuard):
         temperature: STRIP's softmax temperature, or ``"auto"``.
         corruptions, severity, deviation: TeCo's corruption types, their severity (1–5) and statistic.
         scales: SCALE-UP's amplification factors.
+        copies, amplification, selection_error: IBD-PSC's amplified model copies, the factor on their
+            batch-norm parameters and the benign error that picks the first copy's layers.
         batch_size: about how many images go to the model in one call.
         seed: seeds STRIP's overlays and TeCo's noise fields.
         accelerate: on CPU, classify through a frozen oneDNN copy of the model where that is safe.
@@ -233,6 +239,8 @@ class Guard(InputGuard):
                  frr: float = 0.01, n: int = 10, temperature: float | str = "auto",
                  corruptions: tuple[str, ...] = DEFAULT_CORRUPTIONS, severity: int = 2,
                  deviation: str = "mahalanobis", scales: tuple[float, ...] = DEFAULT_SCALES,
+                 copies: int = DEFAULT_COPIES, amplification: float = DEFAULT_AMPLIFICATION,
+                 selection_error: float = DEFAULT_SELECTION_ERROR,
                  batch_size: int = 256, seed: int = 0, accelerate: bool = True) -> None:
         named = parse_detectors(detectors)
         self.detectors = tuple(sorted(named, key=lambda d: d != "strip"))  # STRIP first, see the module notes
@@ -241,11 +249,15 @@ class Guard(InputGuard):
         built = {"strip": lambda: Strip(model, n=n, temperature=temperature, boundary="quantile", **common),
                  "teco": lambda: TeCo(model, corruptions=corruptions, severity=severity, deviation=deviation,
                                       **common),
-                 "scale-up": lambda: ScaleUp(model, scales=scales, **common)}
+                 "scale-up": lambda: ScaleUp(model, scales=scales, **common),
+                 "ibd-psc": lambda: IbdPsc(model, copies=copies, amplification=amplification,
+                                           selection_error=selection_error, **common)}
         self.members = {name: _member(built[name]()) for name in self.detectors}
         self.model, self.n, self.temperature = model, n, temperature
         self.severity, self.deviation = severity, deviation
         self.corruptions, self.scales = tuple(corruptions), tuple(float(s) for s in scales)
+        self.copies, self.amplification = copies, float(amplification)
+        self.selection_error = float(selection_error)
         self.batch_size, self.seed, self.accelerate = batch_size, int(seed), bool(accelerate)
 
     # -- calibration ------------------------------------------------------------------------------

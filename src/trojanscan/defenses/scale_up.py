@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from trojanscan.defenses.consistency import ConsistencyGuard
+from trojanscan.defenses.consistency import LabelKeepingGuard
 from trojanscan.errors import TrojanscanError
 
 DEFAULT_SCALES = (3.0, 5.0, 7.0, 9.0, 11.0)  # the paper's set (×1 is the original prediction)
@@ -62,7 +62,7 @@ def check_scales(scales: object) -> tuple[float, ...]:
     return tuple(float(s) for s in values)
 
 
-class ScaleUp(ConsistencyGuard):
+class ScaleUp(LabelKeepingGuard):
     """Run-time trojaned-input detector by scaled prediction consistency.
 
     Args:
@@ -78,7 +78,6 @@ class ScaleUp(ConsistencyGuard):
     title = "SCALE-UP"
     what = "a SCALE-UP calibration"
     options_type = ScaleUpOptions
-    mean_score = True
     _option_fields = ("scales",)
 
     def __init__(self, model: nn.Module, scales: tuple[float, ...] = DEFAULT_SCALES, frr: float = 0.01,
@@ -93,10 +92,3 @@ class ScaleUp(ConsistencyGuard):
     def views(self, x: torch.Tensor, which: range) -> torch.Tensor:
         s = torch.tensor([self.scales[j] for j in which], dtype=x.dtype, device=x.device)
         return (x.unsqueeze(1) * s.view(1, -1, 1, 1, 1)).clamp_(0.0, 1.0)
-
-    def _terms(self, kept: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(-kept.double())  # 1 − p, exact near p = 1
-
-    def _scores(self, kept: torch.Tensor) -> torch.Tensor:
-        """Minus the mean probability of losing the label over the scaled copies (the soft SPC − 1)."""
-        return -self._terms(kept).mean(1)

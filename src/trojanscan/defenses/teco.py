@@ -111,14 +111,27 @@ class TeCoOptions:
     accelerate: bool = True
 
 
+def corruption_level(name: str, severity: int) -> tuple[str, int]:
+    """``(corruption, severity)`` of one entry of ``corruptions``: a name from :data:`CORRUPTIONS`,
+    at the guard's ``severity`` or at its own as ``name@S`` (``gaussian_blur@4``)."""
+    base, at, level = str(name).partition("@")
+    check_choice("corruption", base, CORRUPTIONS)
+    if not at:
+        return base, severity
+    if not level.isdigit() or not 1 <= int(level) <= SEVERITIES:
+        raise TrojanscanError(f"corruption {name!r}: the severity after @ must be 1 to {SEVERITIES}")
+    return base, int(level)
+
+
 def check_corruptions(names: object) -> tuple[str, ...]:
-    """At least two distinct known corruption names (a deviation needs two)."""
+    """At least two distinct corruption entries (a deviation needs two): names of :data:`CORRUPTIONS`,
+    each optionally with its own severity as ``name@S``."""
     values = tuple(names) if isinstance(names, (tuple, list)) else ()
     for name in values:
-        check_choice("corruption", name, CORRUPTIONS)
+        corruption_level(name, 1)
     if len(values) < 2 or len(set(values)) != len(values):
-        raise TrojanscanError(f"corruptions must be at least two distinct names of {', '.join(CORRUPTIONS)}; "
-                              f"got {names!r}")
+        raise TrojanscanError(f"corruptions must be at least two distinct names of {', '.join(CORRUPTIONS)} "
+                              f"(each may carry its own severity, as gaussian_blur@4); got {names!r}")
     return values
 
 
@@ -143,7 +156,8 @@ class TeCo(ConsistencyGuard):
 
     Args:
         model: the classifier, taking N×C×H×W images in [0, 1] and returning logits.
-        corruptions: the corruption types (names in :data:`CORRUPTIONS`); one forward pass each.
+        corruptions: the corruption types (names in :data:`CORRUPTIONS`, each optionally at its own
+            severity as ``name@S``); one forward pass each.
         severity: 1–5 on each corruption's ImageNet-C table (2 by default: mild, benign labels survive).
         deviation: ``"mahalanobis"`` (default) or ``"std"``, how the normal scores become one score.
         frr: target false rejection rate of benign inputs, which sets the threshold.
@@ -185,8 +199,9 @@ class TeCo(ConsistencyGuard):
         fields = self._noise(tuple(x.shape[1:]), x.device)
         out = []
         for j in which:
-            table, corrupt = CORRUPTIONS[self.corruptions[j]]
-            out.append(corrupt(x, float(table[self.severity - 1]), fields).clamp_(0.0, 1.0))
+            name, severity = corruption_level(self.corruptions[j], self.severity)
+            table, corrupt = CORRUPTIONS[name]
+            out.append(corrupt(x, float(table[severity - 1]), fields).clamp_(0.0, 1.0))
         return torch.stack(out, 1)
 
     def _calibrate(self, kept: torch.Tensor) -> torch.Tensor:

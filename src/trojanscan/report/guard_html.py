@@ -17,7 +17,8 @@ from trojanscan.report.page import img_tag, write_page
 
 SCORE_LABELS = {"strip": "− entropy of the superimposed copies (bits)",
                 "teco": "deviation of the benign-scaled corruption robustness",
-                "scale-up": "− mean probability of losing the label when amplified"}
+                "scale-up": "− mean probability of losing the label when amplified",
+                "ibd-psc": "− mean probability of losing the label under amplified batch norms"}
 
 
 def detector_histograms_png(benign: dict[str, torch.Tensor], trojaned: dict[str, torch.Tensor],
