@@ -27,8 +27,11 @@ import torch
 from trojanscan.api import guard_evaluate
 from trojanscan.bench.zoo_scores import attack_took
 from trojanscan.data.triggers import Trigger
+from trojanscan.defenses.guard import DEFAULT_DETECTORS
+from trojanscan.defenses.ibd_psc import norm_layers
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import write_json
+from trojanscan.models.io import load_model
 from trojanscan.workflows.guarding import evaluation_inputs
 from trojanscan.workflows.inputs import as_dataset, held_out_generator
 
@@ -36,15 +39,19 @@ GOAL = {"far": 0.02, "frr": 0.02}
 DATASETS = {"mnist": "mnist", "fashion-mnist": "fashion_mnist", "gtsrb": "gtsrb"}
 
 
-def _row(zoo: Path, m: dict[str, Any], split: str, samples: int) -> dict[str, Any]:
+def _row(zoo: Path, m: dict[str, Any], split: str, samples: int, options: dict[str, Any],
+         ibd_psc: bool) -> dict[str, Any]:
     record = json.loads((zoo / "models" / f"{m['key']}.json").read_text())
     start = time.perf_counter()
     dataset = as_dataset(DATASETS[m["spec"]["dataset"]])
     trigger = Trigger.load(zoo / "models" / f"{m['key']}.trigger.npz")
-    evaluation = guard_evaluate(zoo / "models" / m["model_file"], dataset, trigger, samples=samples,
+    model = zoo / "models" / m["model_file"]
+    if ibd_psc and norm_layers(load_model(model, input_shape=dataset.input_shape).module):
+        options = {**options, "detectors": (*options.get("detectors", DEFAULT_DETECTORS), "ibd-psc")}
+    evaluation = guard_evaluate(model, dataset, trigger, samples=samples,
                                 calibration_samples=samples, calibration_split=split, frr=0.01,
                                 throughput_inputs=8, mean=record.get("mean"), std=record.get("std"),
-                                progress=False)
+                                progress=False, **options)
     ev = evaluation.to_dict()
     effective = _effective(evaluation.guard, dataset, trigger, samples, ev["seed"])
     return {"far": ev["far"], "frr": ev["frr"], **effective, "seconds": time.perf_counter() - start,
@@ -78,7 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=1000)
     ap.add_argument("--splits", nargs="*", default=["train", "test"])
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=JSON",
+                    help="a guard option other than the default, its value as JSON (severity=4, "
+                         "deviation=\"std\", detectors=[\"strip\",\"teco\"])")
+    ap.add_argument("--ibd-psc", action="store_true", help="add IBD-PSC to the guard of batch-norm nets")
     args = ap.parse_args(argv)
+    options = {k: json.loads(v) for k, _, v in (o.partition("=") for o in args.option)}
     results = json.loads((args.zoo / "results.json").read_text())
     rows = []
     for m in results["models"]:
@@ -89,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                "normalised": bool(m["spec"].get("normalised")), "asr": m.get("attack_success_rate")}
         for split in args.splits:
             try:
-                row[split] = _row(args.zoo, m, split, args.samples)
+                row[split] = _row(args.zoo, m, split, args.samples, options, args.ibd_psc)
             except TrojanscanError as e:
                 row[split] = {"error": str(e)}
             shown = {k: row[split].get(k) for k in ("far", "far_effective", "frr", "error")}
@@ -100,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                        "meets_goal_effective": sum(1 for r in rows if _meets(r[s], "far_effective")),
                        "errors": sum(1 for r in rows if "error" in r[s])} for s in args.splits}
         write_json(args.out, {"benchmark": "guard-heldout", "zoo": str(args.zoo), "goal": GOAL,
+                              "options": options, "ibd_psc_on_batch_norm_nets": args.ibd_psc,
                               "samples": args.samples, "target_frr": 0.01, "summary": summary,
                               "models": rows})
     return 0
