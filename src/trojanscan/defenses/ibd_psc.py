@@ -16,7 +16,8 @@ the score is the same mean probability computed from log-odds (:class:`LabelKeep
 orders inputs as the PSC does without ties at p = 1), and the threshold is not the paper's fixed
 T = 0.9 but the conformal quantile of benign scores for the requested FRR, like every guard here. If
 even amplifying every layer changes no more than ξ of the labels, all copies amplify every layer
-and a warning says the signal may be weak.
+(one module, run once per input) and a warning says the signal may be weak. Copies that amplify
+the same layers are always run once.
 
 It needs batch-norm layers (the GTSRB CNN, residual and depthwise-separable nets have them; the
 paper's MNIST CNN and an MLP do not): a model without any is a one-line error.
@@ -132,7 +133,7 @@ class IbdPsc(LabelKeepingGuard):
                                   "with STRIP or TeCo instead")
         self.copies, self.amplification = int(copies), float(amplification)
         self.selection_error = float(selection_error)
-        self._twins: list[nn.Module] | None = None
+        self._twins: dict[int, nn.Module] | None = None
 
     @property
     def n_views(self) -> int:
@@ -178,22 +179,25 @@ class IbdPsc(LabelKeepingGuard):
         super().fit(x)
         return self
 
-    def _twin_modules(self, probe: torch.Tensor) -> list[nn.Module]:
-        """The amplified copies (built once; frozen for oneDNN where that is safe)."""
+    def _twin_modules(self, probe: torch.Tensor) -> dict[int, nn.Module]:
+        """The amplified copies by their number of amplified layers (built once, frozen for oneDNN
+        where that is safe; copies that amplify the same layers are one module)."""
         if self._twins is None:
             device = model_device(self.model)
-            twins = []
-            for j in range(self.copies):
-                twin = amplified(self.model, self.amplified_layers(j), self.amplification).to(device)
+            twins = {}
+            for last in sorted({self.amplified_layers(j) for j in range(self.copies)}):
+                twin = amplified(self.model, last, self.amplification).to(device)
                 fast = frozen_for_inference(twin, probe[:8]) if self.accelerate and len(probe) >= 2 else None
-                twins.append(fast if fast is not None else twin)
+                twins[last] = fast if fast is not None else twin
             self._twins = twins
         return self._twins
 
     def _view_logits(self, classify: nn.Module, x: torch.Tensor, which: range) -> torch.Tensor:
         twins = self._twin_modules(x)
+        layers = [self.amplified_layers(j) for j in which]
         with torch.no_grad():
-            return torch.stack([twins[j](x).float() for j in which], 1)
+            logits = {last: twins[last](x).float() for last in set(layers)}  # each distinct copy once
+        return torch.stack([logits[last] for last in layers], 1)
 
     def _extra_record(self) -> dict[str, Any]:
         return {"first_layers": np.int64(self.first_layers_),
