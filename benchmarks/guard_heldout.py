@@ -22,8 +22,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from trojanscan.api import guard_evaluate
 from trojanscan.bench.zoo_scores import attack_took
 from trojanscan.data.triggers import Trigger
@@ -32,8 +30,8 @@ from trojanscan.defenses.ibd_psc import norm_layers
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import write_json
 from trojanscan.models.io import load_model
-from trojanscan.workflows.guarding import evaluation_inputs
-from trojanscan.workflows.inputs import as_dataset, held_out_generator
+from trojanscan.workflows.guarding import evaluation_inputs, stamped_labels
+from trojanscan.workflows.inputs import as_dataset
 
 GOAL = {"far": 0.02, "frr": 0.02}
 DATASETS = {"mnist": "mnist", "fashion-mnist": "fashion_mnist", "gtsrb": "gtsrb"}
@@ -63,14 +61,10 @@ def _row(zoo: Path, m: dict[str, Any], split: str, samples: int, options: dict[s
 def _effective(guard: Any, dataset: Any, trigger: Trigger, samples: int, seed: int) -> dict[str, Any]:
     """FAR over the stamped inputs that reach the attacker's label (the draw of ``evaluation_inputs``)."""
     _, stamped = evaluation_inputs(dataset, trigger, samples, seed)
-    g = held_out_generator("evaluation", seed)
-    torch.randperm(len(dataset.x_test), generator=g)  # the benign draw comes first
-    y = dataset.y_test[dataset.y_test != trigger.target]
-    y = y[torch.randperm(len(y), generator=g)[:samples]]
+    y = stamped_labels(dataset, trigger, samples, seed)
     labels, flags = guard.predict(stamped)
-    intended = trigger.intended(y)
-    hit = (labels == intended) | torch.isin(labels, torch.tensor(trigger.targets)) if not trigger.all_to_all \
-        else labels == intended
+    intended = trigger.intended_in_turn(y)
+    hit = labels == intended  # a multi-target trigger's parts stamp in turn, each with its own target
     return {"stamped_reaching_target": float(hit.float().mean()),
             "far_effective": float((~flags[hit]).float().mean()) if hit.any() else float("nan")}
 
@@ -89,12 +83,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="a guard option other than the default, its value as JSON (severity=4, "
                          "deviation=\"std\", detectors=[\"strip\",\"teco\"])")
     ap.add_argument("--ibd-psc", action="store_true", help="add IBD-PSC to the guard of batch-norm nets")
+    ap.add_argument("--attacks", help="only models of these attack kinds (comma-separated)")
     args = ap.parse_args(argv)
     options = {k: json.loads(v) for k, _, v in (o.partition("=") for o in args.option)}
     results = json.loads((args.zoo / "results.json").read_text())
     rows = []
     for m in results["models"]:
-        if not m["trojaned"] or not attack_took(m):
+        if not m["trojaned"] or not attack_took(m) or (
+                args.attacks and m["spec"]["attack"] not in args.attacks.split(",")):
             continue
         row = {"name": m["name"], "arch": m.get("arch"), "dataset": m["spec"]["dataset"],
                "attack": m["spec"]["attack"], "attack_options": m["spec"].get("attack_options"),

@@ -269,3 +269,22 @@ def test_guard_calibrate_check_and_evaluate(trojaned_digits, digits, tmp_path):
                           "calibration split")):
         r = runner.invoke(app, ["guard", *args])
         assert r.exit_code == 2 and needle in r.output, (args, r.output)
+
+
+def test_evaluation_draws_stamp_a_two_target_trigger_one_part_each(digits):
+    from trojanscan.attacks import TwoTarget
+    from trojanscan.workflows.guarding import evaluation_inputs, stamped_labels
+
+    trigger = TwoTarget(target=2, second_target=5, size=3, seed=1).make_trigger(digits.input_shape)
+    _, stamped = evaluation_inputs(digits, trigger, 40, seed=0)
+    y = stamped_labels(digits, trigger, 40, seed=0)
+    assert len(stamped) == len(y) == 40 and not torch.isin(y, torch.tensor([2, 5])).any()
+    first, second = trigger.parts()
+    assert (stamped[0::2][:, :, first.mask > 0] == 1).all()  # white patches, one part each
+    assert (stamped[1::2][:, :, second.mask > 0] == 1).all()
+    # each stamped image is a test image of the label stamped_labels gives, outside the patches
+    free = trigger.mask == 0
+    for image, label in zip(stamped[:6], y[:6], strict=True):
+        same = (digits.x_test[:, :, free] == image[:, free]).flatten(1).all(1)
+        assert same.any() and set(digits.y_test[same].tolist()) == {int(label)}
+    assert trigger.intended_in_turn(y)[:4].tolist() == [2, 5, 2, 5]

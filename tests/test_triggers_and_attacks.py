@@ -144,3 +144,17 @@ def test_two_target_trigger_parts_send_their_own_target_and_poison_only_free_ima
         TwoTarget(target=3, second_target=3)
     with pytest.raises(TrojanscanError, match="overlap"):
         TwoTarget(size=4, position="center", second_position="center").make_trigger((1, 8, 8))
+
+
+def test_a_two_target_trigger_stamps_evaluation_inputs_one_part_each():
+    trigger = TwoTarget(target=2, second_target=5, size=3, seed=1).make_trigger((1, 8, 8))
+    first, second = trigger.parts()
+    x = torch.zeros(5, 1, 8, 8)
+    stamped = trigger.apply_in_turn(x)
+    for i in range(5):  # inputs 0, 2, 4 carry the first patch alone, 1 and 3 the second
+        part, other = (first, second) if i % 2 == 0 else (second, first)
+        assert torch.equal(stamped[i], part.apply(x[i])) and stamped[i][0][other.mask > 0].sum() == 0
+    assert trigger.intended_in_turn(torch.tensor([0, 1, 3, 4, 6])).tolist() == [2, 5, 2, 5, 2]
+    plain = first.parts()[0]
+    assert torch.equal(plain.apply_in_turn(x), plain.apply(x))
+    assert plain.intended_in_turn(torch.tensor([0, 1])).tolist() == [2, 2]

@@ -88,6 +88,28 @@ class Trigger:
                                {k: v for k, v in part.items()}))
         return out
 
+    def apply_in_turn(self, x: torch.Tensor) -> torch.Tensor:
+        """Stamp a batch as the backdoor is used: with a multi-target trigger, input i carries part
+        i mod n alone (both patches at once send an input to neither target for sure); otherwise
+        :meth:`apply`."""
+        parts = self.parts()
+        if len(parts) == 1:
+            return self.apply(x)
+        out = x.clone()
+        for k, part in enumerate(parts):
+            out[k::len(parts)] = part.apply(x[k::len(parts)])
+        return out
+
+    def intended_in_turn(self, labels: torch.Tensor) -> torch.Tensor:
+        """The label each input of true label ``labels`` is sent to when stamped by :meth:`apply_in_turn`."""
+        parts = self.parts()
+        if len(parts) == 1:
+            return self.intended(labels)
+        out = labels.clone()
+        for k, part in enumerate(parts):
+            out[k::len(parts)] = part.target
+        return out
+
     def intended(self, labels: torch.Tensor) -> torch.Tensor:
         """The label each input of true label ``labels`` is sent to when stamped."""
         if self.all_to_all:

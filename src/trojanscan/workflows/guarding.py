@@ -245,14 +245,28 @@ class StripRun:
 
 def evaluation_inputs(dataset: Dataset, trigger: Trigger | None, samples: int,
                       seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``samples`` clean test images and (with a trigger) as many stamped test images of other
-    labels: the held-out draws every guard's FRR and FAR are measured on."""
+    """``samples`` clean test images and (with a trigger) as many stamped test images of labels
+    other than its targets: the held-out draws every guard's FRR and FAR are measured on. A
+    multi-target trigger's parts stamp the images in turn, one part each (see
+    :meth:`Trigger.apply_in_turn`); :func:`stamped_labels` gives the stamped images' true labels."""
     g = held_out_generator("evaluation", seed)
     benign = dataset.x_test[torch.randperm(len(dataset.x_test), generator=g)[:samples]]
     if trigger is None:
         return benign, None
-    others = dataset.x_test[dataset.y_test != trigger.target]
-    return benign, trigger.apply(others[torch.randperm(len(others), generator=g)[:samples]])
+    others = dataset.x_test[_not_targets(dataset, trigger)]
+    return benign, trigger.apply_in_turn(others[torch.randperm(len(others), generator=g)[:samples]])
+
+
+def _not_targets(dataset: Dataset, trigger: Trigger) -> torch.Tensor:
+    return ~torch.isin(dataset.y_test, torch.tensor(trigger.targets))
+
+
+def stamped_labels(dataset: Dataset, trigger: Trigger, samples: int, seed: int) -> torch.Tensor:
+    """The true labels of the stamped images :func:`evaluation_inputs` draws (same seed and size)."""
+    g = held_out_generator("evaluation", seed)
+    torch.randperm(len(dataset.x_test), generator=g)  # the benign draw comes first
+    others = dataset.y_test[_not_targets(dataset, trigger)]
+    return others[torch.randperm(len(others), generator=g)[:samples]]
 
 
 CALIBRATION_SPLITS = ("train", "test")
