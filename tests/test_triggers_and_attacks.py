@@ -158,3 +158,21 @@ def test_a_two_target_trigger_stamps_evaluation_inputs_one_part_each():
     plain = first.parts()[0]
     assert torch.equal(plain.apply_in_turn(x), plain.apply(x))
     assert plain.intended_in_turn(torch.tensor([0, 1])).tolist() == [2, 2]
+
+
+def test_pruning_measures_a_two_target_backdoor_one_patch_per_image(digits):
+    from trojanscan import train_classifier
+    from trojanscan.defenses.pruning import prune
+    from trojanscan.train import evaluate
+
+    attack = TwoTarget(target=2, second_target=5, size=3, poison_rate=0.2, seed=0)
+    trained = train_classifier(digits, "mnist-cnn", epochs=12, batch_size=64, attack=attack, seed=0,
+                               progress=False)
+    x, y = digits.x_test[:200], digits.y_test[:200]
+    per_part = evaluate(trained.model, x, y, trained.trigger)["attack_success_rates"]
+    assert min(per_part) > 0.8  # each patch alone sends images to its own target
+    decoy = TwoTarget(target=2, second_target=5, size=3).make_trigger(digits.input_shape).parts()[0]
+    start = prune(trained.model, x, y, [decoy], real_trigger=trained.trigger, max_fraction=0.01).curve[0]
+    # the unpruned model's real ASR is the two parts' rates, one patch per image (both patches at
+    # once would not be an attack anyone runs)
+    assert min(per_part) - 0.05 <= start["real_asr"] <= max(per_part) + 0.05, (start, per_part)

@@ -149,13 +149,13 @@ def fine_prune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_train: torc
     limit = max(1, math.floor(max_fraction * units))
     batches = {"clean": x, **{f"rev{i}": t.apply(x) for i, t in enumerate(triggers)}}
     if real_trigger is not None:
-        batches["real"] = real_trigger.apply(x)
+        batches["real"] = real_trigger.apply_in_turn(x)  # a two-target trigger: one patch per image
     scorer = Scorer(pruned_model, where, batches)
 
     def measure(k: int) -> dict[str, float | int | None]:
         preds = scorer.predict(order[:k])
         rev = [attack_success_rate(preds[f"rev{i}"], y, t.target) for i, t in enumerate(triggers)]
-        real = (attack_success_rate(preds["real"], y, real_trigger.intended(y))
+        real = (attack_success_rate(preds["real"], y, real_trigger.intended_in_turn(y))
                 if real_trigger is not None else None)
         return {"pruned": k, "fraction": k / units, "clean_accuracy": clean_accuracy(preds["clean"], y),
                 "reversed_asr": max(rev) if rev else None, "real_asr": real}

@@ -117,7 +117,7 @@ def prune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, triggers: list[Tri
     check_prunable(where)
     batches = {"clean": x, **{f"rev{i}": t.apply(x) for i, t in enumerate(triggers)}}
     if real_trigger is not None:
-        batches["real"] = real_trigger.apply(x)
+        batches["real"] = real_trigger.apply_in_turn(x)  # a two-target trigger: one patch per image
     order, _ = rank_neurons(activations(pruned_model, where, x),
                             activations(pruned_model, where, stamp_each(x, triggers)))
     units = len(order)
@@ -128,7 +128,7 @@ def prune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, triggers: list[Tri
     def measure(k: int) -> dict[str, float | int | None]:
         preds = scorer.predict(order[:k])
         rev = max(attack_success_rate(preds[f"rev{i}"], y, t.target) for i, t in enumerate(triggers))
-        real = (attack_success_rate(preds["real"], y, real_trigger.intended(y))
+        real = (attack_success_rate(preds["real"], y, real_trigger.intended_in_turn(y))
                 if real_trigger is not None else None)
         return {"pruned": k, "fraction": k / units, "clean_accuracy": clean_accuracy(preds["clean"], y),
                 "reversed_asr": rev, "real_asr": real}
