@@ -38,8 +38,8 @@ from trojanscan.validation import SEED, check_fraction, check_images, check_numb
 
 MIN_CALIBRATION_SAMPLES = 20
 
-__all__ = ["MIN_CALIBRATION_SAMPLES", "Classifier", "ConsistencyGuard", "FieldReader", "LabelKeepingGuard",
-           "check_same_model", "model_device", "tail_count", "upper_threshold"]
+__all__ = ["MIN_CALIBRATION_SAMPLES", "CalibratedGuard", "Classifier", "ConsistencyGuard", "FieldReader",
+           "LabelKeepingGuard", "check_same_model", "model_device", "tail_count", "upper_threshold"]
 
 
 def tail_count(n: int, frr: float) -> int:
@@ -77,17 +77,16 @@ def check_same_model(path: Path, model: nn.Module, recorded: str, what: str) -> 
                               f"recalibrate {what} on this model")
 
 
-class ConsistencyGuard(InputGuard):
-    """Base of the guards that score each input from ``kept``: the log-odds of its label on K views.
+class CalibratedGuard(InputGuard):
+    """Base of the guards that turn each input into one suspicion score and flag it above a conformal
+    threshold on benign scores: the checks, the threshold, labels, files.
 
-    A subclass defines :attr:`n_views`, :meth:`views` and :meth:`_scores`, and may keep calibration
-    state (:meth:`_calibrate`, :meth:`_extra_record`, :meth:`_read_extra`). One whose score is minus
-    the mean over the views of a term in [0, 1] sets :attr:`mean_score` and defines :meth:`_terms`,
-    which lets :meth:`screen` stop early, as STRIP does.
+    A subclass defines :meth:`_fit_scores` (calibrate any state on benign images, return their
+    scores) and :meth:`_input_scores`, and may keep calibration state in files
+    (:meth:`_extra_record`, :meth:`_read_extra`).
     """
 
     what: ClassVar[str]  # how errors and files name the method ("SCALE-UP calibration")
-    mean_score: ClassVar[bool] = False
     FORMAT_VERSION: ClassVar[int] = 1
     _option_fields: ClassVar[tuple[str, ...]] = ()  # the subclass's own option fields, saved in files
 
@@ -104,32 +103,14 @@ class ConsistencyGuard(InputGuard):
 
     # -- what a method defines --------------------------------------------------------------------
 
-    @property
     @abstractmethod
-    def n_views(self) -> int:
-        """K, the views of each input."""
-
-    @abstractmethod
-    def views(self, x: torch.Tensor, which: range) -> torch.Tensor:
-        """The views ``which`` of images ``x`` (m×C×H×W): an m×len(which)×C×H×W tensor in [0, 1]."""
+    def _fit_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Fit any state on benign images ``x`` and return their suspicion scores."""
 
     @abstractmethod
-    def _scores(self, kept: torch.Tensor) -> torch.Tensor:
-        """m×K kept log-odds → m suspicion scores (higher = more likely trojaned)."""
-
-    def _view_logits(self, classify: nn.Module, x: torch.Tensor, which: range) -> torch.Tensor:
-        """The model's logits on views ``which`` of images ``x``: an m×len(which)×classes tensor
-        (default: ``classify`` on :meth:`views`; a method that changes the model overrides it)."""
-        return classify(self.views(x, which).flatten(0, 1)).float().view(len(x), len(which), -1)
-
-    def _terms(self, kept: torch.Tensor) -> torch.Tensor | None:
-        """For a :attr:`mean_score` method: the per-view terms in [0, 1] whose mean is minus the score;
-        ``None`` for the others (their score is not such a mean)."""
-        return None
-
-    def _calibrate(self, kept: torch.Tensor) -> torch.Tensor:
-        """Fit any state from the benign ``kept`` and return their scores (default: :meth:`_scores`)."""
-        return self._scores(kept)
+    def _input_scores(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Suspicion scores of images ``x`` (higher = more likely trojaned); ``labels``: the model's
+        labels for ``x`` if the caller has them."""
 
     def _extra_record(self) -> dict[str, Any]:
         """Calibration state beyond the threshold, for :meth:`save`."""
@@ -140,7 +121,7 @@ class ConsistencyGuard(InputGuard):
 
     # -- calibration ------------------------------------------------------------------------------
 
-    def fit(self, x: torch.Tensor) -> ConsistencyGuard:  # type: ignore[override]
+    def fit(self, x: torch.Tensor) -> CalibratedGuard:  # type: ignore[override]
         """Calibrate on benign images ``x``: the threshold flags about ``frr`` of them. Returns ``self``
         with ``threshold_``, ``calibration_scores_``, ``n_calibration_`` and the hashes set."""
         check_images(x, "benign calibration images")
@@ -149,7 +130,7 @@ class ConsistencyGuard(InputGuard):
                                   f"images, got {len(x)}; pass more clean images")
         self.input_shape_ = tuple(int(d) for d in x.shape[1:])
         self._check_model_runs(x[:2])
-        scores = self._calibrate(self.kept(x)[1])
+        scores = self._fit_scores(x)
         self.calibration_scores_ = scores.double()
         self.threshold_ = upper_threshold(scores, self.frr, what=f"{self.title} benign scores")
         self.n_calibration_ = len(x)
@@ -201,53 +182,18 @@ class ConsistencyGuard(InputGuard):
         with self._classifier.running(x) as classify:
             return torch.cat([classify(xb).argmax(1).cpu() for _, xb in self._chunks(x, 1)])
 
-    def kept(self, x: torch.Tensor, which: range | None = None,
-             labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(labels, kept)``: each input's label and the log-odds of it on views ``which`` (default
-        all K), an m×len(which) tensor. The result does not depend on ``batch_size``."""
-        which = range(self.n_views) if which is None else which
-        with self._classifier.running(x) as classify:
-            labels = self.labels(x) if labels is None else labels
-            out = []
-            for i, xb in self._chunks(x, len(which)):
-                logits = self._view_logits(classify, xb, which)
-                y = labels[i:i + len(xb)].to(logits.device).view(-1, 1, 1).expand(-1, len(which), 1)
-                others = torch.logsumexp(logits.scatter(2, y, -math.inf), -1)
-                out.append((logits.gather(2, y)[..., 0] - others).cpu())
-        return labels, (torch.cat(out) if out else torch.empty(0, len(which)))
-
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """Each input's suspicion score from all K views; above ``threshold_`` means flagged."""
         self._check_inputs(x)
-        return self._scores(self.kept(x)[1]).double()
+        return self._input_scores(x).double()
 
     def screen(self, x: torch.Tensor,
                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(flags, views_used)``: the flags of ``score(x) > threshold_``, viewing each input only until
-        its verdict is sure where the score is minus a mean of terms in [0, 1] (:attr:`mean_score`):
-        once the partial sum of the terms reaches ``−threshold_ · K`` the input is benign, and once
-        even K − j more terms of 1 cannot reach it, it is flagged. Other methods use all K views.
-        ``labels``: the model's labels for ``x`` when the caller has them already (:meth:`labels`)."""
+        """``(flags, views_used)``: the flags of ``score(x) > threshold_`` and how many views of each
+        input were looked at (one here; see :meth:`ConsistencyGuard.screen`). ``labels``: the model's
+        labels for ``x`` when the caller has them already (:meth:`labels`)."""
         self._check_inputs(x)
-        k, m = self.n_views, len(x)
-        if not self.mean_score:
-            return self._scores(self.kept(x, labels=labels)[1]) > self.threshold_, torch.full((m,), k)
-        need, total = -self.threshold_ * k, torch.zeros(m, dtype=torch.float64)
-        tol = 1e-9 * abs(need)
-        used, active = torch.zeros(m, dtype=torch.int64), torch.arange(m)
-        with self._classifier.running(x):
-            labels = self.labels(x) if labels is None else labels
-            for j in range(k):
-                if not len(active):
-                    break
-                kept = self.kept(x[active], range(j, j + 1), labels[active])[1]
-                terms = self._terms(kept)
-                assert terms is not None, "a mean_score method defines _terms"
-                total[active] += terms[:, 0].double()
-                used[active] = j + 1
-                sure = (total[active] >= need + tol) | (total[active] + (k - j - 1) < need - tol)
-                active = active[~sure]
-        return total < need, used
+        return self._input_scores(x, labels) > self.threshold_, torch.ones(len(x), dtype=torch.int64)
 
     def detect(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Boolean flags, True where an input is called trojaned (``labels``: as for :meth:`screen`)."""
@@ -279,7 +225,7 @@ class ConsistencyGuard(InputGuard):
 
     @classmethod
     def from_record(cls, fields: dict[str, np.ndarray], path: Path, model: nn.Module,
-                    **settings: Any) -> ConsistencyGuard:
+                    **settings: Any) -> CalibratedGuard:
         """Rebuild a guard for ``model`` from :meth:`to_record`'s arrays; refuses another model."""
         required = {"format_version", "method", "input_shape", "threshold", "frr", "seed",
                     "calibration_scores", "n_calibration", "calibration_sha256", "model_sha256",
@@ -327,11 +273,100 @@ class ConsistencyGuard(InputGuard):
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module, batch_size: int = 256,
-             accelerate: bool = True) -> ConsistencyGuard:
+             accelerate: bool = True) -> CalibratedGuard:
         """Read a calibration written by :meth:`save` for the same ``model``; never unpickles."""
         path = Path(path)
         fields = load_npz_record(path, f"{cls.title} calibration", fix="; recalibrate")
         return cls.from_record(fields, path, model, batch_size=batch_size, accelerate=accelerate)
+
+
+class ConsistencyGuard(CalibratedGuard):
+    """Base of the guards that score each input from ``kept``: the log-odds of its label on K views.
+
+    A subclass defines :attr:`n_views`, :meth:`views` and :meth:`_scores`, and may keep calibration
+    state (:meth:`_calibrate`, :meth:`_extra_record`, :meth:`_read_extra`). One whose score is minus
+    the mean over the views of a term in [0, 1] sets :attr:`mean_score` and defines :meth:`_terms`,
+    which lets :meth:`screen` stop early, as STRIP does.
+    """
+
+    mean_score: ClassVar[bool] = False
+
+    @property
+    @abstractmethod
+    def n_views(self) -> int:
+        """K, the views of each input."""
+
+    @abstractmethod
+    def views(self, x: torch.Tensor, which: range) -> torch.Tensor:
+        """The views ``which`` of images ``x`` (m×C×H×W): an m×len(which)×C×H×W tensor in [0, 1]."""
+
+    @abstractmethod
+    def _scores(self, kept: torch.Tensor) -> torch.Tensor:
+        """m×K kept log-odds → m suspicion scores (higher = more likely trojaned)."""
+
+    def _view_logits(self, classify: nn.Module, x: torch.Tensor, which: range) -> torch.Tensor:
+        """The model's logits on views ``which`` of images ``x``: an m×len(which)×classes tensor
+        (default: ``classify`` on :meth:`views`; a method that changes the model overrides it)."""
+        return classify(self.views(x, which).flatten(0, 1)).float().view(len(x), len(which), -1)
+
+    def _terms(self, kept: torch.Tensor) -> torch.Tensor | None:
+        """For a :attr:`mean_score` method: the per-view terms in [0, 1] whose mean is minus the score;
+        ``None`` for the others (their score is not such a mean)."""
+        return None
+
+    def _fit_scores(self, x: torch.Tensor) -> torch.Tensor:
+        return self._calibrate(self.kept(x)[1])
+
+    def _input_scores(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self._scores(self.kept(x, labels=labels)[1])
+
+    def _calibrate(self, kept: torch.Tensor) -> torch.Tensor:
+        """Fit any state from the benign ``kept`` and return their scores (default: :meth:`_scores`)."""
+        return self._scores(kept)
+
+    def kept(self, x: torch.Tensor, which: range | None = None,
+             labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(labels, kept)``: each input's label and the log-odds of it on views ``which`` (default
+        all K), an m×len(which) tensor. The result does not depend on ``batch_size``."""
+        which = range(self.n_views) if which is None else which
+        with self._classifier.running(x) as classify:
+            labels = self.labels(x) if labels is None else labels
+            out = []
+            for i, xb in self._chunks(x, len(which)):
+                logits = self._view_logits(classify, xb, which)
+                y = labels[i:i + len(xb)].to(logits.device).view(-1, 1, 1).expand(-1, len(which), 1)
+                others = torch.logsumexp(logits.scatter(2, y, -math.inf), -1)
+                out.append((logits.gather(2, y)[..., 0] - others).cpu())
+        return labels, (torch.cat(out) if out else torch.empty(0, len(which)))
+
+    def screen(self, x: torch.Tensor,
+               labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(flags, views_used)``: the flags of ``score(x) > threshold_``, viewing each input only until
+        its verdict is sure where the score is minus a mean of terms in [0, 1] (:attr:`mean_score`):
+        once the partial sum of the terms reaches ``−threshold_ · K`` the input is benign, and once
+        even K − j more terms of 1 cannot reach it, it is flagged. Other methods use all K views.
+        ``labels``: the model's labels for ``x`` when the caller has them already (:meth:`labels`)."""
+        if not self.mean_score:
+            flags = super().screen(x, labels)[0]
+            return flags, torch.full((len(x),), self.n_views)
+        self._check_inputs(x)
+        k, m = self.n_views, len(x)
+        need, total = -self.threshold_ * k, torch.zeros(m, dtype=torch.float64)
+        tol = 1e-9 * abs(need)
+        used, active = torch.zeros(m, dtype=torch.int64), torch.arange(m)
+        with self._classifier.running(x):
+            labels = self.labels(x) if labels is None else labels
+            for j in range(k):
+                if not len(active):
+                    break
+                kept = self.kept(x[active], range(j, j + 1), labels[active])[1]
+                terms = self._terms(kept)
+                assert terms is not None, "a mean_score method defines _terms"
+                total[active] += terms[:, 0].double()
+                used[active] = j + 1
+                sure = (total[active] >= need + tol) | (total[active] + (k - j - 1) < need - tol)
+                active = active[~sure]
+        return total < need, used
 
 
 class LabelKeepingGuard(ConsistencyGuard):
