@@ -257,7 +257,7 @@ def test_guard_calibrate_check_and_evaluate(trojaned_digits, digits, tmp_path):
     assert r.exit_code == 0, r.output
     ev = json.loads((tmp_path / "ev.json").read_text())
     assert list(ev)[:2] == ["far", "frr"] and ev["far"] < 0.1 and ev["frr"] < 0.15, ev
-    assert set(ev["detectors"]) == {"teco", "strip"} and ev["throughput"]["cost_benign"] > 1
+    assert set(ev["detectors"]) == {"teco", "strip", "layer-knn"} and ev["throughput"]["cost_benign"] > 1
     assert "Combined guard evaluation" in (tmp_path / "ev" / "report.html").read_text()
     for args, needle in ((["check", str(model), "--calibration", str(tmp_path / "inputs.npz"), "--inputs",
                            str(tmp_path / "inputs.npz")], "not a guard calibration"),

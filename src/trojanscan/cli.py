@@ -989,14 +989,14 @@ def strip_evaluate_cmd(
                   "nothing written: pass --out DIR for strip.json and report.html", highlight=False)
 
 
-DETECTORS_HELP = ("the guard's detectors: strip, teco, scale-up, ibd-psc (default strip,teco); an input is "
-                  "rejected when any of them flags it")
+DETECTORS_HELP = ("the guard's detectors: strip, teco, layer-knn, scale-up, ibd-psc (default "
+                  "strip,teco,layer-knn); an input is rejected when any of them flags it")
 GUARD_TEMPERATURE_HELP = "STRIP's " + TEMPERATURE_HELP + " (default auto)"
 GUARD_OPTION_HELP = ("a guard option KEY=VALUE (repeatable): severity, corruptions (a/b/c), scales (3/5/7), "
-                     "copies, amplification, batch_size …")
+                     "copies, amplification, neighbours, batch_size …")
 guard_app = typer.Typer(no_args_is_help=True,
-                        help="A combined run-time guard: STRIP plus TeCo (and SCALE-UP), one calibration "
-                             "at one overall FRR.")
+                        help="A combined run-time guard: STRIP plus TeCo and layer k-NN (and SCALE-UP, "
+                             "IBD-PSC), one calibration at one overall FRR.")
 app.add_typer(guard_app, name="guard")
 
 

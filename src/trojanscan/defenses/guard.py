@@ -43,12 +43,13 @@ from torch import nn
 
 from trojanscan.defenses.base import InputGuard
 from trojanscan.defenses.consistency import (
-    ConsistencyGuard,
+    CalibratedGuard,
     FieldReader,
     check_same_model,
     tail_count,
 )
 from trojanscan.defenses.ibd_psc import DEFAULT_AMPLIFICATION, DEFAULT_COPIES, DEFAULT_SELECTION_ERROR, IbdPsc
+from trojanscan.defenses.layer_knn import DEFAULT_NEIGHBOURS, LayerKnn
 from trojanscan.defenses.scale_up import DEFAULT_SCALES, ScaleUp
 from trojanscan.defenses.strip import Strip
 from trojanscan.defenses.teco import DEFAULT_CORRUPTIONS, TeCo
@@ -56,8 +57,8 @@ from trojanscan.errors import TrojanscanError, TrojanscanWarning
 from trojanscan.fileio import load_npz_record, module_sha256, save_npz_record
 from trojanscan.validation import check_choice, check_fraction
 
-MEMBERS: dict[str, type[InputGuard]] = {cls.name: cls for cls in (Strip, TeCo, ScaleUp, IbdPsc)}
-DEFAULT_DETECTORS = ("strip", "teco")
+MEMBERS: dict[str, type[InputGuard]] = {cls.name: cls for cls in (Strip, TeCo, LayerKnn, ScaleUp, IbdPsc)}
+DEFAULT_DETECTORS = ("strip", "teco", "layer-knn")
 # A TeCo that catches the stripes blend of guard_bench.py (noises against blur and pixelation at
 # severity 4, their spread): every development cell met the goal with it, but on a fresh held-out zoo
 # it let far more stamped inputs through than the default (README, "A second guard"), so it is an
@@ -82,6 +83,7 @@ class GuardOptions:
     copies: int = DEFAULT_COPIES
     amplification: float = DEFAULT_AMPLIFICATION
     selection_error: float = DEFAULT_SELECTION_ERROR
+    neighbours: int = DEFAULT_NEIGHBOURS
     batch_size: int = 256
     seed: int = 0
     accelerate: bool = True
@@ -166,7 +168,7 @@ class _Member:
         return self.detector.to_record()
 
     @staticmethod
-    def restore(kind: type[ConsistencyGuard], fields: dict[str, np.ndarray], path: Path, model: nn.Module,
+    def restore(kind: type[CalibratedGuard], fields: dict[str, np.ndarray], path: Path, model: nn.Module,
                 **settings: Any) -> InputGuard:
         """The member's detector from its fields in the guard's file at ``path``."""
         return kind.from_record(fields, path, model, **settings)
@@ -243,15 +245,14 @@ class Guard(InputGuard):
     title = "combined guard"
     options_type = GuardOptions
 
-    def __init__(self, model: nn.Module, detectors: tuple[str, ...] | str = DEFAULT_DETECTORS,
+    def __init__(self, model: nn.Module, detectors: tuple[str, ...] | str | None = None,
                  frr: float = 0.01, n: int = 10, temperature: float | str = "auto",
                  corruptions: tuple[str, ...] = DEFAULT_CORRUPTIONS, severity: int = 2,
                  deviation: str = "mahalanobis", scales: tuple[float, ...] = DEFAULT_SCALES,
                  copies: int = DEFAULT_COPIES, amplification: float = DEFAULT_AMPLIFICATION,
-                 selection_error: float = DEFAULT_SELECTION_ERROR,
+                 selection_error: float = DEFAULT_SELECTION_ERROR, neighbours: int = DEFAULT_NEIGHBOURS,
                  batch_size: int = 256, seed: int = 0, accelerate: bool = True) -> None:
-        named = parse_detectors(detectors)
-        self.detectors = tuple(sorted(named, key=lambda d: d != "strip"))  # STRIP first, see the module notes
+        named = parse_detectors(DEFAULT_DETECTORS if detectors is None else detectors)
         self.frr = check_fraction("frr", frr)
         common = {"frr": self.frr, "batch_size": batch_size, "seed": seed, "accelerate": accelerate}
         built = {"strip": lambda: Strip(model, n=n, temperature=temperature, boundary="quantile", **common),
@@ -259,13 +260,23 @@ class Guard(InputGuard):
                                       **common),
                  "scale-up": lambda: ScaleUp(model, scales=scales, **common),
                  "ibd-psc": lambda: IbdPsc(model, copies=copies, amplification=amplification,
-                                           selection_error=selection_error, **common)}
-        self.members = {name: _member(built[name]()) for name in self.detectors}
+                                           selection_error=selection_error, **common),
+                 "layer-knn": lambda: LayerKnn(model, neighbours=neighbours, **common)}
+        self.members = {}
+        for name in sorted(named, key=lambda d: d != "strip"):  # STRIP first, see the module notes
+            try:
+                self.members[name] = _member(built[name]())
+            except TrojanscanError as e:  # a default member this model cannot have (TorchScript)
+                if detectors is not None or name == "strip":
+                    raise
+                warnings.warn(f"the default guard goes without {MEMBERS[name].title}: {e}", TrojanscanWarning,
+                              stacklevel=2)
+        self.detectors = tuple(self.members)
         self.model, self.n, self.temperature = model, n, temperature
         self.severity, self.deviation = severity, deviation
         self.corruptions, self.scales = tuple(corruptions), tuple(float(s) for s in scales)
         self.copies, self.amplification = copies, float(amplification)
-        self.selection_error = float(selection_error)
+        self.selection_error, self.neighbours = float(selection_error), neighbours
         self.batch_size, self.seed, self.accelerate = batch_size, int(seed), bool(accelerate)
 
     # -- calibration ------------------------------------------------------------------------------
@@ -342,7 +353,8 @@ class Guard(InputGuard):
     @property
     def accelerated(self) -> bool:
         """Whether the members classified through frozen copies of the model in their last calls."""
-        return all(m.detector.accelerated for m in self.members.values())  # type: ignore[attr-defined]
+        return all(m.detector.accelerated for m in self.members.values()  # type: ignore[attr-defined]
+                   if not isinstance(m.detector, LayerKnn))  # reads activations of the model itself
 
     # -- persistence ------------------------------------------------------------------------------
 
@@ -373,7 +385,7 @@ class Guard(InputGuard):
                                   "recalibrate")
         check_same_model(path, model, num.text("model_sha256"), "the guard")
         try:
-            options = {k.partition(".")[2]: ConsistencyGuard._read_option(k, v)
+            options = {k.partition(".")[2]: CalibratedGuard._read_option(k, v)
                        for k, v in fields.items() if k.startswith("option.")}
             options.update(frr=num.float("frr"),
                            detectors=tuple(str(d) for d in np.asarray(fields["detectors"]).ravel()))

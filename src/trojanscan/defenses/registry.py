@@ -10,6 +10,7 @@ from trojanscan.defenses.autoencoder_guard import AutoencoderGuard
 from trojanscan.defenses.base import InputGuard, ModelInspector, TriggerReverser
 from trojanscan.defenses.guard import Guard
 from trojanscan.defenses.input_filter import InputFilter
+from trojanscan.defenses.layer_knn import LayerKnn
 from trojanscan.defenses.mmbd import MMBD
 from trojanscan.defenses.neural_cleanse import NeuralCleanse
 from trojanscan.defenses.pairs import PairSearch
@@ -20,7 +21,7 @@ from trojanscan.defenses.untargeted import UntargetedSearch
 from trojanscan.validation import check_choice
 
 REVERSERS: dict[str, type[TriggerReverser]] = {cls.name: cls for cls in (NeuralCleanse, Tabor)}
-GUARDS: dict[str, type[InputGuard]] = {cls.name: cls for cls in (Strip, InputFilter, TeCo, Guard,
+GUARDS: dict[str, type[InputGuard]] = {cls.name: cls for cls in (Strip, InputFilter, TeCo, LayerKnn, Guard,
                                                                    AutoencoderGuard)}
 INSPECTORS: dict[str, type[ModelInspector]] = {cls.name: cls for cls in (MMBD, PairSearch, UntargetedSearch)}
 

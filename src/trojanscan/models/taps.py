@@ -10,7 +10,7 @@ neuron is a channel, its activation the mean over the feature map.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +77,29 @@ def call_order(model: nn.Module, candidates: dict[str, nn.Module], probe: torch.
     probe_pass(model, probe, [m.register_forward_pre_hook(lambda _m, _a, n=name: order.append(n))
                               for name, m in candidates.items()])
     return list(dict.fromkeys(order))
+
+
+def dense_and_conv_layers(model: nn.Module, probe: torch.Tensor) -> list[Layer]:
+    """The outputs of every ``nn.Conv2d`` and ``nn.Linear`` one forward pass of ``probe`` calls once, in
+    the order it calls them (a module called twice per pass is left out: its taps would interleave)."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TrojanscanError("reading layer activations needs a Python model (hooks do not work on "
+                              "TorchScript); use the .safetensors file or load the model in Python")
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    calls: list[str] = []
+    probe_pass(model, probe, [m.register_forward_pre_hook(lambda _m, _a, n=name: calls.append(n))
+                              for name, m in modules.items()])
+    per_pass = {n: calls.count(n) for n in calls}
+    return [Layer(n, modules[n], "output") for n in dict.fromkeys(calls) if per_pass[n] == 1]
+
+
+@contextmanager
+def tapping(layers: list[Layer], sinks: dict[str, list[torch.Tensor]]) -> Iterator[None]:
+    """Record the per-neuron activations of every layer of ``layers`` into ``sinks[layer.name]``."""
+    with ExitStack() as stack:
+        for layer in layers:
+            stack.enter_context(_tap(layer, sinks.setdefault(layer.name, [])))
+        yield
 
 
 def per_neuron(t: torch.Tensor) -> torch.Tensor:
