@@ -22,10 +22,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from trojanscan.api import guard_evaluate
 from trojanscan.bench.zoo_scores import attack_took
 from trojanscan.data.triggers import Trigger
-from trojanscan.defenses.guard import DEFAULT_DETECTORS
+from trojanscan.defenses.guard import DEFAULT_DETECTORS, joint_thresholds
 from trojanscan.defenses.ibd_psc import norm_layers
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import write_json
@@ -38,7 +40,7 @@ DATASETS = {"mnist": "mnist", "fashion-mnist": "fashion_mnist", "gtsrb": "gtsrb"
 
 
 def _row(zoo: Path, m: dict[str, Any], split: str, samples: int, options: dict[str, Any],
-         ibd_psc: bool) -> dict[str, Any]:
+         ibd_psc: bool, subsets: list[tuple[str, ...]]) -> dict[str, Any]:
     record = json.loads((zoo / "models" / f"{m['key']}.json").read_text())
     start = time.perf_counter()
     dataset = as_dataset(DATASETS[m["spec"]["dataset"]])
@@ -51,22 +53,42 @@ def _row(zoo: Path, m: dict[str, Any], split: str, samples: int, options: dict[s
                                 throughput_inputs=8, mean=record.get("mean"), std=record.get("std"),
                                 progress=False, **options)
     ev = evaluation.to_dict()
-    effective = _effective(evaluation.guard, dataset, trigger, samples, ev["seed"])
-    return {"far": ev["far"], "frr": ev["frr"], **effective, "seconds": time.perf_counter() - start,
+    hit = _reaching_target(evaluation.guard, dataset, trigger, samples, ev["seed"])
+    flags = evaluation.guard.decide(evaluation.trojaned_scores)  # as predict() flags them (tested)
+    return {"far": ev["far"], "frr": ev["frr"], "stamped_reaching_target": float(hit.float().mean()),
+            "far_effective": _missed(flags, hit), "seconds": time.perf_counter() - start,
             "detectors": {k: {"far": d["in_guard"]["far"], "frr": d["in_guard"]["frr"], "auroc": d["auroc"]}
                           for k, d in ev["detectors"].items()},
+            "subsets": {"+".join(sub): _subset(evaluation, sub, hit) for sub in subsets
+                        if set(sub) <= set(evaluation.guard.detectors)},
             "meets_goal": ev["far"] <= GOAL["far"] and ev["frr"] <= GOAL["frr"]}
 
 
-def _effective(guard: Any, dataset: Any, trigger: Trigger, samples: int, seed: int) -> dict[str, Any]:
-    """FAR over the stamped inputs that reach the attacker's label (the draw of ``evaluation_inputs``)."""
+def _reaching_target(guard: Any, dataset: Any, trigger: Trigger, samples: int, seed: int) -> torch.Tensor:
+    """Which stamped inputs of ``evaluation_inputs``' draw the model sends to the attacker's label."""
     _, stamped = evaluation_inputs(dataset, trigger, samples, seed)
     y = stamped_labels(dataset, trigger, samples, seed)
-    labels, flags = guard.predict(stamped)
-    intended = trigger.intended_in_turn(y)
-    hit = labels == intended  # a multi-target trigger's parts stamp in turn, each with its own target
-    return {"stamped_reaching_target": float(hit.float().mean()),
-            "far_effective": float((~flags[hit]).float().mean()) if hit.any() else float("nan")}
+    # a multi-target trigger's parts stamp in turn, each with its own target
+    return guard.labels(stamped) == trigger.intended_in_turn(y)
+
+
+def _missed(flags: torch.Tensor, hit: torch.Tensor) -> float:
+    return float((~flags[hit]).float().mean()) if hit.any() else float("nan")
+
+
+def _subset(evaluation: Any, members: tuple[str, ...], hit: torch.Tensor) -> dict[str, Any]:
+    """The OR rule of only ``members``, calibrated afresh on their benign scores for the same FRR: what
+    a guard of those members alone decides on the same inputs (its scores are the same)."""
+    guard = evaluation.guard
+    thresholds, _ = joint_thresholds({m: guard.calibration_scores_[m] for m in members}, guard.frr)
+
+    def flag(scores: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack([scores[m].double() > thresholds[m] for m in members]).any(0)
+
+    benign, stamped = flag(evaluation.benign_scores), flag(evaluation.trojaned_scores)
+    far, frr = float((~stamped).float().mean()), float(benign.float().mean())
+    return {"far": far, "frr": frr, "far_effective": _missed(stamped, hit),
+            "meets_goal": far <= GOAL["far"] and frr <= GOAL["frr"]}
 
 
 def _meets(run: dict[str, Any], far: str) -> bool:
@@ -84,7 +106,11 @@ def main(argv: list[str] | None = None) -> int:
                          "deviation=\"std\", detectors=[\"strip\",\"teco\"])")
     ap.add_argument("--ibd-psc", action="store_true", help="add IBD-PSC to the guard of batch-norm nets")
     ap.add_argument("--attacks", help="only models of these attack kinds (comma-separated)")
+    ap.add_argument("--subset", action="append", default=[], metavar="A,B",
+                    help="also the OR rule of only these members, recalibrated on their benign scores "
+                         "(strip,teco: the guard before layer k-NN); repeatable")
     args = ap.parse_args(argv)
+    subsets = [tuple(s.split(",")) for s in args.subset]
     options = {k: json.loads(v) for k, _, v in (o.partition("=") for o in args.option)}
     results = json.loads((args.zoo / "results.json").read_text())
     rows = []
@@ -97,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                "normalised": bool(m["spec"].get("normalised")), "asr": m.get("attack_success_rate")}
         for split in args.splits:
             try:
-                row[split] = _row(args.zoo, m, split, args.samples, options, args.ibd_psc)
+                row[split] = _row(args.zoo, m, split, args.samples, options, args.ibd_psc, subsets)
             except TrojanscanError as e:
                 row[split] = {"error": str(e)}
             shown = {k: row[split].get(k) for k in ("far", "far_effective", "frr", "error")}
@@ -106,7 +132,13 @@ def main(argv: list[str] | None = None) -> int:
         summary = {s: {"models": sum(1 for r in rows if "far" in r[s]),
                        "meets_goal": sum(1 for r in rows if r[s].get("meets_goal")),
                        "meets_goal_effective": sum(1 for r in rows if _meets(r[s], "far_effective")),
-                       "errors": sum(1 for r in rows if "error" in r[s])} for s in args.splits}
+                       "errors": sum(1 for r in rows if "error" in r[s]),
+                       "subsets": {"+".join(sub): {
+                           "meets_goal": sum(1 for r in rows if r[s].get("subsets", {}).get("+".join(sub), {})
+                                             .get("meets_goal")),
+                           "meets_goal_effective": sum(1 for r in rows if _meets(
+                               r[s].get("subsets", {}).get("+".join(sub), {}), "far_effective"))}
+                           for sub in subsets}} for s in args.splits}
         write_json(args.out, {"benchmark": "guard-heldout", "zoo": str(args.zoo), "goal": GOAL,
                               "options": options, "ibd_psc_on_batch_norm_nets": args.ibd_psc,
                               "samples": args.samples, "target_frr": 0.01, "summary": summary,
