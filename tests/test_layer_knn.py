@@ -76,7 +76,7 @@ def test_calibration_scores_leave_each_image_out(trojaned_digits, digits):
         by_hand.append(float((refs[same] - feats[j][0]).norm(dim=1).min()))
     logs = torch.log1p(torch.tensor(by_hand, dtype=torch.float64) / guard.median_)
     z = (logs - guard.centre_) / guard.scale_
-    assert float(guard.calibration_scores_[0]) == pytest.approx(float(z.sum()), rel=1e-6)
+    assert float(guard.calibration_scores_[0]) == pytest.approx(float(z.sum()), rel=1e-5)
     assert float(guard.score(x[:1])[0]) < float(guard.calibration_scores_[0])  # itself at distance 0
 
 
