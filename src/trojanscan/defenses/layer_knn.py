@@ -22,7 +22,9 @@ Benign calibration scores are leave-one-out (each image's nearest neighbour amon
 The references are the calibration images' activations, kept in the calibration file (plain arrays;
 about n × the layers' total width floats). A label no other calibration image carries is measured
 against the farthest calibration image (so such inputs are flagged more often) and a warning says so
-at calibration. The activations are read by hooks, so a TorchScript model cannot be guarded this way.
+at calibration. The activations of Python layers are read by hooks; those of a TorchScript model
+(which takes no hooks) by running a copy of its graph that also returns them
+(:mod:`trojanscan.models.script_taps`).
 Calibrate on images the model was not trained on: its training images sit closer to each other than
 fresh ones do, which raises the false rejections on fresh images (README, "A second guard").
 
@@ -46,7 +48,8 @@ from torch import nn
 from trojanscan.defenses.consistency import CalibratedGuard
 from trojanscan.errors import TrojanscanError, TrojanscanWarning
 from trojanscan.models.modes import evaluating
-from trojanscan.models.taps import Layer, dense_and_conv_layers, tapping
+from trojanscan.models.script_taps import TappedScript, scripted_parts, swapped_in
+from trojanscan.models.taps import Layer, dense_and_conv_layers, per_neuron, tapping
 
 DEFAULT_NEIGHBOURS = 1
 MAX_NEIGHBOURS = 50
@@ -86,8 +89,8 @@ class LayerKnn(CalibratedGuard):
     """Run-time trojaned-input detector by class-conditional nearest-neighbour distances at every layer.
 
     Args:
-        model: the classifier, taking N×C×H×W images in [0, 1] and returning logits; a Python module
-            with ``nn.Conv2d`` or ``nn.Linear`` layers (their outputs are read by hooks).
+        model: the classifier, taking N×C×H×W images in [0, 1] and returning logits, with
+            convolutional or dense layers (Python or TorchScript).
         neighbours: k, the neighbour whose distance counts (1: the nearest).
         frr: target false rejection rate of benign inputs, which sets the threshold.
         batch_size: about how many images go to the model in one call.
@@ -108,11 +111,11 @@ class LayerKnn(CalibratedGuard):
                 or not 1 <= neighbours <= MAX_NEIGHBOURS:
             raise TrojanscanError(f"neighbours must be an integer from 1 to {MAX_NEIGHBOURS}, "
                                   f"got {neighbours!r}")
-        if isinstance(model, torch.jit.ScriptModule) or not any(
-                isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules()):
-            raise TrojanscanError("layer k-NN reads the outputs of the model's Conv2d and Linear layers by "
-                                  "hooks and this model has none it can read (TorchScript hides them); "
-                                  "guard it with STRIP and TeCo instead")
+        self._scripts = {path: TappedScript(m, path) for path, m in scripted_parts(model).items()}
+        if not any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules()) \
+                and not any(t.names for t in self._scripts.values()):
+            raise TrojanscanError("layer k-NN reads the outputs of the model's Conv2d and Linear layers and "
+                                  "this model has none; guard it with STRIP and TeCo instead")
         self.neighbours = int(neighbours)
         self._layers: list[Layer] | None = None
 
@@ -127,13 +130,24 @@ class LayerKnn(CalibratedGuard):
         """Per layer an N×U float32 tensor of the images' activations, and the model's labels."""
         assert self._layers is not None, "layers are chosen at fit or load"
         sinks: dict[str, list[torch.Tensor]] = {}
-        labels = []
-        with evaluating(self.model), torch.no_grad(), tapping(self._layers, sinks):
-            for _, xb in self._chunks(x, 1):
-                labels.append(self.model(xb).argmax(1).cpu())
+        labels = [self._run(xb, sinks).argmax(1).cpu() for _, xb in self._chunks(x, 1)]
         if not labels:
-            return [torch.empty(0, len(r)) for r in self.scale_], torch.empty(0, dtype=torch.long)
-        return [torch.cat(sinks[layer.name]).cpu().float() for layer in self._layers], torch.cat(labels)
+            return [torch.empty(0, r.shape[1]) for r in self.references_], torch.empty(0, dtype=torch.long)
+        return [torch.cat(sinks[name]).cpu().float() for name in self.layer_names_], torch.cat(labels)
+
+    def _run(self, xb: torch.Tensor, sinks: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+        """The model's logits for ``xb``, its layers' per-neuron activations appended to ``sinks``
+        (hooks on Python layers, :class:`TappedScript` stand-ins for TorchScript parts)."""
+        assert self._layers is not None
+        for tapped in self._scripts.values():
+            tapped.sinks, tapped.reduce = sinks, per_neuron
+        try:
+            with evaluating(self.model), torch.no_grad(), tapping(self._layers, sinks), \
+                    swapped_in(self.model, self._scripts) as run:
+                return run(xb)
+        finally:
+            for tapped in self._scripts.values():
+                tapped.sinks = None
 
     def _standardised(self, distances: torch.Tensor) -> torch.Tensor:
         """m×L distances → m×L scores on each layer's benign scale."""
@@ -155,12 +169,17 @@ class LayerKnn(CalibratedGuard):
     # -- calibration and scores -------------------------------------------------------------------
 
     def _fit_scores(self, x: torch.Tensor) -> torch.Tensor:
-        self._layers = dense_and_conv_layers(self.model, x[:2].to(self._device(), torch.float32))
-        if not self._layers:
+        probe = x[:2].to(self._device(), torch.float32)
+        self._layers = dense_and_conv_layers(self.model, probe)
+        for tapped in self._scripts.values():
+            tapped.calls = 0
+        self._run(probe, {})
+        once = [name for t in self._scripts.values() if t.calls == 1 for name in t.names]
+        self.layer_names_ = [layer.name for layer in self._layers] + once
+        if not self.layer_names_:
             raise TrojanscanError("no Conv2d or Linear layer runs once per forward pass; layer k-NN "
                                   "cannot read this model")
         self.references_, self.reference_labels_ = self.activations(x)
-        self.layer_names_ = [layer.name for layer in self._layers]
         self._warn_missing_labels()
         d = self._distances(self.references_, self.reference_labels_, leave_one_out=True)
         self.median_ = d.median(0).values.clamp_min(1e-12)
@@ -216,10 +235,12 @@ class LayerKnn(CalibratedGuard):
                 or (labels < 0).any():
             raise TrojanscanError(damaged)
         modules = dict(self.model.named_modules())
-        missing = [n for n in names if not isinstance(modules.get(n), (nn.Conv2d, nn.Linear))]
+        read = {n for t in self._scripts.values() for n in t.names}
+        missing = [n for n in names
+                   if n not in read and not isinstance(modules.get(n), (nn.Conv2d, nn.Linear))]
         if missing:
             raise TrojanscanError(f"{path}: calibrated on layers this model lacks "
                                   f"({', '.join(missing[:3])}); recalibrate on this model")
-        self._layers = [Layer(n, modules[n], "output") for n in names]
+        self._layers = [Layer(n, modules[n], "output") for n in names if n not in read]
         self.layer_names_, self.reference_labels_, self.references_ = names, labels, refs
         self.median_, self.centre_, self.scale_ = stats

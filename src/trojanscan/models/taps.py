@@ -81,10 +81,8 @@ def call_order(model: nn.Module, candidates: dict[str, nn.Module], probe: torch.
 
 def dense_and_conv_layers(model: nn.Module, probe: torch.Tensor) -> list[Layer]:
     """The outputs of every ``nn.Conv2d`` and ``nn.Linear`` one forward pass of ``probe`` calls once, in
-    the order it calls them (a module called twice per pass is left out: its taps would interleave)."""
-    if isinstance(model, torch.jit.ScriptModule):
-        raise TrojanscanError("reading layer activations needs a Python model (hooks do not work on "
-                              "TorchScript); use the .safetensors file or load the model in Python")
+    the order it calls them (a module called twice per pass is left out: its taps would interleave).
+    Layers inside TorchScript modules are not among them (see :mod:`trojanscan.models.script_taps`)."""
     modules = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     calls: list[str] = []
     probe_pass(model, probe, [m.register_forward_pre_hook(lambda _m, _a, n=name: calls.append(n))
