@@ -22,6 +22,7 @@ from trojanscan.data.triggers import Trigger
 from trojanscan.defenses.base import InputGuard, Provenance, TriggerReverser
 from trojanscan.defenses.guard import Guard
 from trojanscan.defenses.input_filter import InputFilter
+from trojanscan.defenses.layer_knn import LayerKnn
 from trojanscan.defenses.mmbd import MMBD
 from trojanscan.defenses.neural_cleanse import NeuralCleanse
 from trojanscan.defenses.scale_up import ScaleUp
@@ -38,4 +39,4 @@ __all__ = [
     "attack_model", "build_filter", "build_model", "evaluate_model", "load_dataset", "load_model",
     "make_attack", "repair", "save_model", "scan", "train_classifier",
 ]
-__all__ += ["Guard", "ScaleUp", "TeCo"]  # the run-time guards beside STRIP
+__all__ += ["Guard", "LayerKnn", "ScaleUp", "TeCo"]  # the run-time guards beside STRIP
