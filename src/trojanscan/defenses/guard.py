@@ -2,8 +2,9 @@
 
 STRIP catches triggers that survive superimposed images (patches) but not faint whole-image blends;
 TeCo catches inputs whose robustness differs across corruptions (blends, and patches a blur wipes
-out); SCALE-UP and IBD-PSC, optionally, inputs that keep their label when the pixels or the
-batch-norm parameters are amplified. A user should not need to
+out); layer k-NN inputs whose activations lie far from every benign input of their label (blends,
+sinusoids, scattered pixels); SCALE-UP and IBD-PSC, optionally, inputs that keep their label when
+the pixels or the batch-norm parameters are amplified. A user should not need to
 know which trigger they face, so the guard rejects an input when **any** member flags it (the OR
 rule), and calibrates that rule as a whole on benign inputs only:
 
@@ -24,7 +25,7 @@ whole batch are its verdicts those of :meth:`Guard.scores`; the others follow in
 
 Example::
 
-    guard = Guard(model).fit(clean_images)          # STRIP + TeCo at FRR 1%
+    guard = Guard(model).fit(clean_images)          # STRIP + TeCo + layer k-NN at FRR 1%
     labels, trojaned = guard.predict(incoming_images)
 """
 
@@ -222,12 +223,13 @@ def _member(detector: InputGuard) -> _Member:
 
 
 class Guard(InputGuard):
-    """STRIP plus TeCo (and optionally SCALE-UP) under one calibration and one OR decision.
+    """STRIP plus TeCo and layer k-NN (optionally SCALE-UP, IBD-PSC) under one calibration and one OR
+    decision.
 
     Args:
         model: the classifier, taking N×C×H×W images in [0, 1] and returning logits.
-        detectors: the members, of ``"strip"``, ``"teco"``, ``"scale-up"`` (STRIP screens first, the
-            others in this order).
+        detectors: the members, of :data:`MEMBERS` (STRIP screens first, the others in this order);
+            ``None``: :data:`DEFAULT_DETECTORS`, less any this model cannot have (with a warning).
         frr: the overall false rejection rate of benign inputs (see :func:`joint_thresholds`).
         n: STRIP's perturbed copies per input (10 is the paper's figure for GTSRB).
         temperature: STRIP's softmax temperature, or ``"auto"``.
@@ -236,6 +238,7 @@ class Guard(InputGuard):
         scales: SCALE-UP's amplification factors.
         copies, amplification, selection_error: IBD-PSC's amplified model copies, the factor on their
             batch-norm parameters and the benign error that picks the first copy's layers.
+        neighbours: layer k-NN's k (the k-th nearest benign input of the same label counts).
         batch_size: about how many images go to the model in one call.
         seed: seeds STRIP's overlays and TeCo's noise fields.
         accelerate: on CPU, classify through a frozen oneDNN copy of the model where that is safe.
