@@ -50,7 +50,8 @@ def test_layer_knn_separates_a_blended_trigger_and_keeps_its_frr(blended, digits
     stamped = trigger.apply(digits.x_test[digits.y_test != 0][:150])
     assert float((model(stamped).argmax(1) == 0).float().mean()) > 0.9  # the backdoor took
     guard = LayerKnn(model, frr=0.05).fit(digits.x_train[:300])
-    assert guard.layer_names_ == ["features.0", "features.3", "embedding.1", "classifier"]
+    assert guard.layer_names_ == ["features.0", "features.0:max", "features.3", "features.3:max",
+                                  "embedding.1", "classifier"]
     s_clean, s_stamped = guard.score(clean), guard.score(stamped)
     # measured: AUROC 0.998, FRR 4.0%, FAR 0.0%
     auroc = roc_auc(torch.cat([s_clean, s_stamped]).tolist(), [False] * 150 + [True] * 150)
@@ -58,7 +59,7 @@ def test_layer_knn_separates_a_blended_trigger_and_keeps_its_frr(blended, digits
     rates = far_frr(s_clean > guard.threshold_, s_stamped > guard.threshold_)
     assert rates["frr"] <= 0.1 and rates["far"] <= 0.05, rates
     per_layer = guard.layer_scores(stamped)
-    assert per_layer.shape == (150, 4) and torch.allclose(per_layer.sum(1), s_stamped)
+    assert per_layer.shape == (150, 6) and torch.allclose(per_layer.sum(1), s_stamped)
     assert torch.equal(guard.detect(stamped), s_stamped > guard.threshold_)
 
 
@@ -97,8 +98,8 @@ def test_files_round_trip_and_refuse_another_model_or_damage(blended, trojaned_d
         LayerKnn.load(tmp_path / "knn.npz", trojaned_digits.model)
     _one_line(e)
     fields = load_npz_record(tmp_path / "knn.npz", "layer k-NN calibration")
-    for key, value in (("reference.1", np.zeros((3, 2), np.float32)), ("layers", np.asarray(["nowhere"] * 4)),
-                       ("scale", np.asarray([np.nan] * 4))):
+    for key, value in (("reference.1", np.zeros((3, 2), np.float32)), ("layers", np.asarray(["nowhere"] * 6)),
+                       ("scale", np.asarray([np.nan] * 6))):
         save_npz_record(tmp_path / "bad.npz", {**fields, key: value})
         with pytest.raises(TrojanscanError, match="recalibrate") as e:
             LayerKnn.load(tmp_path / "bad.npz", model)
@@ -121,7 +122,8 @@ def test_a_torchscript_model_is_read_through_its_graph(blended, digits, tmp_path
     x, stamped = digits.x_train[:200], trigger.apply(digits.x_test[:40])
     python = LayerKnn(model, frr=0.05).fit(x)
     scripted = LayerKnn(torch.jit.script(model), frr=0.05).fit(x)
-    assert scripted.layer_names_ == ["#0:conv2d", "#1:conv2d", "#2:linear", "#3:linear"]
+    assert scripted.layer_names_ == ["#0:conv2d", "#0:conv2d:max", "#1:conv2d", "#1:conv2d:max",
+                                     "#2:linear", "#3:linear"]
     assert torch.allclose(scripted.score(stamped), python.score(stamped), atol=1e-4)
     assert torch.allclose(scripted.calibration_scores_, python.calibration_scores_, atol=1e-4)
     # a TorchScript part inside a Python wrapper: swapped for the reading copy only while scoring

@@ -6,10 +6,11 @@ and middle layers, where it looks like nothing a benign image of the target clas
 pattern, a sinusoidal signal or scattered pixels add activations that benign images of that class
 never show, even though the last layers agree on the label. So for each input the distance from its
 activations to the nearest benign calibration input **of the label the model gives it** is measured
-at the output of every ``nn.Conv2d`` and ``nn.Linear`` (a convolution's neuron is a channel, its
-activation the mean over the map), each layer's distance is put on a common scale by the benign
-calibration distances (log(1 + d / median), then centred and divided by the standard deviation),
-and the suspicion score is their sum over the layers.
+at the output of every ``nn.Conv2d`` and ``nn.Linear``, each distance is put on a common scale by
+the benign calibration distances (log(1 + d / median), then centred and divided by the standard
+deviation), and the suspicion score is their sum. A dense layer is read as its units; a convolution
+twice, as its channel means (what a blend or a sinusoid shifts) and as its channel maxima (what a
+small patch lights up in one place), each with its own distance.
 
 Where it comes from: the k-nearest-neighbour distance is the out-of-distribution score of Sun et al.
 (ICML 2022); comparing an input with benign inputs of its own predicted class at many layers is the
@@ -53,6 +54,7 @@ from trojanscan.models.taps import Layer, dense_and_conv_layers, per_neuron, tap
 
 DEFAULT_NEIGHBOURS = 1
 MAX_NEIGHBOURS = 50
+MAX_SUFFIX = ":max"  # a convolution's channel maxima, read as a layer of their own
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,8 @@ def kth_distance(queries: torch.Tensor, query_labels: torch.Tensor, references: 
     ``skip``: for each query, the index of a reference to leave out (itself), or −1. With fewer than
     k such references the farthest of them counts; with none, the farthest reference of any label.
     """
-    d = torch.cdist(queries.float(), references.float()).double()  # float32: half the time, ample
+    # in float64: the matrix-product shortcut of cdist loses small distances in float32
+    d = torch.cdist(queries.double(), references.double())
     if skip is not None:
         rows = torch.nonzero(skip >= 0).flatten()
         d[rows, skip[rows]] = torch.inf
@@ -83,6 +86,16 @@ def kth_distance(queries: torch.Tensor, query_labels: torch.Tensor, references: 
     kth = torch.where(finite, near, -torch.inf).max(1).values
     farthest = torch.where(torch.isfinite(d), d, -torch.inf).max(1).values
     return torch.where(finite.any(1), kth, farthest)
+
+
+def mean_and_max(t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A layer's output summarised per input: a dense layer's units; a convolution's channel means
+    (what a blend or a sinusoid shifts) and, under ``":max"``, its channel maxima (what a small patch
+    lights up in one place)."""
+    if t.dim() != 4:
+        return {"": per_neuron(t)}
+    maps = t.flatten(2)
+    return {"": maps.mean(2), MAX_SUFFIX: maps.amax(2)}
 
 
 class LayerKnn(CalibratedGuard):
@@ -140,9 +153,9 @@ class LayerKnn(CalibratedGuard):
         (hooks on Python layers, :class:`TappedScript` stand-ins for TorchScript parts)."""
         assert self._layers is not None
         for tapped in self._scripts.values():
-            tapped.sinks, tapped.reduce = sinks, per_neuron
+            tapped.sinks, tapped.summary = sinks, mean_and_max
         try:
-            with evaluating(self.model), torch.no_grad(), tapping(self._layers, sinks), \
+            with evaluating(self.model), torch.no_grad(), tapping(self._layers, sinks, mean_and_max), \
                     swapped_in(self.model, self._scripts) as run:
                 return run(xb)
         finally:
@@ -171,11 +184,9 @@ class LayerKnn(CalibratedGuard):
     def _fit_scores(self, x: torch.Tensor) -> torch.Tensor:
         probe = x[:2].to(self._device(), torch.float32)
         self._layers = dense_and_conv_layers(self.model, probe)
-        for tapped in self._scripts.values():
-            tapped.calls = 0
-        self._run(probe, {})
-        once = [name for t in self._scripts.values() if t.calls == 1 for name in t.names]
-        self.layer_names_ = [layer.name for layer in self._layers] + once
+        sinks: dict[str, list[torch.Tensor]] = {}
+        self._run(probe, sinks)  # in call order; a layer read twice per pass would interleave: left out
+        self.layer_names_ = [name for name, parts in sinks.items() if len(parts) == 1]
         if not self.layer_names_:
             raise TrojanscanError("no Conv2d or Linear layer runs once per forward pass; layer k-NN "
                                   "cannot read this model")
@@ -236,11 +247,12 @@ class LayerKnn(CalibratedGuard):
             raise TrojanscanError(damaged)
         modules = dict(self.model.named_modules())
         read = {n for t in self._scripts.values() for n in t.names}
-        missing = [n for n in names
+        bases = list(dict.fromkeys(n.removesuffix(MAX_SUFFIX) for n in names))
+        missing = [n for n in bases
                    if n not in read and not isinstance(modules.get(n), (nn.Conv2d, nn.Linear))]
         if missing:
             raise TrojanscanError(f"{path}: calibrated on layers this model lacks "
                                   f"({', '.join(missing[:3])}); recalibrate on this model")
-        self._layers = [Layer(n, modules[n], "output") for n in names if n not in read]
+        self._layers = [Layer(n, modules[n], "output") for n in bases if n not in read]
         self.layer_names_, self.reference_labels_, self.references_ = names, labels, refs
         self.median_, self.centre_, self.scale_ = stats

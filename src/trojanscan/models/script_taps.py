@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from trojanscan.errors import TrojanscanError
+from trojanscan.models.taps import Summary, neuron_summary
 
 TAPPED_KINDS = ("aten::conv2d", "aten::_convolution", "aten::linear")
 
@@ -32,8 +33,8 @@ def scripted_parts(model: nn.Module) -> dict[str, torch.jit.ScriptModule]:
 
 
 class TappedScript(nn.Module):
-    """Stands in for a TorchScript module: returns its output and appends each read layer's output,
-    passed through ``reduce``, to ``sinks[name]`` when ``sinks`` is set."""
+    """Stands in for a TorchScript module: returns its output and, when ``sinks`` is set, appends
+    ``summary`` of each read layer's output to ``sinks[name + suffix]`` (as :func:`tapping` does)."""
 
     def __init__(self, script: torch.jit.ScriptModule, path: str) -> None:
         super().__init__()
@@ -56,15 +57,14 @@ class TappedScript(nn.Module):
         self.script = script
         self.names = [f"{path}#{i}:{v.node().kind().rpartition(':')[2]}" for i, v in enumerate(read)]
         self.sinks: dict[str, list[torch.Tensor]] | None = None
-        self.reduce = lambda t: t
-        self.calls = 0
+        self.summary: Summary = neuron_summary
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, *read = self._run(self.script._c, x)
-        self.calls += 1
         if self.sinks is not None:
             for name, t in zip(self.names, read, strict=True):
-                self.sinks.setdefault(name, []).append(self.reduce(t.detach()))
+                for suffix, value in self.summary(t.detach()).items():
+                    self.sinks.setdefault(name + suffix, []).append(value)
         return out
 
 

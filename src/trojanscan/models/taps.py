@@ -9,7 +9,7 @@ neuron is a channel, its activation the mean over the feature map.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
@@ -91,12 +91,27 @@ def dense_and_conv_layers(model: nn.Module, probe: torch.Tensor) -> list[Layer]:
     return [Layer(n, modules[n], "output") for n in dict.fromkeys(calls) if per_pass[n] == 1]
 
 
+Summary = Callable[[torch.Tensor], dict[str, torch.Tensor]]  # activations → named per-input summaries
+
+
+def neuron_summary(t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The default summary of a layer's output: its per-neuron activations under the suffix ``""``."""
+    return {"": per_neuron(t)}
+
+
 @contextmanager
-def tapping(layers: list[Layer], sinks: dict[str, list[torch.Tensor]]) -> Iterator[None]:
-    """Record the per-neuron activations of every layer of ``layers`` into ``sinks[layer.name]``."""
+def tapping(layers: list[Layer], sinks: dict[str, list[torch.Tensor]],
+            summary: Summary = neuron_summary) -> Iterator[None]:
+    """Record a summary of every layer's output in each forward pass: ``summary(output)`` maps suffixes
+    to N×U tensors, appended to ``sinks[layer.name + suffix]``."""
+    def record(name: str, t: torch.Tensor) -> None:
+        for suffix, value in summary(t.detach()).items():
+            sinks.setdefault(name + suffix, []).append(value)
+
     with ExitStack() as stack:
         for layer in layers:
-            stack.enter_context(_tap(layer, sinks.setdefault(layer.name, [])))
+            hook = layer.module.register_forward_hook(lambda _m, _a, out, n=layer.name: record(n, out))
+            stack.callback(hook.remove)
         yield
 
 
