@@ -46,11 +46,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from trojanscan.defenses.consistency import CalibratedGuard
+from trojanscan.defenses.consistency import CalibratedGuard, model_device
 from trojanscan.errors import TrojanscanError, TrojanscanWarning
 from trojanscan.models.modes import evaluating
 from trojanscan.models.script_taps import TappedScript, scripted_parts, swapped_in
-from trojanscan.models.taps import Layer, dense_and_conv_layers, per_neuron, tapping
+from trojanscan.models.taps import Layer, per_neuron, tapping
 
 DEFAULT_NEIGHBOURS = 1
 MAX_NEIGHBOURS = 50
@@ -182,25 +182,27 @@ class LayerKnn(CalibratedGuard):
     # -- calibration and scores -------------------------------------------------------------------
 
     def _fit_scores(self, x: torch.Tensor) -> torch.Tensor:
-        probe = x[:2].to(self._device(), torch.float32)
-        self._layers = dense_and_conv_layers(self.model, probe)
+        self._layers = [Layer(n, m, "output") for n, m in self.model.named_modules()
+                        if isinstance(m, (nn.Conv2d, nn.Linear))]
         sinks: dict[str, list[torch.Tensor]] = {}
-        self._run(probe, sinks)  # in call order; a layer read twice per pass would interleave: left out
+        probe = x[:2].to(model_device(self.model), torch.float32)
+        classes = int(self._run(probe, sinks).shape[1])
+        # in call order; a layer read twice per pass would interleave its rows: left out
         self.layer_names_ = [name for name, parts in sinks.items() if len(parts) == 1]
         if not self.layer_names_:
             raise TrojanscanError("no Conv2d or Linear layer runs once per forward pass; layer k-NN "
                                   "cannot read this model")
+        read = {n.removesuffix(MAX_SUFFIX) for n in self.layer_names_}
+        self._layers = [layer for layer in self._layers if layer.name in read]
         self.references_, self.reference_labels_ = self.activations(x)
-        self._warn_missing_labels()
+        self._warn_missing_labels(classes)
         d = self._distances(self.references_, self.reference_labels_, leave_one_out=True)
         self.median_ = d.median(0).values.clamp_min(1e-12)
         logs = torch.log1p(d / self.median_)
         self.centre_, self.scale_ = logs.mean(0), logs.std(0).clamp_min(1e-6)
         return self._standardised(d).sum(1)
 
-    def _warn_missing_labels(self) -> None:
-        with torch.no_grad(), evaluating(self.model):
-            classes = int(self.model(torch.zeros(1, *self.input_shape_, device=self._device())).shape[1])
+    def _warn_missing_labels(self, classes: int) -> None:
         counts = torch.bincount(self.reference_labels_, minlength=classes)
         few = int((counts < self.neighbours + 1).sum())
         if few:
@@ -219,9 +221,6 @@ class LayerKnn(CalibratedGuard):
         self._check_inputs(x)
         feats, own = self.activations(x)
         return self._standardised(self._distances(feats, own))
-
-    def _device(self) -> torch.device:
-        return next(iter(self.model.parameters()), torch.empty(0)).device
 
     # -- files ------------------------------------------------------------------------------------
 

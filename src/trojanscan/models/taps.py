@@ -79,18 +79,6 @@ def call_order(model: nn.Module, candidates: dict[str, nn.Module], probe: torch.
     return list(dict.fromkeys(order))
 
 
-def dense_and_conv_layers(model: nn.Module, probe: torch.Tensor) -> list[Layer]:
-    """The outputs of every ``nn.Conv2d`` and ``nn.Linear`` one forward pass of ``probe`` calls once, in
-    the order it calls them (a module called twice per pass is left out: its taps would interleave).
-    Layers inside TorchScript modules are not among them (see :mod:`trojanscan.models.script_taps`)."""
-    modules = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    calls: list[str] = []
-    probe_pass(model, probe, [m.register_forward_pre_hook(lambda _m, _a, n=name: calls.append(n))
-                              for name, m in modules.items()])
-    per_pass = {n: calls.count(n) for n in calls}
-    return [Layer(n, modules[n], "output") for n in dict.fromkeys(calls) if per_pass[n] == 1]
-
-
 Summary = Callable[[torch.Tensor], dict[str, torch.Tensor]]  # activations → named per-input summaries
 
 
