@@ -1,5 +1,6 @@
 """Score the combined verdict (and the paper's MAD test and the size ratio as baselines) on a zoo
-built by ``trojanscan bench zoo --methods neural-cleanse,mm-bd,pairs,untargeted``, from its saved scans.
+built by ``trojanscan bench zoo --methods neural-cleanse,mm-bd,untargeted,perturbation`` (``pairs`` for
+``--with-pairs``), from its saved scans.
 
     python benchmarks/verdict_zoo.py ZOO_DIR [ZOO_DIR ...] --out bench_out/verdict_zoo.json
 
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from trojanscan.defenses.mmbd import MarginEvidence
 from trojanscan.defenses.pairs import PairEvidence
+from trojanscan.defenses.perturbation import PerturbationEvidence
 from trojanscan.defenses.population import log_ratios, population_evidence
 from trojanscan.defenses.scan_result import ScanResult
 from trojanscan.defenses.untargeted import UntargetedEvidence
@@ -66,20 +68,23 @@ def attack_kind(spec: dict) -> str:
 
 
 def _row(zoo: Path, m: dict, use_untargeted: bool, use_pairs: bool,
-         dense_null: bool = True) -> dict | None:
+         dense_null: bool = True, use_perturbation: bool = True) -> dict | None:
     """One model's verdict from its saved evidence: the untargeted map and/or the pair search as asked
-    (rule 4 is the pairs without the map; rule 5 without ``dense_null``, the MLPs' own size null)."""
+    (rule 4 is the pairs without the map; rule 5 without ``dense_null``, the MLPs' own size null; rule 6
+    without ``use_perturbation``, the universal perturbations' ratio)."""
     scans = sorted(glob.glob(str(zoo / "scans" / m["key"] / "neural-cleanse-*")))
     evidence = m.get("evidence", {})
-    needed = {"mm-bd"} | ({"untargeted"} if use_untargeted else set()) | ({"pairs"} if use_pairs else set())
+    needed = ({"mm-bd"} | ({"untargeted"} if use_untargeted else set()) | ({"pairs"} if use_pairs else set())
+              | ({"perturbation"} if use_perturbation else set()))
     if not scans or not needed <= set(evidence):
         return None
     scan = ScanResult.load(scans[0])
     mm = evidence["mm-bd"]["evidence"]
     untargeted = UntargetedEvidence.from_dict(evidence["untargeted"]["evidence"]) if use_untargeted else None
     pairs = PairEvidence.from_dict(evidence["pairs"]["evidence"]) if use_pairs else None
+    push = PerturbationEvidence.from_dict(evidence["perturbation"]["evidence"]) if use_perturbation else None
     verdict = decide(scan, MarginEvidence(mm["statistics"], mm["p_value"], mm["flagged_labels"], mm["null"]),
-                     pairs, untargeted, dense=dense_null and m.get("arch") == "mlp")
+                     pairs, untargeted, dense=dense_null and m.get("arch") == "mlp", perturbation=push)
     spec = m["spec"]
     return {"name": m["name"], "trojaned": m["trojaned"], "attack": attack_kind(spec),
             "dataset": spec["dataset"], "arch": m.get("arch"), "normalised": bool(spec.get("normalised")),
@@ -93,8 +98,11 @@ def _row(zoo: Path, m: dict, use_untargeted: bool, use_pairs: bool,
             "anomaly_index": scan.anomaly_index,
             "log_ratios": log_ratios([r.l1_norm for r in sorted(scan.labels, key=lambda r: r.label)]),
             "mmbd_p": mm["p_value"], "untargeted_spread": untargeted.spread if untargeted else None,
+            "perturbation_ratio": push.ratio if push else None,
+            "perturbation_smallest": push.smallest if push else None,
             "seconds": scan.seconds + sum(evidence[k]["seconds"] for k, used in (
-                ("mm-bd", True), ("untargeted", untargeted), ("pairs", pairs)) if used)}
+                ("mm-bd", True), ("untargeted", untargeted), ("pairs", pairs), ("perturbation", push))
+                if used)}
 
 
 def _rates(rows: list[dict]) -> dict:
@@ -133,6 +141,9 @@ def _rates(rows: list[dict]) -> dict:
             if bad and good else None,
             "auroc_size_ratio": roc_auc([-r["size_ratio"] for r in rows], [r["trojaned"] for r in rows])
             if bad and good else None,
+            "auroc_perturbation_ratio": roc_auc([-r["perturbation_ratio"] for r in rows],
+                                                [r["trojaned"] for r in rows])
+            if bad and good and all(r["perturbation_ratio"] is not None for r in rows) else None,
             **_population_rates(bad, good, single, two, share),
             "mean_seconds": sum(r["seconds"] for r in rows) / len(rows) if rows else None}
 
@@ -169,6 +180,8 @@ def main() -> int:
                     help="add the pair search's evidence (scan --decision verdict-pairs)")
     ap.add_argument("--no-dense-null", action="store_true",
                     help="rule 5: MLPs held to the convolutional nets' size-ratio null")
+    ap.add_argument("--no-perturbation", action="store_true",
+                    help="rule 6: without the universal perturbations' evidence (zoos scanned before it)")
     args = ap.parse_args()
     use_untargeted = not args.no_untargeted
     use_pairs = args.with_pairs or args.no_untargeted
@@ -177,7 +190,8 @@ def main() -> int:
         results = json.loads((zoo / "results.json").read_text())
         seeds.append(results["options"]["seed"])
         rows += [{**r, "zoo_seed": seeds[-1]} for m in results["models"]
-                 if (r := _row(zoo, m, use_untargeted, use_pairs, not args.no_dense_null)) is not None]
+                 if (r := _row(zoo, m, use_untargeted, use_pairs, not args.no_dense_null,
+                               not args.no_perturbation)) is not None]
     usable = [r for r in rows if r["attack_took"]]
     add_population(usable)
     by: dict[str, dict] = {"overall": _rates(usable)}
@@ -186,9 +200,10 @@ def main() -> int:
         for r in usable:
             groups[str(r[key])].append(r)
         by[f"by_{key}"] = {k: _rates(v) for k, v in sorted(groups.items())}
-    rule = RULE_VERSION if not args.no_dense_null else 5
+    rule = 5 if args.no_dense_null else 6 if args.no_perturbation else RULE_VERSION
     write_json(args.out, {"benchmark": "verdict", "rule_version": rule, "untargeted": use_untargeted,
                           "pairs": use_pairs, "dense_null": not args.no_dense_null,
+                          "perturbation": not args.no_perturbation,
                           "zoos": [str(z) for z in args.zoo], "zoo_seeds": seeds,
                           "left_out_attack_did_not_take": [r["name"] for r in rows if not r["attack_took"]],
                           "summary": by, "models": rows})
@@ -196,7 +211,8 @@ def main() -> int:
         print(f"{r['name'][:44]:44s} {r['verdict']:10s} {r['targets']!s:12s} {r['kind']!s:15s} "
               f"true {r['true_targets']!s:8s} score {r['score']:.2g} paper {r['paper_flagged']} "
               f"ratio {r['size_ratio']:.2f} "
-              f"mmbd {r['mmbd_p']:.3f} population {_or_nan(r.get('population_score')):.2g}")
+              f"mmbd {r['mmbd_p']:.3f} push {_or_nan(r['perturbation_ratio']):.2f} "
+              f"population {_or_nan(r.get('population_score')):.2g}")
     print(json.dumps(by["overall"], indent=1))
     return 0
 

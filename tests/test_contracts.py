@@ -31,7 +31,7 @@ def _quick(cls: type) -> dict:
 
 def test_registries_hold_what_the_contracts_promise():
     assert {"neural-cleanse", "tabor"} <= set(REVERSERS) and {"strip", "input-filter"} <= set(GUARDS)
-    assert {"mm-bd", "pairs", "untargeted"} <= set(INSPECTORS)
+    assert {"mm-bd", "pairs", "untargeted", "perturbation"} <= set(INSPECTORS)
     for table, base in ((REVERSERS, TriggerReverser), (GUARDS, InputGuard), (INSPECTORS, ModelInspector)):
         for name, cls in table.items():
             assert issubclass(cls, base) and cls.name == name and dataclasses.is_dataclass(cls.options_type)
@@ -159,6 +159,8 @@ def test_inspector_sees_the_planted_backdoor_and_its_evidence_is_json(name, digi
         assert record["flagged_labels"] == [4]
     elif name == "untargeted":  # the smallest stamp that moves the images is the blend: they go to 4
         assert {t for s, t in evidence.mapped_pairs()} == {4} and record["spread"] == 1, record["shifts"]
+    elif name == "perturbation":  # the blend is a direction: the target needs the smallest push
+        assert evidence.smallest == 4 and evidence.ratio < 0.5, record["norms"]
     else:  # every searched pair's trigger makes the model flip; the target 4 is easy from most sources
         assert all(p["attack_success_rate"] >= 0.9 for p in record["pairs"])
     with pytest.raises(TrojanscanError) as bad:

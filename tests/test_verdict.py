@@ -13,12 +13,14 @@ from typer.testing import CliRunner
 from trojanscan.cli import app
 from trojanscan.defenses.mmbd import MarginEvidence
 from trojanscan.defenses.pairs import PairEvidence, PairResult
+from trojanscan.defenses.perturbation import PerturbationEvidence
 from trojanscan.defenses.scan_result import LabelResult, ScanResult
 from trojanscan.defenses.untargeted import SourceShift, UntargetedEvidence
 from trojanscan.defenses.verdict import (
     ALPHA,
     CLEAN_LOG_RATIO,
     DENSE_NULL,
+    PERTURBATION_NULL,
     SUSPICIOUS,
     Verdict,
     combined_p_value,
@@ -26,6 +28,7 @@ from trojanscan.defenses.verdict import (
     dense_anomalies,
     dense_p_value,
     injected_pairs,
+    perturbation_label_p,
     size_ratio_p_value,
     smallest_normal,
     spread_needed,
@@ -199,6 +202,7 @@ def test_decision_verdict_from_the_command_line(trojaned_digits, tmp_path):
     # the default verdict gathers the untargeted map, not the pair search; verdict-pairs adds it
     names = [e["name"] for e in scan["verdict"]["evidence"]]
     assert "untargeted trigger map" in names and "label pairs (symmetry)" not in names
+    assert "universal perturbation ratio" not in names  # rule 7 was not adopted (README)
     assert "untargeted" in scan and "pairs" not in scan
     both = CliRunner().invoke(app, ["scan", str(model), "--data", "digits", "--clean-samples", "300",
                                     "--steps", "60", "--decision", "verdict-pairs",
@@ -306,3 +310,43 @@ def test_population_evidence_holds_each_label_to_the_same_label_on_other_models(
     assert population_evidence({**profiles, "trojaned": log_ratios(two)})["trojaned"].targets == [3, 5]
     few = dict(list(profiles.items())[:POPULATION_MIN])  # each model has POPULATION_MIN - 1 others
     assert population_evidence(few) == {}
+
+
+def _pushes(norms: list[float]) -> PerturbationEvidence:
+    return PerturbationEvidence(norms, 1.0, 100)
+
+
+PUSH = [3.0, 3.2, 2.9, 3.1, 3.3, 2.8, 3.0, 3.1, 2.9, 3.4]  # even universal perturbation norms
+
+
+def test_a_blend_without_a_small_trigger_is_caught_by_the_universal_perturbation():
+    """Rule 7: flat trigger sizes and an ordinary margin, but one label needs a far smaller push."""
+    push = _pushes([3.0, 3.2, 2.9, 0.45, *PUSH[4:]])  # label 3 at 0.15 of the median
+    v = decide(_scan(FLAT), _margins([40.0] * 10, 0.6), perturbation=push)
+    item = v.evidence[-1]
+    assert item.name == "universal perturbation ratio" and item.says == "backdoor" and item.targets == [3]
+    assert item.p_value == size_ratio_p_value(0.45 / 3.0, 10, PERTURBATION_NULL)  # the median is 3.0
+    assert v.score == combined_p_value([v.evidence[0].p_value, 0.6, item.p_value])
+    assert (v.verdict, v.targets, v.kind, v.rule_version) == ("backdoored", [3], "all-to-one", 7)
+    without = decide(_scan(FLAT), _margins([40.0] * 10, 0.6))
+    assert (without.verdict, without.rule_version) == ("clean", 6)  # rule 6 misses it
+    even = decide(_scan(FLAT), _margins([40.0] * 10, 0.6), perturbation=_pushes(PUSH))
+    assert even.verdict == "clean" and even.evidence[-1].says == "clean"
+
+
+def test_the_perturbation_null_sets_its_cut_and_labels_never_reached_are_no_evidence():
+    median = math.exp(PERTURBATION_NULL[0] * smallest_normal(10))  # the median clean 10-label ratio
+    assert abs(size_ratio_p_value(median, 10, PERTURBATION_NULL) - 0.5) < 1e-9
+    item = decide(_scan(FLAT), perturbation=_pushes(PUSH)).evidence[-1]
+    assert abs(size_ratio_p_value(item.threshold, 10, PERTURBATION_NULL) - ALPHA) < 1e-9
+    assert perturbation_label_p(_pushes([1.0] + [math.inf] * 9)) == {}  # the median was never reached
+    some = perturbation_label_p(_pushes([math.inf, *PUSH[1:]]))
+    assert some[0] == 1.0 and all(0 < p < 1 for p in list(some.values())[1:])
+    v = decide(_scan(FLAT), perturbation=_pushes([math.inf] * 10))
+    assert v.verdict == "clean" and math.isnan(v.evidence[-1].p_value)
+
+
+def test_a_verdict_with_perturbation_evidence_round_trips_through_json():
+    v = decide(_scan(FLAT), _margins([40.0] * 10, 0.5), perturbation=_pushes([0.4, *PUSH[1:]]))
+    back = Verdict.from_dict(json.loads(json.dumps(to_jsonable(v.to_dict()))))
+    assert to_jsonable(back.to_dict()) == to_jsonable(v.to_dict()) and back.targets == [0]

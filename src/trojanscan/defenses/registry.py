@@ -14,6 +14,7 @@ from trojanscan.defenses.layer_knn import LayerKnn
 from trojanscan.defenses.mmbd import MMBD
 from trojanscan.defenses.neural_cleanse import NeuralCleanse
 from trojanscan.defenses.pairs import PairSearch
+from trojanscan.defenses.perturbation import PerturbationSearch
 from trojanscan.defenses.strip import Strip
 from trojanscan.defenses.tabor import Tabor
 from trojanscan.defenses.teco import TeCo
@@ -23,7 +24,8 @@ from trojanscan.validation import check_choice
 REVERSERS: dict[str, type[TriggerReverser]] = {cls.name: cls for cls in (NeuralCleanse, Tabor)}
 GUARDS: dict[str, type[InputGuard]] = {cls.name: cls for cls in (Strip, InputFilter, TeCo, LayerKnn, Guard,
                                                                    AutoencoderGuard)}
-INSPECTORS: dict[str, type[ModelInspector]] = {cls.name: cls for cls in (MMBD, PairSearch, UntargetedSearch)}
+INSPECTORS: dict[str, type[ModelInspector]] = {cls.name: cls for cls in (MMBD, PairSearch, UntargetedSearch,
+                                                                          PerturbationSearch)}
 
 
 def reverser(name: str) -> type[TriggerReverser]:

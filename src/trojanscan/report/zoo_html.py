@@ -12,6 +12,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from trojanscan.defenses.outliers import SIZE_RATIO_THRESHOLD
+from trojanscan.defenses.perturbation import PerturbationEvidence
 from trojanscan.defenses.registry import INSPECTORS, REVERSERS
 from trojanscan.defenses.untargeted import UntargetedEvidence
 from trojanscan.fileio import atomic_write_bytes
@@ -94,11 +95,15 @@ def _attack_text(m: dict[str, Any]) -> str:
 
 
 def evidence_summary(method: str, evidence: dict[str, Any]) -> str:
-    """One line of MM-BD's, the pair search's or the untargeted trigger's evidence, for the zoo's log."""
+    """One line of an inspector's evidence (MM-BD, pairs, untargeted map, perturbation), for the zoo's log."""
     if method == "untargeted":
         found = UntargetedEvidence.from_dict(evidence)
         return (f"{found.l1_norm:.1f}-px trigger moves {found.success_rate:.0%}; "
                 f"{len(found.mapped_pairs())} mapped sources to {found.spread} labels")
+    if method == "perturbation":
+        found = PerturbationEvidence.from_dict(evidence)
+        return (f"smallest universal push to label {found.smallest}, "
+                f"{found.ratio:.2f} of the median label's")
     if method == "mm-bd":
         top = max(range(len(evidence["statistics"])), key=lambda k: evidence["statistics"][k])
         return (f"p {evidence['p_value']:.3g}, largest margin at label {top}, "
