@@ -78,3 +78,11 @@ def test_bad_data_fails_in_one_line(blend_digits, digits):
             PerturbationSearch(steps=2).inspect(blend_digits, x, num_classes=10)
         assert "\n" not in str(bad.value)
     assert PerturbationOptions().steps == 40
+
+
+def test_the_zoo_log_line_names_the_smallest_push():
+    from trojanscan.report.zoo_html import evidence_summary
+
+    record = PerturbationEvidence([2.0, math.inf, 1.0, 4.0], 0.1, 10).to_dict()
+    line = evidence_summary("perturbation", json.loads(json.dumps(to_jsonable(record))))
+    assert line == "smallest universal push to label 2, 0.33 of the median label's"  # median (2 + 4) / 2
