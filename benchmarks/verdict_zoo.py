@@ -26,7 +26,7 @@ from trojanscan.defenses.perturbation import PerturbationEvidence
 from trojanscan.defenses.population import log_ratios, population_evidence
 from trojanscan.defenses.scan_result import ScanResult
 from trojanscan.defenses.untargeted import UntargetedEvidence
-from trojanscan.defenses.verdict import ALPHA, RULE_VERSION, decide
+from trojanscan.defenses.verdict import ALPHA, PERTURBATION_RULE, RULE_VERSION, decide
 from trojanscan.fileio import write_json
 from trojanscan.metrics import roc_auc
 
@@ -68,10 +68,11 @@ def attack_kind(spec: dict) -> str:
 
 
 def _row(zoo: Path, m: dict, use_untargeted: bool, use_pairs: bool,
-         dense_null: bool = True, use_perturbation: bool = True) -> dict | None:
+         dense_null: bool = True, use_perturbation: bool = True, depthwise_null: bool = True) -> dict | None:
     """One model's verdict from its saved evidence: the untargeted map and/or the pair search as asked
     (rule 4 is the pairs without the map; rule 5 without ``dense_null``, the MLPs' own size null; rule 6
-    without ``use_perturbation``, the universal perturbations' ratio)."""
+    without ``depthwise_null``, the MobileNets' own ratio null; rule 7 with ``use_perturbation``, the
+    universal perturbations' ratio)."""
     scans = sorted(glob.glob(str(zoo / "scans" / m["key"] / "neural-cleanse-*")))
     evidence = m.get("evidence", {})
     needed = ({"mm-bd"} | ({"untargeted"} if use_untargeted else set()) | ({"pairs"} if use_pairs else set())
@@ -84,7 +85,8 @@ def _row(zoo: Path, m: dict, use_untargeted: bool, use_pairs: bool,
     pairs = PairEvidence.from_dict(evidence["pairs"]["evidence"]) if use_pairs else None
     push = PerturbationEvidence.from_dict(evidence["perturbation"]["evidence"]) if use_perturbation else None
     verdict = decide(scan, MarginEvidence(mm["statistics"], mm["p_value"], mm["flagged_labels"], mm["null"]),
-                     pairs, untargeted, dense=dense_null and m.get("arch") == "mlp", perturbation=push)
+                     pairs, untargeted, dense=dense_null and m.get("arch") == "mlp", perturbation=push,
+                     depthwise=depthwise_null and m.get("arch") == "mobilenet-small")
     spec = m["spec"]
     return {"name": m["name"], "trojaned": m["trojaned"], "attack": attack_kind(spec),
             "dataset": spec["dataset"], "arch": m.get("arch"), "normalised": bool(spec.get("normalised")),
@@ -181,7 +183,9 @@ def main() -> int:
     ap.add_argument("--no-dense-null", action="store_true",
                     help="rule 5: MLPs held to the convolutional nets' size-ratio null")
     ap.add_argument("--no-perturbation", action="store_true",
-                    help="rule 6: without the universal perturbations' evidence (zoos scanned before it)")
+                    help="without the universal perturbations' evidence (zoos scanned before it)")
+    ap.add_argument("--no-depthwise-null", action="store_true",
+                    help="rule 6: MobileNets held to the other convolutional nets' size-ratio null")
     args = ap.parse_args()
     use_untargeted = not args.no_untargeted
     use_pairs = args.with_pairs or args.no_untargeted
@@ -191,7 +195,7 @@ def main() -> int:
         seeds.append(results["options"]["seed"])
         rows += [{**r, "zoo_seed": seeds[-1]} for m in results["models"]
                  if (r := _row(zoo, m, use_untargeted, use_pairs, not args.no_dense_null,
-                               not args.no_perturbation)) is not None]
+                               not args.no_perturbation, not args.no_depthwise_null)) is not None]
     usable = [r for r in rows if r["attack_took"]]
     add_population(usable)
     by: dict[str, dict] = {"overall": _rates(usable)}
@@ -200,10 +204,12 @@ def main() -> int:
         for r in usable:
             groups[str(r[key])].append(r)
         by[f"by_{key}"] = {k: _rates(v) for k, v in sorted(groups.items())}
-    rule = 5 if args.no_dense_null else 6 if args.no_perturbation else RULE_VERSION
+    rule = (5 if args.no_dense_null else 6 if args.no_depthwise_null
+            else PERTURBATION_RULE if not args.no_perturbation else RULE_VERSION)
     write_json(args.out, {"benchmark": "verdict", "rule_version": rule, "untargeted": use_untargeted,
                           "pairs": use_pairs, "dense_null": not args.no_dense_null,
                           "perturbation": not args.no_perturbation,
+                          "depthwise_null": not args.no_depthwise_null,
                           "zoos": [str(z) for z in args.zoo], "zoo_seeds": seeds,
                           "left_out_attack_did_not_take": [r["name"] for r in rows if not r["attack_took"]],
                           "summary": by, "models": rows})

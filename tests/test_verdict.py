@@ -20,7 +20,9 @@ from trojanscan.defenses.verdict import (
     ALPHA,
     CLEAN_LOG_RATIO,
     DENSE_NULL,
+    DEPTHWISE_NULL,
     PERTURBATION_NULL,
+    RULE_VERSION,
     SUSPICIOUS,
     Verdict,
     combined_p_value,
@@ -329,7 +331,7 @@ def test_a_blend_without_a_small_trigger_is_caught_by_the_universal_perturbation
     assert v.score == combined_p_value([v.evidence[0].p_value, 0.6, item.p_value])
     assert (v.verdict, v.targets, v.kind, v.rule_version) == ("backdoored", [3], "all-to-one", 7)
     without = decide(_scan(FLAT), _margins([40.0] * 10, 0.6))
-    assert (without.verdict, without.rule_version) == ("clean", 6)  # rule 6 misses it
+    assert (without.verdict, without.rule_version) == ("clean", RULE_VERSION)  # the default rule misses it
     even = decide(_scan(FLAT), _margins([40.0] * 10, 0.6), perturbation=_pushes(PUSH))
     assert even.verdict == "clean" and even.evidence[-1].says == "clean"
 
@@ -350,3 +352,30 @@ def test_a_verdict_with_perturbation_evidence_round_trips_through_json():
     v = decide(_scan(FLAT), _margins([40.0] * 10, 0.5), perturbation=_pushes([0.4, *PUSH[1:]]))
     back = Verdict.from_dict(json.loads(json.dumps(to_jsonable(v.to_dict()))))
     assert to_jsonable(back.to_dict()) == to_jsonable(v.to_dict()) and back.targets == [0]
+
+
+def test_a_depthwise_net_is_held_to_its_own_ratio_null():
+    """Rule 8: a MobileNet's natural shortcut (ratio 0.2 on 10 labels, like Fashion-MNIST's bag) is
+    ordinary for its family; a far smaller trigger is still a backdoor."""
+    shortcut = _scan([6.0, *FLAT[1:]])  # ratio 0.2
+    assert decide(shortcut).verdict == "backdoored"  # the other convolutional nets' null
+    held = decide(shortcut, depthwise=True)
+    assert held.verdict != "backdoored" and held.evidence[0].name == "trigger size ratio (depthwise net)"
+    assert held.evidence[0].p_value == size_ratio_p_value(0.2, 10, DEPTHWISE_NULL)
+    assert abs(size_ratio_p_value(held.evidence[0].threshold, 10, DEPTHWISE_NULL) - ALPHA) < 1e-9
+    assert held.evidence[0].threshold < 0.2 < decide(shortcut).evidence[0].threshold
+    strong = decide(_scan([1.5, *FLAT[1:]]), depthwise=True)
+    assert (strong.verdict, strong.targets, strong.rule_version) == ("backdoored", [0], 8)
+    assert decide(_scan([6.0, *EVEN[1:]]), dense=True, depthwise=True).evidence[0].name == (
+        "trigger size (dense net)")  # a net without convolutions is dense whatever the flag says
+
+
+def test_the_scan_sees_depthwise_convolutions():
+    from torch import nn
+
+    from trojanscan.devices import depthwise
+
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=2))
+    separable = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 4, 1))
+    assert not depthwise(plain) and depthwise(separable) and not depthwise(nn.Linear(3, 2))
+    assert depthwise(torch.jit.script(separable)) and not depthwise(torch.jit.script(plain))

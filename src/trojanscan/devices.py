@@ -133,6 +133,11 @@ def plain_convolutions(model: nn.Module) -> bool:
     return bool(convs) and all(getattr(m, "groups", 1) == 1 for m in convs)
 
 
+def depthwise(model: nn.Module) -> bool:
+    """Whether ``model`` has a depthwise convolution (one group per input channel, more than one)."""
+    return any(1 < getattr(m, "groups", 1) == getattr(m, "in_channels", 0) for m in convolutions(model))
+
+
 def resolve_precision(name: str, model: nn.Module, device: torch.device) -> str:
     """``float32`` or ``bfloat16`` for ``--precision name`` (``auto``: see :data:`PRECISION_HELP`)."""
     text = str(name).strip().lower()

@@ -18,7 +18,7 @@ from trojanscan.defenses.repeats import RepeatedScan, combine_runs
 from trojanscan.defenses.scan_result import ScanResult
 from trojanscan.defenses.untargeted import UntargetedSearch
 from trojanscan.defenses.verdict import decide
-from trojanscan.devices import convolutions, full_precision
+from trojanscan.devices import convolutions, depthwise, full_precision
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import locks_out_dir, module_sha256, tensor_sha256, write_json
 from trojanscan.metrics import mask_overlap
@@ -55,7 +55,8 @@ def _decide(result: ScanResult, model: nn.Module, x: Any, y: Any, num_classes: i
     mmbd = MMBD(seed=seed).inspect(model, num_classes=num_classes, input_shape=tuple(x.shape[1:]))
     untargeted = UntargetedSearch(seed=seed).inspect(model, x, y, num_classes=num_classes)
     pairs = PairSearch(seed=seed).search(model, x, y, num_classes=num_classes) if with_pairs else None
-    verdict = decide(result, mmbd, pairs, untargeted, dense=not convolutions(model))
+    verdict = decide(result, mmbd, pairs, untargeted, dense=not convolutions(model),
+                     depthwise=depthwise(model))
     result.extra["paper"] = {"infected": result.infected, "flagged_labels": result.flagged_labels,
                              "anomaly_index": result.anomaly_index, "threshold": result.threshold}
     result.extra["verdict"] = verdict.to_dict()
