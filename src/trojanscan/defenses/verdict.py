@@ -261,12 +261,11 @@ def _size_evidence(scan: ScanResult, label_p: dict[int, float], dense: bool = Fa
         anomaly = dense_anomalies(norms)[smallest]
         return EvidenceItem("trigger size (dense net)", anomaly, _dense_at(ALPHA, len(norms)), says, targets,
                             p, detail + "; held to the dense nets' null (log-scale robust anomaly)")
-    if depthwise:
-        return EvidenceItem("trigger size ratio (depthwise net)", norms[smallest] / median if median > 0
-                            else math.nan, _ratio_at(ALPHA, len(norms), DEPTHWISE_NULL), says, targets, p,
-                            detail + "; held to the depthwise nets' null")
-    return EvidenceItem("trigger size ratio", norms[smallest] / median if median > 0 else math.nan,
-                        _ratio_at(ALPHA, len(norms)), says, targets, p, detail)
+    name, null = (("trigger size ratio (depthwise net)", DEPTHWISE_NULL) if depthwise
+                  else ("trigger size ratio", CLEAN_LOG_RATIO))
+    return EvidenceItem(name, norms[smallest] / median if median > 0 else math.nan,
+                        _ratio_at(ALPHA, len(norms), null), says, targets, p,
+                        detail + ("; held to the depthwise nets' null" if depthwise else ""))
 
 
 def _dense_at(p: float, labels: int) -> float:
