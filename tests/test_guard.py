@@ -1,5 +1,6 @@
 """The combined guard and its new members (TeCo, SCALE-UP): their scores on the planted digits
-backdoor, calibration for a requested FRR, the OR decision, files, one-line errors and the CLI."""
+backdoor, calibration for a requested FRR, the OR decision, files, one-line errors and the CLI (the
+pooled decision: test_pooling.py)."""
 
 from __future__ import annotations
 
@@ -77,7 +78,9 @@ def test_joint_calibration_splits_the_frr_between_members():
     assert float(flagged.float().mean()) == pytest.approx(frr, abs=0.004)  # the stated overall FRR
 
 
-def test_the_combined_decision_on_hand_made_scores(guard):
+def test_the_or_decision_on_hand_made_scores(guard):
+    guard = copy.copy(guard)
+    guard.rule = "or"  # the same calibration: the members' OR thresholds are fitted under both rules
     t = guard.thresholds_
     below = {m: torch.tensor([t[m] - 1.0, t[m] - 1.0, t[m] - 1.0, t[m]], dtype=torch.float64)
              for m in guard.detectors}
@@ -114,7 +117,10 @@ def test_each_detector_separates_stamped_from_clean(guard, inputs):
     assert all(float(t[m].mean()) > float(b[m].mean()) for m in guard.detectors)
 
 
-def test_the_guard_flags_the_planted_backdoor_and_screening_agrees_with_the_scores(guard, inputs):
+@pytest.mark.parametrize("rule", ["pooled", "or"])
+def test_the_guard_flags_the_planted_backdoor_and_screening_agrees_with_the_scores(rule, guard, inputs):
+    guard = copy.copy(guard)
+    guard.rule = rule  # one calibration fits both rules' thresholds
     _, benign, stamped = inputs
     mixed = torch.cat([benign, stamped])
     flags, by = guard.screen(mixed)

@@ -990,10 +990,11 @@ def strip_evaluate_cmd(
 
 
 DETECTORS_HELP = ("the guard's detectors: strip, teco, layer-knn, scale-up, ibd-psc (default "
-                  "strip,teco,layer-knn); an input is rejected when any of them flags it")
+                  "strip,teco,layer-knn); their evidence is pooled into one decision (--option rule=or: "
+                  "an input is rejected when any of them flags it)")
 GUARD_TEMPERATURE_HELP = "STRIP's " + TEMPERATURE_HELP + " (default auto)"
-GUARD_OPTION_HELP = ("a guard option KEY=VALUE (repeatable): severity, corruptions (a/b/c), scales (3/5/7), "
-                     "copies, amplification, neighbours, batch_size …")
+GUARD_OPTION_HELP = ("a guard option KEY=VALUE (repeatable): rule (pooled/or), severity, "
+                     "corruptions (a/b/c), scales (3/5/7), copies, amplification, neighbours, batch_size …")
 guard_app = typer.Typer(no_args_is_help=True,
                         help="A combined run-time guard: STRIP plus TeCo and layer k-NN (and SCALE-UP, "
                              "IBD-PSC), one calibration at one overall FRR.")
@@ -1044,13 +1045,14 @@ def guard_calibrate_cmd(
     eager: bool = typer.Option(False, "--eager", help=EAGER_HELP),
     device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
 ) -> None:
-    """Calibrate the detectors and their OR rule on benign inputs for one overall FRR."""
+    """Calibrate the detectors and their decision (pooled or OR rule) on benign inputs for one overall FRR."""
     guard = guard_calibrate(model, data, samples=samples, arch=arch, out=out,
                             **_convention(mean, std, trust_model, device),
                             **_guard_options(detectors, frr, n, temperature, seed, eager, option))
+    how = (f"their pooled statistic flags {guard.tail_allowed_} of them" if guard.rule == "pooled"
+           else f"each flags its {guard.tail_} highest benign scores")
     console.print(f"calibrated {' + '.join(guard.detectors)} on {guard.n_calibration_} benign images for "
-                  f"FRR {frr:.1%}: each flags its {guard.tail_} highest benign scores → {out}",
-                  highlight=False)
+                  f"FRR {frr:.1%}: {how} → {out}", highlight=False)
 
 
 @guard_app.command("check")

@@ -5,27 +5,35 @@ TeCo catches inputs whose robustness differs across corruptions (blends, and pat
 out); layer k-NN inputs whose activations lie far from every benign input of their label (blends,
 sinusoids, scattered pixels); SCALE-UP and IBD-PSC, optionally, inputs that keep their label when
 the pixels or the batch-norm parameters are amplified. A user should not need to
-know which trigger they face, so the guard rejects an input when **any** member flags it (the OR
-rule), and calibrates that rule as a whole on benign inputs only:
+know which trigger they face, so the guard pools what its members see into one decision, calibrated
+as a whole on benign inputs only. Each member turns its statistic into a suspicion score (STRIP:
+minus the entropy). Two rules (``rule``):
 
-Each member turns its statistic into a suspicion score (STRIP: minus the entropy) and gets the same
+**pooled** (the default, :mod:`~trojanscan.defenses.pooling`): each member's score becomes a p-value
+against its benign calibration scores, the p-values are pooled (the stronger of Fisher's combination
+and the smallest p-value), and an input is rejected when the pooled statistic exceeds the conformal
+quantile of the calibration inputs' own. Inputs that several members find somewhat odd are caught
+as well as those one member finds very odd. Every member scores every input (no early exit).
+
+**or**: an input is rejected when **any** member flags it, and each member gets the same
 share of the benign tail: its threshold is its (k+1)-th largest benign calibration score, so it
 flags k of the n calibration inputs. k is the largest count for which the members together flag at
 most ⌊frr·(n+1)⌋ − 1 calibration inputs: the OR rule's own conformal quantile, so a fresh benign
 input is rejected with probability about ``frr`` overall (not per member). Each member's share lies
 between Bonferroni's ``frr/M`` (members that never flag the same benign inputs) and the whole
 ``frr`` (members that always do); calibrating the rule on the data, not splitting the budget
-blindly, keeps whatever the members' agreement leaves.
+blindly, keeps whatever the members' agreement leaves. The members' thresholds are these under both
+rules (they give each detector's figures "in the guard").
 
-Screening goes member by member: an input one member flags is not shown to the next, and STRIP and
-SCALE-UP stop copying an input as soon as their verdict is sure. STRIP always screens first: it draws
-each input's overlays by the input's position in the batch it is shown, so only when it sees the
-whole batch are its verdicts those of :meth:`Guard.scores`; the others follow in the order of
-``detectors``.
+Under the OR rule, screening goes member by member: an input one member flags is not shown to the
+next, and STRIP and SCALE-UP stop copying an input as soon as their verdict is sure. STRIP always
+screens first: it draws each input's overlays by the input's position in the batch it is shown, so
+only when it sees the whole batch are its verdicts those of :meth:`Guard.scores`; the others follow
+in the order of ``detectors``.
 
 Example::
 
-    guard = Guard(model).fit(clean_images)          # STRIP + TeCo + layer k-NN at FRR 1%
+    guard = Guard(model).fit(clean_images)          # STRIP + TeCo + layer k-NN, pooled, at FRR 1%
     labels, trojaned = guard.predict(incoming_images)
 """
 
@@ -48,9 +56,11 @@ from trojanscan.defenses.consistency import (
     FieldReader,
     check_same_model,
     tail_count,
+    upper_threshold,
 )
 from trojanscan.defenses.ibd_psc import DEFAULT_AMPLIFICATION, DEFAULT_COPIES, DEFAULT_SELECTION_ERROR, IbdPsc
 from trojanscan.defenses.layer_knn import DEFAULT_NEIGHBOURS, LayerKnn
+from trojanscan.defenses.pooling import calibration_pooled_scores, pooled_scores
 from trojanscan.defenses.scale_up import DEFAULT_SCALES, ScaleUp
 from trojanscan.defenses.strip import Strip
 from trojanscan.defenses.teco import DEFAULT_CORRUPTIONS, TeCo
@@ -60,6 +70,7 @@ from trojanscan.validation import check_choice, check_fraction
 
 MEMBERS: dict[str, type[InputGuard]] = {cls.name: cls for cls in (Strip, TeCo, LayerKnn, ScaleUp, IbdPsc)}
 DEFAULT_DETECTORS = ("strip", "teco", "layer-knn")
+RULES = ("pooled", "or")  # how the members' evidence makes one decision (module notes)
 # A TeCo that catches the stripes blend of guard_bench.py (noises against blur and pixelation at
 # severity 4, their spread): every development cell met the goal with it, but on a fresh held-out zoo
 # it let far more stamped inputs through than the default (README, "A second guard"), so it is an
@@ -75,6 +86,7 @@ class GuardOptions:
 
     detectors: tuple[str, ...] = DEFAULT_DETECTORS
     frr: float = 0.01
+    rule: str = "pooled"
     n: int = 10
     temperature: float | str = "auto"
     corruptions: tuple[str, ...] = DEFAULT_CORRUPTIONS
@@ -223,14 +235,16 @@ def _member(detector: InputGuard) -> _Member:
 
 
 class Guard(InputGuard):
-    """STRIP plus TeCo and layer k-NN (optionally SCALE-UP, IBD-PSC) under one calibration and one OR
+    """STRIP plus TeCo and layer k-NN (optionally SCALE-UP, IBD-PSC) under one calibration and one
     decision.
 
     Args:
         model: the classifier, taking N×C×H×W images in [0, 1] and returning logits.
         detectors: the members, of :data:`MEMBERS` (STRIP screens first, the others in this order);
             ``None``: :data:`DEFAULT_DETECTORS`, less any this model cannot have (with a warning).
-        frr: the overall false rejection rate of benign inputs (see :func:`joint_thresholds`).
+        frr: the overall false rejection rate of benign inputs.
+        rule: ``"pooled"`` (the members' p-values pooled into one statistic) or ``"or"`` (any member
+            flags; see :func:`joint_thresholds`).
         n: STRIP's perturbed copies per input (10 is the paper's figure for GTSRB).
         temperature: STRIP's softmax temperature, or ``"auto"``.
         corruptions, severity, deviation: TeCo's corruption types, their severity (1–5) and statistic
@@ -249,7 +263,7 @@ class Guard(InputGuard):
     options_type = GuardOptions
 
     def __init__(self, model: nn.Module, detectors: tuple[str, ...] | str | None = None,
-                 frr: float = 0.01, n: int = 10, temperature: float | str = "auto",
+                 frr: float = 0.01, rule: str = "pooled", n: int = 10, temperature: float | str = "auto",
                  corruptions: tuple[str, ...] = DEFAULT_CORRUPTIONS, severity: int = 2,
                  deviation: str = "mahalanobis", scales: tuple[float, ...] = DEFAULT_SCALES,
                  copies: int = DEFAULT_COPIES, amplification: float = DEFAULT_AMPLIFICATION,
@@ -257,6 +271,7 @@ class Guard(InputGuard):
                  batch_size: int = 256, seed: int = 0, accelerate: bool = True) -> None:
         named = parse_detectors(DEFAULT_DETECTORS if detectors is None else detectors)
         self.frr = check_fraction("frr", frr)
+        self.rule = check_choice("rule", rule, RULES)
         common = {"frr": self.frr, "batch_size": batch_size, "seed": seed, "accelerate": accelerate}
         built = {"strip": lambda: Strip(model, n=n, temperature=temperature, boundary="quantile", **common),
                  "teco": lambda: TeCo(model, corruptions=corruptions, severity=severity, deviation=deviation,
@@ -285,9 +300,11 @@ class Guard(InputGuard):
     # -- calibration ------------------------------------------------------------------------------
 
     def fit(self, x: torch.Tensor) -> Guard:  # type: ignore[override]
-        """Calibrate every member on benign images ``x``, then the OR rule at ``frr`` (see
-        :func:`joint_thresholds`). Returns ``self`` with ``thresholds_``, ``tail_``, ``tail_allowed_``,
-        ``calibration_scores_`` (member → benign suspicion scores) and ``n_calibration_`` set."""
+        """Calibrate every member on benign images ``x``, then the decision at ``frr``: the members'
+        OR-rule thresholds (:func:`joint_thresholds`) and, for the pooled rule, its threshold. Returns
+        ``self`` with ``thresholds_``, ``tail_``, ``tail_allowed_``, ``pooled_threshold_`` (NaN under
+        the OR rule), ``calibration_scores_`` (member → benign suspicion scores) and
+        ``n_calibration_`` set."""
         self.calibration_scores_ = {name: m.fit(x) for name, m in self.members.items()}
         self._decide_thresholds()
         self.n_calibration_ = len(x)
@@ -299,6 +316,9 @@ class Guard(InputGuard):
         self.tail_allowed_ = max(0, tail_count(len(next(iter(self.calibration_scores_.values()))), self.frr))
         for name, t in self.thresholds_.items():
             self.members[name].threshold = t
+        pooled = calibration_pooled_scores(self.calibration_scores_) if self.rule == "pooled" else None
+        self.pooled_threshold_ = (float("nan") if pooled is None
+                                  else upper_threshold(pooled, self.frr, what="pooled benign statistics"))
 
     def _require_fitted(self) -> None:
         if not hasattr(self, "thresholds_"):
@@ -308,14 +328,21 @@ class Guard(InputGuard):
     # -- decisions --------------------------------------------------------------------------------
 
     def decide(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The OR rule on members' suspicion scores (as :meth:`scores` gives them): flagged where any
-        member's score exceeds its threshold."""
+        """The guard's rule on members' suspicion scores (as :meth:`scores` gives them): pooled, the
+        pooled statistic above its threshold; OR, any member's score above its threshold."""
         self._require_fitted()
         missing = sorted(set(self.detectors) - set(scores))
         if missing:
             raise TrojanscanError(f"scores are missing for detector(s) {', '.join(missing)}")
+        if self.rule == "pooled":
+            return self.pooled(scores) > self.pooled_threshold_
         return torch.stack([torch.as_tensor(scores[m], dtype=torch.float64) > self.thresholds_[m]
                             for m in self.detectors]).any(0)
+
+    def pooled(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The pooled statistic of inputs with these member scores (higher = more suspicious)."""
+        self._require_fitted()
+        return pooled_scores({m: self.calibration_scores_[m] for m in self.detectors}, scores)
 
     def scores(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every member's full suspicion score for every input (no early exit)."""
@@ -324,11 +351,18 @@ class Guard(InputGuard):
 
     def screen(self, x: torch.Tensor,
                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(flags, flagged_by)``: the OR rule's flags, screening member by member (an input one
-        member flags is not shown to the next; members stop early where they can); ``flagged_by``
-        holds the index in ``detectors`` of the member that flagged each input, −1 for none.
-        ``labels``: the model's labels for ``x`` if known (saves TeCo and SCALE-UP a forward pass)."""
+        """``(flags, flagged_by)``: the guard's flags and, for each flagged input, the index in
+        ``detectors`` of the member that flagged it (OR rule: the first that did, screening member by
+        member — an input one member flags is not shown to the next, and members stop early where
+        they can; pooled rule: the member with the smallest p-value), −1 for none. ``labels``: the
+        model's labels for ``x`` if known (saves TeCo and SCALE-UP a forward pass)."""
         self._require_fitted()
+        if self.rule == "pooled":
+            scores = {name: m.scores(x) for name, m in self.members.items()}
+            flags = self.decide(scores)
+            strongest = torch.stack([pooled_scores({m: self.calibration_scores_[m]}, {m: scores[m]})
+                                     for m in self.detectors]).argmax(0)
+            return flags, torch.where(flags, strongest, -1)
         by = torch.full((len(x),), -1, dtype=torch.long)
         active = torch.arange(len(x))
         for i, member in enumerate(self.members.values()):
@@ -340,7 +374,7 @@ class Guard(InputGuard):
         return by >= 0, by
 
     def detect(self, x: torch.Tensor) -> torch.Tensor:
-        """Boolean flags, True where an input is rejected by any member."""
+        """Boolean flags, True where the guard rejects an input."""
         return self.screen(x)[0]
 
     def labels(self, x: torch.Tensor) -> torch.Tensor:
@@ -392,6 +426,7 @@ class Guard(InputGuard):
                        for k, v in fields.items() if k.startswith("option.")}
             options.update(frr=num.float("frr"),
                            detectors=tuple(str(d) for d in np.asarray(fields["detectors"]).ravel()))
+            options.setdefault("rule", "or")  # files written before the pooled rule used the OR rule
             if batch_size is not None:
                 options["batch_size"] = batch_size
             if accelerate is not None:

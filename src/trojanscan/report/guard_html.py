@@ -18,7 +18,11 @@ from trojanscan.report.page import img_tag, write_page
 SCORE_LABELS = {"strip": "− entropy of the superimposed copies (bits)",
                 "teco": "deviation of the benign-scaled corruption robustness",
                 "scale-up": "− mean probability of losing the label when amplified",
-                "ibd-psc": "− mean probability of losing the label under amplified batch norms"}
+                "ibd-psc": "− mean probability of losing the label under amplified batch norms",
+                "layer-knn": "sum of the layers' standardised nearest-neighbour distances",
+                "pooled": "pooled statistic: − log of the combined p-value"}
+RULE_WORDS = {"or": "an input is rejected when any detector flags it",
+              "pooled": "an input is rejected when the detectors' pooled evidence exceeds its threshold"}
 
 
 def detector_histograms_png(benign: dict[str, torch.Tensor], trojaned: dict[str, torch.Tensor],
@@ -55,10 +59,14 @@ def _percent(v: Any) -> str:
 
 def write_guard_report(record: dict[str, Any], benign: dict[str, torch.Tensor],
                        trojaned: dict[str, torch.Tensor], out_path: Path) -> Path:
-    """A self-contained HTML page for ``trojanscan guard evaluate``."""
+    """A self-contained HTML page for ``trojanscan guard evaluate`` (``benign`` and ``trojaned``: the
+    detectors' scores, and the pooled statistic under ``"pooled"`` when that rule decides)."""
     detail = record["detectors"]
     lines = {m: {"in_guard": d["in_guard"]["threshold"], "alone": d["alone"]["threshold"]}
              for m, d in detail.items()}
+    rule = record.get("rule", "or")
+    if record.get("pooled"):
+        lines["pooled"] = {"in_guard": record["pooled"]["threshold"], "alone": record["pooled"]["threshold"]}
     png = detector_histograms_png(benign, trojaned, lines)
     rows = "".join(
         f'<tr><td class="l">{escape(m)}</td><td>{_percent(d["alone"]["far"])}</td>'
@@ -71,7 +79,7 @@ def write_guard_report(record: dict[str, Any], benign: dict[str, torch.Tensor],
         f'<p class="big">FAR {_percent(record["far"])} at FRR {_percent(record["frr"])} '
         f'(target FRR {100 * record["target_frr"]:.1f}%; detectors '
         f'{escape(" + ".join(record["detector_order"]))}; '
-        "an input is rejected when any detector flags it)</p>",
+        f"{RULE_WORDS.get(rule, escape(rule))})</p>",
         "<h2>Each detector</h2>"
         '<table><tr><th class="l">detector</th><th>FAR alone</th><th>FRR alone</th>'
         f"<th>FAR in the guard</th><th>FRR in the guard</th></tr>{rows}</table>",

@@ -447,6 +447,8 @@ class GuardEvaluation(Record):
     environment: dict[str, str]
     summary: dict[str, str]
     command: str = "guard evaluate"
+    rule: str = "or"  # how the detectors' evidence makes the decision (Guard's rule)
+    pooled: dict[str, Any] | None = None  # the pooled rule's threshold and statistics, when it decides
     guard: Guard | None = internal()  # the calibrated guard, ready for predict()
     benign_scores: dict[str, torch.Tensor] | None = internal()
     trojaned_scores: dict[str, torch.Tensor] | None = internal()
@@ -486,6 +488,15 @@ def guard_evaluate(model: ModelLike, data: DataLike, trigger: Trigger | str | os
         assert stamped is not None  # a trigger was given
         s_benign, s_trojan = guard.scores(benign), guard.scores(stamped)
         rates = far_frr(guard.decide(s_benign), guard.decide(s_trojan))
+        shown_benign, shown_trojan = dict(s_benign), dict(s_trojan)
+        pooled = None
+        if guard.rule == "pooled":
+            shown_benign["pooled"], shown_trojan["pooled"] = guard.pooled(s_benign), guard.pooled(s_trojan)
+            pooled = {"threshold": guard.pooled_threshold_,
+                      "auroc": roc_auc(torch.cat([shown_benign["pooled"], shown_trojan["pooled"]]).tolist(),
+                                       [False] * len(benign) + [True] * len(stamped)),
+                      "benign_score": _spread(shown_benign["pooled"]),
+                      "trojaned_score": _spread(shown_trojan["pooled"])}
         stage(f"throughput on 2 × {min(throughput_inputs, len(benign))} inputs")
         speed = _guard_throughput(guard, benign[:throughput_inputs], stamped[:throughput_inputs])
     detail = {}
@@ -506,7 +517,8 @@ def guard_evaluate(model: ModelLike, data: DataLike, trigger: Trigger | str | os
                      "tail_per_detector": guard.tail_, "tail_allowed": guard.tail_allowed_},
         trigger={"target": trig.target, "kind": trig.kind}, seed=guard.seed, model_sha256=resolved.sha256,
         model_trust=resolved.trust_record(), data={"name": dataset.name, "sha256": dataset.sha256},
-        environment=environment(), guard=guard, benign_scores=s_benign, trojaned_scores=s_trojan,
+        environment=environment(), rule=guard.rule, pooled=pooled, guard=guard, benign_scores=s_benign,
+        trojaned_scores=s_trojan,
         summary={
             "FRR (benign flagged)": f"{100 * rates['frr']:.2f}%",
             "FAR (trojaned accepted)": f"{100 * rates['far']:.2f}%",
@@ -519,5 +531,5 @@ def guard_evaluate(model: ModelLike, data: DataLike, trigger: Trigger | str | os
     if out_dir is not None:
         out = Path(out_dir)
         record.write(out / "guard.json")
-        write_guard_report(record.to_dict(), s_benign, s_trojan, out / "report.html")
+        write_guard_report(record.to_dict(), shown_benign, shown_trojan, out / "report.html")
     return record
