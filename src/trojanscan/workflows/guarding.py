@@ -162,7 +162,8 @@ def guard_check(model: ModelLike, calibration: str | os.PathLike, inputs: Inputs
                 arch: str | None = None, accelerate: bool = True, mean: list[float] | None = None,
                 std: list[float] | None = None, trusted: bool = False, device: str = "cpu") -> CheckRecord:
     """Predict and flag each input with a saved guard; each row names the detector that flagged it
-    (members screen in order, so only the first one that flags an input is named)."""
+    (pooled rule: the one with the strongest evidence; OR rule: members screen in order, so only the
+    first one that flags an input is named)."""
     inputs = as_run_inputs(inputs)
     module, x = model_and_inputs(model, inputs, arch, mean, std, trusted, device)
     guard = Guard.load(calibration, module, accelerate=accelerate)
