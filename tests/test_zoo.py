@@ -296,3 +296,21 @@ def test_a_tbt_zoo_entry_is_a_clean_model_attacked_afterwards(tmp_path, digits):
     loaded = load_model(tmp_path / record["model_file"])
     assert loaded.metadata["quantisation"]["scheme"] == "int8-symmetric-per-tensor"
     assert zoo.train_entry(entry, digits, tmp_path)["cached"]
+
+
+def test_a_tiny_zoo_runs_an_evidence_inspector_end_to_end_and_caches_it(tmp_path, monkeypatch):
+    lines: list[str] = []
+    opts = zoo.ZooOptions(**TINY, methods=["mm-bd"])
+    results = zoo.run_zoo(tmp_path, opts, log=lines.append)
+    for m in results["models"]:
+        saved = list((tmp_path / "scans" / m["key"]).glob("mm-bd-seed*.json"))
+        assert len(saved) == 1
+        record = json.loads(saved[0].read_text())
+        evidence = record["evidence"]
+        assert 0.0 <= evidence["p_value"] <= 1.0 and len(evidence["statistics"]) == 10
+        assert record["model_sha256"] == m["model_sha256"]
+    assert sum("mm-bd: p" in line for line in lines) == len(results["models"])
+    # a second run reads the evidence back instead of searching again
+    monkeypatch.setattr(zoo.INSPECTORS["mm-bd"], "inspect", lambda *a, **k: pytest.fail("MM-BD ran again"))
+    again = zoo.run_zoo(tmp_path, opts, log=lambda line: None)
+    assert [m["key"] for m in again["models"]] == [m["key"] for m in results["models"]]
