@@ -990,10 +990,10 @@ def strip_evaluate_cmd(
 
 
 DETECTORS_HELP = ("the guard's detectors: strip, teco, layer-knn, scale-up, ibd-psc (default "
-                  "strip,teco,layer-knn); their evidence is pooled into one decision (--option rule=or: "
-                  "an input is rejected when any of them flags it)")
+                  "strip,teco,layer-knn); an input is rejected when any of them flags it (--option "
+                  "rule=pooled: their evidence is pooled into one decision)")
 GUARD_TEMPERATURE_HELP = "STRIP's " + TEMPERATURE_HELP + " (default auto)"
-GUARD_OPTION_HELP = ("a guard option KEY=VALUE (repeatable): rule (pooled/or), severity, "
+GUARD_OPTION_HELP = ("a guard option KEY=VALUE (repeatable): rule (or/pooled), severity, "
                      "corruptions (a/b/c), scales (3/5/7), copies, amplification, neighbours, batch_size …")
 guard_app = typer.Typer(no_args_is_help=True,
                         help="A combined run-time guard: STRIP plus TeCo and layer k-NN (and SCALE-UP, "
