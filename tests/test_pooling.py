@@ -19,6 +19,7 @@ from trojanscan.defenses.pooling import (
     member_p_values,
     pooled_scores,
     pooled_statistic,
+    score_needed,
 )
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import load_npz_record, save_npz_record
@@ -75,6 +76,22 @@ def test_the_pooled_threshold_gives_the_requested_frr_on_synthetic_benign_scores
     fresh = {m: s[n:] for m, s in members.items()}
     t = upper_threshold(calibration_pooled_scores(benign), frr)
     assert float((pooled_scores(benign, fresh) > t).double().mean()) == pytest.approx(frr, abs=0.3 * frr)
+
+
+def test_the_score_a_member_needs_splits_its_scores_as_the_pooled_rule_does():
+    gen = torch.Generator().manual_seed(3)
+    benign = {m: torch.randn(500, generator=gen).double() for m in "abc"}
+    t = upper_threshold(calibration_pooled_scores(benign), 0.02)
+    others = {"a": torch.tensor([0.0, 2.5, 40.0, -3.0]).double(),
+              "b": torch.tensor([0.0, 2.5, 0.0, -3.0]).double()}
+    cut = score_needed(benign, others, "c", t)
+    assert cut[2] == -math.inf  # "a" alone is far past every benign score: flagged whatever "c" says
+    assert math.isfinite(cut[0]) and cut[1] < cut[0]  # odder other members: "c" needs less
+    grid = torch.linspace(-4.0, 60.0, 3201, dtype=torch.float64)
+    for i in (0, 1, 3):
+        rows = {m: s[i].repeat(len(grid)) for m, s in others.items()}
+        flagged = pooled_scores(benign, {**rows, "c": grid}) > t
+        assert torch.equal(flagged, grid > cut[i]), i
 
 
 def test_errors_are_one_line():

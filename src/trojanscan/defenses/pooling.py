@@ -123,3 +123,32 @@ def calibration_pooled_scores(benign: dict[str, torch.Tensor]) -> torch.Tensor:
     if len(lengths) != 1:
         raise TrojanscanError("every detector needs the same benign inputs")
     return pooled_statistic({m: calibration_p_values(b) for m, b in benign.items()})
+
+
+def score_needed(benign: dict[str, torch.Tensor], others: dict[str, torch.Tensor], member: str,
+                 threshold: float, steps: int = 200) -> torch.Tensor:
+    """For each input, the score of ``member`` above which the pooled statistic exceeds ``threshold``,
+    given the other members' scores (−inf: flagged whatever it scores; +inf: never flagged). The
+    statistic rises with every member's score, so this lets a member stop early (STRIP's copies)
+    with the pooled verdict unchanged (bisection: exact up to ~1e-12 of the score range)."""
+    p_others = {m: member_p_values(b, others[m]) for m, b in benign.items() if m != member}
+    own = _benign(benign[member])
+    ordered = own.sort(descending=True).values
+    m, u, beta = _tail_fit(ordered)
+    count = len(next(iter(others.values()))) if others else 1
+
+    def flagged(s: torch.Tensor) -> torch.Tensor:
+        p = _p_from(ordered, s, len(ordered))
+        return pooled_statistic({**p_others, member: p}) > threshold
+
+    lo = torch.full((count,), float(ordered[-1]) - 1.0, dtype=torch.float64)  # p = 1
+    reach = math.log((m / (len(ordered) + 1)) / SMALLEST_P) * max(beta, 1e-12)
+    hi = torch.full((count,), u + reach + 1.0, dtype=torch.float64)  # p at the clip
+    always, never = flagged(lo), ~flagged(hi)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        up = flagged(mid)
+        hi, lo = torch.where(up, mid, hi), torch.where(up, lo, mid)
+        if bool(((hi - lo) <= 1e-12 * (1.0 + hi.abs())).all()):
+            break
+    return torch.where(always, -math.inf, torch.where(never, math.inf, lo))

@@ -348,9 +348,11 @@ class Strip(InputGuard):
         self._require_calibrated()
         return self._entropies(x, (self.temperature_,))[:, 0].contiguous()
 
-    def screen(self, x: torch.Tensor, rounds: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def screen(self, x: torch.Tensor, rounds: int = 10,
+               need: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The flags of ``entropy(x) < boundary_`` (up to float rounding within ~1e-7 of the boundary),
-        copying each input only until its verdict is sure.
+        copying each input only until its verdict is sure. ``need``: instead of ``boundary_ · N``, each
+        input's own entropy-sum boundary (the combined guard's pooled rule sets them).
 
         Copies go in ``rounds`` rounds of about N/rounds. After each, an input whose entropy sum
         already reaches ``boundary_ · N`` is benign (entropies are ≥ 0), and one that stays below
@@ -365,8 +367,9 @@ class Strip(InputGuard):
         idx = self._overlay_indices(m)
         total = torch.zeros(m, dtype=torch.float64)
         used = torch.zeros(m, dtype=torch.int64)
-        need = self.boundary_ * self.n
-        tol = 1e-6 * max(1.0, abs(need))
+        need = (torch.full((m,), self.boundary_ * self.n, dtype=torch.float64) if need is None
+                else torch.as_tensor(need, dtype=torch.float64).flatten())
+        tol = 1e-6 * need.abs().clamp(min=1.0)
         step = max(1, math.ceil(self.n / max(1, rounds)))
         active = torch.arange(m)
         done = 0
@@ -382,7 +385,8 @@ class Strip(InputGuard):
                 done += k
                 used[active] = done
                 left = (self.n - done) * h_max
-                sure = (total[active] >= need + tol) | (total[active] + left < need - tol)
+                sure = (total[active] >= need[active] + tol[active]) | (
+                    total[active] + left < need[active] - tol[active])
                 active = active[~sure]
         return total < need, total, used
 
