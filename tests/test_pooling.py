@@ -84,7 +84,7 @@ def test_the_score_a_member_needs_splits_its_scores_as_the_pooled_rule_does():
     t = upper_threshold(calibration_pooled_scores(benign), 0.02)
     others = {"a": torch.tensor([0.0, 2.5, 40.0, -3.0]).double(),
               "b": torch.tensor([0.0, 2.5, 0.0, -3.0]).double()}
-    cut = score_needed(benign, others, "c", t)
+    cut = score_needed(benign, others, "c", t, 4)
     assert cut[2] == -math.inf  # "a" alone is far past every benign score: flagged whatever "c" says
     assert math.isfinite(cut[0]) and cut[1] < cut[0]  # odder other members: "c" needs less
     grid = torch.linspace(-4.0, 60.0, 3201, dtype=torch.float64)
@@ -139,6 +139,15 @@ def test_pooled_files_round_trip_and_older_files_keep_the_or_rule(guard, trojane
     save_npz_record(tmp_path / "old.npz", fields)
     old = Guard.load(tmp_path / "old.npz", trojaned_digits.model)
     assert old.rule == "or" and old.pooled_threshold_ == guard.pooled_threshold_
+
+
+def test_a_pooled_guard_of_strip_alone_screens_as_it_scores(trojaned_digits, digits):
+    alone = Guard(trojaned_digits.model, detectors=("strip",), frr=0.05,
+                  rule="pooled").fit(digits.x_train[:300])
+    x = torch.cat([digits.x_test[:40], trojaned_digits.trigger.apply(digits.x_test[40:80])])
+    flags, by = alone.screen(x)
+    assert torch.equal(flags, alone.decide(alone.scores(x))) and flags[40:].float().mean() > 0.9
+    assert set(by[flags].tolist()) == {0}
 
 
 def test_an_unknown_rule_is_a_one_line_error(trojaned_digits):

@@ -382,7 +382,7 @@ class Guard(InputGuard):
         if strip is None:
             flags = self.decide(scores)
         else:
-            cut = score_needed(self.calibration_scores_, scores, "strip", self.pooled_threshold_)
+            cut = score_needed(self.calibration_scores_, scores, "strip", self.pooled_threshold_, len(x))
             n = strip.detector.n
             need = (-cut * n).nan_to_num(posinf=1e30, neginf=-1.0).clamp(-1.0, 1e30)  # entropy sums
             flags, total, used = strip.detector.screen(x, need=need)

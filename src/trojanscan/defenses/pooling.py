@@ -126,16 +126,15 @@ def calibration_pooled_scores(benign: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def score_needed(benign: dict[str, torch.Tensor], others: dict[str, torch.Tensor], member: str,
-                 threshold: float, steps: int = 200) -> torch.Tensor:
+                 threshold: float, count: int, steps: int = 200) -> torch.Tensor:
     """For each input, the score of ``member`` above which the pooled statistic exceeds ``threshold``,
-    given the other members' scores (−inf: flagged whatever it scores; +inf: never flagged). The
-    statistic rises with every member's score, so this lets a member stop early (STRIP's copies)
-    with the pooled verdict unchanged (bisection: exact up to ~1e-12 of the score range)."""
+    given the other members' scores for ``count`` inputs (−inf: flagged whatever it scores; +inf:
+    never flagged). The statistic rises with every member's score, so this lets a member stop early
+    (STRIP's copies) with the pooled verdict unchanged (bisection: exact up to ~1e-12 of the range)."""
     p_others = {m: member_p_values(b, others[m]) for m, b in benign.items() if m != member}
     own = _benign(benign[member])
     ordered = own.sort(descending=True).values
     m, u, beta = _tail_fit(ordered)
-    count = len(next(iter(others.values()))) if others else 1
 
     def flagged(s: torch.Tensor) -> torch.Tensor:
         p = _p_from(ordered, s, len(ordered))
