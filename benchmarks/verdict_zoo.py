@@ -20,6 +20,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import torch
+
+from trojanscan.bench.zoo import model_file
 from trojanscan.defenses.mmbd import MarginEvidence
 from trojanscan.defenses.pairs import PairEvidence
 from trojanscan.defenses.perturbation import PerturbationEvidence
@@ -29,6 +32,8 @@ from trojanscan.defenses.untargeted import UntargetedEvidence
 from trojanscan.defenses.verdict import ALPHA, PERTURBATION_RULE, RULE_VERSION, decide
 from trojanscan.fileio import write_json
 from trojanscan.metrics import roc_auc
+from trojanscan.models.head import pools_globally
+from trojanscan.models.io import load_model
 
 
 def add_population(rows: list[dict]) -> None:
@@ -67,12 +72,21 @@ def attack_kind(spec: dict) -> str:
     return attack
 
 
+def _head_pools(zoo: Path, m: dict, scan: ScanResult) -> bool | None:
+    """What :func:`pools_globally` says of the zoo model's file (as ``scan`` sees it)."""
+    shape = tuple(scan.labels[0].pattern.shape)
+    module = load_model(model_file(zoo / "models", m), input_shape=shape).module
+    return pools_globally(module, torch.zeros(1, *shape))
+
+
 def _row(zoo: Path, m: dict, use_untargeted: bool, use_pairs: bool,
-         dense_null: bool = True, use_perturbation: bool = True, depthwise_null: bool = True) -> dict | None:
+         dense_null: bool = True, use_perturbation: bool = True, depthwise_null: bool = True,
+         head_null: bool = True) -> dict | None:
     """One model's verdict from its saved evidence: the untargeted map and/or the pair search as asked
     (rule 4 is the pairs without the map; rule 5 without ``dense_null``, the MLPs' own size null; rule 6
     without ``depthwise_null``, the MobileNets' own ratio null; rule 7 with ``use_perturbation``, the
-    universal perturbations' ratio)."""
+    universal perturbations' ratio; rule 8 without ``head_null``, the heads' own ratio nulls, whose
+    kind is read from the model file)."""
     scans = sorted(glob.glob(str(zoo / "scans" / m["key"] / "neural-cleanse-*")))
     evidence = m.get("evidence", {})
     needed = ({"mm-bd"} | ({"untargeted"} if use_untargeted else set()) | ({"pairs"} if use_pairs else set())
@@ -84,9 +98,10 @@ def _row(zoo: Path, m: dict, use_untargeted: bool, use_pairs: bool,
     untargeted = UntargetedEvidence.from_dict(evidence["untargeted"]["evidence"]) if use_untargeted else None
     pairs = PairEvidence.from_dict(evidence["pairs"]["evidence"]) if use_pairs else None
     push = PerturbationEvidence.from_dict(evidence["perturbation"]["evidence"]) if use_perturbation else None
+    pooled = _head_pools(zoo, m, scan) if head_null else None
     verdict = decide(scan, MarginEvidence(mm["statistics"], mm["p_value"], mm["flagged_labels"], mm["null"]),
                      pairs, untargeted, dense=dense_null and m.get("arch") == "mlp", perturbation=push,
-                     depthwise=depthwise_null and m.get("arch") == "mobilenet-small")
+                     depthwise=depthwise_null and m.get("arch") == "mobilenet-small", pooled=pooled)
     spec = m["spec"]
     return {"name": m["name"], "trojaned": m["trojaned"], "attack": attack_kind(spec),
             "dataset": spec["dataset"], "arch": m.get("arch"), "normalised": bool(spec.get("normalised")),
@@ -95,6 +110,7 @@ def _row(zoo: Path, m: dict, use_untargeted: bool, use_pairs: bool,
             "asr": m["attack_success_rate"],
             "attack_took": (not m["trojaned"]) or (m["attack_success_rate"] or 0) >= 0.5,
             "verdict": verdict.verdict, "targets": verdict.targets, "kind": verdict.kind,
+            "head_pools": pooled,
             "score": verdict.score,
             "paper_flagged": scan.flagged_labels, "size_ratio": scan.size_ratio,
             "anomaly_index": scan.anomaly_index,
@@ -186,6 +202,8 @@ def main() -> int:
                     help="without the universal perturbations' evidence (zoos scanned before it)")
     ap.add_argument("--no-depthwise-null", action="store_true",
                     help="rule 6: MobileNets held to the other convolutional nets' size-ratio null")
+    ap.add_argument("--no-head-null", action="store_true",
+                    help="rule 8: other convolutional nets held to one size-ratio null, whatever their head")
     args = ap.parse_args()
     use_untargeted = not args.no_untargeted
     use_pairs = args.with_pairs or args.no_untargeted
@@ -195,7 +213,8 @@ def main() -> int:
         seeds.append(results["options"]["seed"])
         rows += [{**r, "zoo_seed": seeds[-1]} for m in results["models"]
                  if (r := _row(zoo, m, use_untargeted, use_pairs, not args.no_dense_null,
-                               not args.no_perturbation, not args.no_depthwise_null)) is not None]
+                               not args.no_perturbation, not args.no_depthwise_null,
+                               not args.no_head_null)) is not None]
     usable = [r for r in rows if r["attack_took"]]
     add_population(usable)
     by: dict[str, dict] = {"overall": _rates(usable)}
@@ -205,11 +224,11 @@ def main() -> int:
             groups[str(r[key])].append(r)
         by[f"by_{key}"] = {k: _rates(v) for k, v in sorted(groups.items())}
     rule = (5 if args.no_dense_null else 6 if args.no_depthwise_null
-            else PERTURBATION_RULE if not args.no_perturbation else RULE_VERSION)
+            else PERTURBATION_RULE if not args.no_perturbation else 8 if args.no_head_null else RULE_VERSION)
     write_json(args.out, {"benchmark": "verdict", "rule_version": rule, "untargeted": use_untargeted,
                           "pairs": use_pairs, "dense_null": not args.no_dense_null,
                           "perturbation": not args.no_perturbation,
-                          "depthwise_null": not args.no_depthwise_null,
+                          "depthwise_null": not args.no_depthwise_null, "head_null": not args.no_head_null,
                           "zoos": [str(z) for z in args.zoo], "zoo_seeds": seeds,
                           "left_out_attack_did_not_take": [r["name"] for r in rows if not r["attack_took"]],
                           "summary": by, "models": rows})

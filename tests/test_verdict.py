@@ -22,6 +22,8 @@ from trojanscan.defenses.verdict import (
     DENSE_NULL,
     DEPTHWISE_NULL,
     PERTURBATION_NULL,
+    POOLED_NULL,
+    POSITIONAL_NULL,
     RULE_VERSION,
     SUSPICIOUS,
     Verdict,
@@ -365,9 +367,33 @@ def test_a_depthwise_net_is_held_to_its_own_ratio_null():
     assert abs(size_ratio_p_value(held.evidence[0].threshold, 10, DEPTHWISE_NULL) - ALPHA) < 1e-9
     assert held.evidence[0].threshold < 0.2 < decide(shortcut).evidence[0].threshold
     strong = decide(_scan([1.5, *FLAT[1:]]), depthwise=True)
-    assert (strong.verdict, strong.targets, strong.rule_version) == ("backdoored", [0], 8)
+    assert (strong.verdict, strong.targets, strong.rule_version) == ("backdoored", [0], RULE_VERSION)
     assert decide(_scan([6.0, *EVEN[1:]]), dense=True, depthwise=True).evidence[0].name == (
         "trigger size (dense net)")  # a net without convolutions is dense whatever the flag says
+
+
+def test_a_convolutional_net_is_held_to_its_heads_null():
+    """Rule 9: a ratio of 0.4 is ordinary for a net whose head pools (and for one whose head is not
+    known) but a backdoor for one whose head keeps positions; a depthwise net keeps its own null."""
+    modest = _scan([12.0, *FLAT[1:]])  # ratio 0.4
+    positional = decide(modest, pooled=False)
+    assert (positional.verdict, positional.targets, positional.rule_version) == ("backdoored", [0], RULE_VERSION)
+    assert positional.evidence[0].name == "trigger size ratio (positional head)"
+    assert positional.evidence[0].p_value == size_ratio_p_value(0.4, 10, POSITIONAL_NULL)
+    assert positional.evidence[0].detail.endswith("held to the positional heads' null")
+    pooled = decide(modest, pooled=True)
+    assert pooled.verdict == "clean" and pooled.evidence[0].name == "trigger size ratio (pooled head)"
+    assert pooled.evidence[0].p_value == size_ratio_p_value(0.4, 10, POOLED_NULL)
+    unknown = decide(modest)
+    assert unknown.verdict == "clean" and unknown.evidence[0].name == "trigger size ratio"
+    assert unknown.evidence[0].p_value == size_ratio_p_value(0.4, 10, CLEAN_LOG_RATIO)
+    for v, null in ((positional, POSITIONAL_NULL), (pooled, POOLED_NULL)):  # each threshold is its own null's
+        assert abs(size_ratio_p_value(v.evidence[0].threshold, 10, null) - ALPHA) < 1e-9
+    assert positional.evidence[0].threshold > 0.4 > pooled.evidence[0].threshold
+    both = decide(modest, depthwise=True, pooled=False)
+    assert both.evidence[0].name == "trigger size ratio (depthwise net)" and both.verdict == "clean"
+    back = Verdict.from_dict(json.loads(json.dumps(to_jsonable(positional.to_dict()))))
+    assert to_jsonable(back.to_dict()) == to_jsonable(positional.to_dict())
 
 
 def test_the_scan_sees_depthwise_convolutions():

@@ -22,6 +22,7 @@ from trojanscan.devices import convolutions, depthwise, full_precision
 from trojanscan.errors import TrojanscanError
 from trojanscan.fileio import locks_out_dir, module_sha256, tensor_sha256, write_json
 from trojanscan.metrics import mask_overlap
+from trojanscan.models.head import pools_globally
 from trojanscan.options import option_fields, parse_options
 from trojanscan.progress import ProgressCallback
 from trojanscan.report import mitigation_section, save_trigger_images, write_scan_report
@@ -56,7 +57,7 @@ def _decide(result: ScanResult, model: nn.Module, x: Any, y: Any, num_classes: i
     untargeted = UntargetedSearch(seed=seed).inspect(model, x, y, num_classes=num_classes)
     pairs = PairSearch(seed=seed).search(model, x, y, num_classes=num_classes) if with_pairs else None
     verdict = decide(result, mmbd, pairs, untargeted, dense=not convolutions(model),
-                     depthwise=depthwise(model))
+                     depthwise=depthwise(model), pooled=pools_globally(model, x))
     result.extra["paper"] = {"infected": result.infected, "flagged_labels": result.flagged_labels,
                              "anomaly_index": result.anomaly_index, "threshold": result.threshold}
     result.extra["verdict"] = verdict.to_dict()
