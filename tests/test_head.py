@@ -58,8 +58,9 @@ def test_the_head_is_read_from_modules_and_from_torchscript_graphs(make: type, e
     assert pools_globally(torch.jit.trace(model.eval(), PROBE), PROBE) is expected
 
 
-@pytest.mark.parametrize("arch, expected", [("mnist-cnn", False), ("gtsrb-cnn", False), ("resnet-small", True),
-                                            ("mobilenet-small", True), ("mlp", None)])
+@pytest.mark.parametrize("arch, expected", [
+    ("mnist-cnn", False), ("gtsrb-cnn", False), ("resnet-small", True), ("mobilenet-small", True), ("mlp", None),
+    ("vgg-gap", True), ("resnet-flat", False)])
 def test_the_reference_nets_heads(arch: str, expected: bool | None) -> None:
     model = build_model(arch, 10, (3, 32, 32))
     assert pools_globally(model, torch.rand(1, 3, 32, 32)) is expected
@@ -69,8 +70,11 @@ def test_the_reference_nets_heads(arch: str, expected: bool | None) -> None:
 def test_reading_the_head_changes_nothing_in_the_model() -> None:
     model = MeanHead().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    hooks = (len(model._forward_hooks), len(model.fc._forward_pre_hooks), len(model.conv._forward_hooks))
+    def hooks() -> tuple[int, ...]:
+        return len(model._forward_hooks), len(model.fc._forward_pre_hooks), len(model.conv._forward_hooks)
+
+    before_hooks = hooks()
     assert pools_globally(model, PROBE) is True
     assert model.training  # its mode is restored, and the batch-norm statistics did not move
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert (len(model._forward_hooks), len(model.fc._forward_pre_hooks), len(model.conv._forward_hooks)) == hooks
+    assert hooks() == before_hooks

@@ -377,7 +377,8 @@ def test_a_convolutional_net_is_held_to_its_heads_null():
     known) but a backdoor for one whose head keeps positions; a depthwise net keeps its own null."""
     modest = _scan([12.0, *FLAT[1:]])  # ratio 0.4
     positional = decide(modest, pooled=False)
-    assert (positional.verdict, positional.targets, positional.rule_version) == ("backdoored", [0], RULE_VERSION)
+    assert (positional.verdict, positional.targets) == ("backdoored", [0])
+    assert positional.rule_version == RULE_VERSION
     assert positional.evidence[0].name == "trigger size ratio (positional head)"
     assert positional.evidence[0].p_value == size_ratio_p_value(0.4, 10, POSITIONAL_NULL)
     assert positional.evidence[0].detail.endswith("held to the positional heads' null")

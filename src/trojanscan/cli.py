@@ -1161,7 +1161,7 @@ def bench_zoo_cmd(
                                 "in turn (default: its ten; more: " + ", ".join(MORE_ZOO_ATTACKS) + ")"),
     archs: str = typer.Option(None, "--archs", help="world: comma-separated architectures to turn "
                               "through (default: cnn,mlp,resnet-small,mobilenet-small; cnn is the "
-                              "paper's net for the data)"),
+                              "paper's net for the data; also vgg-gap, resnet-flat: another head)"),
     runner: str = typer.Option("local", "--runner", help=RUNNER_HELP),
     workers: int = typer.Option(1, "--workers", help=WORKERS_HELP),
     address: str = typer.Option(None, "--address", help=ADDRESS_HELP),

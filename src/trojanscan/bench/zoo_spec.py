@@ -91,6 +91,8 @@ def _draw_attack(rng: random.Random, shape: tuple[int, int, int], num_classes: i
 
 
 WORLD_ARCHITECTURES = (None, "mlp", "resnet-small", "mobilenet-small")  # None: the paper's CNN
+# architectures a world zoo can also turn through (``archs=``): each differs from a world one by its head only
+MORE_ARCHITECTURES = ("vgg-gap", "resnet-flat")
 WORLD_ATTACKS = ("patch-corner", "patch-center", "patch-anywhere", "patch-random", "pixel", "pixels",
                  "blend-noise", "blend-stripes", "all-to-all", "two-target")
 # kinds a world zoo can also draw (``attacks=``); TBT is a model attack on a cleanly trained model
@@ -190,7 +192,7 @@ def _world_archs(archs: Sequence[str] | None, preset: str) -> tuple[str | None, 
     """The architectures a world zoo turns through (``cnn`` is the paper's net: None)."""
     if archs is None:
         return WORLD_ARCHITECTURES
-    names = {"cnn": None, **{a: a for a in WORLD_ARCHITECTURES if a}}
+    names = {"cnn": None, **{a: a for a in (*WORLD_ARCHITECTURES, *MORE_ARCHITECTURES) if a}}
     unknown = [a for a in archs if a not in names]
     if unknown or not archs or preset != "world":
         raise TrojanscanError("zoo architectures apply to the world preset: choose from "

@@ -151,6 +151,24 @@ def mobilenet_small(spec: ArchSpec) -> ReferenceNet:
     return ReferenceNet(spec, features, embed_dim=128)
 
 
+def vgg_gap(spec: ArchSpec) -> ReferenceNet:
+    """The GTSRB net's convolutions (3 blocks of 2, 16/32/64) read through global pooling, not a flat map
+    (its head is the only difference: the verdict's rule 9 holds the two heads to different nulls)."""
+    c = spec.input_shape[0]
+    features = nn.Sequential(*_conv_bn_block(c, 16), *_conv_bn_block(16, 32), *_conv_bn_block(32, 64),
+                             nn.AdaptiveAvgPool2d(1))
+    return ReferenceNet(spec, features, embed_dim=128)
+
+
+def resnet_flat(spec: ArchSpec) -> ReferenceNet:
+    """The small residual net read through a flattened 4×4 map (positions kept) instead of global pooling."""
+    c = spec.input_shape[0]
+    features = nn.Sequential(nn.Conv2d(c, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                             ResidualBlock(16, 16), ResidualBlock(16, 32, 2), ResidualBlock(32, 64, 2),
+                             nn.AdaptiveAvgPool2d(4))
+    return ReferenceNet(spec, features, embed_dim=128)
+
+
 ARCHITECTURES: dict[str, Callable[[ArchSpec], ReferenceNet]] = {
     "mnist-cnn": mnist_cnn,
     "gtsrb-cnn": gtsrb_cnn,
@@ -158,6 +176,8 @@ ARCHITECTURES: dict[str, Callable[[ArchSpec], ReferenceNet]] = {
     "mlp": mlp,
     "resnet-small": resnet_small,
     "mobilenet-small": mobilenet_small,
+    "vgg-gap": vgg_gap,
+    "resnet-flat": resnet_flat,
 }
 
 
