@@ -36,6 +36,26 @@ class CoarseHead(nn.Module):
         return self.fc(torch.flatten(self.pool(self.conv(x)), 1))
 
 
+class FlatMean(nn.Module):
+    """Pooling written as a mean over a flattened map's last axis: the module probe sees it pool; a
+    TorchScript graph cannot tell which axes that is (unknown)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.fc(y.view(y.shape[0], y.shape[1], -1).mean(-1))
+
+
+def test_a_pooling_the_graph_cannot_read_is_unknown() -> None:
+    model = FlatMean()
+    assert pools_globally(model, PROBE) is True
+    assert pools_globally(torch.jit.script(model), PROBE) is None
+
+
 class ConvClassifier(nn.Module):
     """No dense layer after the convolutions: the head cannot be told."""
 

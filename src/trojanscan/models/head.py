@@ -12,8 +12,8 @@ convolution, and the last four-dimensional activation (C×H×W) before it. The h
 activation is 1×1 or the dense layer reads C features; it keeps positions when it reads C·H·W (with
 H·W > 1). A TorchScript model takes no hooks, so its inlined graph is read instead (no run): between
 the last convolution and the first dense operator after it, a global pooling operator (an adaptive
-pool to 1×1, a mean or max over both spatial axes) means pooled, none means positions kept. Anything
-else is ``None`` (unknown), and the verdict keeps the convolutional nets' common null.
+pool to 1×1, a mean or max over both spatial axes) means pooled, no reduction at all means positions
+kept. Anything else is ``None`` (unknown), and the verdict keeps the convolutional nets' common null.
 """
 
 from __future__ import annotations
@@ -95,7 +95,11 @@ def _graph_pools(script: torch.jit.ScriptModule) -> bool | None:
     dense = next((i for i, n in enumerate(after) if n.kind() in _DENSE_OPS), None)
     if dense is None:
         return None
-    return any(_global_pool(n) for n in after[:dense])
+    head = after[:dense]
+    if any(_global_pool(n) for n in head):
+        return True
+    # a reduction over other axes (say a mean over a flattened map's last axis) may pool all the same
+    return None if any(n.kind() in _REDUCTIONS for n in head) else False
 
 
 def _constant(value: torch._C.Value) -> Any:
