@@ -197,24 +197,25 @@ def main() -> int:
     ap.add_argument("--with-pairs", action="store_true",
                     help="add the pair search's evidence (scan --decision verdict-pairs)")
     ap.add_argument("--no-dense-null", action="store_true",
-                    help="rule 5: MLPs held to the convolutional nets' size-ratio null")
+                    help="rule 5: MLPs held to the convolutional nets' size-ratio null (and no head nulls)")
     ap.add_argument("--no-perturbation", action="store_true",
                     help="without the universal perturbations' evidence (zoos scanned before it)")
     ap.add_argument("--no-depthwise-null", action="store_true",
-                    help="rule 6: MobileNets held to the other convolutional nets' size-ratio null")
+                    help="rule 6: MobileNets held to the other convolutional nets' size-ratio null "
+                    "(and no head nulls)")
     ap.add_argument("--no-head-null", action="store_true",
                     help="rule 8: other convolutional nets held to one size-ratio null, whatever their head")
     args = ap.parse_args()
     use_untargeted = not args.no_untargeted
     use_pairs = args.with_pairs or args.no_untargeted
+    head_null = not (args.no_head_null or args.no_depthwise_null or args.no_dense_null)  # the older rules
     rows, seeds = [], []
     for zoo in args.zoo:
         results = json.loads((zoo / "results.json").read_text())
         seeds.append(results["options"]["seed"])
         rows += [{**r, "zoo_seed": seeds[-1]} for m in results["models"]
                  if (r := _row(zoo, m, use_untargeted, use_pairs, not args.no_dense_null,
-                               not args.no_perturbation, not args.no_depthwise_null,
-                               not args.no_head_null)) is not None]
+                               not args.no_perturbation, not args.no_depthwise_null, head_null)) is not None]
     usable = [r for r in rows if r["attack_took"]]
     add_population(usable)
     by: dict[str, dict] = {"overall": _rates(usable)}
@@ -228,7 +229,7 @@ def main() -> int:
     write_json(args.out, {"benchmark": "verdict", "rule_version": rule, "untargeted": use_untargeted,
                           "pairs": use_pairs, "dense_null": not args.no_dense_null,
                           "perturbation": not args.no_perturbation,
-                          "depthwise_null": not args.no_depthwise_null, "head_null": not args.no_head_null,
+                          "depthwise_null": not args.no_depthwise_null, "head_null": head_null,
                           "zoos": [str(z) for z in args.zoo], "zoo_seeds": seeds,
                           "left_out_attack_did_not_take": [r["name"] for r in rows if not r["attack_took"]],
                           "summary": by, "models": rows})

@@ -85,6 +85,8 @@ def test_a_scan_records_its_precision_and_never_resumes_across_precisions(trojan
 def test_the_verdict_in_bfloat16_finds_the_planted_backdoor(trojaned_digits, digits):
     result = scan(trojaned_digits.model, digits, precision="bfloat16", decision="verdict", progress=False)
     assert result.infected and result.extra["verdict"]["targets"] == [0]
+    # rule 9 read the head through the bfloat16 wrapper: the paper's MNIST net flattens its map
+    assert result.extra["verdict"]["evidence"][0]["name"] == "trigger size ratio (positional head)"
 
 
 def test_the_cli_takes_and_checks_a_precision(trojaned_digits, tmp_path):

@@ -152,8 +152,9 @@ def mobilenet_small(spec: ArchSpec) -> ReferenceNet:
 
 
 def vgg_gap(spec: ArchSpec) -> ReferenceNet:
-    """The GTSRB net's convolutions (3 blocks of 2, 16/32/64) read through global pooling, not a flat map
-    (its head is the only difference: the verdict's rule 9 holds the two heads to different nulls)."""
+    """The GTSRB net's convolutions (3 blocks of 2, 16/32/64) read through global pooling, not a flat map,
+    with the residual net's dense layer (128, no dropout): the verdict's rule 9 holds the heads to
+    different nulls."""
     c = spec.input_shape[0]
     features = nn.Sequential(*_conv_bn_block(c, 16), *_conv_bn_block(16, 32), *_conv_bn_block(32, 64),
                              nn.AdaptiveAvgPool2d(1))

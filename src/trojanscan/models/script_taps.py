@@ -10,8 +10,9 @@ TorchScript's internal API; where it fails (another PyTorch), the error is one l
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,28 +33,39 @@ def scripted_parts(model: nn.Module) -> dict[str, torch.jit.ScriptModule]:
     return parts
 
 
+Picker = Callable[[list[torch._C.Node]], list[torch._C.Value]]  # graph nodes → values to return too
+
+
+def also_returning(script: torch.jit.ScriptModule, pick: Picker,
+                   path: str = "") -> tuple[Callable[..., Any], list[torch._C.Value]]:
+    """A function of (``script._c``, input) that runs a copy of ``script``'s inlined graph and returns
+    its output followed by the values ``pick`` chose among the graph's nodes; and those values."""
+    try:
+        graph = script.inlined_graph
+        if len(list(graph.inputs())) != 2:
+            raise TrojanscanError("its forward takes more than one input")
+        read = pick(list(graph.nodes()))
+        values = [next(iter(graph.outputs())), *read]
+        pack = graph.create("prim::TupleConstruct", values)
+        pack.output().setType(torch._C.TupleType([v.type() for v in values]))
+        graph.appendNode(pack)
+        graph.eraseOutput(0)
+        graph.registerOutput(pack.output())
+        return torch._C._create_function_from_graph("tapped_forward", graph), read
+    except (RuntimeError, AttributeError, TypeError, StopIteration, TrojanscanError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TrojanscanError(f"cannot read the layers of the TorchScript module {path or 'model'!r} "
+                              f"({first})") from None
+
+
 class TappedScript(nn.Module):
     """Stands in for a TorchScript module: returns its output and, when ``sinks`` is set, appends
     ``summary`` of each read layer's output to ``sinks[name + suffix]`` (as :func:`tapping` does)."""
 
     def __init__(self, script: torch.jit.ScriptModule, path: str) -> None:
         super().__init__()
-        try:
-            graph = script.inlined_graph
-            if len(list(graph.inputs())) != 2:
-                raise TrojanscanError("its forward takes more than one input")
-            read = [n.output() for n in graph.nodes() if n.kind() in TAPPED_KINDS]
-            values = [next(iter(graph.outputs())), *read]
-            pack = graph.create("prim::TupleConstruct", values)
-            pack.output().setType(torch._C.TupleType([v.type() for v in values]))
-            graph.appendNode(pack)
-            graph.eraseOutput(0)
-            graph.registerOutput(pack.output())
-            self._run = torch._C._create_function_from_graph("tapped_forward", graph)
-        except (RuntimeError, AttributeError, TypeError, StopIteration, TrojanscanError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise TrojanscanError(f"cannot read the layers of the TorchScript module {path or 'model'!r} "
-                                  f"({first})") from None
+        self._run, read = also_returning(
+            script, lambda nodes: [n.output() for n in nodes if n.kind() in TAPPED_KINDS], path)
         self.script = script
         self.names = [f"{path}#{i}:{v.node().kind().rpartition(':')[2]}" for i, v in enumerate(read)]
         self.sinks: dict[str, list[torch.Tensor]] | None = None

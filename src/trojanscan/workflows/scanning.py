@@ -53,11 +53,16 @@ def _decide(result: ScanResult, model: nn.Module, x: Any, y: Any, num_classes: i
             with_pairs: bool) -> None:
     """Gather MM-BD's and the untargeted trigger's evidence (and the pair search's ``with_pairs``) and
     let the verdict set the scan's answer."""
+    try:  # read first: a model that cannot be read loses nothing gathered after it
+        pooled = pools_globally(model, x)
+    except TrojanscanError as e:
+        pooled = None
+        result.warnings.append(f"{e}: its size ratio is held to the convolutional nets' common null")
     mmbd = MMBD(seed=seed).inspect(model, num_classes=num_classes, input_shape=tuple(x.shape[1:]))
     untargeted = UntargetedSearch(seed=seed).inspect(model, x, y, num_classes=num_classes)
     pairs = PairSearch(seed=seed).search(model, x, y, num_classes=num_classes) if with_pairs else None
     verdict = decide(result, mmbd, pairs, untargeted, dense=not convolutions(model),
-                     depthwise=depthwise(model), pooled=pools_globally(model, x))
+                     depthwise=depthwise(model), pooled=pooled)
     result.extra["paper"] = {"infected": result.infected, "flagged_labels": result.flagged_labels,
                              "anomaly_index": result.anomaly_index, "threshold": result.threshold}
     result.extra["verdict"] = verdict.to_dict()
