@@ -128,10 +128,10 @@ def test_safetensors_weights_must_fit_the_architecture(tmp_path):
 
 def test_all_architectures_are_listed():
     assert set(ARCHITECTURES) == {"mnist-cnn", "gtsrb-cnn", "cifar-cnn", "mlp", "resnet-small",
-                                  "mobilenet-small"}
+                                  "mobilenet-small", "vgg-gap", "resnet-flat"}
 
 
-@pytest.mark.parametrize("arch", ["mlp", "resnet-small", "mobilenet-small"])
+@pytest.mark.parametrize("arch", ["mlp", "resnet-small", "mobilenet-small", "vgg-gap", "resnet-flat"])
 def test_new_families_round_trip_through_both_formats(arch, tmp_path):
     from trojanscan import build_model, load_model, save_model
 

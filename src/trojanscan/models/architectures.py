@@ -127,13 +127,16 @@ class ResidualBlock(nn.Module):
         return self.relu(self.body(x) + self.shortcut(x))
 
 
+def _residual_features(channels: int, pooled_to: int) -> nn.Sequential:
+    """A 3×3 stem, three basic blocks (16, 32, 64 channels), an average pool to ``pooled_to``²."""
+    return nn.Sequential(nn.Conv2d(channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                         ResidualBlock(16, 16), ResidualBlock(16, 32, 2), ResidualBlock(32, 64, 2),
+                         nn.AdaptiveAvgPool2d(pooled_to))
+
+
 def resnet_small(spec: ArchSpec) -> ReferenceNet:
     """A small residual net: a 3×3 stem, three basic blocks (16, 32, 64 channels), global pooling."""
-    c = spec.input_shape[0]
-    features = nn.Sequential(nn.Conv2d(c, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-                             ResidualBlock(16, 16), ResidualBlock(16, 32, 2), ResidualBlock(32, 64, 2),
-                             nn.AdaptiveAvgPool2d(1))
-    return ReferenceNet(spec, features, embed_dim=128)
+    return ReferenceNet(spec, _residual_features(spec.input_shape[0], 1), embed_dim=128)
 
 
 def _separable(cin: int, cout: int, stride: int) -> list[nn.Module]:
@@ -163,11 +166,7 @@ def vgg_gap(spec: ArchSpec) -> ReferenceNet:
 
 def resnet_flat(spec: ArchSpec) -> ReferenceNet:
     """The small residual net read through a flattened 4×4 map (positions kept) instead of global pooling."""
-    c = spec.input_shape[0]
-    features = nn.Sequential(nn.Conv2d(c, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-                             ResidualBlock(16, 16), ResidualBlock(16, 32, 2), ResidualBlock(32, 64, 2),
-                             nn.AdaptiveAvgPool2d(4))
-    return ReferenceNet(spec, features, embed_dim=128)
+    return ReferenceNet(spec, _residual_features(spec.input_shape[0], 4), embed_dim=128)
 
 
 ARCHITECTURES: dict[str, Callable[[ArchSpec], ReferenceNet]] = {
